@@ -13,8 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from timjax.errors import TimjaxError
 
-class ConfigError(ValueError):
+
+class ConfigError(TimjaxError, ValueError):
     """A config.json that timjax cannot load; the message names the file and the field."""
 
 
@@ -33,7 +35,7 @@ class Qwen3Config(BaseModel):
     max_position_embeddings: int = 40_960
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # a tuple keeps the config hashable (jit static arg)
     torch_dtype: str = "bfloat16"
 
     @property
@@ -157,6 +159,6 @@ class Qwen3Config(BaseModel):
             "use_sliding_window": False,
             "sliding_window": None,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "torch_dtype": self.torch_dtype,
         }

@@ -142,3 +142,23 @@ def expected_hf_names(cfg: Qwen3Config) -> list[str]:
         else:
             names.append(hf_name(path))
     return names
+
+
+def params_from_hf_tensors(cfg: Qwen3Config, tensors: dict[str, np.ndarray]) -> dict:
+    """Stack a complete dict of HF tensors (name -> array) into the timjax params layout (numpy)."""
+    shapes = param_shapes(cfg)
+    out: dict = {"layers": {p.split(".", 1)[1]: [None] * cfg.num_hidden_layers
+                            for p in shapes if p.startswith("layers.")}}
+    for name, arr in tensors.items():
+        hit = match_hf_name(name)
+        if hit is None:
+            raise KeyError(f"unexpected tensor {name}")
+        m, layer = hit
+        value = m.to_timjax(np.asarray(arr), cfg)
+        if layer is None:
+            out[m.path] = value
+        else:
+            out["layers"][m.path.split(".", 1)[1]][layer] = value
+    for name, stack in out["layers"].items():
+        out["layers"][name] = np.stack(stack)
+    return out

@@ -1,0 +1,112 @@
+"""The public API: ``load``, ``logits`` (in model.py), ``generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from timjax.model import Qwen3
+
+Prompt = str | list[int]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer (transformers, local files only), or None when the directory has none."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True) -> Qwen3:
+    """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly."""
+    from timjax.convert import read_params
+
+    cfg, params = read_params(path, dtype=dtype)
+    return Qwen3(cfg, dtype=dtype, params=params, tokenizer=load_tokenizer(path) if tokenizer else None)
+
+
+def encode_prompt(model: Qwen3, prompt: Prompt, *, chat: bool = False, system: str | None = None) -> list[int]:
+    if isinstance(prompt, str):
+        tok = model.tokenizer
+        if tok is None:
+            raise ValueError("a text prompt needs a tokenizer: load a checkpoint with tokenizer files, "
+                             "or pass token ids")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt, add_special_tokens=False)["input_ids"])
+    ids = [int(t) for t in prompt]
+    return ids
+
+
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int,)) and \
+        not hasattr(prompt[0], "__index__")
+
+
+def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
+             max_batch: int = 8, page_size: int = 16, max_seq_len: int | None = None,
+             kv_tokens: int | None = None, kv_memory_fraction: float | None = None, impl: str = "auto",
+             chat: bool = False, system: str | None = None,
+             on_token: Callable[[int, int], None] | None = None, progress: bool = False,
+             schema: Any = None, pruning_buffer: int | None = None, reposition: str = "reencode",
+             engine_options: dict | None = None):
+    """Generate from one prompt (a string or token ids) or a batch of them.
+
+    Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
+    ``timjax.tim.TimSchema``) turns on TIM structured reasoning with subtask pruning
+    (``pruning_buffer``: None = off, 0, 1, 2, ...; ``reposition``: "reencode" or "shift").
+    ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
+    """
+    from timjax.engine import Engine, PlainController, Request
+
+    batch = _is_batch(prompt)
+    prompts = list(prompt) if batch else [prompt]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    ids = [encode_prompt(model, p, chat=chat, system=system) for p in prompts]
+    if stop_ids is None:
+        stop_ids = list(model.config.eos_token_ids)
+        tok = model.tokenizer
+        if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in stop_ids:
+            stop_ids.append(tok.eos_token_id)
+
+    requests = []
+    for i, p in enumerate(ids):
+        if schema is not None:
+            from timjax.tim_controller import TimController
+
+            ctrl = TimController(model, schema, max_new_tokens=max_new_tokens, prompt_len=len(p),
+                                 pruning_buffer=pruning_buffer, stop_ids=stop_ids)
+        else:
+            ctrl = PlainController(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop,
+                                   tokenizer=model.tokenizer)
+        requests.append(Request(p, max_new_tokens, temperature, top_k, top_p, seed + i, ctrl))
+
+    if max_seq_len is None and schema is None:
+        max_seq_len = min(model.config.max_position_embeddings, max(map(len, ids)) + max_new_tokens)
+    engine = Engine(model, max_batch=min(max_batch, len(requests)), page_size=page_size,
+                    max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
+                    impl=impl, reposition=reposition, **(engine_options or {}))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc="generate", unit="seq")
+    try:
+        results = engine.run(requests, on_token=on_token, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results if batch else results[0]

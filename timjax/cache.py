@@ -1,0 +1,174 @@
+"""The paged KV cache: a device pytree with its page table and free-page state, and jittable
+allocation and release.
+
+Layout: ``k, v: [L, Hkv, P, page_size, hd]``; slot ``s`` of sequence ``b`` lives at
+``page_table[b, s // page_size]``, offset ``s % page_size``. Free pages form a stack
+(``free_stack[:num_free]``). Everything lives on the device, so a decode step that crosses a page
+boundary takes its page with no host round trip. A request that cannot be met sets ``oom[b]`` and
+allocates nothing for ``b``; the host reads the flag with the sampled tokens (it syncs then anyway)
+and fails or preempts that one sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from timjax.config import Qwen3Config
+
+
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["k", "v", "page_table", "lengths", "pages_owned", "free_stack", "num_free", "oom"],
+         meta_fields=["page_size"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, Hkv, P, ps, hd]
+    v: jax.Array  # [L, Hkv, P, ps, hd]
+    page_table: jax.Array  # int32 [S, max_pages_per_seq]
+    lengths: jax.Array  # int32 [S] tokens cached per sequence slot
+    pages_owned: jax.Array  # int32 [S] pages held per sequence slot
+    free_stack: jax.Array  # int32 [P]; free_stack[:num_free] are free
+    num_free: jax.Array  # int32 []
+    oom: jax.Array  # bool [S] an allocation for this slot failed
+    page_size: int
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def max_seqs(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return self.page_table.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_pages_per_seq * self.page_size
+
+    def replace(self, **kw) -> "KVCache":
+        return dataclasses.replace(self, **kw)
+
+
+def kv_bytes_per_token(cfg: Qwen3Config, dtype) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pages_for_budget(cfg: Qwen3Config, dtype, page_size: int, *, tokens: int | None = None,
+                     memory_fraction: float | None = None, device=None) -> int:
+    """Pool size in pages from a token budget, or from a fraction of the device's free memory."""
+    if tokens is not None:
+        return max(1, -(-tokens // page_size))
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"{device.platform}: the device reports no memory statistics; size the KV pool by tokens")
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(1, int(free * memory_fraction) // (kv_bytes_per_token(cfg, dtype) * page_size))
+
+
+def create_cache(cfg: Qwen3Config, *, num_pages: int, page_size: int, max_seqs: int, max_seq_len: int,
+                 dtype=jnp.bfloat16) -> KVCache:
+    if not 1 <= page_size <= 64:
+        raise ValueError(f"page_size must be in [1, 64], got {page_size}")
+    max_pages = -(-max_seq_len // page_size)
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        page_table=jnp.zeros((max_seqs, max_pages), jnp.int32),
+        lengths=jnp.zeros((max_seqs,), jnp.int32),
+        pages_owned=jnp.zeros((max_seqs,), jnp.int32),
+        # Popping from the top hands out low page ids first, which keeps small runs readable.
+        free_stack=jnp.arange(num_pages - 1, -1, -1, dtype=jnp.int32),
+        num_free=jnp.int32(num_pages),
+        oom=jnp.zeros((max_seqs,), bool),
+        page_size=page_size,
+    )
+
+
+def reserve(cache: KVCache, rows: jax.Array, new_tokens: jax.Array, *, max_new_pages: int) -> KVCache:
+    """Make room for ``new_tokens[i]`` more tokens in slot ``rows[i]``.
+
+    ``max_new_pages`` (static) bounds the pages one row can need in this call. Rows are served in
+    order; a row whose pages do not fit gets none and its ``oom`` flag set (later rows still may fit:
+    a smaller request can succeed where a big one failed). Rows may be padded with ``new_tokens == 0``.
+    """
+    ps = cache.page_size
+    owned = cache.pages_owned[rows]
+    needed_total = (cache.lengths[rows] + new_tokens + ps - 1) // ps
+    too_long = needed_total > cache.max_pages_per_seq
+    need = jnp.clip(needed_total - owned, 0, max_new_pages)
+
+    def grant(carry, req):
+        free, = carry
+        n, bad = req
+        ok = (n <= free) & ~bad
+        return (free - jnp.where(ok, n, 0),), ok
+
+    (_,), ok = jax.lax.scan(grant, (cache.num_free,), (need, too_long))
+    need = jnp.where(ok, need, 0)
+    start = cache.num_free - jnp.cumsum(need)  # each row pops need[i] pages off the stack top
+    j = jnp.arange(max_new_pages)[None, :]
+    take = j < need[:, None]  # [R, max_new_pages]
+    pages = cache.free_stack[jnp.clip(start[:, None] + need[:, None] - 1 - j, 0, cache.num_pages - 1)]
+    col = jnp.where(take, owned[:, None] + j, cache.max_pages_per_seq)  # out of range -> dropped
+    page_table = cache.page_table.at[rows[:, None], col].set(pages, mode="drop")
+    failed = (needed_total > owned) & ~ok & (new_tokens > 0)
+    return cache.replace(
+        page_table=page_table,
+        pages_owned=cache.pages_owned.at[rows].add(need),
+        num_free=cache.num_free - need.sum(),
+        # .max, not .set: padded rows may repeat a real row and must not clear its flag.
+        oom=cache.oom | jnp.zeros_like(cache.oom).at[rows].max(failed),
+    )
+
+
+def shrink(cache: KVCache, new_lengths: jax.Array) -> KVCache:
+    """Set every slot's length to ``new_lengths`` (<= current) and return the pages past it to the pool."""
+    ps = cache.page_size
+    keep = (new_lengths + ps - 1) // ps
+    freed = jnp.maximum(cache.pages_owned - keep, 0)  # [S]
+    offset = cache.num_free + jnp.cumsum(freed) - freed  # where each slot's freed pages go on the stack
+    j = jnp.arange(cache.max_pages_per_seq)[None, :]
+    give = (j >= keep[:, None]) & (j < cache.pages_owned[:, None])  # [S, maxp]
+    dest = jnp.where(give, offset[:, None] + j - keep[:, None], cache.num_pages)  # out of range -> dropped
+    free_stack = cache.free_stack.at[dest].set(cache.page_table, mode="drop")
+    return cache.replace(
+        free_stack=free_stack,
+        num_free=cache.num_free + freed.sum(),
+        pages_owned=jnp.minimum(cache.pages_owned, keep),
+        lengths=new_lengths,
+    )
+
+
+@partial(jax.jit, donate_argnums=0)
+def release(cache: KVCache, mask: jax.Array) -> KVCache:
+    """Free every page of the masked slots and clear their lengths and oom flags."""
+    cache = shrink(cache, jnp.where(mask, 0, cache.lengths))
+    return cache.replace(oom=cache.oom & ~mask)
+
+
+@partial(jax.jit, donate_argnums=0)
+def truncate(cache: KVCache, new_lengths: jax.Array) -> KVCache:
+    return shrink(cache, new_lengths)
+
+
+def check_invariants(cache: KVCache) -> None:
+    """Host-side audit (tests): every page is either free or owned by exactly one slot, once."""
+    pt = np.asarray(cache.page_table)
+    owned = np.asarray(cache.pages_owned)
+    n_free = int(cache.num_free)
+    free = np.asarray(cache.free_stack)[:n_free]
+    held = np.concatenate([pt[s, :owned[s]] for s in range(pt.shape[0])] + [np.zeros(0, np.int32)])
+    all_pages = np.concatenate([held, free])
+    assert all_pages.size == cache.num_pages, f"{all_pages.size} pages accounted for, pool has {cache.num_pages}"
+    assert np.unique(all_pages).size == cache.num_pages, "a page is owned twice or both owned and free"
+    lengths = np.asarray(cache.lengths)
+    need = -(-lengths // cache.page_size)
+    assert (owned >= need).all(), f"a slot holds fewer pages than its length needs: {owned} < {need}"
