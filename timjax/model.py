@@ -157,7 +157,7 @@ class Qwen3(nnx.Module):
 
     def params(self) -> Params:
         """The parameters as a plain nested dict of arrays (what the jitted steps take)."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)

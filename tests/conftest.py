@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random Hugging Face Qwen3 models built in the test (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+
+def make_hf_model(seed: int = 0, dtype: str = "float32", **overrides):
+    """A random transformers Qwen3ForCausalLM with randomised norm weights."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+              rope_theta=10000.0)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def timjax_from_hf(hf_model, dtype: str = "float32"):
+    """The same weights as a timjax Qwen3, through the parameter table (no files)."""
+    import torch
+
+    from timjax.config import Qwen3Config
+    from timjax.model import Qwen3
+    from timjax.params import params_from_hf_tensors
+
+    cfg = Qwen3Config.from_hf_dict(hf_model.config.to_dict())
+    sd = {k: v.to(torch.float32).numpy() for k, v in hf_model.state_dict().items()
+          if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    return Qwen3(cfg, dtype=dtype, params=params_from_hf_tensors(cfg, sd))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """(transformers model, timjax model) with identical float32 weights."""
+    hf = make_hf_model(seed=1)
+    return hf, timjax_from_hf(hf)
+
+
+@pytest.fixture
+def rng():
+    return np.random.RandomState(0)
