@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timjax import kernels
 from timjax.config import Qwen3Config
 
 
@@ -157,6 +158,38 @@ def release(cache: KVCache, mask: jax.Array) -> KVCache:
 @partial(jax.jit, donate_argnums=0)
 def truncate(cache: KVCache, new_lengths: jax.Array) -> KVCache:
     return shrink(cache, new_lengths)
+
+
+@partial(jax.jit, donate_argnums=0)
+def truncate_slot(cache: KVCache, slot: jax.Array, new_length: jax.Array) -> KVCache:
+    """Cut one slot to ``new_length`` tokens, freeing the pages past it (re-encode after pruning)."""
+    return shrink(cache, cache.lengths.at[slot].set(new_length))
+
+
+@partial(jax.jit, static_argnames=("rope_theta", "impl"), donate_argnums=0)
+def compact_slot(cache: KVCache, slot: jax.Array, start: jax.Array, end: jax.Array, length: jax.Array, *,
+                 rope_theta: float, impl: str = "auto") -> KVCache:
+    """Remove slots [start, end) of one sequence with no recompute: the suffix K/V move down and the
+    moved keys are re-rotated by -(end - start) positions; pages past the new length are freed.
+    With page size 1 only the page table moves and the moved keys are rotated in place."""
+    n = end - start
+    if cache.page_size == 1:
+        row = cache.page_table[slot]
+        j = jnp.arange(row.shape[0])
+        # Pruned pages go to the row's tail (beyond the new length), where shrink frees them.
+        src = jnp.where(j < start, j, jnp.where(j < length - n, j + n, j - (length - n) + start))
+        src = jnp.where(j < length, src, j)
+        page_table = cache.page_table.at[slot].set(row[src])
+        one = lambda x: jnp.zeros((cache.max_seqs,), jnp.int32).at[slot].set(x)
+        k = kernels.rotate_slots(cache.k, page_table, one(start), one(length - end), one(-n),
+                                 rope_theta=rope_theta, impl=impl)
+        cache = cache.replace(k=k, page_table=page_table)
+    else:
+        one = lambda x, fill=0: jnp.full((cache.max_seqs,), fill, jnp.int32).at[slot].set(x)
+        k, v = kernels.compact(cache.k, cache.v, cache.page_table, one(start), one(end), one(length),
+                               rope_theta=rope_theta, impl=impl)
+        cache = cache.replace(k=k, v=v)
+    return shrink(cache, cache.lengths.at[slot].set(length - n))
 
 
 def check_invariants(cache: KVCache) -> None:

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timjax import kernels, steps
-from timjax.cache import check_invariants, create_cache, pages_for_budget, release, truncate
+from timjax import steps
+from timjax.cache import (check_invariants, compact_slot, create_cache, pages_for_budget, release,
+                          truncate_slot)
 from timjax.model import Qwen3
 from timjax.results import FinishReason, GenerationResult, GenerationStats
 from timjax.sampling import SamplingParams
@@ -144,7 +145,7 @@ class Engine:
         self.check_cache = check_cache
         self.max_seq_len = min(max_seq_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         if kv_tokens is None and kv_memory_fraction is None:
-            kv_tokens = max_batch * self.max_seq_len
+            kv_tokens = max_batch * -(-self.max_seq_len // page_size) * page_size
         num_pages = pages_for_budget(self.cfg, model.dtype, page_size, tokens=kv_tokens,
                                      memory_fraction=kv_memory_fraction)
         self.cache = create_cache(self.cfg, num_pages=num_pages, page_size=page_size, max_seqs=max_batch,
@@ -159,44 +160,48 @@ class Engine:
                 r = s.request
                 host["temperature"][i], host["top_k"][i], host["top_p"][i] = r.temperature, r.top_k, r.top_p
                 host["seed"][i], host["counter"][i] = r.seed, s.sampled
-        return SamplingParams(**{k: jnp.asarray(v) for k, v in host.items()})
+        return SamplingParams(**jax.device_put(host))
 
     def _dispatch(self, rows_seqs: list[Sequence | None], rows: np.ndarray, tokens: np.ndarray,
                   q_len: np.ndarray):
         """Run one step for these rows; returns a device array of sampled tokens (not yet synced)."""
         sampling = self._sampling(rows_seqs)
-        args = (self.params, self.cache, jnp.asarray(rows), jnp.asarray(tokens), jnp.asarray(q_len))
+        ps = self.cache.page_size
+        need = max(-(-(len(s.cached) + int(q_len[i])) // ps) for i, s in enumerate(rows_seqs) if s is not None)
+        kv_pages = min(_pow2(need), self.cache.max_pages_per_seq)  # a few buckets: few compiles
+        args = (self.params, self.cache, *jax.device_put((rows, tokens, q_len)))
+        kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=kv_pages)
         if any(s is not None and s.controller.wants_mask for s in rows_seqs):
-            logits, self.cache = steps.logits_step(*args, cfg=self.cfg, impl=self.impl)
+            logits, self.cache = steps.logits_step(*args, **kw)
             mask = np.full((len(rows_seqs), self.words), -1, np.int32)  # filled while the device runs
             for i, s in enumerate(rows_seqs):
                 if s is not None and s.controller.wants_mask and q_len[i] > 0:
                     s.controller.fill_mask(mask[i])
             return steps.sample_step(logits, sampling, jnp.asarray(mask))
-        out, self.cache = steps.generate_step(*args, sampling, cfg=self.cfg, impl=self.impl)
+        out, self.cache = steps.generate_step(*args, sampling, **kw)
         return out
 
     def _prune(self, seq: Sequence, ops: list[PruneOp]) -> None:
-        for op in sorted(ops, key=lambda o: -o.start):  # back to front: earlier slots keep their meaning
-            if op.end <= op.start:
-                continue
+        """Apply prune ops in order; each names slots of ``cached + pending`` as left by the one before.
+        Slots past the cache (tokens not fed yet) are dropped from ``pending`` without device work."""
+        for op in ops:
             n = len(seq.cached)
+            logical = seq.cached + seq.pending
+            kept = logical[:op.start] + logical[op.end:]
+            if op.start >= n:  # only unfed tokens
+                seq.pending = kept[n:]
+                continue
             if self.reposition == "reencode":
-                # Drop everything from the span on and feed the kept suffix again at compacted positions.
-                suffix = seq.cached[op.end:]
-                seq.cached = seq.cached[:op.start]
-                seq.pending = suffix + seq.pending
-                seq.reencoded += len(suffix)
-                lengths = np.asarray(self.cache.lengths).copy()
-                lengths[seq.slot] = op.start
-                self.cache = truncate(self.cache, jnp.asarray(lengths))
+                # Drop the cache from the span on and feed the kept suffix again at compacted positions.
+                seq.cached, seq.pending = kept[:op.start], kept[op.start:]
+                seq.reencoded += max(n - op.end, 0)
+                self.cache = truncate_slot(self.cache, jnp.int32(seq.slot), jnp.int32(op.start))
             else:
-                start, end, length = (np.zeros(self.max_batch, np.int32) for _ in range(3))
-                start[seq.slot], end[seq.slot], length[seq.slot] = op.start, op.end, n
-                self.cache = kernels.compact_cache(self.cache, jnp.asarray(start), jnp.asarray(end),
-                                                   jnp.asarray(length), rope_theta=self.cfg.rope_theta,
-                                                   impl=self.impl)
-                seq.cached = seq.cached[:op.start] + seq.cached[op.end:]
+                end = min(op.end, n)
+                self.cache = compact_slot(self.cache, jnp.int32(seq.slot), jnp.int32(op.start), jnp.int32(end),
+                                          jnp.int32(n), rope_theta=self.cfg.rope_theta, impl=self.impl)
+                seq.cached = kept[:n - (end - op.start)]
+                seq.pending = kept[n - (end - op.start):]
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, requests: list[Request], *, on_token: Callable[[int, int], None] | None = None,
@@ -270,10 +275,10 @@ class Engine:
                     tokens[s.slot, 0], q_len[s.slot], row_seqs[s.slot] = s.pending[0], 1, s
                 outputs.append((row_seqs, q_len, self._dispatch(row_seqs, rows, tokens, q_len), None))
 
-            oom = np.asarray(self.cache.oom)
+            # the one host sync of the step
+            oom, *sampled_all = jax.device_get((self.cache.oom, *[o[2] for o in outputs]))
             freed = np.zeros(self.max_batch, bool)
-            for row_seqs, q_len, sampled, t0 in outputs:
-                sampled = np.asarray(sampled)  # the one host sync of the step
+            for (row_seqs, q_len, _, t0), sampled in zip(outputs, sampled_all):
                 if t0 is not None:
                     elapsed = time.perf_counter() - t0
                 for i, s in enumerate(row_seqs):
@@ -300,15 +305,15 @@ class Engine:
                         continue
                     if on_token is not None:
                         on_token(s.index, token)
+                    s.pending += action.feed
                     if action.prune:
                         self._prune(s, action.prune)
                     if action.finish is not None:
                         freed[finish(s, action.finish, action.error)] = True
                         continue
-                    if len(s.cached) + len(action.feed) > self.max_seq_len:
+                    if len(s.cached) + len(s.pending) > self.max_seq_len:
                         freed[finish(s, "length", f"the working memory reached max_seq_len={self.max_seq_len}")] = True
                         continue
-                    s.pending += action.feed
             if freed.any():
                 self.cache = release(self.cache, jnp.asarray(freed))
             if self.check_cache:

@@ -46,17 +46,20 @@ def _paged_attend(q, k, v, layer, kv, *, page_table, q_start, q_len, page_size, 
 
 
 def forward_step(params: Params, cache: KVCache, rows: jax.Array, tokens: jax.Array, q_len: jax.Array, *,
-                 cfg: Qwen3Config, impl: str = "auto", max_new_pages: int) -> tuple[jax.Array, KVCache]:
+                 cfg: Qwen3Config, impl: str = "auto", max_new_pages: int,
+                 kv_pages: int | None = None) -> tuple[jax.Array, KVCache]:
     """Feed ``tokens[i, :q_len[i]]`` to slot ``rows[i]``; return logits [R, V] at each row's last token.
 
     Rows with ``q_len == 0`` (padding) or whose slot is out of pages (``cache.oom``) write nothing and
-    their logits are meaningless; the host reads ``cache.oom`` after the step.
+    their logits are meaningless; the host reads ``cache.oom`` after the step. ``kv_pages`` (static)
+    bounds the page-table columns attention looks at, so its cost follows the live lengths rather than
+    ``max_seq_len``; it must cover every row's pages after this step.
     """
     cache = reserve(cache, rows, q_len, max_new_pages=max_new_pages)
     q_len = jnp.where(cache.oom[rows], 0, q_len)
     q_start = cache.lengths[rows]
     positions = q_start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    attend = partial(_paged_attend, page_table=cache.page_table[rows], q_start=q_start, q_len=q_len,
+    attend = partial(_paged_attend, page_table=cache.page_table[rows][:, :kv_pages], q_start=q_start, q_len=q_len,
                      page_size=cache.page_size, impl=impl)
     x, (k, v) = forward_hidden(params, cfg, tokens, positions, attend, (cache.k, cache.v))
     last = jnp.take_along_axis(x, jnp.maximum(q_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
@@ -67,10 +70,10 @@ def _max_new_pages(chunk: int, page_size: int) -> int:
     return -(-chunk // page_size) + 1
 
 
-@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def logits_step(params, cache, rows, tokens, q_len, *, cfg, impl="auto"):
+@partial(jax.jit, static_argnames=("cfg", "impl", "kv_pages"), donate_argnames=("cache",))
+def logits_step(params, cache, rows, tokens, q_len, *, cfg, impl="auto", kv_pages=None):
     """forward_step alone, for callers that fill a token mask on the host while the device runs."""
-    return forward_step(params, cache, rows, tokens, q_len, cfg=cfg, impl=impl,
+    return forward_step(params, cache, rows, tokens, q_len, cfg=cfg, impl=impl, kv_pages=kv_pages,
                         max_new_pages=_max_new_pages(tokens.shape[1], cache.page_size))
 
 
@@ -79,10 +82,10 @@ def sample_step(logits: jax.Array, sampling: SamplingParams, bitmask: jax.Array 
     return sample(logits, sampling, bitmask)
 
 
-@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def generate_step(params, cache, rows, tokens, q_len, sampling, bitmask=None, *, cfg, impl="auto"):
+@partial(jax.jit, static_argnames=("cfg", "impl", "kv_pages"), donate_argnames=("cache",))
+def generate_step(params, cache, rows, tokens, q_len, sampling, bitmask=None, *, cfg, impl="auto", kv_pages=None):
     """Forward and sample in one dispatch: int32 [R] next tokens and the updated cache."""
-    logits, cache = forward_step(params, cache, rows, tokens, q_len, cfg=cfg, impl=impl,
+    logits, cache = forward_step(params, cache, rows, tokens, q_len, cfg=cfg, impl=impl, kv_pages=kv_pages,
                                  max_new_pages=_max_new_pages(tokens.shape[1], cache.page_size))
     return sample(logits, sampling, bitmask), cache
 

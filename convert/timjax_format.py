@@ -1,0 +1,177 @@
+"""The on-disk timjax checkpoint format (see the package docstring) and helpers shared by the converters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from timjax.config import Qwen3Config
+from timjax.errors import CorruptFileError, MissingFileError, TensorMissingError, TensorShapeError, UnexpectedTensorError
+from timjax.params import FLOAT32_PARAMS, param_shapes
+
+from .safetensors_io import dtype_name, resolve_dtype
+
+FORMAT_NAME = "timjax"
+FORMAT_VERSION = 1
+META_FILE = "timjax.json"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+LAYER_DIR = "layer_{:05d}"
+
+
+def layer_paths(cfg: Qwen3Config) -> list[str]:
+    return [p for p in param_shapes(cfg) if p.startswith("layers.")]
+
+
+def global_paths(cfg: Qwen3Config) -> list[str]:
+    return [p for p in param_shapes(cfg) if not p.startswith("layers.")]
+
+
+def param_dtype(path: str, dtype: np.dtype) -> np.dtype:
+    """The dtype a parameter is kept in: float32 for norms, ``dtype`` otherwise."""
+    return np.dtype(np.float32) if path in FLOAT32_PARAMS else np.dtype(dtype)
+
+
+def nest_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"layers.q_proj": a, "embed": b}`` -> ``{"layers": {"q_proj": a}, "embed": b}``."""
+    out: dict[str, Any] = {}
+    for path, x in flat.items():
+        if path.startswith("layers."):
+            out.setdefault("layers", {})[path[len("layers."):]] = x
+        else:
+            out[path] = x
+    return out
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`nest_params`; also accepts an already flat dict (dotted keys)."""
+    flat: dict[str, Any] = {}
+    for k, v in params.items():
+        if k == "layers" and isinstance(v, Mapping):
+            for kk, vv in v.items():
+                flat[f"layers.{kk}"] = vv
+        else:
+            flat[k] = v
+    return flat
+
+
+def empty_params(cfg: Qwen3Config, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Uninitialised host arrays for every parameter (flat paths), norms float32."""
+    return {p: np.empty(s, dtype=param_dtype(p, dtype)) for p, s in param_shapes(cfg).items()}
+
+
+def make_meta(cfg: Qwen3Config, dtype: np.dtype, source: dict[str, Any], side_files: list[str]) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype_name(dtype),
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "params": {p: {"shape": list(s), "dtype": dtype_name(param_dtype(p, dtype))} for p, s in param_shapes(cfg).items()},
+        "checkpoints": {
+            **{p: f"{PARAMS_DIR}/{p}" for p in global_paths(cfg)},
+            "layers": f"{PARAMS_DIR}/{LAYER_DIR}",
+        },
+        "source": source,
+        "side_files": side_files,
+    }
+
+
+def save_item(ckptr, directory: Path, tree: dict[str, np.ndarray]) -> None:
+    ckptr.save(Path(directory).absolute(), tree)
+
+
+def orbax_checkpointer():
+    import orbax.checkpoint as ocp  # lazy: pulls in jax
+
+    return ocp.PyTreeCheckpointer()
+
+
+class TimjaxCheckpoint:
+    """A converted checkpoint directory; reads one orbax item (a layer or a global param) at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / META_FILE
+        if not meta_file.is_file():
+            raise MissingFileError(f"{self.path}: not a timjax checkpoint ({META_FILE} not found)")
+        try:
+            self.meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(f"{meta_file}: not valid JSON ({e})") from None
+        if self.meta.get("format") != FORMAT_NAME or not isinstance(self.meta.get("format_version"), int):
+            raise CorruptFileError(f"{meta_file}: not a timjax checkpoint description")
+        if self.meta["format_version"] > FORMAT_VERSION:
+            raise CorruptFileError(f"{meta_file}: format_version {self.meta['format_version']} is newer than this "
+                                   f"timjax reads ({FORMAT_VERSION}); upgrade timjax")
+        if not (self.path / CONFIG_FILE).is_file():
+            raise MissingFileError(f"{self.path}: {CONFIG_FILE} not found")
+        self.cfg = Qwen3Config.from_file(self.path / CONFIG_FILE)
+        self.dtype = resolve_dtype(self.meta["dtype"])
+        shapes = param_shapes(self.cfg)
+        stored = {p: tuple(v["shape"]) for p, v in self.meta.get("params", {}).items()}
+        for p, s in shapes.items():
+            if p not in stored:
+                raise TensorMissingError(f"{meta_file}: missing parameter {p} (expected shape {s})")
+            if stored[p] != s:
+                raise TensorShapeError(f"{meta_file}: parameter {p} has shape {stored[p]}, expected {s} from {CONFIG_FILE}")
+        for p in stored:
+            if p not in shapes:
+                raise UnexpectedTensorError(f"{meta_file}: unexpected parameter {p}")
+        self._ckptr = None
+
+    def _restore(self, rel: str) -> dict[str, np.ndarray]:
+        d = self.path / rel
+        if not d.is_dir():
+            raise MissingFileError(f"{d}: checkpoint item missing")
+        if self._ckptr is None:
+            self._ckptr = orbax_checkpointer()
+        try:
+            tree = self._ckptr.restore(d.absolute())
+        except Exception as e:  # orbax/tensorstore raise assorted types for damaged data
+            raise CorruptFileError(f"{d}: cannot restore orbax checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+        return {k: np.asarray(v) for k, v in tree.items()}
+
+    def _check(self, where: str, path: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if tuple(x.shape) != tuple(shape):
+            raise TensorShapeError(f"{self.path / where}: parameter {path} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+        return x
+
+    def read_global(self, path: str) -> np.ndarray:
+        rel = self.meta["checkpoints"][path]
+        tree = self._restore(rel)
+        if path not in tree:
+            raise TensorMissingError(f"{self.path / rel}: missing parameter {path}")
+        return self._check(rel, path, tree[path], param_shapes(self.cfg)[path])
+
+    def read_layer(self, i: int) -> dict[str, np.ndarray]:
+        """One layer's params, keyed by the path without ``layers.`` (``"q_proj"``...), unstacked."""
+        rel = self.meta["checkpoints"]["layers"].format(i)
+        tree = self._restore(rel)
+        shapes = param_shapes(self.cfg)
+        out = {}
+        for p in layer_paths(self.cfg):
+            k = p[len("layers."):]
+            if k not in tree:
+                raise TensorMissingError(f"{self.path / rel}: missing parameter {p}")
+            out[k] = self._check(rel, p, tree[k], shapes[p][1:])
+        for k in tree:
+            if f"layers.{k}" not in shapes:
+                raise UnexpectedTensorError(f"{self.path / rel}: unexpected parameter {k}")
+        return out
+
+    def read_all(self, dtype=None) -> dict[str, Any]:
+        """All params, stacked and nested, in ``dtype`` (default: as stored), norms float32."""
+        target = self.dtype if dtype is None else resolve_dtype(dtype)
+        flat = {}
+        for p in global_paths(self.cfg):
+            flat[p] = self.read_global(p).astype(param_dtype(p, target), copy=False)
+        stacked = {p: np.empty(param_shapes(self.cfg)[p], dtype=param_dtype(p, target)) for p in layer_paths(self.cfg)}
+        for i in range(self.cfg.num_hidden_layers):
+            for k, x in self.read_layer(i).items():
+                stacked[f"layers.{k}"][i] = x  # casts on assignment
+        flat.update(stacked)
+        return nest_params({p: flat[p] for p in param_shapes(self.cfg)})

@@ -1,0 +1,44 @@
+"""User-facing errors.
+
+Everything a user can cause (a bad checkpoint, a bad config, an output directory in the way) raises a
+``TimjaxError`` subclass whose message is one line naming the file (and tensor) at fault. The CLI prints
+such errors as ``timjax: error: <message>`` without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TimjaxError(Exception):
+    """Base class of the errors the CLI reports as one line, without a traceback."""
+
+
+class CheckpointError(TimjaxError):
+    """A checkpoint on disk that timjax cannot read or convert."""
+
+
+class MissingFileError(CheckpointError):
+    """A required file (config.json, weights, an indexed shard, timjax.json) is absent."""
+
+
+class CorruptFileError(CheckpointError):
+    """A file that exists but cannot be parsed (safetensors header, index JSON, timjax.json)."""
+
+
+class TensorMissingError(CheckpointError):
+    """A parameter the config requires is not in the checkpoint."""
+
+
+class TensorShapeError(CheckpointError):
+    """A tensor whose shape differs from the one the config implies."""
+
+
+class TensorDtypeError(CheckpointError):
+    """A tensor stored in a dtype timjax does not convert (only BF16, F16, F32)."""
+
+
+class UnexpectedTensorError(CheckpointError):
+    """A tensor the config does not account for (refused rather than silently dropped)."""
+
+
+class OutputExistsError(TimjaxError):
+    """The output directory exists and overwriting was not requested."""

@@ -1,0 +1,169 @@
+"""The per-sequence TIM controller: grammar, reasoning-tree tracker and subtask pruning, driven by the
+engine one sampled token at a time.
+
+For each sampled token: the grammar consumes it, the tracker places it in the tree (a token that
+straddles a subtask list's ``[`` or ``]`` is replaced by the tokenization of its pieces, see
+``timjax.tim.tree``), the tokens the grammar forces next are appended, and every completed subtask list
+goes through the FIFO prune buffer; lists leaving the buffer become cache-slot ranges for the engine to
+remove. Host only: no JAX here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from timjax.engine import Action, PruneOp
+from timjax.tim.grammar import GrammarError, make_grammar
+from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
+from timjax.tim.schema import TimSchema
+from timjax.tim.tree import DocumentComplete, ListCompleted, Split, TreeTracker
+
+
+def close_partial_json(text: str):
+    """Best-effort value of an unfinished JSON document: open strings and containers are closed."""
+    stack, in_str, esc = [], False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            stack.append("]" if ch == "[" else "}")
+        elif ch in "]}" and stack:
+            stack.pop()
+    out = text
+    if in_str:
+        out += "\\" if esc else ""
+        out += '"'
+    stripped = out.rstrip()
+    if stripped.endswith(","):
+        out = stripped[:-1]
+    elif stripped.endswith(":"):
+        out = stripped + " null"
+    elif stack and stack[-1] == "}" and stripped.endswith('"') and not in_str:
+        # a key without its value: `{"a": 1, "b"`
+        last_open = max(stripped.rfind("{"), stripped.rfind(","))
+        if ":" not in stripped[last_open:]:
+            out = stripped[:last_open + 1].rstrip(",")
+    out += "".join(reversed(stack))
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        return None
+
+
+class TimController:
+    """Schema-constrained TIM generation with subtask pruning for one sequence.
+
+    ``pruning_buffer``: None turns pruning off; 0, 1, 2, ... is the FIFO buffer size.
+    ``override``: replay mode for benchmarks: a function from the document bytes so far to the next
+    token, used instead of the sampled token (the device steps are the same).
+    """
+
+    wants_mask = True
+
+    def __init__(self, model, schema: TimSchema, *, max_new_tokens: int, prompt_len: int,
+                 pruning_buffer: int | None = 2, stop_ids: Sequence[int] = (),
+                 override: Callable[[bytes], int] | None = None):
+        tok = model.tokenizer
+        if tok is None:
+            raise ValueError("TIM generation needs the model's tokenizer (load a checkpoint with tokenizer files)")
+        eos = list(stop_ids) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        self.schema = schema
+        self.grammar = make_grammar(tok, schema.json_schema(), model.config.vocab_size, eos_token=eos or None)
+        from timjax.tim.grammar import llg_tokenizer
+
+        self._llt = llg_tokenizer(tok, model.config.vocab_size, eos or None)
+        self.tracker = TreeTracker(self._llt.tokenize_bytes)
+        self.buffer = PruneBuffer(pruning_buffer)
+        self.memory = WorkingMemory([0] * prompt_len)  # slot numbering includes the prompt
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = set(eos)
+        self.override = override
+        self.host_time = 0.0
+        self.pruned_lists: list[ListCompleted] = []
+
+    def fill_mask(self, out: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.grammar.fill_mask(out)
+        self.host_time += time.perf_counter() - t0
+
+    def _bytes(self, token: int) -> bytes:
+        return self._llt.decode_bytes([token])
+
+    def on_token(self, token: int, seq) -> Action:
+        t0 = time.perf_counter()
+        try:
+            return self._on_token(token, seq)
+        finally:
+            self.host_time += time.perf_counter() - t0
+
+    def _on_token(self, token: int, seq) -> Action:
+        if self.override is not None:
+            token = self.override(bytes(self.tracker.buf))
+        if self.tracker.done or token in self.stop_ids:
+            if not self.tracker.done:
+                return Action(feed=[], finish="grammar", error=f"end of sequence before the document was complete")
+            return Action(feed=[], finish="stop")
+        feed: list[int] = []
+        prune: list[PruneOp] = []
+        queue = [token]
+        while queue:
+            t = queue.pop(0)
+            try:
+                self.grammar.consume([t])
+            except GrammarError as e:
+                return Action(feed=[], finish="grammar", error=str(e))
+            events = self.tracker.feed(t, self._bytes(t))
+            if events and isinstance(events[0], Split):
+                self.grammar.rollback(1)
+                queue[0:0] = list(events[0].token_ids)
+                continue
+            feed.append(t)
+            seq.generated.append(t)
+            self.memory.append(t)
+            for ev in events:
+                if isinstance(ev, ListCompleted):
+                    for lst in self.buffer.push(ev):
+                        op = self.memory.prune(lst)
+                        self.pruned_lists.append(lst)
+                        if op.n_pruned:
+                            prune.append(PruneOp(op.start_slot, op.end_slot))
+            if not queue and not self.tracker.done:
+                queue = list(self.grammar.forced_tokens())
+        if self.tracker.done:
+            return Action(feed=feed, finish="stop", prune=prune)
+        if len(self.memory.history) >= self.max_new_tokens:
+            return Action(feed=feed, finish="length", prune=prune)
+        return Action(feed=feed, prune=prune)
+
+    def finish(self, seq, result) -> None:
+        stats = self.memory.stats()
+        generated_written = stats.history_len
+        result.stats.peak_working_tokens = stats.peak_working_len
+        result.stats.pruned_tokens = stats.pruned_tokens
+        result.stats.pruned_share = stats.pruned_tokens / generated_written if generated_written else 0.0
+        result.stats.prune_events = stats.prune_ops
+        result.stats.host_time_s = self.host_time
+        result.pruned_paths = sorted(pruned_task_paths(self.pruned_lists))
+        result.working_memory = self.memory.kept_tokens(include_prompt=False)
+        text = bytes(self.tracker.buf).decode("utf-8", errors="replace")
+        result.text = text
+        result.working_memory_text = b"".join(self._bytes(t) for t in result.working_memory).decode(
+            "utf-8", errors="replace")
+        if self.tracker.done:
+            try:
+                result.response = full_response(self.schema, self.tracker)
+            except ValueError as e:
+                result.error = result.error or f"the document does not parse: {e}"
+        else:
+            result.partial_response = close_partial_json(text)
