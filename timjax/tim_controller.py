@@ -167,3 +167,18 @@ class TimController:
                 result.error = result.error or f"the document does not parse: {e}"
         else:
             result.partial_response = close_partial_json(text)
+
+
+class ReplayText:
+    """Replay source for ``TimController(override=...)``: the next token is the tokenizer's first token of
+    the document's remaining bytes, so the runtime writes ``text`` through its real steps."""
+
+    def __init__(self, text: str | bytes, llg_tok):
+        self.data = text.encode() if isinstance(text, str) else text
+        self.llt = llg_tok
+
+    def __call__(self, written: bytes) -> int:
+        if not self.data.startswith(written):
+            raise ValueError("replay diverged from the document")
+        rest = self.data[len(written):len(written) + 64]
+        return self.llt.tokenize_bytes(rest)[0]
