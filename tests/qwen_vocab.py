@@ -168,18 +168,3 @@ def load_qwen3_tokenizer(out_dir: str):
         chat_template=cfg["chat_template"],
         clean_up_tokenization_spaces=False,
     )
-
-
-try:  # fixtures for the test modules that import them (the lead may lift them into conftest)
-    import pytest
-
-    @pytest.fixture(scope="session")
-    def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
-        return build_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3_tokenizer"))
-
-    @pytest.fixture(scope="session")
-    def qwen3_tokenizer(qwen3_tokenizer_dir):
-        return load_qwen3_tokenizer(str(qwen3_tokenizer_dir))
-
-except ImportError:  # pragma: no cover
-    pass

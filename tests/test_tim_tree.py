@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qwen_vocab import QWEN3_MODEL_VOCAB, qwen3_tokenizer, qwen3_tokenizer_dir  # noqa: F401 (fixtures)
+from qwen_vocab import QWEN3_MODEL_VOCAB
 from timjax.tim import (
     DocumentComplete,
     ListCompleted,

@@ -149,10 +149,12 @@ def shrink(cache: KVCache, new_lengths: jax.Array) -> KVCache:
 
 
 @partial(jax.jit, donate_argnums=0)
-def release(cache: KVCache, mask: jax.Array) -> KVCache:
-    """Free every page of the masked slots and clear their lengths and oom flags."""
+def release(cache: KVCache, mask: jax.Array, clear_oom: jax.Array | None = None) -> KVCache:
+    """Free every page of the masked slots and clear their lengths and oom flags; ``clear_oom`` also
+    clears the flags of slots that keep their pages (they retry the step)."""
     cache = shrink(cache, jnp.where(mask, 0, cache.lengths))
-    return cache.replace(oom=cache.oom & ~mask)
+    keep = ~mask if clear_oom is None else ~(mask | clear_oom)
+    return cache.replace(oom=cache.oom & keep)
 
 
 @partial(jax.jit, donate_argnums=0)

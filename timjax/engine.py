@@ -205,7 +205,10 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, requests: list[Request], *, on_token: Callable[[int, int], None] | None = None,
-            progress: Any = None) -> list[GenerationResult]:
+            progress: Any = None, on_step: Callable[["Engine", list[Sequence]], None] | None = None
+            ) -> list[GenerationResult]:
+        """Serve every request; ``on_step(engine, running)`` is called after each iteration (tests and
+        tracing: the cache and every running sequence are consistent then)."""
         results: list[GenerationResult | None] = [None] * len(requests)
         waiting = deque(enumerate(requests))
         slots: list[Sequence | None] = [None] * self.max_batch
@@ -278,18 +281,22 @@ class Engine:
             # the one host sync of the step
             oom, *sampled_all = jax.device_get((self.cache.oom, *[o[2] for o in outputs]))
             freed = np.zeros(self.max_batch, bool)
+            retry = np.zeros(self.max_batch, bool)
+            if oom.any():
+                # Fail only the biggest holder; the others wrote nothing this step and retry once its pages are back.
+                flagged = [s for s in running if oom[s.slot]]
+                victim = max(flagged, key=lambda s: len(s.cached) + len(s.pending))
+                retry[[s.slot for s in flagged if s is not victim]] = True
+                freed[finish(victim, "error", f"KV cache out of pages after {len(victim.cached)} tokens (pool of "
+                                              f"{self.cache.num_pages} pages of {self.cache.page_size})")] = True
             for (row_seqs, q_len, _, t0), sampled in zip(outputs, sampled_all):
                 if t0 is not None:
                     elapsed = time.perf_counter() - t0
                 for i, s in enumerate(row_seqs):
-                    if s is None or q_len[i] == 0:
+                    if s is None or q_len[i] == 0 or freed[s.slot] or retry[s.slot]:
                         continue
                     if t0 is not None:
                         s.extend_time_s += elapsed
-                    if oom[s.slot]:
-                        freed[finish(s, "error", f"KV cache out of pages after {len(s.cached)} tokens "
-                                                 f"(pool of {self.cache.num_pages} pages of {self.cache.page_size})")] = True
-                        continue
                     s.cached += s.pending[:q_len[i]]
                     s.pending = s.pending[q_len[i]:]
                     if s.pending:  # a chunk of a longer extend: the sample is not needed
@@ -314,8 +321,10 @@ class Engine:
                     if len(s.cached) + len(s.pending) > self.max_seq_len:
                         freed[finish(s, "length", f"the working memory reached max_seq_len={self.max_seq_len}")] = True
                         continue
-            if freed.any():
-                self.cache = release(self.cache, jnp.asarray(freed))
+            if freed.any() or retry.any():
+                self.cache = release(self.cache, jnp.asarray(freed), jnp.asarray(retry))
             if self.check_cache:
                 check_invariants(self.cache)
+            if on_step is not None:
+                on_step(self, [s for s in slots if s is not None])
         return results  # type: ignore[return-value]

@@ -17,7 +17,7 @@ Decisions (the tracker in ``tree.py`` relies on them):
   ``title`` is part of the grammar (required, first) only when ``tim_schema(title=True)``.
 * ``max_depth`` unrolls the recursion into ``Task1 .. TaskD`` definitions (depth 1 = no ``subtasks``);
   ``None`` keeps one recursive ``Task`` definition. ``max_subtasks`` sets ``maxItems`` on every
-  subtask list (not on the top-level ``reasoning`` list).
+  subtask list (not on the top-level ``reasoning`` list, which needs at least one task).
 * ``tooluse`` exists only when tools are given: ``anyOf`` over one object per tool,
   ``{"tool_name": {"const": name}, "parameters": <tool.input_schema>, "tool_result": {"type": "string"}}``,
   so the tool name decides the parameters' schema. ``tool_result`` is written by the runtime, not by
@@ -76,7 +76,7 @@ class Task(BaseModel):
 
 class Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reasoning: list[Task]
+    reasoning: list[Task] = Field(min_length=1)
     answer: Any  # str, or an instance of the schema's answer_type
 
 
@@ -248,7 +248,7 @@ def tim_schema(
 
     schema = {
         "type": "object",
-        "properties": {"reasoning": {"type": "array", "items": {"$ref": top}}, "answer": answer},
+        "properties": {"reasoning": {"type": "array", "items": {"$ref": top}, "minItems": 1}, "answer": answer},
         "required": ["reasoning", "answer"],
         "additionalProperties": False,
         "$defs": defs,
