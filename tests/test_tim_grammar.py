@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import AddedToken
 
-from qwen_vocab import (  # noqa: F401 (fixtures)
+from timjax.vocab import (  # noqa: F401 (fixtures)
     IM_END_ID,
     QWEN3_ADDED_TOKENS,
     QWEN3_MODEL_VOCAB,
@@ -36,7 +36,7 @@ def test_qwen_vocab_matches_tiktoken(qwen3_tokenizer):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    from qwen_vocab import QWEN_PATTERN
+    from timjax.vocab import QWEN_PATTERN
 
     enc = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(qwen_tiktoken_path())),
                             special_tokens={c: QWEN3_N_RANKS + i for i, (c, _) in enumerate(QWEN3_ADDED_TOKENS)})

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qwen_vocab import QWEN3_MODEL_VOCAB
+from timjax.vocab import QWEN3_MODEL_VOCAB
 from timjax.tim import (
     DocumentComplete,
     ListCompleted,

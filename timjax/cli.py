@@ -68,8 +68,93 @@ def add_export_command(subparsers) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-# Subcommand registrars, in --help order. Append new ones (generate, bench, ...) here.
-COMMANDS: list[Callable] = [add_convert_command, add_export_command]
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    import timjax
+
+    model = timjax.load(args.model, dtype=args.dtype)
+    prompts = args.prompt
+    schema = None
+    if args.tim:
+        from timjax.tim.schema import tim_schema
+
+        schema = tim_schema(max_depth=args.max_depth, max_subtasks=args.max_subtasks)
+    stream = None
+    if args.stream and len(prompts) == 1 and not args.tim and model.tokenizer is not None:
+        stream = lambda i, t: print(model.tokenizer.decode([t]), end="", flush=True)
+    results = timjax.generate(
+        model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop or (), max_batch=args.max_batch, page_size=args.page_size,
+        impl=args.impl, chat=args.chat, on_token=stream, progress=len(prompts) > 1, schema=schema,
+        pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer, reposition=args.reposition)
+    if stream:
+        print()
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json", exclude={"response"}) for r in results], indent=2))
+        return 0
+    for p, r in zip(prompts, results):
+        if len(prompts) > 1:
+            print(f"=== {p!r}")
+        if args.tim:
+            from timjax.tim.display import format_tree
+
+            tree = r.response if r.response is not None else r.partial_response
+            print(format_tree(tree, r.pruned_paths) if tree else r.text)
+        elif not stream:
+            print(r.text if r.text is not None else r.tokens)
+        s = r.stats
+        extra = f", peak working memory {s.peak_working_tokens}, KV pruned {s.pruned_share:.0%}" if args.tim else ""
+        print(f"[{r.finish_reason}{': ' + r.error if r.error else ''}] {s.generated_tokens} tokens, "
+              f"{s.tokens_per_s:.1f} tok/s{extra}", file=sys.stderr)
+    return 0 if all(r.finish_reason != "error" for r in results) else 1
+
+
+def add_generate_command(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text (or a TIM reasoning tree) from a checkpoint",
+                              description="Generate from a timjax or Hugging Face Qwen3 checkpoint directory.")
+    p.add_argument("model", metavar="MODEL", help="timjax or Hugging Face checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto",
+                   help="attention kernels: auto = Pallas on GPU, XLA on CPU")
+    p.add_argument("--tim", action="store_true", help="TIM structured reasoning with subtask pruning")
+    p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer size; -1 turns pruning off")
+    p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
+    p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth")
+    p.add_argument("--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (one plain prompt)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from timjax.demo import run_demo
+
+    return 0 if run_demo(args.work_dir, page_size=args.page_size, impl=args.impl)["ok"] else 1
+
+
+def add_demo_command(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the built-in end-to-end job on a small random Qwen3 (offline)",
+                              description="Write, convert and load a random Qwen3 with the real Qwen3 vocabulary, "
+                                          "generate, and run a TIM reasoning tree with subtask pruning.")
+    p.add_argument("--work-dir", default=None, help="keep the checkpoints here (default: a temporary directory)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto")
+    p.set_defaults(func=_cmd_demo)
+
+
+# Subcommand registrars, in --help order.
+COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"timjax: error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # bad settings (sampling, dtype, prompts) reported by the library
+        print(f"timjax: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("timjax: interrupted", file=sys.stderr)
         return 130

