@@ -16,7 +16,7 @@ from timjax.engine import Engine, Request
 from timjax.model import apply_rope, rope_cos_sin
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import tim_schema
-from timjax.tim.traces import serialise, synthetic_document
+from timjax.tim.traces import pruned_view, serialise, synthetic_document
 from timjax.tim_controller import ReplayText, TimController, close_partial_json
 
 VOCAB = 151_936
@@ -46,16 +46,6 @@ def _replay(model, llt, doc, *, buffer, reposition="reencode", page_size=4, max_
     engine = Engine(model, max_batch=1, page_size=page_size, max_seq_len=max_seq_len, reposition=reposition,
                     check_cache=True)
     return engine.run([Request(prompt, 20_000, controller=ctrl)], on_step=on_step)[0], ctrl
-
-
-def _pruned_view(doc, paths):
-    def walk(task, path):
-        out = dict(task)
-        if "subtasks" in task:
-            out["subtasks"] = [] if path in paths else [walk(c, path + (i,)) for i, c in enumerate(task["subtasks"])]
-        return out
-
-    return {"reasoning": [walk(t, (i,)) for i, t in enumerate(doc["reasoning"])], "answer": doc["answer"]}
 
 
 def _fresh_kv(model, tokens, page_size):
@@ -134,7 +124,7 @@ def test_pruning_runs_far_past_the_position_limit(tim_model, llt):
     assert on.stats.pruned_share > 0.6
     # nothing lost: the complete tree comes back, and the working memory is the pruned skeleton
     assert on.response.model_dump(mode="json", exclude_none=True) == doc
-    assert on.pruned_paths and json.loads(on.working_memory_text) == _pruned_view(doc, set(on.pruned_paths))
+    assert on.pruned_paths and json.loads(on.working_memory_text) == pruned_view(doc, on.pruned_paths)
 
 
 @pytest.mark.parametrize("page_size", [1, 4])

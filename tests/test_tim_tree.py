@@ -8,6 +8,7 @@ import random
 import pytest
 
 from timjax.vocab import QWEN3_MODEL_VOCAB
+from timjax.tim.traces import pruned_view
 from timjax.tim import (
     DocumentComplete,
     ListCompleted,
@@ -216,16 +217,6 @@ def run_tracker(ids, tok_bytes, encode, buffer_size=None, prompt=(), check=None)
     return tr, buf, wm, events, n_splits
 
 
-def replace_pruned(doc, paths):
-    def walk(t, path):
-        out = dict(t)
-        if "subtasks" in t:
-            out["subtasks"] = [] if path in paths else [walk(c, path + (i,)) for i, c in enumerate(t["subtasks"])]
-        return out
-
-    return {"reasoning": [walk(t, (i,)) for i, t in enumerate(doc["reasoning"])], "answer": doc["answer"]}
-
-
 def check_against_ref(tr: TreeTracker, ref: Ref, events) -> None:
     assert bytes(tr.buf) == ref.data
     assert tr.done
@@ -333,7 +324,7 @@ def test_pruning_keeps_valid_skeleton(qwen3_tokenizer, llt):
         def check(tr, wm, buf, op):
             ops.append(op)
             # the working memory is a prefix of the document with pruned lists emptied
-            exp = _js(replace_pruned(doc, pruned_task_paths(buf.pruned))).encode()
+            exp = _js(pruned_view(doc, pruned_task_paths(buf.pruned))).encode()
             kb = kept_bytes(tr, wm)
             assert exp.startswith(kb), (kb[-80:], exp[len(kb) - 80 : len(kb) + 10])
             assert wm.kept_tokens()[:3] == prompt
@@ -348,11 +339,11 @@ def test_pruning_keeps_valid_skeleton(qwen3_tokenizer, llt):
         assert len(buf.pruned) + len(buf) + len(buf.absorbed) == n_lists
         assert len(buf) <= size
         final = kept_bytes(tr, wm)
-        assert json.loads(final) == replace_pruned(doc, pruned_task_paths(buf.pruned))
+        assert json.loads(final) == pruned_view(doc, pruned_task_paths(buf.pruned))
         for lst in buf.flush():
             wm.prune(lst)
         # everything pruned: the top-level tasks stay, all their subtask lists are empty
-        assert json.loads(kept_bytes(tr, wm)) == replace_pruned(doc, {p for p, _, _ in ref.lists})
+        assert json.loads(kept_bytes(tr, wm)) == pruned_view(doc, {p for p, _, _ in ref.lists})
         st = wm.stats()
         assert st.history_len == tr.n_tokens and st.working_len == len(wm) == 3 + tr.n_tokens - st.pruned_tokens
         assert st.peak_working_len <= 3 + tr.n_tokens and st.pruned_tokens > 0

@@ -1,13 +1,28 @@
 """timjax: TIM and TIMRUN in JAX/Flax.
 
 Public API: ``load``, ``logits``, ``generate``; the model class ``Qwen3`` and its ``Qwen3Config``.
+Attributes are imported on first use, so ``import timjax.cli`` (and ``timjax --help``) does not load JAX.
 """
 
-from timjax.api import generate, load
-from timjax.config import Qwen3Config
-from timjax.model import Qwen3, logits, random_model
-from timjax.results import GenerationResult, GenerationStats
+from importlib import import_module
 
-__all__ = ["load", "logits", "generate", "Qwen3", "Qwen3Config", "random_model", "GenerationResult",
-           "GenerationStats"]
+_EXPORTS = {
+    "load": "timjax.api", "generate": "timjax.api",
+    "logits": "timjax.model", "Qwen3": "timjax.model", "random_model": "timjax.model",
+    "Qwen3Config": "timjax.config",
+    "GenerationResult": "timjax.results", "GenerationStats": "timjax.results",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'timjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

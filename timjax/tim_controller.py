@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from timjax.engine import Action, PruneOp
-from timjax.tim.grammar import GrammarError, make_grammar
+from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
 from timjax.tim.schema import TimSchema
 from timjax.tim.tree import DocumentComplete, ListCompleted, Split, TreeTracker
@@ -80,8 +80,6 @@ class TimController:
         eos = list(stop_ids) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         self.schema = schema
         self.grammar = make_grammar(tok, schema.json_schema(), model.config.vocab_size, eos_token=eos or None)
-        from timjax.tim.grammar import llg_tokenizer
-
         self._llt = llg_tokenizer(tok, model.config.vocab_size, eos or None)
         self.tracker = TreeTracker(self._llt.tokenize_bytes)
         self.buffer = PruneBuffer(pruning_buffer)

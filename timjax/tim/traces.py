@@ -32,3 +32,17 @@ def synthetic_document(*, depth: int, breadth: int, roots: int = 1, words: int =
 
 def serialise(doc: dict) -> str:
     return json.dumps(doc, ensure_ascii=False)
+
+
+def pruned_view(doc: dict, pruned_paths) -> dict:
+    """What the working memory should read after pruning: ``doc`` with the subtask lists of the tasks at
+    ``pruned_paths`` emptied (the ``"subtasks": []`` skeleton)."""
+    paths = {tuple(p) for p in pruned_paths}
+
+    def walk(task: dict, path: tuple[int, ...]) -> dict:
+        out = dict(task)
+        if "subtasks" in task:
+            out["subtasks"] = [] if path in paths else [walk(c, path + (i,)) for i, c in enumerate(task["subtasks"])]
+        return out
+
+    return {**doc, "reasoning": [walk(t, (i,)) for i, t in enumerate(doc["reasoning"])]}
