@@ -182,3 +182,20 @@ def test_sampled_tim_generation_stops_on_budget_with_partial_tree(tim_model):
         assert isinstance(partial, dict) and r.partial_response == partial
         assert r.response is None
     assert results[0].tokens != results[1].tokens  # per-sequence seeds
+
+
+def test_text_prompt_gets_the_tim_system_prompt(tim_model):
+    from timjax.api import encode_prompt
+    from timjax.tim.prompt import tim_system_prompt
+    from timjax.tim.schema import ToolSpec
+
+    tools = (ToolSpec(name="search", description="web search", input_schema={
+        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),)
+    schema = tim_schema(tools, max_depth=3, max_subtasks=4)
+    system = tim_system_prompt(schema)
+    assert '"subtasks"' in system and "search" in system and '"query"' in system and "3 levels" in system
+    ids = encode_prompt(tim_model, "What is 2+2?", chat=True, system=system)
+    text = tim_model.tokenizer.decode(ids)
+    assert text.index(system) < text.index("What is 2+2?") and "<|im_start|>assistant" in text
+    r = timjax.generate(tim_model, "What is 2+2?", schema=schema, max_new_tokens=8, max_seq_len=2048)
+    assert r.stats.prompt_tokens == len(ids)

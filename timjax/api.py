@@ -65,12 +65,20 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
     Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
     ``timjax.tim.TimSchema``) turns on TIM structured reasoning with subtask pruning
     (``pruning_buffer``: None = off, 0, 1, 2, ...; ``reposition``: "reencode" or "shift").
+    With a schema, text prompts are wrapped in the chat template with a system prompt that states the
+    format and the tools (``timjax.tim.prompt.tim_system_prompt``) unless ``system`` is given.
     ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
     """
     from timjax.engine import Engine, PlainController, Request
 
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
+    if schema is not None and system is None:
+        from timjax.tim.prompt import tim_system_prompt
+
+        system = tim_system_prompt(schema)
+        # a text prompt for TIM goes through the chat template with the format-stating system prompt
+        chat = chat or (model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None) is not None)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
