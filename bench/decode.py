@@ -184,7 +184,13 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
                               impl=impl, max_seq_len=max_seq_len)
         assert all(r.stats.generated_tokens == n for r in res), [r.finish_reason for r in res]
 
-    for n in (1, n_new):  # compile
+    return per_token_timing(run, n_new, repeats)
+
+
+def per_token_timing(run, n_new: int, repeats: int) -> dict[str, Any]:
+    """Decode time per token of an end-to-end generate: (t(N) - t(1)) / (N - 1), which cancels the prefill.
+    ``run(n)`` generates n tokens; both lengths are run once first to compile."""
+    for n in (1, n_new):
         run(n)
     t1, tn = Timing(), Timing()
     for _ in range(repeats):
@@ -192,8 +198,7 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
             t0 = time.perf_counter()
             run(n)
             t.samples.append(time.perf_counter() - t0)
-    per = Timing([(tn.median - t1.median) / (n_new - 1)])
-    return {"timing": per, "t1_s": t1, "tN_s": tn}
+    return {"timing": Timing([(tn.median - t1.median) / (n_new - 1)]), "t1_s": t1, "tN_s": tn}
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -228,16 +233,7 @@ def bench_torch(cfg, dtype, B, prompt, n_new, repeats, threads) -> dict[str, Any
             torch.cuda.synchronize()
         assert out.shape[1] == ids.shape[1] + n
 
-    for n in (1, n_new):
-        run(n)
-    t1, tn = Timing(), Timing()
-    for _ in range(repeats):
-        for n, t in ((1, t1), (n_new, tn)):
-            t0 = time.perf_counter()
-            run(n)
-            t.samples.append(time.perf_counter() - t0)
-    per = Timing([(tn.median - t1.median) / (n_new - 1)])
-    res = {"timing": per, "t1_s": t1, "tN_s": tn, "device": device, "threads": torch.get_num_threads(),
+    res = {**per_token_timing(run, n_new, repeats), "device": device, "threads": torch.get_num_threads(),
            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     del model
     gc.collect()
