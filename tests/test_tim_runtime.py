@@ -10,7 +10,7 @@ import pytest
 
 import timjax
 from timjax import steps
-from timjax.cache import check_invariants, compact_slot, create_cache
+from timjax.cache import check_invariants, compact_slot, create_cache, gather_slots
 from timjax.config import Qwen3Config
 from timjax.engine import Engine, Request
 from timjax.model import apply_rope, rope_cos_sin
@@ -57,16 +57,7 @@ def _fresh_kv(model, tokens, page_size):
     padded[0, :len(tokens)] = tokens
     _, cache = steps.logits_step(model.params(), cache, np.zeros(1, np.int32), padded,
                                  np.array([len(tokens)], np.int32), cfg=model.config, impl="xla")
-    return _gather(cache, 0, len(tokens))
-
-
-def _gather(cache, slot, n):
-    ps = cache.page_size
-    s = np.arange(n)
-    pages = np.asarray(cache.page_table)[slot, s // ps]
-    k = np.asarray(cache.k)[:, :, pages, s % ps]  # [L, Hkv, n, hd]
-    v = np.asarray(cache.v)[:, :, pages, s % ps]
-    return k, v
+    return gather_slots(cache, 0, len(tokens))
 
 
 @pytest.mark.parametrize("page_size,buffer", [(1, 0), (4, 2)])
@@ -95,7 +86,7 @@ def test_reencode_cache_equals_fresh_prefill_after_every_prune(tim_model, llt, p
         if ops > seen["ops"] and len(seq.pending) <= 1:  # a prune happened and its re-encode has run
             seen["ops"] = ops
             seen["checks"] += 1
-            k, v = _gather(engine.cache, seq.slot, len(seq.cached))
+            k, v = gather_slots(engine.cache, seq.slot, len(seq.cached))
             k_ref, v_ref = _fresh_kv(tim_model, seq.cached, page_size)
             np.testing.assert_allclose(k, k_ref, atol=2e-4)
             np.testing.assert_allclose(v, v_ref, atol=2e-4)
@@ -147,15 +138,15 @@ def test_compact_slot_moves_and_rotates_a_real_cache(tim_model, page_size):
     toks = rs.randint(0, 1000, size=(2, 32)).astype(np.int32)
     _, cache = steps.logits_step(tim_model.params(), cache, np.arange(2, dtype=np.int32), toks,
                                  np.array([30, 25], np.int32), cfg=cfg, impl="xla")
-    k0, v0 = _gather(cache, 1, 25)
-    other = _gather(cache, 0, 30)
+    k0, v0 = gather_slots(cache, 1, 25)
+    other = gather_slots(cache, 0, 30)
     free0 = int(cache.num_free)
     start, end = 6, 17
     cache = compact_slot(cache, jnp.int32(1), jnp.int32(start), jnp.int32(end), jnp.int32(25),
                          rope_theta=cfg.rope_theta, impl="xla")
     check_invariants(cache)
     assert int(cache.lengths[1]) == 25 - (end - start)
-    k1, v1 = _gather(cache, 1, 14)
+    k1, v1 = gather_slots(cache, 1, 14)
     np.testing.assert_array_equal(k1[:, :, :start], k0[:, :, :start])
     np.testing.assert_array_equal(v1[:, :, start:], v0[:, :, end:])
     # moved keys = old keys rotated by -(end - start): undo position p, apply p - delta
@@ -166,7 +157,7 @@ def test_compact_slot_moves_and_rotates_a_real_cache(tim_model, page_size):
     raw = apply_rope(moved, cos0, -sin0)  # inverse rotation
     expect = np.asarray(apply_rope(raw, cos, sin)).transpose(0, 2, 1, 3)
     np.testing.assert_allclose(k1[:, :, start:], expect, atol=1e-5)
-    for a, b in zip(_gather(cache, 0, 30), other):  # the other sequence is untouched
+    for a, b in zip(gather_slots(cache, 0, 30), other):  # the other sequence is untouched
         np.testing.assert_array_equal(a, b)
     assert int(cache.num_free) >= free0  # pages past the new length went back
 

@@ -1,8 +1,11 @@
 """The paged KV cache: a device pytree with its page table and free-page state, and jittable
 allocation and release.
 
-Layout: ``k, v: [L, Hkv, P, page_size, hd]``; slot ``s`` of sequence ``b`` lives at
-``page_table[b, s // page_size]``, offset ``s % page_size``. Free pages form a stack
+Layout: ``k, v: [Hkv, L * P, page_size, hd]``. Page ``p`` of layer ``l`` is physical page ``l * P + p``:
+one page table serves every layer, and a layer hands the kernels the whole pool with its page table
+offset by ``l * P`` (``layer_pages``), so no per-layer slice of the pool is ever materialised (a Pallas
+call would copy it). Slot ``s`` of sequence ``b`` lives at page ``page_table[b, s // page_size]``, offset
+``s % page_size``. Free pages form a stack
 (``free_stack[:num_free]``). Everything lives on the device, so a decode step that crosses a page
 boundary takes its page with no host round trip. A request that cannot be met sets ``oom[b]`` and
 allocates nothing for ``b``; the host reads the flag with the sampled tokens (it syncs then anyway)
@@ -24,11 +27,11 @@ from timjax.config import Qwen3Config
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["k", "v", "page_table", "lengths", "pages_owned", "free_stack", "num_free", "oom"],
-         meta_fields=["page_size"])
+         meta_fields=["page_size", "num_layers"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, Hkv, P, ps, hd]
-    v: jax.Array  # [L, Hkv, P, ps, hd]
+    k: jax.Array  # [Hkv, L * P, ps, hd]
+    v: jax.Array  # [Hkv, L * P, ps, hd]
     page_table: jax.Array  # int32 [S, max_pages_per_seq]
     lengths: jax.Array  # int32 [S] tokens cached per sequence slot
     pages_owned: jax.Array  # int32 [S] pages held per sequence slot
@@ -36,10 +39,12 @@ class KVCache:
     num_free: jax.Array  # int32 []
     oom: jax.Array  # bool [S] an allocation for this slot failed
     page_size: int
+    num_layers: int
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[2]
+        """Pages per layer (what the page table indexes)."""
+        return self.k.shape[1] // self.num_layers
 
     @property
     def max_seqs(self) -> int:
@@ -79,7 +84,7 @@ def create_cache(cfg: Qwen3Config, *, num_pages: int, page_size: int, max_seqs: 
     if not 1 <= page_size <= 64:
         raise ValueError(f"page_size must be in [1, 64], got {page_size}")
     max_pages = -(-max_seq_len // page_size)
-    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim)
+    shape = (cfg.num_key_value_heads, cfg.num_hidden_layers * num_pages, page_size, cfg.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
         page_table=jnp.zeros((max_seqs, max_pages), jnp.int32),
@@ -90,7 +95,23 @@ def create_cache(cfg: Qwen3Config, *, num_pages: int, page_size: int, max_seqs: 
         num_free=jnp.int32(num_pages),
         oom=jnp.zeros((max_seqs,), bool),
         page_size=page_size,
+        num_layers=cfg.num_hidden_layers,
     )
+
+
+def layer_pages(page_table: jax.Array, layer: jax.Array, num_pages: int) -> jax.Array:
+    """A page table's entries as physical pages of ``layer`` in the ``[Hkv, L * P, ...]`` pool."""
+    return page_table + layer * num_pages
+
+
+def gather_slots(cache: KVCache, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host copy of the first ``n`` cached tokens of ``slot``: K and V as [L, Hkv, n, hd] (tests, debugging)."""
+    s = np.arange(n)
+    pages = np.asarray(cache.page_table)[slot, s // cache.page_size]
+    phys = pages[None, :] + np.arange(cache.num_layers)[:, None] * cache.num_pages  # [L, n]
+    k, v = np.asarray(cache.k), np.asarray(cache.v)
+    off = s % cache.page_size
+    return k[:, phys, off[None, :]].transpose(1, 0, 2, 3), v[:, phys, off[None, :]].transpose(1, 0, 2, 3)
 
 
 def reserve(cache: KVCache, rows: jax.Array, new_tokens: jax.Array, *, max_new_pages: int) -> KVCache:
@@ -175,6 +196,9 @@ def compact_slot(cache: KVCache, slot: jax.Array, start: jax.Array, end: jax.Arr
     moved keys are re-rotated by -(end - start) positions; pages past the new length are freed.
     With page size 1 only the page table moves and the moved keys are rotated in place."""
     n = end - start
+    L, P = cache.num_layers, cache.num_pages
+    # Each (layer, sequence) pair is an independent row for the kernels: one call covers every layer.
+    rows = lambda x: jnp.full((L,), x, jnp.int32)
     if cache.page_size == 1:
         row = cache.page_table[slot]
         j = jnp.arange(row.shape[0])
@@ -182,13 +206,13 @@ def compact_slot(cache: KVCache, slot: jax.Array, start: jax.Array, end: jax.Arr
         src = jnp.where(j < start, j, jnp.where(j < length - n, j + n, j - (length - n) + start))
         src = jnp.where(j < length, src, j)
         page_table = cache.page_table.at[slot].set(row[src])
-        one = lambda x: jnp.zeros((cache.max_seqs,), jnp.int32).at[slot].set(x)
-        k = kernels.rotate_slots(cache.k, page_table, one(start), one(length - end), one(-n),
+        per_layer = layer_pages(page_table[slot][None, :], jnp.arange(L)[:, None], P)  # [L, maxp]
+        k = kernels.rotate_slots(cache.k, per_layer, rows(start), rows(length - end), rows(-n),
                                  rope_theta=rope_theta, impl=impl)
         cache = cache.replace(k=k, page_table=page_table)
     else:
-        one = lambda x, fill=0: jnp.full((cache.max_seqs,), fill, jnp.int32).at[slot].set(x)
-        k, v = kernels.compact(cache.k, cache.v, cache.page_table, one(start), one(end), one(length),
+        per_layer = layer_pages(cache.page_table[slot][None, :], jnp.arange(L)[:, None], P)
+        k, v = kernels.compact(cache.k, cache.v, per_layer, rows(start), rows(end), rows(length),
                                rope_theta=rope_theta, impl=impl)
         cache = cache.replace(k=k, v=v)
     return shrink(cache, cache.lengths.at[slot].set(length - n))

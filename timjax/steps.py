@@ -17,31 +17,30 @@ import jax
 import jax.numpy as jnp
 
 from timjax import kernels
-from timjax.cache import KVCache, reserve
+from timjax.cache import KVCache, layer_pages, reserve
 from timjax.config import Qwen3Config
 from timjax.model import Params, forward_hidden, lm_head
 from timjax.sampling import SamplingParams, sample
 
 
-def _paged_attend(q, k, v, layer, kv, *, page_table, q_start, q_len, page_size, impl):
+def _paged_attend(q, k, v, layer, kv, *, page_table, q_start, q_len, page_size, num_pages, impl):
     """Write this chunk's K/V into the pool, then attend over each row's pages.
-    q [R, T, Hq, hd]; k, v [R, T, Hkv, hd]; kv = (k_pool, v_pool) each [L, Hkv, P, ps, hd]."""
+    q [R, T, Hq, hd]; k, v [R, T, Hkv, hd]; kv = (k_pool, v_pool) each [Hkv, L * P, ps, hd] (see cache.py)."""
     k_pool, v_pool = kv
     R, T = q.shape[:2]
-    num_pages = k_pool.shape[2]
+    pages = layer_pages(page_table, layer, num_pages)  # this layer's physical pages
     slot = q_start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [R, T]
     valid = jnp.arange(T)[None, :] < q_len[:, None]
-    col = jnp.clip(slot // page_size, 0, page_table.shape[1] - 1)
-    page = jnp.where(valid, jnp.take_along_axis(page_table, col, axis=1), num_pages)  # padding -> dropped
+    col = jnp.clip(slot // page_size, 0, pages.shape[1] - 1)
+    page = jnp.where(valid, jnp.take_along_axis(pages, col, axis=1), k_pool.shape[1])  # padding -> dropped
     off = slot % page_size
-    # Index [layer, :, page, off] puts the advanced [R, T] dims first: the update is [R, T, Hkv, hd].
-    k_pool = k_pool.at[layer, :, page, off].set(k.astype(k_pool.dtype), mode="drop")
-    v_pool = v_pool.at[layer, :, page, off].set(v.astype(v_pool.dtype), mode="drop")
-    k_layer, v_layer = k_pool[layer], v_pool[layer]
+    # Index [:, page, off] keeps Hkv first: the update is [Hkv, R, T, hd].
+    k_pool = k_pool.at[:, page, off].set(k.transpose(2, 0, 1, 3).astype(k_pool.dtype), mode="drop")
+    v_pool = v_pool.at[:, page, off].set(v.transpose(2, 0, 1, 3).astype(v_pool.dtype), mode="drop")
     if T == 1:
-        out = kernels.decode_attention(q[:, 0], k_layer, v_layer, q_start + q_len, page_table, impl=impl)[:, None]
+        out = kernels.decode_attention(q[:, 0], k_pool, v_pool, q_start + q_len, pages, impl=impl)[:, None]
     else:
-        out = kernels.extend_attention(q, k_layer, v_layer, q_start, q_len, page_table, impl=impl)
+        out = kernels.extend_attention(q, k_pool, v_pool, q_start, q_len, pages, impl=impl)
     return out.astype(q.dtype), (k_pool, v_pool)
 
 
@@ -60,7 +59,7 @@ def forward_step(params: Params, cache: KVCache, rows: jax.Array, tokens: jax.Ar
     q_start = cache.lengths[rows]
     positions = q_start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     attend = partial(_paged_attend, page_table=cache.page_table[rows][:, :kv_pages], q_start=q_start, q_len=q_len,
-                     page_size=cache.page_size, impl=impl)
+                     page_size=cache.page_size, num_pages=cache.num_pages, impl=impl)
     x, (k, v) = forward_hidden(params, cfg, tokens, positions, attend, (cache.k, cache.v))
     last = jnp.take_along_axis(x, jnp.maximum(q_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
     return lm_head(params, last), cache.replace(k=k, v=v, lengths=cache.lengths.at[rows].add(q_len))
