@@ -176,6 +176,15 @@ def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: flo
     return cache.replace(oom=jnp.zeros_like(cache.oom))  # the host read last step's flags in its sync
 
 
+def prepare(cache: KVCache, packed: Packed, edits: Edits, *, kv_pages: int, max_new_pages: int, rope_theta: float,
+            impl: str) -> tuple[KVCache, jax.Array]:
+    """The allocator's part of a step: edits, then pages for every row's chunk. Returns the cache and the
+    rows' q_len with rows that got no pages zeroed (they write nothing)."""
+    cache = _apply_edits(cache, edits, kv_pages=kv_pages, rope_theta=rope_theta, impl=impl)
+    cache = reserve(cache, packed.rows, packed.q_len, max_new_pages=max_new_pages)
+    return cache, jnp.where(cache.oom[packed.rows], 0, packed.q_len)
+
+
 def _ragged_attend(q, k, v, layer, kv, *, packed, page_table, q_start, slot, valid, page_size, num_pages, impl):
     """Write the packed chunk's K/V into the pool, then attend: q [1, N, Hq, hd], k, v [1, N, Hkv, hd]."""
     k_pool, v_pool = kv
@@ -194,9 +203,8 @@ def ragged_forward(params: Params, cache: KVCache, packed: Packed, edits: Edits,
     """Apply ``edits``, then feed every row's chunk; return float32 logits [R, V] at each row's last token,
     a non-finite flag per row (bool [R]), and the cache. Rows whose pages do not fit (``cache.oom``; the
     scheduler's accounting makes it an internal error) write nothing."""
-    cache = _apply_edits(cache, edits, kv_pages=kv_pages, rope_theta=cfg.rope_theta, impl=impl)
-    cache = reserve(cache, packed.rows, packed.q_len, max_new_pages=max_new_pages)
-    q_len = jnp.where(cache.oom[packed.rows], 0, packed.q_len)
+    cache, q_len = prepare(cache, packed, edits, kv_pages=kv_pages, max_new_pages=max_new_pages,
+                           rope_theta=cfg.rope_theta, impl=impl)
     q_start = cache.lengths[packed.rows]  # [R]
     n = jnp.arange(packed.tokens.shape[0], dtype=jnp.int32)
     slot = q_start[packed.token_row] + n - packed.cu_q_lens[packed.token_row]  # [N] == RoPE position

@@ -24,6 +24,8 @@ from timjax.engine.scheduler import Row
 from timjax.sampling import SamplingParams
 
 MAX_COMPACTIONS = 2  # shift-mode compactions per step (more in one step fall back to re-encode)
+MIN_KV_WINDOW = 256  # tokens: the smallest page-table window attention looks at
+MIN_DECODE_TOKENS = 8  # the smallest packed length (fewer when the engine has fewer slots)
 
 
 @dataclasses.dataclass
@@ -83,30 +85,9 @@ class Runner:
 
     # -- one step ----------------------------------------------------------------------------------
     def _edits(self, slots: list[SeqState | None]) -> steps.Edits:
-        lengths = np.array([len(s.cached) if s is not None else 0 for s in slots], np.int32)
-        E = MAX_COMPACTIONS if self.reposition == "shift" else 0
-        comp = np.zeros((4, E), np.int32)
-        live = [(slot, c) for slot, c in self.compactions.items() if slots[slot] is c[0]]
-        for i, (slot, (_, start, end, length)) in enumerate(live):
-            comp[:, i] = slot, start, end, length
+        edits = make_edits(slots, self.compactions, MAX_COMPACTIONS if self.reposition == "shift" else 0)
         self.compactions.clear()
-        return steps.Edits(lengths, *comp)
-
-    def _pack(self, rows: list[Row]) -> tuple[steps.Packed, int]:
-        S = self.slots
-        q_len = np.zeros(S, np.int32)
-        chunks: list[list[int]] = [[] for _ in range(S)]
-        for r in rows:
-            q_len[r.seq.slot] = r.n
-            chunks[r.seq.slot] = r.seq.pending[:r.n]
-        total = int(q_len.sum())
-        N = bucket(total)
-        tokens = np.zeros(N, np.int32)
-        tokens[:total] = [t for c in chunks for t in c]
-        token_row = np.zeros(N, np.int32)
-        token_row[:total] = np.repeat(np.arange(S, dtype=np.int32), q_len)
-        cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
-        return steps.Packed(tokens, token_row, np.arange(S, dtype=np.int32), q_len, cu), N
+        return edits
 
     def _sampling(self, rows: list[Row]) -> SamplingParams:
         host = SamplingParams.host(self.slots)
@@ -118,13 +99,14 @@ class Runner:
 
     def _kv_pages(self, rows: list[Row], edits: steps.Edits) -> int:
         ps = self.cache.page_size
-        need = max([cdiv(len(r.seq.cached) + r.n, ps) for r in rows] + [cdiv(int(x), ps) for x in edits.length] + [1])
-        return min(pow2(need), self.cache.max_pages_per_seq)  # a few buckets: few compiles
+        need = max([cdiv(len(r.seq.cached) + r.n, ps) for r in rows] + [cdiv(int(x), ps) for x in edits.length])
+        # A few buckets, few compiles: powers of two from a 256-token window up to the page table's width.
+        return min(pow2(need, lo=cdiv(MIN_KV_WINDOW, ps)), self.cache.max_pages_per_seq)
 
     def launch(self, rows: list[Row], slots: list[SeqState | None]) -> Launched:
         """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once."""
         edits = self._edits(slots)
-        packed, N = self._pack(rows)
+        packed, N = pack_rows(rows, self.slots, min_tokens=min(MIN_DECODE_TOKENS, self.slots))
         sampling = self._sampling(rows)
         kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=self._kv_pages(rows, edits),
                   max_new_pages=cdiv(N, self.cache.page_size) + 1)
@@ -147,3 +129,31 @@ class Runner:
             self.dispatches += 1
         tokens, bad, oom = jax.device_get((first, bad, self.cache.oom))
         return tokens, bad, oom
+
+
+def make_edits(slots: list[SeqState | None], compactions: dict, capacity: int) -> steps.Edits:
+    """Every slot's length as the host sees it (0 for a free slot: its pages go back), and the pending
+    compactions of slots whose sequence still holds them (``capacity`` entries, unused ones empty)."""
+    lengths = np.array([len(s.cached) if s is not None else 0 for s in slots], np.int32)
+    comp = np.zeros((4, capacity), np.int32)
+    live = [(slot, c) for slot, c in compactions.items() if slots[slot] is c[0]]
+    for i, (slot, (_, start, end, length)) in enumerate(live):
+        comp[:, i] = slot, start, end, length
+    return steps.Edits(lengths, *comp)
+
+
+def pack_rows(rows: list[Row], num_slots: int, min_tokens: int = 1) -> tuple[steps.Packed, int]:
+    """One row per cache slot (q_len 0 where a slot has no chunk); tokens back to back, padded to a bucket."""
+    q_len = np.zeros(num_slots, np.int32)
+    chunks: list[list[int]] = [[] for _ in range(num_slots)]
+    for r in rows:
+        q_len[r.seq.slot] = r.n
+        chunks[r.seq.slot] = r.seq.pending[:r.n]
+    total = int(q_len.sum())
+    N = bucket(max(total, min_tokens))
+    tokens = np.zeros(N, np.int32)
+    tokens[:total] = [t for c in chunks for t in c]
+    token_row = np.zeros(N, np.int32)
+    token_row[:total] = np.repeat(np.arange(num_slots, dtype=np.int32), q_len)
+    cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
+    return steps.Packed(tokens, token_row, np.arange(num_slots, dtype=np.int32), q_len, cu), N
