@@ -187,6 +187,52 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
     return per_token_timing(run, n_new, repeats)
 
 
+def bench_ragged_step(model, B, prompt, n_new, page_size, impl, repeats) -> dict[str, Any]:
+    """ms per decode step of the bare ragged step (``steps.ragged_generate_step``) on the cache and shapes the
+    engine uses for the same request (``Engine``'s slots, page-table width and window), inputs kept on the
+    device: the engine's floor. Prefill through the same step."""
+    from timjax.buckets import bucket, cdiv, pow2
+    from timjax.engine import Engine
+    from timjax.engine.runner import MIN_KV_WINDOW
+
+    cfg, params = model.config, model.params()
+    max_seq_len = -(-(prompt.shape[1] + n_new) // page_size) * page_size
+    eng = Engine(model, max_batch=B, page_size=page_size, max_seq_len=max_seq_len, impl=impl)
+    cache, S, T = eng.cache, eng.cache.max_seqs, prompt.shape[1]
+    kv_pages = min(pow2(cdiv(T + n_new, page_size), lo=cdiv(MIN_KV_WINDOW, page_size)), cache.max_pages_per_seq)
+    keep = steps.Edits(jnp.full(S, 1 << 30, jnp.int32), *jnp.zeros((4, 0), jnp.int32))  # no edit
+    # every n_new - 1 steps the rows are cut back to the prompt (inside the step, as the engine's edits are)
+    rewind = steps.Edits(jnp.full(S, T, jnp.int32), *jnp.zeros((4, 0), jnp.int32))
+    edits = keep
+
+    def packed(tokens, q_len):
+        n = bucket(max(int(q_len.sum()), min(8, S)))
+        tok = jnp.zeros(n, jnp.int32).at[:tokens.size].set(tokens.reshape(-1))
+        row = jnp.zeros(n, jnp.int32).at[:tokens.size].set(jnp.repeat(jnp.arange(S), q_len, total_repeat_length=tokens.size))
+        cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_len)]).astype(jnp.int32)
+        return steps.Packed(tok, row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
+
+    sp = greedy(S)
+    q_len = jnp.zeros(S, jnp.int32).at[:B].set(T)
+    kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages)
+    p = packed(jnp.asarray(prompt), q_len)
+    tok, _, cache = steps.ragged_generate_step(params, cache, p, edits, sp, **kw,
+                                               max_new_pages=cdiv(p.tokens.size, page_size) + 1)
+    ones = jnp.zeros(S, jnp.int32).at[:B].set(1)
+    t = Timing()
+    for i in range(2 + repeats * n_new):
+        edits = rewind if i % (n_new - 1) == 0 else keep
+        p = packed(tok[:B], ones)
+        t0 = time.perf_counter()
+        tok, _, cache = steps.ragged_generate_step(params, cache, p, edits, sp, **kw,
+                                                   max_new_pages=cdiv(p.tokens.size, page_size) + 1)
+        jax.block_until_ready(tok)
+        if i >= 2:
+            t.samples.append(time.perf_counter() - t0)
+    assert not bool(np.asarray(cache.oom).any()), "benchmark cache ran out of pages"
+    return {"timing": t, "kv_pages": kv_pages, "slots": S}
+
+
 def per_token_timing(run, n_new: int, repeats: int) -> dict[str, Any]:
     """Decode time per token of an end-to-end generate: (t(N) - t(1)) / (N - 1), which cancels the prefill.
     ``run(n)`` generates n tokens; both lengths are run once first to compile."""
@@ -408,6 +454,8 @@ def main(argv=None) -> dict[str, Any]:
                                    args.repeats)
                     add("timjax decode_loop, pallas", B, r.pop("timing"), f"{n} steps/dispatch", **r)
             if "engine" in args.methods:
+                r = bench_ragged_step(model, B, prompt, n, args.page_size, "auto", args.repeats)
+                add("timjax ragged_generate_step (bare)", B, r.pop("timing"), "the engine's step and shapes", **r)
                 r = bench_engine(model, B, prompt, n, args.repeats, args.page_size, "auto")
                 add("timjax.generate (engine, end to end)", B, r.pop("timing"), "(t(N)-t(1))/(N-1)", **r)
             if "kernels" in args.methods:
