@@ -28,11 +28,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/decode.py` from the repo root
 
-from bench.common import (H100_SXM_GBS, Stopwatch, Timing, environment, load_average, log, measure_host_bandwidth_gbs, on_gpu,
-                          print_table, write_json)
-
 import timjax
+from bench.common import (
+    H100_SXM_GBS,
+    Stopwatch,
+    Timing,
+    environment,
+    load_average,
+    log,
+    measure_host_bandwidth_gbs,
+    on_gpu,
+    print_table,
+    write_json,
+)
 from timjax import kernels, steps
+from timjax.buckets import cdiv
 from timjax.cache import create_cache, kv_bytes_per_token
 from timjax.config import Qwen3Config
 from timjax.model import as_dtype, random_model
@@ -105,7 +115,7 @@ def _cache_size(fn) -> int | None:
 
 
 def new_cache(cfg, B, max_seq_len, page_size, dtype):
-    pages_per_seq = -(-max_seq_len // page_size)
+    pages_per_seq = cdiv(max_seq_len, page_size)
     return create_cache(cfg, num_pages=B * pages_per_seq, page_size=page_size, max_seqs=B,
                         max_seq_len=max_seq_len, dtype=dtype)
 
@@ -177,7 +187,7 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
     # One max_seq_len (a whole number of pages) for both runs: one compiled cache shape, and it sidesteps the
     # Engine's default pool size (max_batch * max_seq_len tokens), which is short by up to a page per slot
     # when max_seq_len is not a multiple of page_size.
-    max_seq_len = -(-(len(prompts[0]) + n_new) // page_size) * page_size
+    max_seq_len = cdiv(len(prompts[0]) + n_new, page_size) * page_size
 
     def run(n):
         res = timjax.generate(model, prompts, max_new_tokens=n, max_batch=B, page_size=page_size, stop_ids=[],
@@ -196,7 +206,7 @@ def bench_ragged_step(model, B, prompt, n_new, page_size, impl, repeats) -> dict
     from timjax.engine.runner import MIN_KV_WINDOW
 
     cfg, params = model.config, model.params()
-    max_seq_len = -(-(prompt.shape[1] + n_new) // page_size) * page_size
+    max_seq_len = cdiv(prompt.shape[1] + n_new, page_size) * page_size
     eng = Engine(model, max_batch=B, page_size=page_size, max_seq_len=max_seq_len, impl=impl)
     cache, S, T = eng.cache, eng.cache.max_seqs, prompt.shape[1]
     kv_pages = min(pow2(cdiv(T + n_new, page_size), lo=cdiv(MIN_KV_WINDOW, page_size)), cache.max_pages_per_seq)
@@ -293,8 +303,8 @@ def bench_kernels(cfg, dtype, B, context, page_size, repeats, include_interpret)
     Hq, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dt = as_dtype(dtype)
     k_splits, ppcb = 16, 8  # JAX kernel defaults; pages per sequence must be a multiple of both
-    pages_per_seq = -(-context // page_size)
-    maxp = -(-pages_per_seq // (k_splits * ppcb)) * (k_splits * ppcb) if on_gpu() else pages_per_seq
+    pages_per_seq = cdiv(context, page_size)
+    maxp = cdiv(pages_per_seq, k_splits * ppcb) * (k_splits * ppcb) if on_gpu() else pages_per_seq
     num_pages = B * pages_per_seq
     key = jax.random.key(1)
     kq, kk, kv = jax.random.split(key, 3)
@@ -328,7 +338,9 @@ def bench_kernels(cfg, dtype, B, context, page_size, repeats, include_interpret)
     if on_gpu():
         rows.append(timed("timjax Pallas (impl=pallas)",
                           lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="pallas")))
-        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
+        from jax.experimental.pallas.ops.gpu.paged_attention import (
+            paged_attention as jax_paged,
+        )
 
         rows.append(timed(f"jax.experimental paged_attention (k_splits={k_splits}, ppcb={ppcb})",
                           lambda q, k, v, l, t: jax_paged(q, k, v, t, l, k_splits=k_splits,

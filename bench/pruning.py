@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 import jax
 
-from bench.common import environment, load_average, log, print_table, write_json
-from bench.decode import QWEN_VOCAB, SHAPES as DECODE_SHAPES
-
 import timjax
+from bench.common import environment, load_average, log, print_table, write_json
+from bench.decode import QWEN_VOCAB
+from bench.decode import SHAPES as DECODE_SHAPES
+from timjax.buckets import cdiv
 from timjax.engine import Engine, Request
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import tim_schema
@@ -159,7 +160,7 @@ def run_config(model, schema, llt, prompt, texts, *, batch, page_size, mode, buf
     st = iteration_stats[-1]
     ok = all(r.finish_reason == "stop" and r.text == t for r, t in zip(res, texts))
     errors = sorted({f"{r.finish_reason}: {r.error}" for r in res if r.finish_reason != "stop" or r.error})
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     gen = sum(len(r.tokens) for r in res)
     return {
         "batch": batch, "page_size": page_size, "mode": mode if buffer is not None else "-", "buffer": buffer,
@@ -240,13 +241,13 @@ def _setup(args):
     if args.shape == "kv":
         tok = small_tokenizer(texts_all + [PROMPT], cfg.vocab_size)
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        cfg = cfg.model_copy(update={"vocab_size": -(-len(tok) // 64) * 64, "eos_token_id": eos})
+        cfg = cfg.model_copy(update={"vocab_size": cdiv(len(tok), 64) * 64, "eos_token_id": eos})
     else:
         tok, eos = qwen3_tokenizer(args.tokenizer), IM_END_ID
     prompt = tok(PROMPT)["input_ids"]
     trace_tokens = [len(tok(t)["input_ids"]) for t in texts_all]
     longest = len(prompt) + max(trace_tokens)
-    max_seq_len = args.max_seq_len or -(-int(longest * 1.05 + 32) // 64) * 64
+    max_seq_len = args.max_seq_len or cdiv(int(longest * 1.05 + 32), 64) * 64
     cfg = cfg.model_copy(update={"max_position_embeddings": max(cfg.max_position_embeddings, max_seq_len)})
     model = timjax.random_model(cfg, dtype=args.dtype, seed=args.seed, tokenizer=tok)
     jax.block_until_ready(model.params())
@@ -315,9 +316,9 @@ def _tables(args, ctx, env, results, kv_results) -> dict[str, str]:
              f"layers, vocab {cfg.vocab_size}), {args.dtype}; traces depth {args.depth} breadth {args.breadth} words "
              f"{args.words} ({min(ctx['trace_tokens'])}-{max(ctx['trace_tokens'])} tokens); max_seq_len "
              f"{ctx['max_seq_len']}; median of {args.repeats}; {env['device_kind']}")
-    buf = lambda r: "off" if r["buffer"] is None else r["buffer"]  # noqa: E731
-    spread = lambda r: f"{r['wall_spread_s'][0]:.1f}-{r['wall_spread_s'][1]:.1f}"  # noqa: E731
-    ok = lambda r: "yes" if r["ok"] else "NO: " + "; ".join(r["errors"])[:60]  # noqa: E731
+    buf = lambda r: "off" if r["buffer"] is None else r["buffer"]
+    spread = lambda r: f"{r['wall_spread_s'][0]:.1f}-{r['wall_spread_s'][1]:.1f}"
+    ok = lambda r: "yes" if r["ok"] else "NO: " + "; ".join(r["errors"])[:60]
     rows = [[r["batch"], r["page_size"], r["mode"], buf(r), r["tokens_per_s"], f"{r['tokens_per_s_vs_off']:.2f}x",
              spread(r), round(r["peak_kv_tokens"]), f"{r['peak_kv_vs_off']:.2f}x", r["pruned_share"],
              r["reencoded_tokens"], f"{r['padding_efficiency']:.2f}", f"{r['dispatches_per_iteration']:.2f}",

@@ -167,7 +167,7 @@ def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: flo
             # Each (edit, layer) pair is a row for the kernel: one call covers every layer of every edit.
             pt = cache.page_table[edits.slot][:, :kv_pages]  # [E, W]
             per_layer = (pt[:, None, :] + (jnp.arange(L, dtype=jnp.int32) * P)[None, :, None]).reshape(-1, pt.shape[1])
-            rep = lambda x: jnp.repeat(x, L)  # noqa: E731
+            rep = lambda x: jnp.repeat(x, L)
             return kernels.compact(*kv, per_layer, rep(edits.start), rep(edits.end), rep(edits.length),
                                    rope_theta=rope_theta, impl=impl)
 

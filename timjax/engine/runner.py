@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from timjax import steps
-from timjax.buckets import cdiv, pow2, bucket
+from timjax.buckets import bucket, cdiv, pow2
 from timjax.cache import create_cache
 from timjax.engine.protocol import PruneOp, SeqState
 from timjax.engine.scheduler import Row
