@@ -45,16 +45,31 @@ class Sm90Result:
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     smem: int  # bytes of shared memory per block (Triton's dynamic allocation)
+    wgmma_serialized: bool  # ptxas C7511: not enough registers to pipeline the tensor-core MMAs
     ptxas_log: str
 
     @property
     def ok(self) -> bool:
         return self.smem <= H100_SMEM_PER_BLOCK
 
+    @property
+    def clean(self) -> bool:
+        """No spills, no register cap hit, MMAs pipelined: what a tuned configuration must be."""
+        return (self.ok and self.spill_stores == 0 and self.spill_loads == 0 and self.registers < MAX_REGISTERS
+                and not self.wgmma_serialized)
+
+    def blocks_per_sm(self) -> int:
+        """Resident blocks per H100 SM from registers (64K), shared memory (228 KiB) and 2048 threads."""
+        threads = 32 * self.num_warps
+        by_regs = 65536 // max(1, ((max(self.registers, 1) * threads + 255) // 256) * 256)
+        by_smem = (228 * 1024) // self.smem if self.smem else 32
+        return max(0, min(by_regs, by_smem, 2048 // threads, 32))
+
     def row(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("ptxas_log")
         d["grid"] = list(self.grid)
+        d["blocks_per_sm"] = self.blocks_per_sm()
         return d
 
 
@@ -162,4 +177,5 @@ def compile_sm90(call: TritonCall, *, ptxas: str | None = None) -> Sm90Result:
         name=call.name, num_warps=call.num_warps, num_stages=call.num_stages, grid=call.grid,
         registers=int(regs.group(1)) if regs else -1,
         spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
-        smem=int(res.smem_bytes), ptxas_log=log)
+        smem=int(res.smem_bytes), wgmma_serialized="wgmma.mma_async instructions are serialized" in log,
+        ptxas_log=log)

@@ -2,8 +2,8 @@
 
 The figures behind each entry (registers, spills, shared memory from ptxas for sm_90a, no GPU needed)
 are in kernels/TUNING.md, produced by tests/test_compile_h100.py. Keys not in the table fall back to
-the nearest rule: ``block_m`` 32 rows (64 only with 8 warps: 64 rows x hd 128 at 4 warps hits 255
-registers), ``block_k`` 32 slots.
+the rule the sweep keeps picking: ``block_m`` 32 rows x ``block_k`` 64 slots at 4 warps, one stage (64-row
+blocks at hd 128 get their wgmma serialised by ptxas; 128 rows at 4 warps hit 255 registers and spill).
 """
 
 from __future__ import annotations
@@ -18,13 +18,23 @@ class Tuning(NamedTuple):
     num_stages: int
 
 
-# (head_dim, group, page_size) -> Tuning. Filled from the ptxas figures in kernels/TUNING.md.
-TUNED: dict[tuple[int, int, int], Tuning] = {}
+# (head_dim, group, page_size) -> Tuning, chosen from the ptxas figures in kernels/TUNING.md.
+# BEGIN TUNED (written by python -m timjax.kernels.tune_sm90)
+TUNED: dict[tuple[int, int, int], Tuning] = {
+    (64, 2, 16): Tuning(block_m=32, block_k=64, num_warps=4, num_stages=2),
+    (128, 2, 1): Tuning(block_m=32, block_k=64, num_warps=4, num_stages=2),
+    (128, 2, 16): Tuning(block_m=32, block_k=64, num_warps=4, num_stages=1),
+    (128, 4, 1): Tuning(block_m=32, block_k=64, num_warps=4, num_stages=2),
+    (128, 4, 16): Tuning(block_m=32, block_k=64, num_warps=4, num_stages=1),
+}
+# END TUNED
 
 
 def get_tuned(*, head_dim: int, group: int, page_size: int) -> Tuning:
     hit = TUNED.get((head_dim, group, page_size))
     if hit is not None:
         return hit
-    block_m = max(32, 1 << (max(group, 1) - 1).bit_length())
-    return Tuning(block_m=block_m, block_k=32, num_warps=4 if block_m <= 32 else 8, num_stages=2)
+    block_m = max(32, 1 << (max(group, 1) - 1).bit_length())  # a block holds at least one token's G heads
+    if block_m <= 32:
+        return Tuning(block_m=block_m, block_k=64, num_warps=4, num_stages=1)
+    return Tuning(block_m=block_m, block_k=16, num_warps=8, num_stages=1)
