@@ -93,6 +93,11 @@ def unavailable_reason() -> str | None:
         import jax_cuda12_plugin  # noqa: F401
     except ImportError:
         return "jax-cuda12-plugin is not installed (pip install -e '.[test]')"
+    from importlib.metadata import version
+
+    if version("jax-cuda12-plugin") != version("jaxlib"):
+        return (f"jax-cuda12-plugin {version('jax-cuda12-plugin')} != jaxlib {version('jaxlib')}: pin the plugin and "
+                "jax-cuda12-pjrt to the jax version in pyproject.toml's test extra")
     if find_ptxas() is None:
         return "ptxas not found (package nvidia-cuda-nvcc-cu12)"
     return None
