@@ -101,3 +101,31 @@ def test_generate_step_lowers_and_compiles_for_cuda(chunk):
     results = _compile_all(f"generate_step chunk {chunk}", fn, args)
     # one attention call per layer inside the layer scan: at least one kernel, all compiled
     assert len(results) >= 1
+
+
+@pytest.mark.parametrize("n_tokens,n_edits", [(16, 0), (64, 2)])
+def test_ragged_generate_step_lowers_and_compiles_for_cuda(n_tokens, n_edits):
+    """The engine's ragged step (cache edits incl. the compaction kernel, the packed forward through the ragged
+    kernel, sampling) exports for CUDA with impl="pallas"; every Triton call compiles for sm_90a."""
+    from timjax import steps
+    from timjax.cache import create_cache
+    from timjax.model import init_params
+    from timjax.sampling import SamplingParams
+
+    cfg = _tiny_cfg()
+    rows, max_seqs, ps = 8, 8, 16
+    params = jax.eval_shape(lambda: init_params(cfg, "bfloat16", jax.random.key(0)))
+    cache = jax.eval_shape(lambda: create_cache(cfg, num_pages=64, page_size=ps, max_seqs=max_seqs, max_seq_len=256))
+    S, i32 = jax.ShapeDtypeStruct, jnp.int32
+    packed = steps.Packed(tokens=S((n_tokens,), i32), token_row=S((n_tokens,), i32), rows=S((rows,), i32),
+                          q_len=S((rows,), i32), cu_q_lens=S((rows + 1,), i32))
+    edits = steps.Edits(lengths=S((max_seqs,), i32), slot=S((n_edits,), i32), start=S((n_edits,), i32),
+                        end=S((n_edits,), i32), length=S((n_edits,), i32))
+    sampling = SamplingParams(S((rows,), jnp.float32), S((rows,), i32), S((rows,), jnp.float32),
+                              S((rows,), jnp.uint32), S((rows,), i32))
+    fn = functools.partial(steps.ragged_generate_step, cfg=cfg, impl="pallas", kv_pages=8,
+                           max_new_pages=-(-n_tokens // ps) + 1)
+    results = _compile_all(f"ragged_generate_step N{n_tokens} E{n_edits}", fn, (params, cache, packed, edits, sampling))
+    names = {r.name.split("_bm")[0] for r in results}
+    assert any(n.startswith("ragged_paged_attention") for n in names), names
+    assert (n_edits > 0) == ("kv_compact" in names), names
