@@ -99,6 +99,7 @@ def cases() -> list[Case]:
         out.append(ragged_case(hd, g, ps, must_be_clean=True))
     out.append(ragged_case(128, 4, 16, n_tokens=16, tag=" decode-only", must_be_clean=True))
     out.append(ragged_case(128, 2, 16, k_splits=4, n_tokens=16, tag=" decode-only"))
+    out.append(ragged_case(128, 4, 16, n_tokens=1, rows=1, tag=" batch-1 decode (auto split-K)", must_be_clean=True))
     out.append(ragged_case(128, 8, 16, hkv=4, tag=" untuned class"))
     out.append(ragged_case(64, 2, 16, dtype="float32", tag=" f32"))
     return out
@@ -112,8 +113,8 @@ def sweep(classes=SHAPE_CLASSES, grid=SWEEP, log=print) -> list[dict]:
         tuning = dict(zip(grid, combo))
         if tuning["block_m"] < g:
             continue
-        case = ragged_case(hd, g, ps, **tuning)
-        row = dict(head_dim=hd, group=g, page_size=ps, **tuning)
+        case = ragged_case(hd, g, ps, k_splits=1, **tuning)
+        row = dict(head_dim=hd, group=g, page_size=ps, k_splits=1, **tuning)
         try:
             (call,) = SC.triton_calls(SC.export_cuda(case.fn, *case.args))
             res = SC.compile_sm90(call)

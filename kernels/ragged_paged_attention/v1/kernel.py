@@ -229,14 +229,14 @@ def validate(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens):
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *, scale=None, block_m=None,
-                           block_k=None, k_splits=1, num_warps=None, num_stages=None, interpret=False):
+                           block_k=None, k_splits=None, num_warps=None, num_stages=None, interpret=False):
     """Ragged paged attention (Pallas). Shapes as in ``ragged_paged_attention_reference``.
 
     Tuning (keyword-only, static): ``block_m`` rows per program (tokens x G query heads, a power of two
     >= 16 and >= G), ``block_k`` slots per KV step (power of two >= 16), ``k_splits`` KV partitions,
     ``num_warps``, ``num_stages``. Unset ones come from the tuned table (``tuned_block_sizes``).
     """
-    from .tuned_block_sizes import get_tuned
+    from .tuned_block_sizes import auto_k_splits, get_tuned
 
     validate(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens)
     hd, group, ps = q.shape[2], q.shape[1] // k_pages.shape[0], k_pages.shape[2]
@@ -249,6 +249,10 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q
            f"{block_m} must be a power of two >= max(16, G={group})")
     _check("block_k", _is_pow2(block_k) and block_k >= 16, f"{block_k} must be a power of two >= 16")
     _check("q", _is_pow2(hd) and hd >= 16, f"head_dim {hd} must be a power of two >= 16 (q {q.shape})")
+    if k_splits is None:
+        n, r, w = q.shape[0], page_table.shape[0], page_table.shape[1]
+        programs = num_q_blocks(n, r, max(1, block_m // group)) * k_pages.shape[0]
+        k_splits = auto_k_splits(programs=programs, slots=w * ps, block_k=block_k)
     _check("k_splits", int(k_splits) >= 1, f"{k_splits} must be >= 1")
     scale = float(hd**-0.5 if scale is None else scale)
     return _ragged_pallas(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, scale=scale, block_m=block_m,

@@ -38,3 +38,16 @@ def get_tuned(*, head_dim: int, group: int, page_size: int) -> Tuning:
     if block_m <= 32:
         return Tuning(block_m=block_m, block_k=64, num_warps=4, num_stages=1)
     return Tuning(block_m=block_m, block_k=16, num_warps=8, num_stages=1)
+
+
+H100_SMS = 132
+
+
+def auto_k_splits(*, programs: int, slots: int, block_k: int, sms: int = H100_SMS) -> int:
+    """KV partitions so that a step with few q blocks (small-batch decode) still fills the GPU: enough splits
+    for ~2 programs per SM, each split at least 4 KV steps long, at most 16. 1 once the q blocks suffice."""
+    if programs >= 2 * sms:
+        return 1
+    by_fill = -(-2 * sms // max(1, programs))
+    by_len = max(1, slots // (4 * block_k))
+    return max(1, min(by_fill, by_len, 16))
