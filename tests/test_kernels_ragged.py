@@ -201,6 +201,21 @@ class TestRaggedKernel:
         np.testing.assert_allclose(_f32(got), _f32(reference(*args, scale=0.3)), atol=2e-5, rtol=2e-5)
         assert np.all(_f32(got)[3] == 0)  # cu = [0, 1, 2, 2, 3]: token 3 is padding
 
+    def test_row_zeroed_after_packing(self):
+        """The engine zeroes q_len of a row that ran out of pages but keeps cu_q_lens: its tokens read 0 and the
+        rows after it are unaffected (both paths)."""
+        rng = np.random.default_rng(8)
+        args, *_ = make_batch(rng, [(2, 3), (0, 4), (7, 2)], n_tokens=12, hkv=2, group=2, hd=16, ps=4, window=3,
+                              dtype=jnp.float32)
+        q, kp, vp, pt, qs, ql, cu = args
+        ql0 = ql.at[1].set(0)
+        got = _f32(self._kernel(q, kp, vp, pt, qs, ql0, cu))
+        full = _f32(reference(*args))
+        assert np.all(got[3:7] == 0) and np.all(got[9:] == 0)
+        np.testing.assert_allclose(got[:3], full[:3], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(got[7:9], full[7:9], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(_f32(reference(q, kp, vp, pt, qs, ql0, cu)), got, atol=2e-5, rtol=2e-5)
+
     def test_all_rows_padding(self):
         rng = np.random.default_rng(6)
         args, *_ = make_batch(rng, [(0, 0), (0, 0)], n_tokens=4, hkv=1, group=2, hd=16, ps=4, window=2,
