@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, log, on_gpu, print_table, time_fn, write_json  # noqa: E402
+from bench.common import environment, load_average, log, on_gpu, print_table, time_fn, write_json  # noqa: E402
 from bench.decode import SHAPES  # noqa: E402
 
 MIXES = {
@@ -132,6 +132,7 @@ def main(argv=None) -> dict[str, Any]:
         [[r["mix"], r["impl"], r["rows"], r["real_tokens"], f"{r['ragged_positions']} / {r['padded_positions']}",
           ms(r["ragged"]), r["peer"], ms(r["padded"]), f"{r['padded_over_ragged']:.2f}x", f"{r['max_abs_diff']:.1e}"]
          for r in results], title=title)
+    env["loadavg_end"] = load_average()
     payload = {"env": env, "args": vars(args), "dtype": dtype, "results": results, "tables": {"ragged": table}}
     if args.json:
         write_json(args.json, payload)
