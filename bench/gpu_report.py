@@ -37,7 +37,7 @@ def section(out: Path) -> str:
         payload = json.loads(path.read_text())
         first_env = first_env or payload.get("env")
         lines += [f"### {name}", ""]
-        for title, text in (payload.get("tables") or {}).items():
+        for text in (payload.get("tables") or {}).values():
             if text:
                 lines += ["```", text.rstrip(), "```", ""]
     if (out / "sm90.json").exists():

@@ -73,7 +73,7 @@ def bench_mix(name: str, d: dict, *, impls: list[str], repeats: int) -> list[dic
         ragged = jax.jit(lambda q, k, v, pt, qs, ql, cu, impl=impl: kernels.ragged_attention(
             q, k, v, pt, qs, ql, cu, impl=impl))
         args = (d["q_flat"], d["k"], d["v"], d["pt"], d["q_start"], d["q_len"], d["cu"])
-        t_r = time_fn(lambda: ragged(*args), warmup=2, repeats=repeats)
+        t_r = time_fn(lambda f=ragged, a=args: f(*a), warmup=2, repeats=repeats)
         out_r = np.asarray(ragged(*args), np.float32)
         if d["t_max"] == 1:
             padded = jax.jit(lambda q, k, v, lens, pt, impl=impl: kernels.decode_attention(
@@ -85,7 +85,7 @@ def bench_mix(name: str, d: dict, *, impls: list[str], repeats: int) -> list[dic
                 q, k, v, qs, ql, pt, impl=impl))
             pargs = (d["q_pad"], d["k"], d["v"], d["q_start"], d["q_len"], d["pt"])
             peer = f"extend_attention [R, {d['t_max']}]"
-        t_p = time_fn(lambda: padded(*pargs), warmup=2, repeats=repeats)
+        t_p = time_fn(lambda f=padded, a=pargs: f(*a), warmup=2, repeats=repeats)
         out_p = np.asarray(padded(*pargs), np.float32)
         diff = max(float(np.max(np.abs(out_r[d["cu_np"][i] + j] - out_p[i, j])))
                    for i in range(r) for j in range(int(d["cu_np"][i + 1] - d["cu_np"][i])))

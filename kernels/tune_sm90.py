@@ -23,10 +23,11 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-__all__ = ["Case", "cases", "ragged_case", "SHAPE_CLASSES", "sweep", "pick"]
+__all__ = ["SHAPE_CLASSES", "Case", "cases", "pick", "ragged_case", "sweep"]
 
 # The shape classes we serve: Qwen3-0.6B (Hq 16, Hkv 8) and Qwen3-8B (Hq 32, Hkv 8), hd 128, page sizes
 # 1 and 16; plus the tiny test models' hd 64 / G 2.
@@ -209,7 +210,7 @@ def _write_table(best, path: Path) -> None:
     body.append("}")
     text = path.read_text()
     new = re.sub(re.escape(_BEGIN) + r".*?" + re.escape(_END), _BEGIN + "\n" + "\n".join(body) + "\n" + _END, text,
-                 flags=re.S)
+                 flags=re.DOTALL)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(new)
     tmp.replace(path)
@@ -234,7 +235,10 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     out = Path(args.out_dir)
-    err = lambda s: print(s, file=sys.stderr)  # noqa: E731
+
+    def err(line: str) -> None:
+        print(line, file=sys.stderr)
+
     sweep_command = None
     if args.cases_only:
         old = json.loads((out / "tuning_sm90.json").read_text())

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ..paged_attention import MASK_VALUE, sanitize_page_table
 
-__all__ = ["ragged_paged_attention_reference", "num_tiles", "tile_rows", "default_block_q"]
+__all__ = ["default_block_q", "num_tiles", "ragged_paged_attention_reference", "tile_rows"]
 
 
 def _next_pow2(x: int) -> int:

@@ -3,4 +3,4 @@
 from .kernel import num_q_blocks, ragged_paged_attention, validate
 from .tuned_block_sizes import TUNED, Tuning, auto_k_splits, get_tuned
 
-__all__ = ["ragged_paged_attention", "num_q_blocks", "validate", "TUNED", "Tuning", "get_tuned", "auto_k_splits"]
+__all__ = ["TUNED", "Tuning", "auto_k_splits", "get_tuned", "num_q_blocks", "ragged_paged_attention", "validate"]

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from ...paged_attention import MASK_VALUE
 
-__all__ = ["ragged_paged_attention", "num_q_blocks"]
+__all__ = ["num_q_blocks", "ragged_paged_attention"]
 
 
 def _cdiv(a: int, b: int) -> int:
