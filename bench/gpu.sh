@@ -50,9 +50,9 @@ run kernel_tests env TIMJAX_SM90_REPORT="$OUT/sm90.json" "$PY" -m pytest -q -rs 
   tests/test_kernels.py tests/test_kernels_ragged.py tests/test_compile_h100.py
 
 if [ "$QUICK" = 1 ]; then
-  BATCH="1 8"; STEPS=16; PROMPT=256; REPEATS=1; PRUNE_BATCH="1 8"; PRUNE_BUF="off 0 2"
+  BATCH="1 8"; STEPS=16; PROMPT=256; REPEATS=1; PRUNE_BATCH="1 8"; PRUNE_BUF="off 0 2"; KV_REQ=4
 else
-  BATCH="1 8 32"; STEPS=64; PROMPT=1024; REPEATS=3; PRUNE_BATCH="1 8 16"; PRUNE_BUF="off 0 1 2"
+  BATCH="1 8 32"; STEPS=64; PROMPT=1024; REPEATS=3; PRUNE_BATCH="1 8 16"; PRUNE_BUF="off 0 1 2"; KV_REQ=16
 fi
 
 for shape in 0.6b 8b; do
@@ -63,11 +63,13 @@ for shape in 0.6b 8b; do
   # shellcheck disable=SC2086
   run "decode_$shape" "$PY" bench/decode.py --shape "$shape" --dtype bfloat16 --batch $BATCH \
     --prompt-len "$PROMPT" --steps "$STEPS" --repeats "$REPEATS" --json "$OUT/decode_$shape.json"
-  # 4. pruning replay on long traces (flags as of this commit; see bench/pruning.py --help)
+  # 4. pruning replay on long traces, both reposition modes, plus the KV-bounded run (flags as of this
+  #    commit; see bench/pruning.py --help)
   # shellcheck disable=SC2086
   run "pruning_$shape" "$PY" bench/pruning.py --shape "$shape" --dtype bfloat16 --depth 5 --breadth 3 --words 12 \
-    --batch $PRUNE_BATCH --buffers $PRUNE_BUF --batched-buffers $PRUNE_BUF --page-sizes 16 \
-    --modes reencode shift --repeats "$REPEATS" --json "$OUT/pruning_$shape.json"
+    --batch $PRUNE_BATCH --buffers $PRUNE_BUF --small-batch-buffers $PRUNE_BUF --page-sizes 16 \
+    --modes reencode shift --repeats "$REPEATS" --kv-requests "$KV_REQ" \
+    --json "$OUT/pruning_$shape.json" --plot "$OUT/pruning_$shape.png"
 done
 
 run report "$PY" bench/gpu_report.py --out "$OUT" --results bench/RESULTS.md

@@ -138,14 +138,19 @@ def paged_decode_attention_reference(q, k_pages, v_pages, lengths, page_table, *
 # --------------------------------------------------------------------------------------
 
 
+def _precision(x):
+  # Triton's default for float32 operands is TF32: a float32 cache asks for float32 math.
+  return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
 def _dot_nt(a, b):
   """a [M, K] @ b[N, K]^T -> [M, N] float32."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
                          preferred_element_type=jnp.float32)
 
 
 def _dot_nn(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a),
                          preferred_element_type=jnp.float32)
 
 

@@ -106,7 +106,8 @@ def cases() -> list[Case]:
     out.append(ragged_case(128, 2, 16, k_splits=4, n_tokens=16, tag=" decode-only"))
     out.append(ragged_case(128, 4, 16, n_tokens=1, rows=1, tag=" batch-1 decode (auto split-K)", must_be_clean=True))
     out.append(ragged_case(128, 8, 16, hkv=4, tag=" untuned class"))
-    out.append(ragged_case(64, 2, 16, dtype="float32", tag=" f32"))
+    out.append(ragged_case(64, 2, 16, dtype="float32", tag=" f32", must_be_clean=True))
+    out.append(ragged_case(128, 4, 16, dtype="float32", tag=" f32", must_be_clean=True))
     return out
 
 

@@ -129,3 +129,21 @@ def test_ragged_generate_step_lowers_and_compiles_for_cuda(n_tokens, n_edits):
     names = {r.name.split("_bm")[0] for r in results}
     assert any(n.startswith("ragged_paged_attention") for n in names), names
     assert (n_edits > 0) == ("kv_compact" in names), names
+
+
+def test_flat_generate_step_lowers_and_compiles_for_cuda():
+    """The engine's hot path (one int32 + one float32 transfer a step) with impl="pallas", compiled for sm_90a."""
+    from timjax import steps
+    from timjax.cache import create_cache
+    from timjax.model import init_params
+
+    cfg = _tiny_cfg()
+    n, s, e, ps = 32, 8, 2, 16
+    params = jax.eval_shape(lambda: init_params(cfg, "bfloat16", jax.random.key(0)))
+    cache = jax.eval_shape(lambda: create_cache(cfg, num_pages=64, page_size=ps, max_seqs=s, max_seq_len=256))
+    ints = jax.ShapeDtypeStruct((2 * n + 6 * s + 1 + 4 * e,), jnp.int32)
+    floats = jax.ShapeDtypeStruct((2 * s,), jnp.float32)
+    fn = functools.partial(steps.flat_generate_step, cfg=cfg, impl="pallas", kv_pages=8,
+                           max_new_pages=-(-n // ps) + 1, layout=steps.flat_layout(n, s, e))
+    results = _compile_all(f"flat_generate_step N{n} S{s} E{e}", fn, (params, cache, ints, floats))
+    assert {r.name.split("_bm")[0] for r in results} >= {"ragged_paged_attention", "kv_compact"}

@@ -57,12 +57,19 @@ def _find_row(cu_ref, qb, *, n_rows: int, block_q: int):
     return lo
 
 
+def _precision(x):
+    # Triton's default for float32 operands is TF32 (10-bit mantissa): a float32 cache asks for float32 math.
+    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
 def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
+                           preferred_element_type=jnp.float32)
 
 
 def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a),
+                           preferred_element_type=jnp.float32)
 
 
 def _load_rows(ref, rows, cols, mask):
@@ -240,7 +247,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q
 
     validate(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens)
     hd, group, ps = q.shape[2], q.shape[1] // k_pages.shape[0], k_pages.shape[2]
-    tuned = get_tuned(head_dim=hd, group=group, page_size=ps)
+    tuned = get_tuned(head_dim=hd, group=group, page_size=ps, dtype=jnp.dtype(q.dtype).name)
     block_m = tuned.block_m if block_m is None else int(block_m)
     block_k = tuned.block_k if block_k is None else int(block_k)
     num_warps = tuned.num_warps if num_warps is None else int(num_warps)
