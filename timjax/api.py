@@ -22,8 +22,13 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True) -> Qwen3:
-    """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly."""
+def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True, mesh=None) -> Qwen3:
+    """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly.
+    ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) loads straight into the sharded layout."""
+    if mesh is not None:
+        from timjax import sharding
+
+        return sharding.load(path, dtype, mesh=mesh, tokenizer=load_tokenizer(path) if tokenizer else None)
     from timjax.convert import read_params
 
     cfg, params = read_params(path, dtype=dtype)

@@ -1,0 +1,176 @@
+"""Measurements on forced CPU devices for tests/test_sharding.py (run in a subprocess: the device count
+must be fixed before JAX starts). Usage: ``python tests/sharding_worker.py OUT.json [MESH ...]`` with
+meshes written ``TPxDP``. Prints nothing; writes one JSON object keyed by mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+N_DEVICES = 8
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={N_DEVICES}").strip()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import timjax
+from timjax import sharding
+from timjax.config import Qwen3Config
+from timjax.model import random_model
+
+# Tiny, float32, and shaped so every axis tp splits divides by 4 (vocab, heads, MLP) while the vocab
+# does not dominate (so "bytes per device ~ total / tp" is a real test of the weights' split).
+CFG = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "head_dim": 16, "max_position_embeddings": 256, "rope_theta": 10000.0,
+           "tie_word_embeddings": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+           "torch_dtype": "float32"}
+
+
+def checkpoint(root: Path, **overrides) -> tuple[Path, Path]:
+    """A random model exported as an HF directory and converted to a timjax directory."""
+    from timjax.convert import convert_hf_to_timjax, export_timjax_to_hf
+
+    raw = {**CFG, **overrides}
+    cfg = Qwen3Config.from_hf_dict(raw)
+    model = random_model(cfg, dtype="float32", seed=3)
+    tag = f"kv{cfg.num_key_value_heads}"
+    hf = export_timjax_to_hf((cfg, model.params()), root / f"hf_{tag}", progress=False)
+    tj = convert_hf_to_timjax(hf, root / f"tj_{tag}", dtype="float32", progress=False)
+    return Path(hf), Path(tj)
+
+
+def tokens(batch: int = 4, t: int = 12) -> np.ndarray:
+    return np.random.RandomState(0).randint(0, CFG["vocab_size"], size=(batch, t))
+
+
+def spec_list(x) -> list:
+    """An array's PartitionSpec as a list with one entry per axis (None = replicated)."""
+    spec = list(x.sharding.spec)
+    return spec + [None] * (x.ndim - len(spec))
+
+
+def bytes_report(tree, mesh) -> dict:
+    per_dev = sharding.device_bytes(tree)
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return {"total": total, "per_device": [per_dev.get(d, 0) for d in mesh.devices.flat]}
+
+
+def step_hlo(model, mesh, cache, impl: str) -> str:
+    """The compiled generate_step (one extend chunk of 4 rows) on the sharded params and pool."""
+    from timjax.sampling import SamplingParams
+    from timjax.steps import generate_step
+
+    R, T = 4, 8
+    rows = jnp.arange(R, dtype=jnp.int32)
+    toks = jnp.zeros((R, T), jnp.int32)
+    q_len = jnp.full((R,), T, jnp.int32)
+    sp = SamplingParams(jnp.zeros(R), jnp.zeros(R, jnp.int32), jnp.ones(R), jnp.zeros(R, jnp.uint32),
+                        jnp.zeros(R, jnp.int32))
+    lowered = generate_step.lower(model.params(), cache, rows, toks, q_len, sp, cfg=model.config, impl=impl)
+    return lowered.compile().as_text()
+
+
+def paged_parity(model, ref, mesh) -> dict:
+    """The paged runtime on the mesh against one device: an extend chunk, a decode step, a compaction
+    (shift-mode pruning) and a key rotation, all through the shard_map'd kernels."""
+    from timjax import cache as cache_mod
+    from timjax import kernels
+    from timjax.steps import logits_step
+
+    impl = sharding.sharded_impl(mesh, "xla")
+    kw = {"num_pages": 32, "page_size": 4, "max_seqs": 4, "max_seq_len": 64, "dtype": jnp.float32}
+    caches = [cache_mod.create_cache(ref.config, **kw), sharding.create_cache(model.config, mesh, **kw)]
+    runs = [(ref, "xla"), (model, impl)]
+    rng = np.random.RandomState(1)
+    rows = jnp.arange(4, dtype=jnp.int32)
+    chunk = jnp.asarray(rng.randint(0, CFG["vocab_size"], (4, 8)), jnp.int32)
+    q_len = jnp.asarray([8, 5, 8, 3], jnp.int32)
+    nxt = jnp.asarray(rng.randint(0, CFG["vocab_size"], (4, 1)), jnp.int32)
+    out = {}
+    results = []
+    for (m, im), c in zip(runs, caches):
+        l1, c = logits_step(m.params(), c, rows, chunk, q_len, cfg=m.config, impl=im)
+        l2, c = logits_step(m.params(), c, rows, nxt, jnp.ones(4, jnp.int32), cfg=m.config, impl=im)
+        c = cache_mod.compact_slot(c, jnp.int32(0), jnp.int32(2), jnp.int32(6), jnp.int32(9),
+                                   rope_theta=m.config.rope_theta, impl=im)
+        l3, c = logits_step(m.params(), c, rows, nxt, jnp.ones(4, jnp.int32), cfg=m.config, impl=im)
+        pt = c.page_table[:2, :4]
+        k_rot = kernels.rotate_slots(c.k, pt, jnp.asarray([1, 0]), jnp.asarray([3, 4]), jnp.asarray([-2, 5]),
+                                     rope_theta=m.config.rope_theta, impl=im)
+        results.append((np.asarray(l1), np.asarray(l2), np.asarray(l3), cache_mod.gather_slots(c, 0, 5)[0],
+                        np.asarray(k_rot), spec_list(c.k) if hasattr(c.k.sharding, "spec") else []))
+    (a1, a2, a3, ak, ar, _), (b1, b2, b3, bk, br, spec) = results
+    rep = br.shape[0] // ar.shape[0]  # replicated kv heads: copy j of the sharded pool is head j // rep
+    bk, br = bk[:, ::rep], br[::rep]
+    out["extend_logits_diff"] = float(np.abs(a1 - b1).max())
+    out["decode_logits_diff"] = float(np.abs(a2 - b2).max())
+    out["after_compact_logits_diff"] = float(np.abs(a3 - b3).max())
+    out["compacted_k_diff"] = float(np.abs(ak - bk).max())
+    out["rotated_k_diff"] = float(np.abs(ar - br).max())
+    out["pool_spec_after"] = spec
+    return out
+
+
+def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model) -> dict:
+    tp, dp = (int(x) for x in mesh_name.split("x"))
+    mesh = sharding.make_mesh(tp=tp, dp=dp)
+    out: dict = {"tp": tp, "dp": dp}
+    _, tj = checkpoint(root) if not (root / "tj_kv4").exists() else (None, root / "tj_kv4")
+    model = timjax.load(tj, "float32", mesh=mesh, tokenizer=False)
+    out["logits_max_abs_diff"] = float(np.abs(timjax.logits(model, tokens()) - ref_logits).max())
+    out["param_specs"] = {k: spec_list(v) for k, v in sharding._flat(model.params()).items()}
+    out["weights"] = bytes_report(model.params(), mesh)
+    cache = sharding.create_cache(model.config, mesh, num_pages=32, page_size=4, max_seqs=4, max_seq_len=64,
+                                  dtype=jnp.float32)
+    out["kv"] = bytes_report((cache.k, cache.v), mesh)
+    out["kv_spec"] = spec_list(cache.k)
+    hlo = step_hlo(model, mesh, cache, sharding.sharded_impl(mesh, "xla"))
+    out["collectives"] = [{"op": c.op, "shapes": c.shapes, "group": c.group_size, "times": c.times}
+                          for c in sharding.hlo_collectives(hlo, tp * dp)]
+    out["param_shapes"] = sorted({tuple(x.shape) for x in jax.tree.leaves(model.params())} |
+                                 {tuple(x.shape[1:]) for x in jax.tree.leaves(model.params()["layers"])})
+    out["pool_shape"] = list(cache.k.shape)
+    out["paged"] = paged_parity(model, ref_model, mesh)
+    return out
+
+
+def kv_replicated(root: Path) -> dict:
+    """Hkv = 2 < tp = 4: kv heads are replicated so each shard holds one (and its 2 query heads)."""
+    _, tj = checkpoint(root, num_key_value_heads=2)
+    ref = timjax.load(tj, "float32", tokenizer=False)
+    mesh = sharding.make_mesh(tp=4, dp=1)
+    model = timjax.load(tj, "float32", mesh=mesh, tokenizer=False)
+    cache = sharding.create_cache(model.config, mesh, num_pages=8, page_size=4, max_seqs=2, max_seq_len=32,
+                                  dtype=jnp.float32)
+    return {"logits_max_abs_diff": float(np.abs(timjax.logits(model, tokens()) - timjax.logits(ref, tokens())).max()),
+            "k_proj_shape": list(model.params()["layers"]["k_proj"].shape),
+            "k_proj_local": list(model.params()["layers"]["k_proj"].addressable_shards[0].data.shape),
+            "pool_local": list(cache.k.addressable_shards[0].data.shape),
+            "checkpoint_kv_heads": model.checkpoint_kv_heads,
+            "paged": paged_parity(model, ref, mesh)}
+
+
+def main() -> None:
+    dest, meshes = sys.argv[1], sys.argv[2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        hf, tj = checkpoint(root)
+        ref = timjax.load(tj, "float32", tokenizer=False)
+        ref_logits = timjax.logits(ref, tokens())
+        result = {m: measure(m, root, ref_logits, ref) for m in meshes}
+        result["kv_replicated"] = kv_replicated(root)
+        mesh = sharding.make_mesh(tp=2, dp=2)
+        hf_model = timjax.load(hf, "float32", mesh=mesh, tokenizer=False)
+        result["hf_dir"] = {"logits_max_abs_diff": float(np.abs(timjax.logits(hf_model, tokens()) - ref_logits).max()),
+                            "weights": bytes_report(hf_model.params(), mesh)}
+    Path(dest).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Sharding over a device mesh (issue 11), on forced CPU devices.
+
+The device count must be set before JAX starts, and the rest of the suite runs on one device, so the
+measurements run in a subprocess (tests/sharding_worker.py, 8 forced CPU devices) and these tests assert
+on what it reports. Meshes are written TPxDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MESHES = ("1x4", "2x2", "4x2")
+WORKER = Path(__file__).with_name("sharding_worker.py")
+LAYERS = 2  # the worker's tiny model
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), *MESHES], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _tp(mesh: str) -> int:
+    return int(mesh.split("x")[0])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_logits_equal_single_device(report, mesh):
+    assert report[mesh]["logits_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_paged_steps_and_pruning_equal_single_device(report, mesh):
+    """Extend, decode, shift-mode compaction and key rotation through the shard_map'd kernels."""
+    paged = report[mesh]["paged"]
+    for key in ("extend_logits_diff", "decode_logits_diff", "after_compact_logits_diff"):
+        assert paged[key] < 1e-5, (key, paged[key])
+    assert paged["compacted_k_diff"] < 1e-5 and paged["rotated_k_diff"] < 1e-5
+    if _tp(mesh) > 1:
+        assert paged["pool_spec_after"] == ["tp", None, None, None], "the pool must stay split after the edits"
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_each_device_holds_its_share(report, mesh):
+    """Weights and KV split over tp (replicated over dp): every device within 5% of total / tp."""
+    tp = _tp(mesh)
+    for what in ("weights", "kv"):
+        total, per_device = report[mesh][what]["total"], report[mesh][what]["per_device"]
+        for b in per_device:
+            assert abs(b - total / tp) <= 0.05 * total / tp, (what, b, total / tp)
+
+
+def test_parameter_specs_follow_the_rules(report):
+    specs = report["2x2"]["param_specs"]
+    assert specs["layers.q_proj"] == specs["layers.k_proj"] == [None, None, "tp", None]  # column parallel
+    assert specs["layers.gate_proj"] == specs["layers.up_proj"] == [None, None, "tp"]
+    assert specs["layers.o_proj"] == [None, "tp", None, None]  # row parallel
+    assert specs["layers.down_proj"] == [None, "tp", None]
+    assert specs["embed"] == ["tp", None] and specs["lm_head"] == [None, "tp"]  # split over the vocabulary
+    assert specs["layers.attn_norm"] == [None, None] and specs["final_norm"] == [None]
+    assert report["2x2"]["kv_spec"] == ["tp", None, None, None]
+    assert all(s == [None] * len(s) for s in report["1x4"]["param_specs"].values())  # tp = 1: replicated
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_step_has_one_all_reduce_per_block_and_no_weight_or_pool_gather(report, mesh):
+    """In the compiled step, the scan over layers holds exactly two all-reduces over tp (after o_proj and
+    down_proj) of [rows, tokens, D] activations, and no all-gather anywhere yields a weight or the pool."""
+    r, tp = report[mesh], _tp(mesh)
+    in_layers = [c for c in r["collectives"] if c["times"] == LAYERS and c["op"] == "all-reduce"]
+    if tp == 1:
+        assert not in_layers
+    else:
+        assert len(in_layers) == 2, in_layers
+        for c in in_layers:
+            assert c["group"] == tp and c["shapes"][0][1][-1] == 64, c  # D = 64
+    forbidden = {tuple(s) for s in r["param_shapes"]} | {tuple(r["pool_shape"])}
+    gathered = {tuple(shape[1]) for c in r["collectives"] if c["op"] == "all-gather" for shape in c["shapes"]}
+    assert not gathered & forbidden, gathered & forbidden
+
+
+def test_kv_heads_replicated_when_fewer_than_tp(report):
+    r = report["kv_replicated"]
+    assert r["logits_max_abs_diff"] < 1e-5
+    assert r["checkpoint_kv_heads"] == 2 and r["k_proj_shape"][2] == 4  # 2 heads x 2 copies
+    assert r["k_proj_local"][2] == 1 and r["pool_local"][0] == 1  # one kv head per shard
+    assert r["paged"]["decode_logits_diff"] < 1e-5 and r["paged"]["after_compact_logits_diff"] < 1e-5
+
+
+def test_hf_directory_loads_sharded(report):
+    r = report["hf_dir"]
+    assert r["logits_max_abs_diff"] < 1e-5
+    total = r["weights"]["total"]
+    assert max(r["weights"]["per_device"]) <= 1.05 * total / 2
+
+
+def test_mesh_errors_are_clear():
+    from timjax.config import Qwen3Config
+    from timjax.sharding import kv_repeat, make_mesh
+
+    with pytest.raises(ValueError, match="needs 64 devices"):
+        make_mesh(tp=8, dp=8)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=6, num_key_value_heads=3, head_dim=8)
+    with pytest.raises(ValueError, match="num_attention_heads=6 does not split over tp=4"):
+        kv_repeat(cfg, 4)
+    assert kv_repeat(cfg, 3) == 1 and kv_repeat(cfg, 6) == 2
