@@ -64,7 +64,7 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
              chat: bool = False, system: str | None = None,
              on_token: Callable[[int, int], None] | None = None, progress: bool = False,
              schema: Any = None, pruning_buffer: int | None = None, reposition: str = "reencode",
-             engine_options: dict | None = None):
+             engine_options: dict | None = None, mesh=None):
     """Generate from one prompt (a string or token ids) or a batch of them.
 
     Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
@@ -73,11 +73,22 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
     With a schema, text prompts are wrapped in the chat template with a system prompt that states the
     format and the tools (``timjax.tim.prompt.tim_system_prompt``) unless ``system`` is given.
     ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
+    ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) shards the model over it; dp > 1 splits the prompts
+    over dp engine replicas (``timjax.sharding.generate_data_parallel``).
     """
+    args = dict(locals())  # first: the call's own arguments, forwarded to each dp replica
     from timjax.engine import Engine, PlainController, Request
 
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
+    if mesh is not None or getattr(model, "mesh", None) is not None:
+        from timjax import sharding
+
+        model = sharding.on_mesh(model, mesh)
+        if model.mesh.shape[sharding.DP] > 1:
+            kw = {k: v for k, v in args.items() if k not in ("model", "prompt", "mesh", "seed", "on_token")}
+            rs = sharding.generate_data_parallel(generate, model, prompts, seed=seed, on_token=on_token, **kw)
+            return rs if batch else rs[0]
     if schema is not None and system is None:
         from timjax.tim.prompt import tim_system_prompt
 

@@ -34,6 +34,7 @@ sharded outputs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -502,3 +503,119 @@ def communication_per_step(hlo: str, num_devices: int) -> dict[str, float]:
         out[f"{c.op} count"] = out.get(f"{c.op} count", 0) + c.times
         out[f"{c.op} bytes/device"] = out.get(f"{c.op} bytes/device", 0.0) + c.times * c.sent_per_device
     return out
+
+
+# ---- data parallel: one engine per dp replica -----------------------------------------------------------
+#
+# Rows are split over dp by running one engine per dp replica (a row of the mesh, itself a tp group), each
+# with its own KV pool, page table and requests. The engine's host loop packs every running row's chunk into
+# one flat token array per step (the ragged step), and splitting that array over dp inside one program would
+# tie every replica's scheduling to the others'; independent replicas need no communication at all, keep the
+# one host sync per step per replica, and give each replica its own pool (so KV capacity grows with dp).
+# The params on a (dp, tp) mesh are replicated over dp; each replica's params are views of its devices'
+# shards (no copy).
+
+
+def submeshes(mesh: Mesh) -> list[Mesh]:
+    """One (1, tp) mesh per dp replica (a row of ``mesh``)."""
+    return [Mesh(mesh.devices[d:d + 1], (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto))
+            for d in range(mesh.shape[DP])]
+
+
+def _restrict(x: jax.Array, sub: Mesh) -> jax.Array:
+    spec = x.sharding.spec
+    if DP in jax.tree.leaves(tuple(spec)):
+        raise ValueError(f"cannot view an array split over {DP} as one replica's (spec {spec})")
+    devices = set(sub.devices.flat)
+    shards = [s.data for s in x.addressable_shards if s.device in devices]
+    return jax.make_array_from_single_device_arrays(x.shape, NamedSharding(sub, spec), shards)
+
+
+def replicas(model) -> list:
+    """The model as one ``Qwen3`` per dp replica, each on its (1, tp) sub-mesh, sharing the weights' buffers."""
+    from timjax.model import Qwen3
+
+    mesh = model.mesh
+    if mesh is None or mesh.shape[DP] == 1:
+        return [model]
+    out = []
+    for sub in submeshes(mesh):
+        params = jax.tree.map(lambda x, s=sub: _restrict(x, s), model.params())
+        m = Qwen3(model.config, dtype=model.dtype, params=params, tokenizer=model.tokenizer, mesh=sub)
+        m.checkpoint_kv_heads = getattr(model, "checkpoint_kv_heads", model.config.num_key_value_heads)
+        out.append(m)
+    return out
+
+
+def on_mesh(model, mesh: Mesh | None):
+    """``model`` sharded over ``mesh`` (as it is when it already lives there)."""
+    if mesh is None or getattr(model, "mesh", None) == mesh:
+        return model
+    return shard_model(model, mesh)
+
+
+def generate_data_parallel(generate: Callable, model, prompts: list, *, seed: int = 0,
+                           on_token: Callable[[int, int], None] | None = None, **kwargs) -> list:
+    """``generate`` over dp replicas: contiguous blocks of prompts, one engine per replica, each in its own
+    host thread (JAX releases the GIL while a step runs). Request i keeps seed ``seed + i`` and its
+    ``on_token`` index, so results equal a one-replica run's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reps = replicas(model)
+    bounds = np.linspace(0, len(prompts), len(reps) + 1).astype(int)
+    jobs = [(rep, lo, hi) for rep, lo, hi in zip(reps, bounds[:-1], bounds[1:]) if hi > lo]
+
+    def run(rep, lo, hi):
+        tok = None if on_token is None else (lambda i, t, lo=lo: on_token(lo + i, t))
+        return generate(rep, list(prompts[lo:hi]), seed=seed + int(lo), on_token=tok, **kwargs)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(run, *job) for job in jobs]
+        return [r for f in futures for r in f.result()]
+
+
+# ---- multi-host ---------------------------------------------------------------------------------------
+#
+# Across hosts the host loop runs on every process in lockstep (JAX's multi-controller model): each process
+# executes the same loop and issues the same jitted steps in the same order, and the step's outputs that the
+# host reads (sampled tokens, out-of-pages flags) are replicated, so every process sees the same tokens and
+# its controllers make the same decisions. The alternative, process 0 deciding and the others following,
+# would add a host-to-host broadcast of every decision to every step (a second sync per step) and a second
+# code path. Lockstep needs the host-side inputs to be identical on every process: prompts, seeds, and (for
+# tools) results, which must be fetched on process 0 and broadcast
+# (jax.experimental.multihost_utils.broadcast_one_to_all) before being fed. Where the model fits one host,
+# prefer dp across hosts with tp inside each: every host is then an independent replica with its own loop
+# and requests, and nothing crosses hosts at all (jax.distributed is not even needed).
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` from arguments, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, else from the cluster's own environment (SLURM, Open MPI, ... as jax detects)."""
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def mesh_from_args(args) -> Mesh | None:
+    """The mesh that ``--tp`` / ``--dp`` / ``--distributed`` (``timjax.mesh_args``) ask for, or None."""
+    if args.distributed:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        if args.dp > 1 and jax.process_count() > 1:
+            raise ValueError("--dp with --distributed: run one timjax process per host instead (each is its own "
+                             "data-parallel replica, with --tp over its local devices)")
+    if args.tp == 1 and args.dp == 1 and not args.distributed:
+        return None
+    return make_mesh(tp=args.tp, dp=args.dp)
+
+
+def replicated_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Inside a jitted step: make ``x`` (e.g. logits split over the vocabulary) whole on every device, so
+    sampling runs replicated (one all-gather of [R, V] instead of a vocab-partitioned sort)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
