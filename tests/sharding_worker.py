@@ -117,7 +117,7 @@ def paged_parity(model, ref, mesh) -> dict:
     return out
 
 
-def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model) -> dict:
+def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model, ref_gen: dict) -> dict:
     tp, dp = (int(x) for x in mesh_name.split("x"))
     mesh = sharding.make_mesh(tp=tp, dp=dp)
     out: dict = {"tp": tp, "dp": dp}
@@ -137,6 +137,8 @@ def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model) -> di
                                  {tuple(x.shape[1:]) for x in jax.tree.leaves(model.params()["layers"])})
     out["pool_shape"] = list(cache.k.shape)
     out["paged"] = paged_parity(model, ref_model, mesh)
+    gen = generate_all(model)
+    out["generate"] = {k: [a == b for a, b in zip(ref_gen[k], gen[k])] for k in ref_gen}
     return out
 
 
@@ -156,6 +158,80 @@ def kv_replicated(root: Path) -> dict:
             "paged": paged_parity(model, ref, mesh)}
 
 
+def tim_replay(model, doc, reposition: str, buffer: int = 1) -> dict:
+    """Replay a TIM tree through the runtime with pruning; record the model's own (masked greedy) token at
+    every step: it depends on the whole cache after every prune, re-encode and shift."""
+    from timjax.engine import Engine, Request
+    from timjax.tim.grammar import llg_tokenizer
+    from timjax.tim.schema import tim_schema
+    from timjax.tim.traces import serialise
+    from timjax.tim_controller import ReplayText, TimController
+
+    llt = llg_tokenizer(model.tokenizer, model.config.vocab_size, [151645])
+    prompt = model.tokenizer("Think it through.")["input_ids"]
+    ctrl = TimController(model, tim_schema(max_depth=5), max_new_tokens=20_000, prompt_len=len(prompt),
+                         pruning_buffer=buffer, override=ReplayText(serialise(doc), llt))
+    raw, on_token = [], ctrl.on_token
+    ctrl.on_token = lambda token, seq: (raw.append(int(token)), on_token(token, seq))[1]
+    engine = Engine(model, max_batch=1, page_size=4, max_seq_len=256, reposition=reposition)
+    r = engine.run([Request(prompt, 20_000, controller=ctrl)])[0]
+    return {"raw": raw, "tokens": list(map(int, r.tokens)), "tree": r.response.model_dump_json() if r.response else None,
+            "pruned": [list(p) for p in r.pruned_paths], "working": r.working_memory_text,
+            "finish": r.finish_reason, "prune_events": r.stats.prune_events}
+
+
+GENERATE = {"greedy": {}, "sampled": {"temperature": 0.8, "top_p": 0.9, "seed": 5}}
+
+
+def generate_all(model) -> dict:
+    """timjax.generate: 5 prompts through 2-row engines (continuous batching), greedy, and sampled with
+    per-request seeds."""
+    prompts = [list(map(int, r)) for r in tokens(5, 7)]
+    return {name: [list(map(int, r.tokens)) for r in timjax.generate(model, prompts, max_new_tokens=10, max_batch=2, **kw)]
+            for name, kw in GENERATE.items()}
+
+
+def cli_tp4(root: Path, tok_dir: Path, cfg: Qwen3Config, ref_model) -> dict:
+    """``timjax generate --tp 4`` (in-process, same code path as the command) against ``--tp 1``."""
+    import contextlib
+    import io
+
+    from timjax.convert import export_timjax_to_hf
+
+    from timjax.cli import main as cli
+
+    hf = export_timjax_to_hf((cfg, ref_model.params()), root / "hf_cli", tokenizer_dir=tok_dir, progress=False)
+    runs = {}
+    for tp in (1, 4):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = cli(["generate", str(hf), "--prompt", "The tree", "--prompt", "A list", "--max-new-tokens", "6",
+                      "--dtype", "float32", "--json", "--tp", str(tp)])
+        runs[tp] = {"rc": rc, "results": json.loads(buf.getvalue())}
+    return {"rc": [runs[1]["rc"], runs[4]["rc"]],
+            "equal": [a["tokens"] == b["tokens"] for a, b in zip(runs[1]["results"], runs[4]["results"])],
+            "n_tokens": [len(b["tokens"]) for b in runs[4]["results"]]}
+
+
+def tim_trees(root: Path) -> dict:
+    """TIM generation with pruning in both reposition modes: tp=4 (kv heads replicated) against one device."""
+    from timjax.tim.traces import synthetic_document
+    from timjax.vocab import build_qwen3_tokenizer, load_qwen3_tokenizer
+
+    tok_dir = build_qwen3_tokenizer(root / "tok")
+    tok = load_qwen3_tokenizer(str(tok_dir))
+    cfg = Qwen3Config(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      rope_theta=10000.0, eos_token_id=151645)
+    ref = random_model(cfg, dtype="float32", seed=3, tokenizer=tok)
+    sharded = sharding.shard_model(ref, sharding.make_mesh(tp=4, dp=1))
+    doc = synthetic_document(depth=3, breadth=2, roots=1, words=2, seed=1)
+    out = {mode: {"ref": tim_replay(ref, doc, mode), "sharded": tim_replay(sharded, doc, mode)}
+           for mode in ("reencode", "shift")}
+    out["cli"] = cli_tp4(root, Path(tok_dir), cfg, ref)
+    return out
+
+
 def main() -> None:
     dest, meshes = sys.argv[1], sys.argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,8 +239,10 @@ def main() -> None:
         hf, tj = checkpoint(root)
         ref = timjax.load(tj, "float32", tokenizer=False)
         ref_logits = timjax.logits(ref, tokens())
-        result = {m: measure(m, root, ref_logits, ref) for m in meshes}
+        ref_gen = generate_all(ref)
+        result = {m: measure(m, root, ref_logits, ref, ref_gen) for m in meshes}
         result["kv_replicated"] = kv_replicated(root)
+        result["tim"] = tim_trees(root)
         mesh = sharding.make_mesh(tp=2, dp=2)
         hf_model = timjax.load(hf, "float32", mesh=mesh, tokenizer=False)
         result["hf_dir"] = {"logits_max_abs_diff": float(np.abs(timjax.logits(hf_model, tokens()) - ref_logits).max()),

@@ -51,6 +51,28 @@ def test_paged_steps_and_pruning_equal_single_device(report, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+def test_generate_equals_single_device(report, mesh):
+    """Greedy and seeded sampling through the engine (dp > 1: one engine per replica) give the same tokens."""
+    for kind, equal in report[mesh]["generate"].items():
+        assert all(equal), (kind, equal)
+
+
+@pytest.mark.parametrize("mode", ["reencode", "shift"])
+def test_tim_with_pruning_gives_the_same_tree(report, mode):
+    """A TIM tree replayed with pruning (buffer 1) on tp=4 (kv heads replicated): the model's own masked
+    greedy token at every step, the tree, the pruned paths and the final working memory equal one device's."""
+    ref, got = report["tim"][mode]["ref"], report["tim"][mode]["sharded"]
+    assert ref["finish"] == "stop" and ref["prune_events"] >= 2 and ref["pruned"]
+    for key in ("raw", "tokens", "tree", "pruned", "working", "finish", "prune_events"):
+        assert got[key] == ref[key], key
+
+
+def test_cli_generate_tp4_equals_one_device(report):
+    cli = report["tim"]["cli"]
+    assert cli["rc"] == [0, 0] and all(cli["equal"]) and cli["n_tokens"] == [6, 6]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
 def test_each_device_holds_its_share(report, mesh):
     """Weights and KV split over tp (replicated over dp): every device within 5% of total / tp."""
     tp = _tp(mesh)

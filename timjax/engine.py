@@ -138,6 +138,10 @@ class Engine:
         self.model = model
         self.cfg = model.config
         self.params = model.params()
+        self.mesh = getattr(model, "mesh", None)
+        if self.mesh is not None:
+            from timjax import sharding
+            impl = sharding.sharded_impl(self.mesh, impl)
         self.impl = impl
         self.max_batch = max_batch
         self.max_chunk = _pow2(max_chunk)
@@ -148,8 +152,15 @@ class Engine:
             kv_tokens = max_batch * -(-self.max_seq_len // page_size) * page_size
         num_pages = pages_for_budget(self.cfg, model.dtype, page_size, tokens=kv_tokens,
                                      memory_fraction=kv_memory_fraction)
-        self.cache = create_cache(self.cfg, num_pages=num_pages, page_size=page_size, max_seqs=max_batch,
-                                  max_seq_len=self.max_seq_len, dtype=model.dtype)
+        if self.mesh is not None and kv_tokens is None:
+            num_pages *= self.mesh.shape["tp"]  # a device holds 1/tp of every page (its kv heads)
+        kw = dict(num_pages=num_pages, page_size=page_size, max_seqs=max_batch, max_seq_len=self.max_seq_len,
+                  dtype=model.dtype)
+        if self.mesh is not None:
+            from timjax import sharding
+            self.cache = sharding.create_cache(self.cfg, self.mesh, **kw)
+        else:
+            self.cache = create_cache(self.cfg, **kw)
         self.words = -(-self.cfg.vocab_size // 32)
 
     # -- device calls -----------------------------------------------------------------------------
