@@ -232,21 +232,70 @@ def tim_trees(root: Path) -> dict:
     return out
 
 
+def export_cuda(mesh_name: str) -> dict:
+    """jax.export of the sharded step with the Pallas kernels for platforms=["cuda"] (no GPU needed)."""
+    from functools import partial
+
+    from jax import export
+
+    from timjax.steps import generate_step
+
+    tp, dp = (int(x) for x in mesh_name.split("x"))
+    mesh = sharding.make_mesh(tp=tp, dp=dp)
+    model = sharding.shard_model(random_model(Qwen3Config.from_hf_dict(CFG), dtype="bfloat16"), mesh)
+    cache = sharding.create_cache(model.config, mesh, num_pages=32, page_size=16, max_seqs=4, max_seq_len=128,
+                                  dtype=jnp.bfloat16)
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    rows, tok, q_len, sp = decode_inputs(4)
+    step = jax.jit(partial(generate_step, cfg=model.config, impl=sharding.sharded_impl(mesh, "pallas")))
+    exp = export.export(step, platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), rows, tok, q_len, sp)
+    text = exp.mlir_module()
+    return {"platforms": list(exp.platforms), "nr_devices": exp.nr_devices,
+            "triton_calls": text.count("xla.gpu.triton"), "manual": text.count("sdy.manual_computation"),
+            "pool_split": '#sdy.sharding<@mesh, [{"tp"}, {}, {}, {}]>' in text}
+
+
+def decode_inputs(rows: int):
+    from timjax.sampling import SamplingParams
+
+    sp = SamplingParams(jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows), jnp.zeros(rows, jnp.uint32),
+                        jnp.zeros(rows, jnp.int32))
+    return jnp.arange(rows, dtype=jnp.int32), jnp.zeros((rows, 1), jnp.int32), jnp.ones(rows, jnp.int32), sp
+
+
 def main() -> None:
+    import time
+
     dest, meshes = sys.argv[1], sys.argv[2:]
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return out
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         hf, tj = checkpoint(root)
         ref = timjax.load(tj, "float32", tokenizer=False)
         ref_logits = timjax.logits(ref, tokens())
-        ref_gen = generate_all(ref)
-        result = {m: measure(m, root, ref_logits, ref, ref_gen) for m in meshes}
-        result["kv_replicated"] = kv_replicated(root)
-        result["tim"] = tim_trees(root)
-        mesh = sharding.make_mesh(tp=2, dp=2)
-        hf_model = timjax.load(hf, "float32", mesh=mesh, tokenizer=False)
-        result["hf_dir"] = {"logits_max_abs_diff": float(np.abs(timjax.logits(hf_model, tokens()) - ref_logits).max()),
-                            "weights": bytes_report(hf_model.params(), mesh)}
+        ref_gen = timed("reference generate", generate_all, ref)
+        result = {m: timed(m, measure, m, root, ref_logits, ref, ref_gen) for m in meshes}
+        result["kv_replicated"] = timed("kv_replicated", kv_replicated, root)
+        result["tim"] = timed("tim", tim_trees, root)
+        result["export_cuda"] = timed("export", export_cuda, "4x2")
+
+        def hf_dir():
+            mesh = sharding.make_mesh(tp=2, dp=2)
+            model = timjax.load(hf, "float32", mesh=mesh, tokenizer=False)
+            return {"logits_max_abs_diff": float(np.abs(timjax.logits(model, tokens()) - ref_logits).max()),
+                    "weights": bytes_report(model.params(), mesh)}
+
+        result["hf_dir"] = timed("hf_dir", hf_dir)
+    result["seconds"] = seconds
     Path(dest).write_text(json.dumps(result))
 
 

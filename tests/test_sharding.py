@@ -126,6 +126,14 @@ def test_hf_directory_loads_sharded(report):
     assert max(r["weights"]["per_device"]) <= 1.05 * total / 2
 
 
+def test_sharded_step_lowers_for_cuda(report):
+    """The step on a 4x2 mesh with impl="pallas" exports for CUDA: Triton kernels inside shard_map, the
+    pool split over tp."""
+    r = report["export_cuda"]
+    assert r["platforms"] == ["cuda"] and r["nr_devices"] == 8
+    assert r["triton_calls"] >= 1 and r["manual"] >= 1 and r["pool_split"]
+
+
 def test_mesh_errors_are_clear():
     from timjax.config import Qwen3Config
     from timjax.sharding import kv_repeat, make_mesh
