@@ -61,60 +61,78 @@ def bytes_report(tree, mesh) -> dict:
     return {"total": total, "per_device": [per_dev.get(d, 0) for d in mesh.devices.flat]}
 
 
-def step_hlo(model, mesh, cache, impl: str) -> str:
-    """The compiled generate_step (one extend chunk of 4 rows) on the sharded params and pool."""
-    from timjax.sampling import SamplingParams
-    from timjax.steps import generate_step
+def ragged_args(cache, chunks: list[list[int]], lengths=None, compactions=()):
+    """Packed rows (one per slot; an empty chunk = no row) and edits for ``steps.ragged_*_step``."""
+    from timjax import steps
+    from timjax.buckets import bucket, cdiv
 
-    R, T = 4, 8
-    rows = jnp.arange(R, dtype=jnp.int32)
-    toks = jnp.zeros((R, T), jnp.int32)
-    q_len = jnp.full((R,), T, jnp.int32)
-    sp = SamplingParams(jnp.zeros(R), jnp.zeros(R, jnp.int32), jnp.ones(R), jnp.zeros(R, jnp.uint32),
-                        jnp.zeros(R, jnp.int32))
-    lowered = generate_step.lower(model.params(), cache, rows, toks, q_len, sp, cfg=model.config, impl=impl)
+    S = cache.max_seqs
+    q_len = np.array([len(c) for c in chunks] + [0] * (S - len(chunks)), np.int32)
+    total = int(q_len.sum())
+    N = bucket(max(total, 8))
+    toks = np.zeros(N, np.int32)
+    toks[:total] = [t for c in chunks for t in c]
+    token_row = np.zeros(N, np.int32)
+    token_row[:total] = np.repeat(np.arange(S, dtype=np.int32), q_len)
+    cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
+    packed = steps.Packed(toks, token_row, np.arange(S, dtype=np.int32), q_len, cu)
+    comp = np.zeros((4, 2), np.int32)
+    for i, c in enumerate(compactions):
+        comp[:, i] = c
+    lengths = np.asarray(cache.lengths) if lengths is None else np.asarray(lengths, np.int32)
+    edits = steps.Edits(lengths, *comp)
+    kw = {"kv_pages": cache.max_pages_per_seq, "max_new_pages": cdiv(N, cache.page_size) + 1}
+    return packed, edits, kw
+
+
+def step_hlo(model, mesh, cache, impl: str) -> str:
+    """The compiled ragged step (edits + forward + sample; a mixed batch of extend and decode rows) on the
+    sharded params and pool."""
+    from timjax.steps import ragged_generate_step
+
+    packed, edits, kw = ragged_args(cache, [[1] * 8, [2], [3] * 5, [4]])
+    _, _, _, sp = decode_inputs(cache.max_seqs)
+    lowered = ragged_generate_step.lower(model.params(), cache, packed, edits, sp, cfg=model.config, impl=impl, **kw)
     return lowered.compile().as_text()
 
 
 def paged_parity(model, ref, mesh) -> dict:
-    """The paged runtime on the mesh against one device: an extend chunk, a decode step, a compaction
-    (shift-mode pruning) and a key rotation, all through the shard_map'd kernels."""
+    """The ragged step on the mesh against one device: extend chunks, then decode rows, then a step whose
+    edits compact one slot (shift-mode pruning) and cut another (re-encode), and a key rotation, all
+    through the shard_map'd kernels."""
     from timjax import cache as cache_mod
     from timjax import kernels
-    from timjax.steps import logits_step
+    from timjax.steps import ragged_logits_step
 
     impl = sharding.sharded_impl(mesh, "xla")
     kw = {"num_pages": 32, "page_size": 4, "max_seqs": 4, "max_seq_len": 64, "dtype": jnp.float32}
     caches = [cache_mod.create_cache(ref.config, **kw), sharding.create_cache(model.config, mesh, **kw)]
     runs = [(ref, "xla"), (model, impl)]
     rng = np.random.RandomState(1)
-    rows = jnp.arange(4, dtype=jnp.int32)
-    chunk = jnp.asarray(rng.randint(0, CFG["vocab_size"], (4, 8)), jnp.int32)
-    q_len = jnp.asarray([8, 5, 8, 3], jnp.int32)
-    nxt = jnp.asarray(rng.randint(0, CFG["vocab_size"], (4, 1)), jnp.int32)
-    out = {}
+    chunks = [list(rng.randint(0, CFG["vocab_size"], n)) for n in (8, 5, 8, 3)]
+    nxt = [[int(t)] for t in rng.randint(0, CFG["vocab_size"], 4)]
     results = []
     for (m, im), c in zip(runs, caches):
-        l1, c = logits_step(m.params(), c, rows, chunk, q_len, cfg=m.config, impl=im)
-        l2, c = logits_step(m.params(), c, rows, nxt, jnp.ones(4, jnp.int32), cfg=m.config, impl=im)
-        c = cache_mod.compact_slot(c, jnp.int32(0), jnp.int32(2), jnp.int32(6), jnp.int32(9),
-                                   rope_theta=m.config.rope_theta, impl=im)
-        l3, c = logits_step(m.params(), c, rows, nxt, jnp.ones(4, jnp.int32), cfg=m.config, impl=im)
+        def step(c, chunks, **edit):
+            packed, edits, kw = ragged_args(c, chunks, **edit)
+            logits, _, c = ragged_logits_step(m.params(), c, packed, edits, cfg=m.config, impl=im, **kw)
+            return np.asarray(logits), c
+
+        l1, c = step(c, chunks)
+        l2, c = step(c, nxt)  # lengths now 9, 6, 9, 4
+        l3, c = step(c, nxt, lengths=[5, 3, 10, 5], compactions=[(0, 2, 6, 9)])  # slot 1: cut to 3
         pt = c.page_table[:2, :4]
         k_rot = kernels.rotate_slots(c.k, pt, jnp.asarray([1, 0]), jnp.asarray([3, 4]), jnp.asarray([-2, 5]),
                                      rope_theta=m.config.rope_theta, impl=im)
-        results.append((np.asarray(l1), np.asarray(l2), np.asarray(l3), cache_mod.gather_slots(c, 0, 5)[0],
-                        np.asarray(k_rot), spec_list(c.k) if hasattr(c.k.sharding, "spec") else []))
+        results.append((l1, l2, l3, cache_mod.gather_slots(c, 0, 6)[0], np.asarray(k_rot),
+                        spec_list(c.k) if hasattr(c.k.sharding, "spec") else []))
     (a1, a2, a3, ak, ar, _), (b1, b2, b3, bk, br, spec) = results
     rep = br.shape[0] // ar.shape[0]  # replicated kv heads: copy j of the sharded pool is head j // rep
     bk, br = bk[:, ::rep], br[::rep]
-    out["extend_logits_diff"] = float(np.abs(a1 - b1).max())
-    out["decode_logits_diff"] = float(np.abs(a2 - b2).max())
-    out["after_compact_logits_diff"] = float(np.abs(a3 - b3).max())
-    out["compacted_k_diff"] = float(np.abs(ak - bk).max())
-    out["rotated_k_diff"] = float(np.abs(ar - br).max())
-    out["pool_spec_after"] = spec
-    return out
+    return {"extend_logits_diff": float(np.abs(a1 - b1).max()), "decode_logits_diff": float(np.abs(a2 - b2).max()),
+            "after_compact_logits_diff": float(np.abs(a3 - b3).max()),
+            "compacted_k_diff": float(np.abs(ak - bk).max()), "rotated_k_diff": float(np.abs(ar - br).max()),
+            "pool_spec_after": spec}
 
 
 def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model, ref_gen: dict) -> dict:
@@ -238,7 +256,7 @@ def export_cuda(mesh_name: str) -> dict:
 
     from jax import export
 
-    from timjax.steps import generate_step
+    from timjax.steps import ragged_generate_step
 
     tp, dp = (int(x) for x in mesh_name.split("x"))
     mesh = sharding.make_mesh(tp=tp, dp=dp)
@@ -246,11 +264,12 @@ def export_cuda(mesh_name: str) -> dict:
     cache = sharding.create_cache(model.config, mesh, num_pages=32, page_size=16, max_seqs=4, max_seq_len=128,
                                   dtype=jnp.bfloat16)
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    rows, tok, q_len, sp = decode_inputs(4)
-    step = jax.jit(partial(generate_step, cfg=model.config, impl=sharding.sharded_impl(mesh, "pallas")))
+    packed, edits, kw = ragged_args(cache, [[1] * 8, [2], [3] * 5, [4]], compactions=[(0, 1, 2, 3)])
+    _, _, _, sp = decode_inputs(cache.max_seqs)
+    step = jax.jit(partial(ragged_generate_step, cfg=model.config, impl=sharding.sharded_impl(mesh, "pallas"), **kw))
     exp = export.export(step, platforms=["cuda"],
                         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), rows, tok, q_len, sp)
+        jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), packed, edits, sp)
     text = exp.mlir_module()
     return {"platforms": list(exp.platforms), "nr_devices": exp.nr_devices,
             "triton_calls": text.count("xla.gpu.triton"), "manual": text.count("sdy.manual_computation"),

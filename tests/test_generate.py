@@ -62,7 +62,7 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_pair):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([p]), max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, 70:].tolist()
     r = timjax.generate(model, p, max_new_tokens=5, stop_ids=[], page_size=4,
-                        engine_options={"max_chunk": 16})
+                        engine_options={"max_step_tokens": 16})
     assert r.tokens == ref
 
 

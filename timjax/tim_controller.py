@@ -136,6 +136,8 @@ class TimController:
                         self.pruned_lists.append(lst)
                         if op.n_pruned:
                             prune.append(PruneOp(op.start_slot, op.end_slot))
+            if len(self.memory.history) >= self.max_new_tokens and not self.tracker.done:
+                break  # forced tokens count toward the budget too: stop at it, not after the forced run
             if not queue and not self.tracker.done:
                 queue = list(self.grammar.forced_tokens())
         if self.tracker.done:
