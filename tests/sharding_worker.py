@@ -113,7 +113,7 @@ def paged_parity(model, ref, mesh) -> dict:
     nxt = [[int(t)] for t in rng.randint(0, CFG["vocab_size"], 4)]
     results = []
     for (m, im), c in zip(runs, caches):
-        def step(c, chunks, **edit):
+        def step(c, chunks, m=m, im=im, **edit):
             packed, edits, kw = ragged_args(c, chunks, **edit)
             logits, _, c = ragged_logits_step(m.params(), c, packed, edits, cfg=m.config, impl=im, **kw)
             return np.asarray(logits), c

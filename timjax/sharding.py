@@ -385,7 +385,25 @@ def sharded_impl(mesh: Mesh, impl: str = "auto") -> str:
     name = f"{inner}@{mesh_key(mesh)}"
     for op, fn in _sharded_ops(mesh, inner).items():
         kernels.register(op, name, fn)
+    _MESH_OF_IMPL[name] = mesh
     return name
+
+
+_MESH_OF_IMPL: dict[str, Mesh] = {}
+
+
+def whole_logits(logits: jax.Array, impl: str) -> jax.Array:
+    """Inside a jitted step whose ``impl`` came from ``sharded_impl``: the logits (split over the vocabulary
+    by the lm_head) made whole on every device, so sampling runs replicated after one all-gather of [R, V]
+    (XLA would otherwise partition the top-p sort across the vocabulary shards). Identity on one device."""
+    mesh = _MESH_OF_IMPL.get(impl)
+    if mesh is None:
+        return logits
+    # First pin the lm_head's output to its vocab split, else XLA may meet "replicated" by gathering the
+    # lm_head weight instead of the (much smaller) logits.
+    split = logical_to_spec((None,) * (logits.ndim - 1) + ("vocab",), logits.shape, mesh)
+    logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, split))
+    return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P()))
 
 
 # ---- inspection: bytes per device and collectives in compiled HLO -------------------------------------
@@ -613,9 +631,3 @@ def mesh_from_args(args) -> Mesh | None:
     return make_mesh(tp=args.tp, dp=args.dp)
 
 
-def replicated_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """Inside a jitted step: make ``x`` (e.g. logits split over the vocabulary) whole on every device, so
-    sampling runs replicated (one all-gather of [R, V] instead of a vocab-partitioned sort)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
