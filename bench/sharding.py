@@ -11,6 +11,9 @@ then times the decode step (one token per row) of the runtime. It reports:
 * communication per step, counted from the compiled HLO's collectives: how many run (a collective inside
   the scan over layers counts once per layer) and the bytes each device sends in a ring algorithm.
 
+dp > 1 runs one engine replica per row of the mesh (as ``timjax.generate`` does): a timed step is every
+replica's step, dispatched asynchronously and awaited together; replicas communicate nothing.
+
 CPU (forced devices; the device count is fixed before JAX starts):
     python bench/sharding.py --devices 8 --meshes 1x1 2x1 4x1 8x1 2x2 4x2 --json bench/out/sharding_cpu.json
 8-GPU machine (H100 x8; no forcing, bf16, a Qwen3-8B layer shape):
@@ -34,7 +37,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--shape", choices=["small", "8b"], default="small")
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--rows", type=int, default=8, help="rows per replica")
     p.add_argument("--context", type=int, default=256, help="tokens cached per row before the timed steps")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=7)
@@ -51,22 +54,22 @@ if ARGS is not None and ARGS.devices > 0:  # must precede the first jax import
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from bench.common import environment, print_table, time_fn  # noqa: E402
-from timjax import sharding  # noqa: E402
-from timjax.config import Qwen3Config  # noqa: E402
-from timjax.model import random_model  # noqa: E402
+from bench.common import environment, print_table, time_fn
+from timjax import sharding
+from timjax.config import Qwen3Config
+from timjax.model import random_model
 
 SHAPES = {
     # Small enough for a 2-core CPU, with heads / MLP / vocab that split 8 ways and a vocabulary that does
     # not drown the layers (the effect measured is the layers' partitioning).
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=8, head_dim=64),
-    "8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "small": {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64},
+    "8b": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
 }
 
 
@@ -77,48 +80,80 @@ def config(args) -> Qwen3Config:
     return Qwen3Config(**kw)
 
 
-def decode_inputs(rows: int):
+def sampling(rows: int):
     from timjax.sampling import SamplingParams
 
-    sp = SamplingParams(jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows), jnp.zeros(rows, jnp.uint32),
-                        jnp.zeros(rows, jnp.int32))
-    return jnp.arange(rows, dtype=jnp.int32), jnp.ones((rows, 1), jnp.int32), jnp.ones(rows, jnp.int32), sp
+    return SamplingParams(jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows), jnp.zeros(rows, jnp.uint32),
+                          jnp.zeros(rows, jnp.int32))
+
+
+def packed(rows: int, chunk: int, lengths: np.ndarray):
+    """Every row feeds ``chunk`` tokens (the engine's packed layout, see timjax/engine/runner.py)."""
+    from timjax import steps
+    from timjax.buckets import bucket
+
+    q_len = np.full(rows, chunk, np.int32)
+    n = bucket(rows * chunk)
+    token_row = np.zeros(n, np.int32)
+    token_row[:rows * chunk] = np.repeat(np.arange(rows, dtype=np.int32), chunk)
+    cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
+    p = steps.Packed(np.ones(n, np.int32), token_row, np.arange(rows, dtype=np.int32), q_len, cu)
+    e = steps.Edits(lengths.astype(np.int32), *np.zeros((4, 0), np.int32))
+    return p, e, n
+
+
+def replica_state(model, mesh, args):
+    """One replica: its cache prefilled to ``--context`` tokens per row and its compiled decode step."""
+    from timjax.buckets import cdiv
+    from timjax.steps import ragged_generate_step, ragged_logits_step
+
+    cfg, R, ps = model.config, args.rows, args.page_size
+    max_len = args.context + 64
+    cache = sharding.create_cache(cfg, mesh, num_pages=R * cdiv(max_len, ps), page_size=ps, max_seqs=R,
+                                  max_seq_len=max_len, dtype=jnp.dtype(args.dtype))
+    impl = sharding.sharded_impl(mesh, args.impl)
+    params = model.params()
+    p, e, n = packed(R, args.context, np.zeros(R))
+    _, _, cache = ragged_logits_step(params, cache, p, e, cfg=cfg, impl=impl, kv_pages=cache.max_pages_per_seq,
+                                     max_new_pages=cdiv(n, ps) + 1)
+    p, e, n = packed(R, 1, np.full(R, args.context))
+    kw = {"cfg": cfg, "impl": impl, "kv_pages": cdiv(args.context + 32, ps), "max_new_pages": 2}
+    e = steps_edits_keep(e)
+    step = jax.jit(lambda prm, c: ragged_generate_step(prm, c, p, e, sampling(R), **kw), donate_argnums=1)
+    compiled = step.lower(params, cache).compile()
+    return {"params": params, "cache": cache, "compiled": compiled}
+
+
+def steps_edits_keep(e):
+    """Decode steps keep every length: edits that shrink nothing (lengths = a large value, min() keeps)."""
+    from timjax import steps
+
+    return steps.Edits(np.full_like(e.lengths, 2**30), e.slot, e.start, e.end, e.length)
 
 
 def run_mesh(name: str, base_model, args) -> dict:
-    from timjax.steps import generate_step, logits_step
-
     tp, dp = (int(x) for x in name.split("x"))
     mesh = sharding.make_mesh(tp=tp, dp=dp)
-    model = sharding.shard_model(base_model, mesh)
-    cfg, R = model.config, args.rows
-    pages = R * (-(-(args.context + 64) // args.page_size))
-    cache = sharding.create_cache(cfg, mesh, num_pages=pages, page_size=args.page_size, max_seqs=R,
-                                  max_seq_len=args.context + 64, dtype=jnp.dtype(args.dtype))
-    impl = sharding.sharded_impl(mesh, args.impl)
-    params = model.params()
-    rows, tok, q_len, sp = decode_inputs(R)
-    chunk = jnp.ones((R, args.context), jnp.int32)
-    _, cache = logits_step(params, cache, rows, chunk, jnp.full((R,), args.context, jnp.int32), cfg=cfg, impl=impl)
-    kv_pages = -(-(args.context + 32) // args.page_size)
-    step = jax.jit(lambda p, c: generate_step(p, c, rows, tok, q_len, sp, cfg=cfg, impl=impl, kv_pages=kv_pages),
-                   donate_argnums=1)
-    compiled = step.lower(params, cache).compile()
-    state = {"cache": cache}
+    reps = sharding.replicas(sharding.shard_model(base_model, mesh))
+    states = [replica_state(m, m.mesh, args) for m in reps]
 
-    def one():
-        out, state["cache"] = compiled(params, state["cache"])
-        return out
+    def one():  # every replica's step, dispatched asynchronously, then all awaited
+        outs = []
+        for st in states:
+            out, _, st["cache"] = st["compiled"](st["params"], st["cache"])
+            outs.append(out)
+        return outs
 
     timing = time_fn(one, warmup=2, repeats=args.repeats)
-    mem = compiled.memory_analysis()
-    w = sharding.device_bytes(params)
-    kv = sharding.device_bytes((state["cache"].k, state["cache"].v))
-    comm = sharding.communication_per_step(compiled.as_text(), tp * dp)
+    st = states[0]
+    mem = st["compiled"].memory_analysis()
+    w = sharding.device_bytes([s["params"] for s in states])
+    kv = sharding.device_bytes([(s["cache"].k, s["cache"].v) for s in states])
+    comm = sharding.communication_per_step(st["compiled"].as_text(), tp)
     return {
-        "mesh": name, "tp": tp, "dp": dp, "step": timing.to_json(),
+        "mesh": name, "tp": tp, "dp": dp, "step": timing.to_json(), "rows_per_step": args.rows * dp,
         "weights_bytes_per_device": max(w.values()), "kv_bytes_per_device": max(kv.values()),
-        "weights_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
+        "weights_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st["params"])),
         "temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
         "collectives": comm,
     }
@@ -141,14 +176,15 @@ def main(args) -> None:
         c = r["collectives"]
         n_ar, n_ag = int(c.get("all-reduce count", 0)), int(c.get("all-gather count", 0))
         sent = sum(v for k, v in c.items() if k.endswith("bytes/device"))
-        rows.append([r["mesh"], r["step"]["median_s"] * 1e3,
+        rows.append([r["mesh"], r["rows_per_step"], r["step"]["median_s"] * 1e3,
                      f"{r['step']['min_s'] * 1e3:.2f}-{r['step']['max_s'] * 1e3:.2f}",
                      f"{r['step']['median_s'] / ref:.2f}x" if ref else "-",
                      r["weights_bytes_per_device"] / 2**20, r["kv_bytes_per_device"] / 2**20,
                      (r["temp_bytes_per_device"] or 0) / 2**20, n_ar, n_ag, sent / 2**10])
-    print_table(["mesh tp x dp", "step ms (median)", "min-max ms", "vs 1x1", "weights MiB/dev", "KV MiB/dev",
+    print_table(["mesh tp x dp", "rows", "step ms (median)", "min-max ms", "vs 1x1", "weights MiB/dev", "KV MiB/dev",
                  "temp MiB/dev", "all-reduces/step", "all-gathers/step", "sent KiB/dev/step"], rows,
-                title=f"decode step, {args.rows} rows x {args.context} context, shape {args.shape}, {args.dtype}")
+                title=f"ragged decode step, {args.rows} rows per replica x {args.context} context, "
+                      f"shape {args.shape}, {args.dtype}")
     out = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
            "config": cfg.model_dump(), "results": results}
     if args.json:

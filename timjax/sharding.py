@@ -23,8 +23,11 @@ The plan (Megatron-style, one all-reduce per attention block and one per MLP blo
   one kv head and its ``Hq / tp`` query heads (GQA maps query head h to kv head h // G; repeating each kv
   head r times and using G / r keeps that map, so the numbers do not change). The model's config then
   reads ``num_key_value_heads = tp``; ``checkpoint_kv_heads`` keeps the original.
-* Norm weights, the page table, lengths and the allocator state are replicated (tiny).
-* ``dp`` splits the batch rows; weights and the pool are replicated over ``dp``.
+* Norm weights, the page table, lengths and the allocator state are replicated (tiny), and so is sampling:
+  the host reads one replicated array of tokens per step, as on one device.
+* ``dp``: the engine runs one replica per row of the mesh (a tp group), each with its own pool, page table
+  and requests (``generate_data_parallel``); a single jitted call such as ``timjax.logits`` splits its batch
+  rows over ``dp`` instead. Weights are replicated over ``dp`` either way.
 
 Nothing is ever materialised whole on one device: ``load_params`` restores orbax items straight into
 their shardings (tensorstore reads each device's slice) and ``create_cache`` runs under ``jit`` with
