@@ -22,12 +22,18 @@ LAYERS = 2  # the worker's tiny model
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding") / "report.json"
+    """Both halves of the worker, side by side (each is mostly single-threaded compilation)."""
+    tmp = tmp_path_factory.mktemp("sharding")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), *MESHES], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    jobs = {part: (tmp / f"{part}.json", subprocess.Popen(
+        [sys.executable, str(WORKER), str(tmp / f"{part}.json"), part, *(MESHES if part == "meshes" else ())],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for part in ("meshes", "runtime")}
+    out = {}
+    for part, (path, proc) in jobs.items():
+        _, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, f"worker {part} failed:\n{err[-4000:]}"
+        out.update(json.loads(path.read_text()))
+    return out
 
 
 def _tp(mesh: str) -> int:
@@ -39,22 +45,25 @@ def test_logits_equal_single_device(report, mesh):
     assert report[mesh]["logits_max_abs_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", ["2x2", "kv_replicated"])
 def test_paged_steps_and_pruning_equal_single_device(report, mesh):
-    """Extend, decode, shift-mode compaction and key rotation through the shard_map'd kernels."""
+    """The ragged step with extend rows, decode rows, then edits (a shift-mode compaction and a re-encode
+    cut), and a key rotation, through the shard_map'd kernels (kv_replicated: tp=4, Hkv=2)."""
     paged = report[mesh]["paged"]
     for key in ("extend_logits_diff", "decode_logits_diff", "after_compact_logits_diff"):
         assert paged[key] < 1e-5, (key, paged[key])
     assert paged["compacted_k_diff"] < 1e-5 and paged["rotated_k_diff"] < 1e-5
-    if _tp(mesh) > 1:
-        assert paged["pool_spec_after"] == ["tp", None, None, None], "the pool must stay split after the edits"
+    assert paged["pool_spec_after"] == ["tp", None, None, None], "the pool must stay split after the edits"
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_generate_equals_single_device(report, mesh):
-    """Greedy and seeded sampling through the engine (dp > 1: one engine per replica) give the same tokens."""
-    for kind, equal in report[mesh]["generate"].items():
-        assert all(equal), (kind, equal)
+    """Greedy (every mesh) and seeded sampling (2x2) through the engine (dp > 1: one engine per replica) give
+    the same tokens."""
+    gen = report[mesh]["generate"]
+    assert set(gen) == ({"greedy", "sampled"} if mesh == "2x2" else {"greedy"})
+    for kind, equal in gen.items():
+        assert len(equal) == 5 and all(equal), (kind, equal)
 
 
 @pytest.mark.parametrize("mode", ["reencode", "shift"])
@@ -69,7 +78,7 @@ def test_tim_with_pruning_gives_the_same_tree(report, mode):
 
 def test_cli_generate_tp4_equals_one_device(report):
     cli = report["tim"]["cli"]
-    assert cli["rc"] == [0, 0] and all(cli["equal"]) and cli["n_tokens"] == [6, 6]
+    assert cli["rc"] == [0, 0] and all(cli["equal"]) and cli["n_tokens"] == [4, 4]
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -121,7 +130,6 @@ def test_kv_heads_replicated_when_fewer_than_tp(report):
     assert r["logits_max_abs_diff"] < 1e-5
     assert r["checkpoint_kv_heads"] == 2 and r["k_proj_shape"][2] == 4  # 2 heads x 2 copies
     assert r["k_proj_local"][2] == 1 and r["pool_local"][0] == 1  # one kv head per shard
-    assert r["paged"]["decode_logits_diff"] < 1e-5 and r["paged"]["after_compact_logits_diff"] < 1e-5
 
 
 def test_hf_directory_loads_sharded(report):

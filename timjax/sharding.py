@@ -295,6 +295,12 @@ def load(path, dtype="bfloat16", *, mesh: Mesh, tokenizer: Any = None):
 # ---- activations and the KV cache --------------------------------------------------------------------
 
 
+def replicated(mesh: Mesh | None) -> NamedSharding | None:
+    """Where per-step host inputs (packed tokens, edits, sampling) go: whole on every device of ``mesh``
+    (None without a mesh: the default device). On several hosts each process puts the same values."""
+    return None if mesh is None else NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Rows (axis 0) over ``dp`` when they divide evenly, everything else replicated."""
     axes = (BATCH,) + (None,) * (len(shape) - 1)

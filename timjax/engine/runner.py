@@ -47,6 +47,7 @@ class Runner:
         self.params = model.params()
         self.mesh = getattr(model, "mesh", None)  # sharded model: sharded pool, kernels under shard_map
         self.impl = impl if self.mesh is None else sharding.sharded_impl(self.mesh, impl)
+        self.host_inputs = sharding.replicated(self.mesh)  # where per-step host arrays go (None: default device)
         self.reposition = reposition
         kw = dict(num_pages=num_pages, page_size=page_size, max_seqs=max_batch, max_seq_len=max_seq_len,
                   dtype=model.dtype)
@@ -113,12 +114,12 @@ class Runner:
         kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=self._kv_pages(rows, edits),
                   max_new_pages=cdiv(N, self.cache.page_size) + 1)
         masked = any(r.samples and r.seq.controller.wants_mask for r in rows)
-        args = (self.params, self.cache, *jax.device_put((packed, edits)))
+        args = (self.params, self.cache, *jax.device_put((packed, edits), self.host_inputs))
         if masked:
             logits, bad, self.cache = steps.ragged_logits_step(*args, **kw)
             out, mask = (logits, bad), np.full((self.slots, self.words), -1, np.int32)
         else:
-            tokens, bad, self.cache = steps.ragged_generate_step(*args, jax.device_put(sampling), **kw)
+            tokens, bad, self.cache = steps.ragged_generate_step(*args, jax.device_put(sampling, self.host_inputs), **kw)
             out, mask = (tokens, bad), None
         self.dispatches += 1
         return Launched(rows, out, sampling, mask, int(packed.cu_q_lens[-1]), N)
@@ -127,7 +128,7 @@ class Runner:
         """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S])."""
         first, bad = step.out
         if step.mask is not None:
-            first = steps.sample_step(first, jax.device_put(step.sampling), jax.device_put(step.mask))
+            first = steps.sample_step(first, *jax.device_put((step.sampling, step.mask), self.host_inputs))
             self.dispatches += 1
         tokens, bad, oom = jax.device_get((first, bad, self.cache.oom))
         return tokens, bad, oom
