@@ -15,7 +15,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax
-import numpy as np
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 
