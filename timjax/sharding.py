@@ -230,6 +230,32 @@ def _assemble(cfg: Qwen3Config, mesh: Mesh, dtype, items: Iterable[tuple[int | N
     return _nest(flat)
 
 
+def _timjax_items(ckpt, mesh: Mesh, dtype, run_cfg: Qwen3Config, rep: int):
+    """A timjax checkpoint's items, each restored by orbax straight into its sharding."""
+    from timjax.convert.timjax_format import global_paths
+
+    shardings, layer_sh = param_shardings(run_cfg, mesh), layer_shardings(run_cfg, mesh)
+    if rep > 1:  # k/v come back to the host to be repeated; they are small (D x Hkv x hd per layer)
+        layer_sh = {k: (None if k in ("k_proj", "v_proj") else s) for k, s in layer_sh.items()}
+    for p in global_paths(ckpt.cfg):
+        yield None, {p: ckpt.read_global(p, sharding=shardings[p], dtype=dtype)}
+    for i in range(ckpt.cfg.num_hidden_layers):
+        yield i, repeat_kv_layer(ckpt.read_layer(i, shardings=layer_sh, dtype=dtype), rep)
+
+
+def _hf_dtype(cfg: Qwen3Config, dtype):
+    """As ``read_params``: the requested dtype, else the config's, else bfloat16."""
+    from timjax.convert.safetensors_io import resolve_dtype
+    from timjax.errors import TimjaxError
+
+    if dtype is not None:
+        return resolve_dtype(dtype)
+    try:
+        return resolve_dtype(cfg.torch_dtype)
+    except TimjaxError:
+        return resolve_dtype("bfloat16")
+
+
 def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict]:
     """Read a timjax or Hugging Face checkpoint directory straight into sharded params.
 
@@ -240,43 +266,20 @@ def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict
 
     from timjax.convert.hf_to_timjax import scan_hf_checkpoint
     from timjax.convert.safetensors_io import resolve_dtype
-    from timjax.convert.timjax_format import (
-        CONFIG_FILE,
-        META_FILE,
-        TimjaxCheckpoint,
-        global_paths,
-    )
-    from timjax.errors import MissingFileError, TimjaxError
+    from timjax.convert.timjax_format import CONFIG_FILE, META_FILE, TimjaxCheckpoint
+    from timjax.errors import MissingFileError
 
     path = Path(path)
     if (path / META_FILE).is_file():
         ckpt = TimjaxCheckpoint(path)
         cfg, target = ckpt.cfg, resolve_dtype(ckpt.dtype if dtype is None else dtype)
         run_cfg, rep = runtime_config(cfg, mesh), kv_repeat(cfg, mesh.shape[TP])
-        shardings, layer_sh = param_shardings(run_cfg, mesh), layer_shardings(run_cfg, mesh)
-        if rep > 1:  # k/v come back to the host to be repeated; they are small (D x Hkv x hd per layer)
-            layer_sh = {k: (None if k in ("k_proj", "v_proj") else s) for k, s in layer_sh.items()}
-
-        def items():
-            for p in global_paths(cfg):
-                yield None, {p: ckpt.read_global(p, sharding=shardings[p], dtype=target)}
-            for i in range(cfg.num_hidden_layers):
-                layer = ckpt.read_layer(i, shardings=layer_sh, dtype=target)
-                yield i, repeat_kv_layer(layer, rep)
-
-        return cfg, run_cfg, _assemble(run_cfg, mesh, target, items())
+        return cfg, run_cfg, _assemble(run_cfg, mesh, target, _timjax_items(ckpt, mesh, target, run_cfg, rep))
     if not (path / CONFIG_FILE).is_file():
         raise MissingFileError(f"{path}: neither {META_FILE} nor {CONFIG_FILE} found "
                                f"(not a timjax or Hugging Face checkpoint)")
     plan = scan_hf_checkpoint(path)
-    cfg = plan.cfg
-    if dtype is None:  # the config's dtype, as read_params does
-        try:
-            target = resolve_dtype(cfg.torch_dtype)
-        except TimjaxError:
-            target = resolve_dtype("bfloat16")
-    else:
-        target = resolve_dtype(dtype)
+    cfg, target = plan.cfg, _hf_dtype(plan.cfg, dtype)
     run_cfg, rep = runtime_config(cfg, mesh), kv_repeat(cfg, mesh.shape[TP])
     stream = ((i, tree if i is None else repeat_kv_layer(tree, rep)) for i, tree in plan.stream(target))
     return cfg, run_cfg, _assemble(run_cfg, mesh, target, stream)
