@@ -39,7 +39,7 @@ def section(out: Path) -> str:
         lines += [f"### {name}", ""]
         for text in (payload.get("tables") or {}).values():
             if text:
-                lines += ["```", text.rstrip(), "```", ""]
+                lines += [text.rstrip(), ""]  # print_table already writes markdown
     if (out / "sm90.json").exists():
         lines += ["### sm_90a compile figures (tests/test_compile_h100.py)", ""]
         lines += _sm90_table(json.loads((out / "sm90.json").read_text())) + [""]

@@ -85,14 +85,23 @@ def ragged_args(cache, chunks: list[list[int]], lengths=None, compactions=()):
     return packed, edits, kw
 
 
-def step_hlo(model, mesh, cache, impl: str) -> str:
-    """The compiled ragged step (edits + forward + sample; a mixed batch of extend and decode rows) on the
-    sharded params and pool."""
-    from timjax.steps import ragged_generate_step
+def flat_step_args(cache, chunks, **edit):
+    """The engine's per-step inputs (``steps.flatten_inputs``) and static kwargs for ``flat_*_step``."""
+    from timjax.steps import flat_layout, flatten_inputs
 
-    packed, edits, kw = ragged_args(cache, [[1] * 8, [2], [3] * 5, [4]])
-    _, _, _, sp = decode_inputs(cache.max_seqs)
-    lowered = ragged_generate_step.lower(model.params(), cache, packed, edits, sp, cfg=model.config, impl=impl, **kw)
+    packed, edits, kw = ragged_args(cache, chunks, **edit)
+    ints, floats = flatten_inputs(packed, edits, decode_inputs(cache.max_seqs)[3])
+    kw["layout"] = flat_layout(packed.tokens.shape[0], cache.max_seqs, edits.slot.shape[0])
+    return ints, floats, kw
+
+
+def step_hlo(model, mesh, cache, impl: str) -> str:
+    """The compiled step the engine runs (``flat_generate_step``: edits + forward + sample over a mixed
+    batch of extend and decode rows) on the sharded params and pool."""
+    from timjax.steps import flat_generate_step
+
+    ints, floats, kw = flat_step_args(cache, [[1] * 8, [2], [3] * 5, [4]], compactions=[(0, 1, 2, 3)])
+    lowered = flat_generate_step.lower(model.params(), cache, ints, floats, cfg=model.config, impl=impl, **kw)
     return lowered.compile().as_text()
 
 
@@ -261,7 +270,7 @@ def export_cuda(mesh_name: str) -> dict:
 
     from jax import export
 
-    from timjax.steps import ragged_generate_step
+    from timjax.steps import flat_generate_step
 
     tp, dp = (int(x) for x in mesh_name.split("x"))
     mesh = sharding.make_mesh(tp=tp, dp=dp)
@@ -269,12 +278,11 @@ def export_cuda(mesh_name: str) -> dict:
     cache = sharding.create_cache(model.config, mesh, num_pages=32, page_size=16, max_seqs=4, max_seq_len=128,
                                   dtype=jnp.bfloat16)
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    packed, edits, kw = ragged_args(cache, [[1] * 8, [2], [3] * 5, [4]], compactions=[(0, 1, 2, 3)])
-    _, _, _, sp = decode_inputs(cache.max_seqs)
-    step = jax.jit(partial(ragged_generate_step, cfg=model.config, impl=sharding.sharded_impl(mesh, "pallas"), **kw))
+    ints, floats, kw = flat_step_args(cache, [[1] * 8, [2], [3] * 5, [4]], compactions=[(0, 1, 2, 3)])
+    step = jax.jit(partial(flat_generate_step, cfg=model.config, impl=sharding.sharded_impl(mesh, "pallas"), **kw))
     exp = export.export(step, platforms=["cuda"],
                         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), packed, edits, sp)
+        jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), ints, floats)
     text = exp.mlir_module()
     return {"platforms": list(exp.platforms), "nr_devices": exp.nr_devices,
             "triton_calls": text.count("xla.gpu.triton"), "manual": text.count("sdy.manual_computation"),

@@ -13,7 +13,7 @@ import timjax
 from timjax import cache as cache_mod
 from timjax import steps
 from timjax.buckets import cdiv
-from timjax.cache import check_invariants, create_cache
+from timjax.cache import check_invariants
 from timjax.config import Qwen3Config
 from timjax.engine import Action, Engine, PlainController, PruneOp, Request, SeqState
 from timjax.engine.runner import Runner

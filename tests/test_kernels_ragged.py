@@ -98,6 +98,25 @@ class TestRaggedReference:
         np.testing.assert_allclose(got, want, **_tol(dtype))
         assert np.all(got[int(cu[-1]):] == 0)
 
+    @pytest.mark.parametrize("seed", range(6))
+    def test_random_splits_vs_dense(self, seed):
+        """Random ragged splits (0-9 tokens per row, any start, spare tokens) against the dense computation."""
+        rng = np.random.default_rng(100 + seed)
+        ps = int(rng.choice([1, 4]))
+        window = 32 // ps
+        rows = []
+        for _ in range(int(rng.integers(1, 7))):
+            n = int(rng.integers(0, 10))
+            rows.append((int(rng.integers(0, window * ps - n + 1)), n))
+        n_tokens = sum(n for _, n in rows) + int(rng.integers(1, 6))
+        group = int(rng.choice([1, 2, 4]))
+        args, kd, vd = make_batch(rng, rows, n_tokens=n_tokens, hkv=1, group=group, hd=8, ps=ps, window=window,
+                                  dtype=jnp.float32)
+        block_q = [None, 1, 2, 8][seed % 4]
+        q, *_, q_start, q_len, cu = args
+        want = dense_ragged(_f32(q), kd, vd, _f32(q_start), _f32(q_len), _f32(cu), 8**-0.5)
+        np.testing.assert_allclose(_f32(reference(*args, block_q=block_q)), want, atol=2e-5, rtol=2e-5)
+
     def test_matches_extend_reference_and_ops(self):
         """Rows of equal q_len packed flat == the padded [B, T] extend reference; ops dispatches."""
         rng = np.random.default_rng(1)
@@ -191,6 +210,21 @@ class TestRaggedKernel:
         want = dense_ragged(_f32(q), kd, vd, _f32(q_start), _f32(q_len), _f32(cu), 16**-0.5)
         np.testing.assert_allclose(got, want, **_tol(dtype))
         np.testing.assert_allclose(got, _f32(reference(*args)), **_tol(dtype))
+        assert np.all(got[int(cu[-1]):] == 0)
+
+    @pytest.mark.parametrize("seed", range(2))
+    def test_random_splits(self, seed):
+        """Random ragged splits with 16-row blocks, so rows span several q blocks and blocks sit idle."""
+        rng = np.random.default_rng(200 + seed)
+        rows = [(int(rng.integers(0, 20)), int(rng.integers(0, 12))) for _ in range(int(rng.integers(2, 6)))]
+        n_tokens = sum(n for _, n in rows) + int(rng.integers(1, 9))
+        group = [2, 4][seed]
+        args, kd, vd = make_batch(rng, rows, n_tokens=n_tokens, hkv=1, group=group, hd=16, ps=4, window=8,
+                                  dtype=jnp.float32)
+        got = _f32(self._kernel(*args, block_m=16, block_k=16))
+        q, *_, q_start, q_len, cu = args
+        want = dense_ragged(_f32(q), kd, vd, _f32(q_start), _f32(q_len), _f32(cu), 16**-0.5)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
         assert np.all(got[int(cu[-1]):] == 0)
 
     def test_decode_only_and_scale(self):

@@ -16,6 +16,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from timjax import kernels, sharding
 from timjax.buckets import cdiv
@@ -166,7 +167,7 @@ def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: flo
             # Each (edit, layer) pair is a row for the kernel: one call covers every layer of every edit.
             pt = cache.page_table[edits.slot][:, :kv_pages]  # [E, W]
             per_layer = (pt[:, None, :] + (jnp.arange(L, dtype=jnp.int32) * P)[None, :, None]).reshape(-1, pt.shape[1])
-            rep = lambda x: jnp.repeat(x, L)  # noqa: E731
+            rep = lambda x: jnp.repeat(x, L)
             return kernels.compact(*kv, per_layer, rep(edits.start), rep(edits.end), rep(edits.length),
                                    rope_theta=rope_theta, impl=impl)
 
@@ -233,6 +234,56 @@ def ragged_logits_step(params, cache, packed, edits, *, cfg, impl="auto", kv_pag
 @partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
 def ragged_generate_step(params, cache, packed, edits, sampling, *, cfg, impl="auto", kv_pages, max_new_pages):
     """Edits, forward and sample in one dispatch: (int32 [R] next tokens, bool [R] non-finite, cache)."""
+    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
+                                        max_new_pages=max_new_pages)
+    return sample(logits, sampling), bad, cache
+
+
+# ---------------------------------------------------------------------------------------------- one transfer a step
+def flat_layout(n_tokens: int, n_slots: int, n_edits: int) -> tuple[int, int, int]:
+    """The static layout of ``flatten_inputs``: (N, S, E)."""
+    return n_tokens, n_slots, n_edits
+
+
+def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: every per-step input in one int32 and one float32 array, so a step costs two small
+    transfers instead of fifteen (the host loop's share of a small decode step is mostly transfers)."""
+    ints = np.concatenate([packed.tokens, packed.token_row, packed.q_len, packed.cu_q_lens, edits.lengths,
+                           edits.slot, edits.start, edits.end, edits.length, sampling.top_k,
+                           np.asarray(sampling.seed, np.uint32).view(np.int32), sampling.counter]).astype(np.int32)
+    floats = np.concatenate([sampling.temperature, sampling.top_p]).astype(np.float32)
+    return ints, floats
+
+
+def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, int, int]):
+    N, S, E = layout
+    sizes = [N, N, S, S + 1, S, E, E, E, E, S, S, S]
+    parts, at = [], 0
+    for n in sizes:
+        parts.append(ints[at:at + n])
+        at += n
+    tokens, token_row, q_len, cu, lengths, slot, start, end, length, top_k, seed, counter = parts
+    packed = Packed(tokens, token_row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
+    sampling = SamplingParams(floats[:S], top_k, floats[S:], jax.lax.bitcast_convert_type(seed, jnp.uint32), counter)
+    return packed, Edits(lengths, slot, start, end, length), sampling
+
+
+_FLAT_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages", "layout")
+
+
+@partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
+def flat_logits_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
+    """``ragged_logits_step`` over ``flatten_inputs``; also returns the sampling settings for ``sample_step``."""
+    packed, edits, sampling = unflatten_inputs(ints, floats, layout)
+    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
+                                        max_new_pages=max_new_pages)
+    return logits, bad, sampling, cache
+
+
+@partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
+def flat_generate_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
+    """``ragged_generate_step`` over ``flatten_inputs``."""
+    packed, edits, sampling = unflatten_inputs(ints, floats, layout)
     logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
                                         max_new_pages=max_new_pages)
     return sample(logits, sampling), bad, cache

@@ -8,6 +8,13 @@
 """
 
 from timjax.engine.core import Engine
-from timjax.engine.protocol import Action, Controller, PlainController, PruneOp, Request, SeqState
+from timjax.engine.protocol import (
+    Action,
+    Controller,
+    PlainController,
+    PruneOp,
+    Request,
+    SeqState,
+)
 
 __all__ = ["Action", "Controller", "Engine", "PlainController", "PruneOp", "Request", "SeqState"]

@@ -10,7 +10,8 @@ its action. A controller's exception, or non-finite logits, end that sequence al
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +83,7 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, requests: list[Request], *, on_token: Callable[[int, int], None] | None = None,
-            progress: Any = None, on_step: Callable[["Engine", list[SeqState]], None] | None = None,
+            progress: Any = None, on_step: Callable[[Engine, list[SeqState]], None] | None = None,
             reposition: str | None = None) -> list[GenerationResult]:
         """Serve every request; ``on_step(engine, running)`` is called after each iteration (tests and
         tracing: the cache and every resident sequence are consistent then)."""

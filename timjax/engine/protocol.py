@@ -9,8 +9,8 @@ methods may raise: the engine ends that sequence alone with ``finish_reason="err
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence as Seq
 from typing import Any, Protocol
-from typing import Sequence as Seq
 
 import numpy as np
 
@@ -43,13 +43,13 @@ class Controller(Protocol):
 
     def fill_mask(self, out: np.ndarray) -> None: ...
 
-    def on_token(self, token: int, seq: "SeqState") -> Action: ...
+    def on_token(self, token: int, seq: SeqState) -> Action: ...
 
     # Optional: called once per iteration, only while the sequence is parked; must not block.
     # None = still waiting; an Action unparks it (feed = e.g. the tool result's tokens).
-    def poll(self, seq: "SeqState") -> Action | None: ...
+    def poll(self, seq: SeqState) -> Action | None: ...
 
-    def finish(self, seq: "SeqState", result: GenerationResult) -> None: ...
+    def finish(self, seq: SeqState, result: GenerationResult) -> None: ...
 
 
 @dataclasses.dataclass

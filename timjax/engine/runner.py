@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from timjax import sharding, steps
-from timjax.buckets import cdiv, pow2, bucket
+from timjax.buckets import bucket, cdiv, pow2
 from timjax.cache import create_cache
 from timjax.engine.protocol import PruneOp, SeqState
 from timjax.engine.scheduler import Row
@@ -33,8 +33,7 @@ class Launched:
     """A step in flight: ``mask`` rows are filled by the host before ``Runner.collect``."""
 
     rows: list[Row]
-    out: tuple  # device arrays: (tokens, bad) or (logits, bad)
-    sampling: SamplingParams
+    out: tuple  # device arrays: (tokens, bad, None) or (logits, bad, sampling settings)
     mask: np.ndarray | None  # int32 [S, words] when a row samples under a mask
     tokens: int  # real tokens packed
     computed: int  # packed length N (real + padding)
@@ -110,25 +109,27 @@ class Runner:
         """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once."""
         edits = self._edits(slots)
         packed, N = pack_rows(rows, self.slots, min_tokens=min(MIN_DECODE_TOKENS, self.slots))
-        sampling = self._sampling(rows)
+        ints, floats = steps.flatten_inputs(packed, edits, self._sampling(rows))
+        if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
+            ints, floats = jax.device_put((ints, floats), self.host_inputs)
         kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=self._kv_pages(rows, edits),
-                  max_new_pages=cdiv(N, self.cache.page_size) + 1)
-        masked = any(r.samples and r.seq.controller.wants_mask for r in rows)
-        args = (self.params, self.cache, *jax.device_put((packed, edits), self.host_inputs))
-        if masked:
-            logits, bad, self.cache = steps.ragged_logits_step(*args, **kw)
-            out, mask = (logits, bad), np.full((self.slots, self.words), -1, np.int32)
+                  max_new_pages=cdiv(N, self.cache.page_size) + 1,
+                  layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]))
+        if any(r.samples and r.seq.controller.wants_mask for r in rows):
+            logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)
+            out, mask = (logits, bad, sampling), np.full((self.slots, self.words), -1, np.int32)
         else:
-            tokens, bad, self.cache = steps.ragged_generate_step(*args, jax.device_put(sampling, self.host_inputs), **kw)
-            out, mask = (tokens, bad), None
+            tokens, bad, self.cache = steps.flat_generate_step(self.params, self.cache, ints, floats, **kw)
+            out, mask = (tokens, bad, None), None
         self.dispatches += 1
-        return Launched(rows, out, sampling, mask, int(packed.cu_q_lens[-1]), N)
+        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N)
 
     def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S])."""
-        first, bad = step.out
+        first, bad, sampling = step.out
         if step.mask is not None:
-            first = steps.sample_step(first, *jax.device_put((step.sampling, step.mask), self.host_inputs))
+            mask = step.mask if self.host_inputs is None else jax.device_put(step.mask, self.host_inputs)
+            first = steps.sample_step(first, sampling, mask)
             self.dispatches += 1
         tokens, bad, oom = jax.device_get((first, bad, self.cache.oom))
         return tokens, bad, oom

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from timjax.buckets import cdiv, bucket
+from timjax.buckets import bucket, cdiv
 from timjax.engine.protocol import SeqState
 
 
