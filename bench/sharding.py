@@ -44,6 +44,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--impl", default="auto")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG: step time and memory per device against tp")
+    p.add_argument("--replot", type=Path, default=None, help="with --plot: redraw from this --json output")
     return p.parse_args()
 
 
@@ -209,10 +210,14 @@ def plot(results: list[dict], path: Path) -> None:
                          [(r["step"]["max_s"] - r["step"]["median_s"]) * 1e3 for r in rs]], marker="o", label=f"dp={dp}")
         b.plot(tps, [(r["weights_bytes_per_device"] + r["kv_bytes_per_device"]) / 2**20 for r in rs], marker="o",
                label=f"dp={dp}")
-    a.set(xscale="log", xlabel="tp", ylabel="decode step ms (median, min-max)", title="step time")
-    b.set(xscale="log", yscale="log", xlabel="tp", ylabel="MiB per device", title="weights + KV per device")
+    a.set(xlabel="tp", ylabel="decode step ms (median, min-max)", title="step time")
+    b.set(yscale="log", xlabel="tp", ylabel="MiB per device", title="weights + KV per device")
+    from matplotlib.ticker import NullFormatter
+
     for ax in (a, b):
+        ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,4 +225,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    if ARGS.replot:  # redraw from a saved JSON, no measuring
+        plot(json.loads(ARGS.replot.read_text())["results"], ARGS.plot)
+    else:
+        main(ARGS)
