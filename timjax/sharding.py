@@ -2,7 +2,7 @@
 
 The mesh has two axes, ``dp`` (data parallel: batch / engine rows) and ``tp`` (tensor parallel: heads,
 MLP columns, vocabulary). Every parameter declares its logical axes once, in ``timjax.params.param_specs``;
-the KV pool's are ``KV_POOL_AXES`` below. One rules table (``ShardingRules``, after jax-llm-examples'
+the KV pool's next to its layout (``timjax.cache.POOL_AXES``). One rules table (``ShardingRules``, after jax-llm-examples'
 ``ShardingRules`` / ``logical_to_physical`` and bonsai's ``ShardConfig``) maps logical axes to mesh axes,
 and the jitted functions are left to XLA's SPMD partitioner, except the kernels: a Pallas call cannot be
 partitioned automatically, so ``sharded_impl(mesh, impl)`` registers a ``shard_map`` wrapper around each
@@ -53,9 +53,7 @@ from timjax.config import Qwen3Config
 from timjax.params import param_specs
 
 DP, TP = "dp", "tp"
-# Logical axes of the KV pool (see timjax.cache) and of per-row activations.
-KV_POOL_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
-BATCH = "batch"
+BATCH = "batch"  # logical axis of per-row activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +315,9 @@ def shard_batch(x, mesh: Mesh) -> jax.Array:
 def cache_shardings(cache, mesh: Mesh, rules: ShardingRules = RULES):
     """A pytree like ``cache`` (a ``KVCache`` or its ``eval_shape``) of NamedShardings: the pool split over
     its kv-head axis, page table / lengths / allocator state replicated."""
-    pool = NamedSharding(mesh, logical_to_spec(KV_POOL_AXES, cache.k.shape, mesh, rules, name="KV pool"))
+    from timjax.cache import POOL_AXES
+
+    pool = NamedSharding(mesh, logical_to_spec(POOL_AXES, cache.k.shape, mesh, rules, name="KV pool"))
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, cache)
     return shardings.replace(k=pool, v=pool)
