@@ -1,13 +1,13 @@
 """Tensor and data parallelism over a device mesh, with XLA's SPMD partitioner doing the work.
 
 The mesh has two axes, ``dp`` (data parallel: batch / engine rows) and ``tp`` (tensor parallel: heads,
-MLP columns, vocabulary). Every parameter declares its logical axes once, in ``timjax.params.param_specs``;
-the KV pool's next to its layout (``timjax.cache.POOL_AXES``). One rules table (``ShardingRules``, after jax-llm-examples'
-``ShardingRules`` / ``logical_to_physical`` and bonsai's ``ShardConfig``) maps logical axes to mesh axes,
-and the jitted functions are left to XLA's SPMD partitioner, except the kernels: a Pallas call cannot be
-partitioned automatically, so ``sharded_impl(mesh, impl)`` registers a ``shard_map`` wrapper around each
-kernel op (``kernels.ops.register``) that runs it per shard on the shard's own kv heads. Callers pass
-the returned name as ``impl=``; the jitted steps need no other change.
+MLP columns, vocabulary). Every parameter declares its logical axes once, in ``timjax.params.param_specs``,
+and the KV pool next to its layout (``timjax.cache.POOL_AXES``). One rules table (``ShardingRules``, after
+jax-llm-examples' ``ShardingRules`` / ``logical_to_physical`` and bonsai's ``ShardConfig``) maps logical
+axes to mesh axes, and the jitted functions are left to XLA's SPMD partitioner, except the kernels: a Pallas
+call cannot be partitioned automatically, so ``sharded_impl(mesh, impl)`` registers a ``shard_map`` wrapper
+around each kernel op (``kernels.ops.register``) that runs it per shard on the shard's own kv heads. Callers
+pass the returned name as ``impl=``; the step's one other hook is ``whole_logits`` before sampling.
 
 The plan (Megatron-style, one all-reduce per attention block and one per MLP block per layer):
 
