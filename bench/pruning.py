@@ -1,23 +1,22 @@
-"""Subtask pruning in replay mode: throughput and KV memory of long, deep TIM trees with random weights.
+"""Subtask pruning in replay mode: throughput, KV memory and serving of long, deep TIM trees with random weights.
 
-    python bench/pruning.py                                            # CPU default: full grid, tiny shape
-    python bench/pruning.py --full                                     # also buffers 1 and 4 at batch 16 (~9 min)
-    python bench/pruning.py --quick                                    # batch 1 only, buffers off/0/2
+    python bench/pruning.py --plot bench/pruning_kv_cpu.png            # default: kv shape, batch 1 8 16, repeats 3
+    python bench/pruning.py --batch 16 --buffers off 2 --depth 4       # the batch-16 goals and the KV-bounded run
     python bench/pruning.py --shape 8b --dtype bfloat16 --depth 5 --breadth 3 --words 12 \\
-        --json bench/out/pruning_8b_h100.json                          # on an H100
+        --json bench/out/pruning_8b_h100.json                          # on an H100 (Qwen3 vocabulary)
 
 Replay: ``TimController(override=ReplayText(trace))`` drives the engine through a synthetic TIM document
 (``timjax.tim.traces.synthetic_document``) token by token. Every step is the real one (grammar mask, forward,
 sample, tree tracking, FIFO prune buffer, re-encode / RoPE shift); only the sampled token is replaced by the
 trace's. Each request of a batch replays a different document (seeds 0..B-1, same depth/breadth/words).
 
-Grid (one run): batch x page size x {pruning off} + batch x page size x reposition x buffer (by default
-buffers 1 and 4 at batch 1 only, to keep the CPU run near 5 minutes; ``--full`` for all). Every
-configuration is timed on a fresh ``Engine`` (same ``max_seq_len`` for all, big enough for the whole
-trace with pruning off). Compile time is excluded: a timed run must see zero XLA backend compiles (counted
-with ``jax.monitoring``); a run that compiled anything was the warmup for that configuration and is repeated
-(``--warmup auto``, default: the jitted steps are shared by configurations of the same batch and page size,
-so most configurations need no separate warmup run); ``--warmup always`` runs each one untimed first.
+Grid (one run): batch x page size x {pruning off, buffers} x reposition (all of ``--buffers`` at the largest
+batch, ``--small-batch-buffers`` at the others), then a KV-bounded run: ``--kv-requests`` requests in one pool
+of ``--kv-traces`` unpruned traces, pruning off vs buffer 2 in both modes (requests/s and tokens/s). Every
+configuration is timed on a fresh ``Engine``; compile time is excluded (a timed run must see zero XLA backend
+compiles, counted with ``jax.monitoring``; a run that compiled was the warmup and is repeated). Median of
+``--repeats`` runs with the min-max spread; padding efficiency (real tokens / packed positions) and dispatches
+per iteration come from ``Engine.stats``.
 
 Figures per configuration, and as ratios to pruning off at the same batch and page size:
   tok/s     generated tokens of all requests / wall time of ``Engine.run``
