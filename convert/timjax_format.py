@@ -80,6 +80,20 @@ def make_meta(cfg: Qwen3Config, dtype: np.dtype, source: dict[str, Any], side_fi
     }
 
 
+def _restore_args(shardings: Mapping[str, Any] | None, dtype) -> dict[str, Any] | None:
+    if shardings is None:
+        return None
+    import orbax.checkpoint as ocp  # lazy: pulls in jax
+
+    def one(key, sharding):
+        dt = None if dtype is None else param_dtype(key if key in FLOAT32_PARAMS else f"layers.{key}", dtype)
+        if sharding is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dt)
+        return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dt)
+
+    return {k: one(k, s) for k, s in shardings.items()}
+
+
 def save_item(ckptr, directory: Path, tree: dict[str, np.ndarray]) -> None:
     ckptr.save(Path(directory).absolute(), tree)
 
@@ -123,34 +137,39 @@ class TimjaxCheckpoint:
                 raise UnexpectedTensorError(f"{meta_file}: unexpected parameter {p}")
         self._ckptr = None
 
-    def _restore(self, rel: str) -> dict[str, np.ndarray]:
+    def _restore(self, rel: str, shardings: Mapping[str, Any] | None = None, dtype=None) -> dict[str, Any]:
+        """One orbax item as host numpy, or, with ``shardings`` ({key: NamedSharding or None = host}), each
+        key restored straight into its sharding (tensorstore reads only each device's slice), cast to
+        ``dtype`` (norms to float32)."""
         d = self.path / rel
         if not d.is_dir():
             raise MissingFileError(f"{d}: checkpoint item missing")
         if self._ckptr is None:
             self._ckptr = orbax_checkpointer()
         try:
-            tree = self._ckptr.restore(d.absolute())
+            tree = self._ckptr.restore(d.absolute(), restore_args=_restore_args(shardings, dtype))
         except Exception as e:  # orbax/tensorstore raise assorted types for damaged data
             raise CorruptFileError(f"{d}: cannot restore orbax checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
-        return {k: np.asarray(v) for k, v in tree.items()}
+        return {k: v if shardings is not None and shardings.get(k) is not None else np.asarray(v)
+                for k, v in tree.items()}
 
     def _check(self, where: str, path: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if tuple(x.shape) != tuple(shape):
             raise TensorShapeError(f"{self.path / where}: parameter {path} has shape {tuple(x.shape)}, expected {tuple(shape)}")
         return x
 
-    def read_global(self, path: str) -> np.ndarray:
+    def read_global(self, path: str, *, sharding=None, dtype=None) -> Any:
         rel = self.meta["checkpoints"][path]
-        tree = self._restore(rel)
+        tree = self._restore(rel, None if sharding is None else {path: sharding}, dtype)
         if path not in tree:
             raise TensorMissingError(f"{self.path / rel}: missing parameter {path}")
         return self._check(rel, path, tree[path], param_shapes(self.cfg)[path])
 
-    def read_layer(self, i: int) -> dict[str, np.ndarray]:
-        """One layer's params, keyed by the path without ``layers.`` (``"q_proj"``...), unstacked."""
+    def read_layer(self, i: int, *, shardings: Mapping[str, Any] | None = None, dtype=None) -> dict[str, Any]:
+        """One layer's params, keyed by the path without ``layers.`` (``"q_proj"``...), unstacked.
+        ``shardings`` (by key) restores them as sharded device arrays (``timjax.sharding.load_params``)."""
         rel = self.meta["checkpoints"]["layers"].format(i)
-        tree = self._restore(rel)
+        tree = self._restore(rel, shardings, dtype)
         shapes = param_shapes(self.cfg)
         out = {}
         for p in layer_paths(self.cfg):

@@ -22,8 +22,13 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True) -> Qwen3:
-    """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly."""
+def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True, mesh=None) -> Qwen3:
+    """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly.
+    ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) loads straight into the sharded layout."""
+    if mesh is not None:
+        from timjax import sharding
+
+        return sharding.load(path, dtype, mesh=mesh, tokenizer=load_tokenizer(path) if tokenizer else None)
     from timjax.convert import read_params
 
     cfg, params = read_params(path, dtype=dtype)
@@ -59,7 +64,7 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
              chat: bool = False, system: str | None = None,
              on_token: Callable[[int, int], None] | None = None, progress: bool = False,
              schema: Any = None, pruning_buffer: int | None = None, reposition: str = "reencode",
-             engine_options: dict | None = None):
+             engine_options: dict | None = None, mesh=None):
     """Generate from one prompt (a string or token ids) or a batch of them.
 
     Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
@@ -70,7 +75,10 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
     ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
     ``model`` may be a ``timjax.Engine``: it serves the call with its cache and compiled steps (no
     recompilation across calls); the cache options (max_batch ... engine_options) are then the engine's.
+    ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) shards the model over it; dp > 1 splits the prompts
+    over dp engine replicas (``timjax.sharding.generate_data_parallel``).
     """
+    args = dict(locals())  # first: the call's own arguments, forwarded to each dp replica
     from timjax.engine import Engine, PlainController, Request
 
     engine = model if isinstance(model, Engine) else None
@@ -78,6 +86,14 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
 
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
+    if engine is None and (mesh is not None or getattr(model, "mesh", None) is not None):
+        from timjax import sharding
+
+        model = sharding.on_mesh(model, mesh)
+        if model.mesh.shape[sharding.DP] > 1:
+            kw = {k: v for k, v in args.items() if k not in ("model", "prompt", "mesh", "seed", "on_token")}
+            rs = sharding.generate_data_parallel(generate, model, prompts, seed=seed, on_token=on_token, **kw)
+            return rs if batch else rs[0]
     if schema is not None and system is None:
         from timjax.tim.prompt import tim_system_prompt
 

@@ -26,6 +26,10 @@ from timjax.buckets import cdiv
 from timjax.config import Qwen3Config
 
 
+# Logical axes of the pool k / v (timjax.sharding maps them to mesh axes: kv heads over tensor parallel).
+POOL_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
+
+
 @partial(jax.tree_util.register_dataclass,
          data_fields=["k", "v", "page_table", "lengths", "pages_owned", "free_stack", "num_free", "oom"],
          meta_fields=["page_size", "num_layers"])

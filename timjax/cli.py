@@ -73,7 +73,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import timjax
 
-    model = timjax.load(args.model, dtype=args.dtype)
+    from timjax.sharding import mesh_from_args
+
+    model = timjax.load(args.model, dtype=args.dtype, mesh=mesh_from_args(args))
     prompts = args.prompt
     schema = None
     if args.tim:
@@ -134,6 +136,9 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one plain prompt)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    from timjax.mesh_args import add_mesh_arguments
+
+    add_mesh_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
 

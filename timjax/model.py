@@ -137,11 +137,13 @@ class _Layers(nnx.Module):
 
 
 class Qwen3(nnx.Module):
-    """Qwen3ForCausalLM. Build with random weights (``rngs``) or from a params dict (``params``)."""
+    """Qwen3ForCausalLM. Build with random weights (``rngs``) or from a params dict (``params``).
+    ``mesh``: the device mesh the params are sharded over (``timjax.sharding``), None on one device."""
 
     def __init__(self, config: Qwen3Config, *, dtype="bfloat16", rngs: nnx.Rngs | None = None,
-                 params: Params | None = None, tokenizer: Any = None):
+                 params: Params | None = None, tokenizer: Any = None, mesh: Any = None):
         self.config = config
+        self.mesh = mesh
         self.dtype = as_dtype(dtype)
         self.tokenizer = tokenizer
         if params is None:
@@ -161,6 +163,10 @@ class Qwen3(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
+        if self.mesh is not None:  # batch rows over the mesh's data-parallel axis
+            from timjax.sharding import shard_batch
+
+            tokens = shard_batch(tokens, self.mesh)
         lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
         return _dense_logits(self.params(), self.config, tokens, lengths)
 

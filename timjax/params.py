@@ -19,28 +19,47 @@ import numpy as np
 from timjax.config import Qwen3Config
 
 
-def param_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
-    """Shape of every timjax parameter, by its dotted path."""
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its shape and the logical name of each axis (``timjax.sharding`` maps names to mesh axes)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+
+
+# Logical axis names. Tensor parallelism splits q_heads / kv_heads / mlp (column-parallel q, k, v, gate, up;
+# row-parallel o, down) and vocab; "layers", "embed" and "head_dim" stay whole on every device.
+VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS = "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers"
+
+
+def param_specs(cfg: Qwen3Config) -> dict[str, ParamSpec]:
+    """Shape and logical axes of every timjax parameter, by its dotted path (the one place both are declared)."""
     L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     Hq, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    shapes = {
-        "embed": (V, D),
-        "layers.attn_norm": (L, D),
-        "layers.q_proj": (L, D, Hq, hd),
-        "layers.k_proj": (L, D, Hkv, hd),
-        "layers.v_proj": (L, D, Hkv, hd),
-        "layers.o_proj": (L, Hq, hd, D),
-        "layers.q_norm": (L, hd),
-        "layers.k_norm": (L, hd),
-        "layers.mlp_norm": (L, D),
-        "layers.gate_proj": (L, D, F),
-        "layers.up_proj": (L, D, F),
-        "layers.down_proj": (L, F, D),
-        "final_norm": (D,),
+    S = ParamSpec
+    specs = {
+        "embed": S((V, D), (VOCAB, EMBED)),
+        "layers.attn_norm": S((L, D), (LAYERS, EMBED)),
+        "layers.q_proj": S((L, D, Hq, hd), (LAYERS, EMBED, Q_HEADS, HEAD_DIM)),
+        "layers.k_proj": S((L, D, Hkv, hd), (LAYERS, EMBED, KV_HEADS, HEAD_DIM)),
+        "layers.v_proj": S((L, D, Hkv, hd), (LAYERS, EMBED, KV_HEADS, HEAD_DIM)),
+        "layers.o_proj": S((L, Hq, hd, D), (LAYERS, Q_HEADS, HEAD_DIM, EMBED)),
+        "layers.q_norm": S((L, hd), (LAYERS, HEAD_DIM)),
+        "layers.k_norm": S((L, hd), (LAYERS, HEAD_DIM)),
+        "layers.mlp_norm": S((L, D), (LAYERS, EMBED)),
+        "layers.gate_proj": S((L, D, F), (LAYERS, EMBED, MLP)),
+        "layers.up_proj": S((L, D, F), (LAYERS, EMBED, MLP)),
+        "layers.down_proj": S((L, F, D), (LAYERS, MLP, EMBED)),
+        "final_norm": S((D,), (EMBED,)),
     }
     if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
+        specs["lm_head"] = S((D, V), (EMBED, VOCAB))
+    return specs
+
+
+def param_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Shape of every timjax parameter, by its dotted path."""
+    return {path: spec.shape for path, spec in param_specs(cfg).items()}
 
 
 # Norm weights stay float32 whatever the model dtype: they are tiny and the norm is computed in float32.

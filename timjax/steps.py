@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timjax import kernels
+from timjax import kernels, sharding
 from timjax.buckets import cdiv
 from timjax.cache import KVCache, layer_pages, reserve, shrink
 from timjax.config import Qwen3Config
@@ -216,7 +216,7 @@ def ragged_forward(params: Params, cache: KVCache, packed: Packed, edits: Edits,
                      num_pages=cache.num_pages, impl=impl)
     x, (k, v) = forward_hidden(params, cfg, packed.tokens[None], slot[None], attend, (cache.k, cache.v))
     last = jnp.clip(packed.cu_q_lens[1:] - 1, 0, packed.tokens.shape[0] - 1)  # [R]
-    logits = lm_head(params, x[0, last])
+    logits = sharding.whole_logits(lm_head(params, x[0, last]), impl)  # replicated for sampling (sharded runs)
     bad = ~jnp.isfinite(logits).all(axis=-1)
     return logits, bad, cache.replace(k=k, v=v, lengths=cache.lengths.at[packed.rows].add(q_len))
 

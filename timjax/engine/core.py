@@ -59,6 +59,8 @@ class Engine:
         else:
             num_pages = pages_for_budget(self.cfg, model.dtype, page_size, tokens=kv_tokens,
                                          memory_fraction=kv_memory_fraction)
+            if kv_tokens is None and getattr(model, "mesh", None) is not None:
+                num_pages *= model.mesh.shape["tp"]  # a device holds 1/tp of every page (its kv heads)
         self.runner = Runner(model, max_batch=pow2(max_batch), page_size=page_size,
                              max_seq_len=pow2(cdiv(self.max_seq_len, page_size)) * page_size,
                              num_pages=num_pages, impl=impl)

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from timjax import steps
+from timjax import sharding, steps
 from timjax.buckets import bucket, cdiv, pow2
 from timjax.cache import create_cache
 from timjax.engine.protocol import PruneOp, SeqState
@@ -44,10 +44,13 @@ class Runner:
                  reposition: str = "reencode"):
         self.cfg = model.config
         self.params = model.params()
-        self.impl = impl
+        self.mesh = getattr(model, "mesh", None)  # sharded model: sharded pool, kernels under shard_map
+        self.impl = impl if self.mesh is None else sharding.sharded_impl(self.mesh, impl)
+        self.host_inputs = sharding.replicated(self.mesh)  # where per-step host arrays go (None: default device)
         self.reposition = reposition
-        self.cache = create_cache(self.cfg, num_pages=num_pages, page_size=page_size, max_seqs=max_batch,
-                                  max_seq_len=max_seq_len, dtype=model.dtype)
+        kw = dict(num_pages=num_pages, page_size=page_size, max_seqs=max_batch, max_seq_len=max_seq_len,
+                  dtype=model.dtype)
+        self.cache = create_cache(self.cfg, **kw) if self.mesh is None else sharding.create_cache(self.cfg, self.mesh, **kw)
         self.words = cdiv(self.cfg.vocab_size, 32)
         # slot -> (sequence, start, end, length) for the next step; dropped if the slot changed hands meanwhile
         self.compactions: dict[int, tuple[SeqState, int, int, int]] = {}
@@ -107,6 +110,8 @@ class Runner:
         edits = self._edits(slots)
         packed, N = pack_rows(rows, self.slots, min_tokens=min(MIN_DECODE_TOKENS, self.slots))
         ints, floats = steps.flatten_inputs(packed, edits, self._sampling(rows))
+        if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
+            ints, floats = jax.device_put((ints, floats), self.host_inputs)
         kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=self._kv_pages(rows, edits),
                   max_new_pages=cdiv(N, self.cache.page_size) + 1,
                   layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]))
@@ -123,7 +128,8 @@ class Runner:
         """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S])."""
         first, bad, sampling = step.out
         if step.mask is not None:
-            first = steps.sample_step(first, sampling, step.mask)
+            mask = step.mask if self.host_inputs is None else jax.device_put(step.mask, self.host_inputs)
+            first = steps.sample_step(first, sampling, mask)
             self.dispatches += 1
         tokens, bad, oom = jax.device_get((first, bad, self.cache.oom))
         return tokens, bad, oom
