@@ -14,6 +14,8 @@ import numpy as np
 from timjax.config import Qwen3Config
 from timjax.errors import MissingFileError, TensorMissingError, TensorShapeError, UnexpectedTensorError
 from timjax.params import Mapping, expected_hf_names, hf_name, hf_shape, match_hf_name, param_shapes
+from timjax.validation import check_convert, path_like
+from timjax.validation import dtype as dtype_check
 
 from .safetensors_io import (
     HFWeights,
@@ -191,6 +193,7 @@ def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any 
     split across two shards). Writes into a temp dir beside ``out_dir`` and renames it at the end: on failure
     nothing is left behind. Raises a :class:`timjax.errors.TimjaxError` subclass for any problem with the input.
     """
+    check_convert(hf_dir, out_dir, dtype, overwrite, progress)
     hf_dir, out = Path(hf_dir), Path(out_dir)
     target = resolve_dtype(dtype)
     if out.exists() and not overwrite:  # fail before scanning
@@ -230,6 +233,8 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
     config's ``torch_dtype``/``dtype`` for an HF dir. Norm weights are always float32.
     Returns ``(cfg, {"embed", "final_norm", "lm_head" (untied only), "layers": {"q_proj": [L, ...], ...}})``.
     """
+    path_like("path", path)
+    dtype_check("dtype", dtype, aliases=True, none=True)
     path = Path(path)
     if (path / META_FILE).is_file():
         ckpt = TimjaxCheckpoint(path)

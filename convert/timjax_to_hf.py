@@ -11,6 +11,7 @@ import numpy as np
 from timjax.config import Qwen3Config
 from timjax.errors import TensorMissingError, TensorShapeError, TimjaxError, UnexpectedTensorError
 from timjax.params import HF_TABLE, hf_name, hf_shape, param_shapes
+from timjax.validation import check_export
 
 from .safetensors_io import (
     INDEX_FILE,
@@ -100,6 +101,7 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
     """
     from tqdm.auto import tqdm
 
+    check_export(src, out_dir, dtype, max_shard_bytes, overwrite, tokenizer_dir, progress)
     if isinstance(src, (str, Path)):
         source = _dir_source(Path(src))
         protect = [Path(src)]

@@ -24,6 +24,9 @@ def load_tokenizer(path: str | Path):
 
 def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True) -> Qwen3:
     """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly."""
+    from timjax.validation import check_load
+
+    check_load(path, dtype, tokenizer)
     from timjax.convert import read_params
 
     cfg, params = read_params(path, dtype=dtype)
@@ -69,6 +72,9 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
     format and the tools (``timjax.tim.prompt.tim_system_prompt``) unless ``system`` is given.
     ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
     """
+    from timjax.validation import check_generate
+
+    check_generate(locals())  # every argument, before any device work (issue 10)
     from timjax.engine import Engine, PlainController, Request
 
     batch = _is_batch(prompt)

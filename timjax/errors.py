@@ -12,6 +12,11 @@ class TimjaxError(Exception):
     """Base class of the errors the CLI reports as one line, without a traceback."""
 
 
+class ParameterError(TimjaxError, ValueError):
+    """A bad argument of the API or the CLI: ``invalid <parameter>=<value>: <what is allowed>`` (see
+    ``timjax.validation``). Also a ValueError, which is what callers of a Python API expect."""
+
+
 class CheckpointError(TimjaxError):
     """A checkpoint on disk that timjax cannot read or convert."""
 
