@@ -328,7 +328,7 @@ def check_logits(model: Any, token_ids: Any) -> None:
     if not np.issubdtype(ids.dtype, np.integer):
         raise fail("token_ids", token_ids, f"token ids must be integers, got dtype {ids.dtype}")
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise fail("token_ids", token_ids, f"token ids must be in [0, {cfg.vocab_size}), got min {ids.min()} "
+        raise fail("token_ids", token_ids, f"token id out of range [0, {cfg.vocab_size}): min {ids.min()}, "
                                            f"max {ids.max()}")
 
 
