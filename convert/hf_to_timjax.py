@@ -21,6 +21,7 @@ from .safetensors_io import (
     HFWeights,
     TensorInfo,
     check_dtype,
+    check_readable,
     copy_side_files,
     dtype_name,
     resolve_dtype,
@@ -51,6 +52,8 @@ _EMBED = "model.embed_tokens.weight"
 def load_hf_config(hf_dir: Path) -> Qwen3Config:
     if not hf_dir.is_dir():
         raise MissingFileError(f"{hf_dir}: no such directory")
+    check_readable(hf_dir)
+    check_readable(hf_dir / CONFIG_FILE)
     if not (hf_dir / CONFIG_FILE).is_file():
         raise MissingFileError(f"{hf_dir}: {CONFIG_FILE} not found (not a Hugging Face checkpoint directory?)")
     return Qwen3Config.from_file(hf_dir / CONFIG_FILE)
@@ -236,6 +239,7 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
     path_like("path", path)
     dtype_check("dtype", dtype, aliases=True, none=True)
     path = Path(path)
+    check_readable(path)
     if (path / META_FILE).is_file():
         ckpt = TimjaxCheckpoint(path)
         return ckpt.cfg, ckpt.read_all(dtype)

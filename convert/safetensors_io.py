@@ -31,6 +31,7 @@ from timjax.errors import (
     OutputExistsError,
     TensorDtypeError,
     TimjaxError,
+    UnreadableFileError,
 )
 
 SINGLE_FILE = "model.safetensors"
@@ -90,7 +91,27 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * _ST_TO_NP.get(self.dtype, np.dtype(np.uint8)).itemsize
 
 
+def check_readable(path: Path) -> None:
+    """An existing file or directory that cannot be read is reported as such, with the OS reason, rather
+    than as missing (``Path.is_file()`` and safetensors both say "No such file" for an unreadable one)."""
+    path = Path(path)
+    what = "file"
+    try:
+        if path.is_dir():
+            what = "directory"
+            os.listdir(path)
+        elif path.exists():
+            open(path, "rb").close()
+        elif not path.parent.exists() or os.access(path.parent, os.X_OK):
+            return  # really missing: the caller's "not found" message is the right one
+        else:
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UnreadableFileError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
 def _open(path: Path):
+    check_readable(path)
     try:
         return safe_open(str(path), framework="numpy")
     except SafetensorError as e:

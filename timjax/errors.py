@@ -25,6 +25,10 @@ class MissingFileError(CheckpointError):
     """A required file (config.json, weights, an indexed shard, timjax.json) is absent."""
 
 
+class UnreadableFileError(CheckpointError):
+    """A file or directory that exists but cannot be read (permissions, I/O error): the OS reason is given."""
+
+
 class CorruptFileError(CheckpointError):
     """A file that exists but cannot be parsed (safetensors header, index JSON, timjax.json)."""
 
