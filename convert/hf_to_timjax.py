@@ -213,9 +213,10 @@ def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any 
         for layer, tree in plan.stream(target, progress=progress, desc=f"convert {hf_dir.name}"):
             if layer is None:
                 (path,) = tree
-                save_item(ckptr, params_dir / path, tree)
+                save_item(ckptr, params_dir / path, tree, shown=out / PARAMS_DIR / path)
             else:
-                save_item(ckptr, params_dir / LAYER_DIR.format(layer), tree)
+                rel = LAYER_DIR.format(layer)
+                save_item(ckptr, params_dir / rel, tree, shown=out / PARAMS_DIR / rel)
                 seen_layers += 1
             del tree
             release_memory()

@@ -29,6 +29,7 @@ from timjax.errors import (
     CorruptFileError,
     MissingFileError,
     OutputExistsError,
+    OutputWriteError,
     TensorDtypeError,
     TimjaxError,
     UnreadableFileError,
@@ -244,29 +245,47 @@ def _header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: 
 class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor: specs first (they fix the header), then the data in order."""
 
-    def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 *, shown: Path | None = None):
         self.path = Path(path)
+        self.shown = shown or self.path  # the name errors give (the final path, not the temp dir's)
         self.specs = [(n, np.dtype(d), tuple(s)) for n, d, s in specs]
         header, self.data_bytes = _header_bytes(self.specs, metadata)
-        self._f = open(self.path, "wb")
-        self._f.write(header)
+        self._f = None
+        with self._io():
+            self._f = open(self.path, "wb")
+            self._f.write(header)
         self._next = 0
+
+    @contextmanager
+    def _io(self):
+        try:
+            yield
+        except OSError as e:  # disk full, file too large, ...: one line naming the file, not the temp path
+            raise OutputWriteError(f"{self.shown}: cannot write ({e.strerror or e} [errno {e.errno}]); "
+                                   f"the output directory is left as it was") from None
 
     def write(self, name: str, x: np.ndarray) -> None:
         want_name, want_dt, want_shape = self.specs[self._next]
         if name != want_name or x.dtype != want_dt or tuple(x.shape) != want_shape:
             raise AssertionError(f"writer expected {want_name} {want_dt} {want_shape}, got {name} {x.dtype} {x.shape}")
-        self._f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+        with self._io():
+            self._f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self.specs):
             self._f.close()
             raise AssertionError(f"{self.path}: {len(self.specs) - self._next} tensors never written")
-        self._f.close()
+        with self._io():
+            self._f.close()  # flushes: a full disk may show only here
 
     def abort(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass  # the write already failed; the temp dir goes away
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

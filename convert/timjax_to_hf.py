@@ -135,7 +135,7 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
         weight_map = {}
         for fname, idx in zip(names, shards):
             specs = [(entries[k][0], out_dt, hf_shapes[entries[k][1]]) for k in idx]
-            w = SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"})
+            w = SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"}, shown=Path(out_dir) / fname)
             try:
                 for k in idx:
                     name, p, layer = entries[k]

@@ -49,5 +49,10 @@ class UnexpectedTensorError(CheckpointError):
     """A tensor the config does not account for (refused rather than silently dropped)."""
 
 
+class OutputWriteError(TimjaxError):
+    """Writing the output failed (disk full, file too large, permissions); the message names the file and
+    the OS reason. The output directory is left untouched (conversions write to a temp dir first)."""
+
+
 class OutputExistsError(TimjaxError):
     """The output directory exists and overwriting was not requested."""
