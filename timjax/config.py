@@ -21,7 +21,7 @@ class ConfigError(TimjaxError, ValueError):
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -31,7 +31,7 @@ REPOSITIONS = ("reencode", "shift")
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line, even for an array
     return text if len(text) <= 60 else text[:57] + "..."
 
 
