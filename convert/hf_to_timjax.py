@@ -12,8 +12,19 @@ from typing import Any, Iterator
 import numpy as np
 
 from timjax.config import Qwen3Config
-from timjax.errors import MissingFileError, TensorMissingError, TensorShapeError, UnexpectedTensorError
-from timjax.params import Mapping, expected_hf_names, hf_name, hf_shape, match_hf_name, param_shapes
+from timjax.errors import (
+    MissingFileError,
+    TensorMissingError,
+    TensorShapeError,
+    UnexpectedTensorError,
+)
+from timjax.params import (
+    Mapping,
+    expected_hf_names,
+    hf_shape,
+    match_hf_name,
+    param_shapes,
+)
 from timjax.validation import check_convert, path_like
 from timjax.validation import dtype as dtype_check
 
@@ -23,9 +34,8 @@ from .safetensors_io import (
     check_dtype,
     check_readable,
     copy_side_files,
-    dtype_name,
-    resolve_dtype,
     release_memory,
+    resolve_dtype,
     staged_output_dir,
 )
 from .timjax_format import (
@@ -34,7 +44,6 @@ from .timjax_format import (
     META_FILE,
     PARAMS_DIR,
     TimjaxCheckpoint,
-    empty_params,
     layer_paths,
     make_meta,
     nest_params,

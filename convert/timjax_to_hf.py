@@ -9,7 +9,12 @@ from typing import Any, Callable
 import numpy as np
 
 from timjax.config import Qwen3Config
-from timjax.errors import TensorMissingError, TensorShapeError, TimjaxError, UnexpectedTensorError
+from timjax.errors import (
+    TensorMissingError,
+    TensorShapeError,
+    TimjaxError,
+    UnexpectedTensorError,
+)
 from timjax.params import HF_TABLE, hf_name, hf_shape, param_shapes
 from timjax.validation import check_export
 
@@ -22,7 +27,13 @@ from .safetensors_io import (
     resolve_dtype,
     staged_output_dir,
 )
-from .timjax_format import CONFIG_FILE, TimjaxCheckpoint, flatten_params, global_paths, layer_paths
+from .timjax_format import (
+    CONFIG_FILE,
+    TimjaxCheckpoint,
+    flatten_params,
+    global_paths,
+    layer_paths,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' historical default (5GB)
 _ROW = {m.path: m for m in HF_TABLE}

@@ -19,7 +19,10 @@ import pytest
 import timjax
 from timjax.cli import main
 from timjax.config import ConfigError, Qwen3Config
-from timjax.errors import OutputWriteError, ParameterError, TimjaxError, UnreadableFileError
+from timjax.errors import (
+    ParameterError,
+    UnreadableFileError,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # this machine's jax CUDA plugin logs these on import when no GPU is present; they are not ours
@@ -365,7 +368,7 @@ def interrupt_messages(hf_dir: Path, converted: Path, tmp_path: Path, capsys, mo
     lines = []
     for cmd, src, module in (("convert", hf_dir, hf_to_timjax), ("export", converted, timjax_format)):
         ck = _InterruptingCheckpointer(real(), at=2)
-        monkeypatch.setattr(module, "orbax_checkpointer", lambda: ck)
+        monkeypatch.setattr(module, "orbax_checkpointer", lambda ck=ck: ck)
         dst = tmp_path / f"int-{cmd}"
         rc, err = cli(capsys, cmd, src, dst, "--no-progress")
         assert rc == 130 and ck.completed == 2 and ck.calls == 2  # the item in flight finished, then it stopped
