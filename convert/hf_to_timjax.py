@@ -32,6 +32,7 @@ from .safetensors_io import (
     HFWeights,
     TensorInfo,
     check_dtype,
+    check_finite,
     check_readable,
     copy_side_files,
     release_memory,
@@ -163,7 +164,9 @@ class HFPlan:
                                 continue
                         m, layer = self.rows[info.name]
                         # copy only when needed (transposed view or another dtype): embed is passed through as read
-                        y = np.asarray(m.to_timjax(x, cfg)).astype(param_dtype(m.path, dtype), order="C", copy=False)
+                        with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the tensor instead
+                            y = np.asarray(m.to_timjax(x, cfg)).astype(param_dtype(m.path, dtype), order="C", copy=False)
+                        check_finite(str(info.file), info.name, y, source=x)
                         del x
                         if layer is None:
                             done.append((None, {m.path: y}))

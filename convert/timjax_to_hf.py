@@ -22,6 +22,7 @@ from .safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsWriter,
+    check_finite,
     copy_side_files,
     dtype_name,
     resolve_dtype,
@@ -151,10 +152,13 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
                 for k in idx:
                     name, p, layer = entries[k]
                     x = source.get_global(p) if layer is None else source.get_layer(layer)[p[len("layers."):]]
-                    w.write(name, np.asarray(_ROW[p].to_hf(x, cfg)).astype(out_dt, order="C", copy=False))
+                    with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the tensor instead
+                        y = np.asarray(_ROW[p].to_hf(x, cfg)).astype(out_dt, order="C", copy=False)
+                    check_finite(str(src) if isinstance(src, (str, Path)) else "params", p, y, source=np.asarray(x))
+                    w.write(name, y)
                     weight_map[name] = fname
                     bar.update(1)
-                    del x
+                    del x, y
             except BaseException:
                 w.abort()
                 raise

@@ -472,6 +472,11 @@ def test_readme_bad_input_table(tiny, hf_dir, converted, file_messages, tmp_path
         "config field of the wrong type": lambda: config_error("c2", hidden_size="32"),
         "config heads that do not divide": lambda: config_error("c3", num_key_value_heads=3),
         "config.json not an object": not_an_object,
+        "NaN or inf weights": lambda: cli_line("convert", nan_checkpoint(hf_dir, tmp_path / "nan", "lm_head.weight",
+                                                                         float("inf")), tmp_path / "o", "--no-progress"),
+        "a cast that overflows": lambda: cli_line("convert", nan_checkpoint(hf_dir, tmp_path / "big", "lm_head.weight",
+                                                                            1e6), tmp_path / "o", "--dtype", "float16",
+                                                  "--no-progress"),
         "unreadable file": lambda: file_messages["unreadable"],
         "full disk while converting": lambda: file_messages["full_convert"],
         "full disk while exporting": lambda: file_messages["full_export"],
@@ -485,3 +490,43 @@ def test_readme_bad_input_table(tiny, hf_dir, converted, file_messages, tmp_path
     for name, shape in rows.items():
         got = examples[name]()
         assert shape_regex(shape).fullmatch(got), (name, shape, got)
+
+
+# ------------------------------------------------------------------------------------ non-finite weights
+
+
+def nan_checkpoint(hf_dir: Path, d: Path, name: str, value: float) -> Path:
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(hf_dir, d)
+    t = load_file(str(d / "model.safetensors"))
+    t[name] = t[name].copy()
+    t[name].reshape(-1)[5] = value
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_nan_weights_are_refused_at_conversion(hf_dir, tmp_path, capsys):
+    """A NaN model used to generate token 0 forever and report "length"; conversion reads every tensor, so
+    it refuses one (chunked check) naming the file and tensor, and writes nothing."""
+    from timjax.convert import read_params
+    from timjax.errors import NonFiniteTensorError
+
+    d = nan_checkpoint(hf_dir, tmp_path / "nan", "model.layers.1.mlp.down_proj.weight", float("nan"))
+    rc, err = cli(capsys, "convert", d, tmp_path / "o", "--no-progress")
+    assert rc == 2 and one_line(err) == (f"timjax: error: {d / 'model.safetensors'}: tensor "
+                                         f"model.layers.1.mlp.down_proj.weight has 1 non-finite values (NaN or inf) "
+                                         f"of {48 * 32}")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(NonFiniteTensorError, match="model.layers.1.mlp.down_proj.weight"):
+        read_params(d)  # loading an HF dir directly takes the same path
+
+
+def test_float16_overflow_is_named(hf_dir, tmp_path, converted, capsys):
+    d = nan_checkpoint(hf_dir, tmp_path / "big", "model.embed_tokens.weight", 1e6)
+    rc, err = cli(capsys, "convert", d, tmp_path / "o", "--dtype", "float16", "--no-progress")
+    assert rc == 2 and one_line(err).endswith("tensor model.embed_tokens.weight overflows float16 (values beyond its "
+                                              "range become inf); use bfloat16 or float32")
+    assert cli(capsys, "convert", d, tmp_path / "o", "--dtype", "bfloat16", "--no-progress")[0] == 0
+    rc, err = cli(capsys, "export", tmp_path / "o", tmp_path / "e", "--dtype", "float16", "--no-progress")
+    assert rc == 2 and "tensor embed overflows float16" in one_line(err) and not (tmp_path / "e").exists()

@@ -45,6 +45,11 @@ class TensorDtypeError(CheckpointError):
     """A tensor stored in a dtype timjax does not convert (only BF16, F16, F32)."""
 
 
+class NonFiniteTensorError(CheckpointError):
+    """A tensor holding NaN or inf (in the source, or made by a cast that overflows float16): a model built
+    from it would sample garbage rather than fail."""
+
+
 class UnexpectedTensorError(CheckpointError):
     """A tensor the config does not account for (refused rather than silently dropped)."""
 
