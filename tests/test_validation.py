@@ -107,6 +107,8 @@ def api_error(fn, *args, exc=ParameterError, **kw) -> str:
     (dict(on_token=5), "invalid on_token=5: expected a function or None"),
     (dict(schema={"type": "object"}), "invalid schema={'type': 'object'}: expected a timjax.tim.schema.TimSchema"),
     (dict(engine_options={"check_cache": 1}), "invalid engine_options['check_cache']=1: expected True or False"),
+    (dict(engine_options={"max_batch": 2}), "invalid engine_options={'max_batch': 2}: 'max_batch' is an argument of "
+                                            "generate itself: pass max_batch=..."),
 ])
 def test_generate_rejects_bad_parameters(tiny, kw, needle):
     assert needle in api_error(timjax.generate, tiny, [1, 2, 3], **kw)

@@ -281,15 +281,16 @@ def _engine_options(options: Any) -> None:
     from timjax.engine import Engine
 
     params = inspect.signature(Engine.__init__).parameters
-    known = [p for p in params if p not in ("self", "model") and params[p].kind == params[p].KEYWORD_ONLY]
+    known = [p for p in params if p not in ("self", "model") and p not in GENERATE
+             and params[p].kind == params[p].KEYWORD_ONLY]
     for key, value in options.items():
+        if key in GENERATE:  # generate passes these itself: a second value would be a TypeError in Engine()
+            raise fail("engine_options", {key: value}, f"{key!r} is an argument of generate itself: pass {key}=...")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise fail("engine_options", {key: value}, f"unknown Engine option {key!r}{hint}; known: {', '.join(known)}")
-        if key in GENERATE:
-            GENERATE[key](f"engine_options[{key!r}]", value)
-        elif key == "max_chunk":
+        if key == "max_chunk":
             Int(1)(f"engine_options[{key!r}]", value)
         elif key == "check_cache":
             check_bool(f"engine_options[{key!r}]", value)
