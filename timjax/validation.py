@@ -242,6 +242,9 @@ def check_generate(args: Mapping[str, Any]) -> None:
     """Validate ``timjax.generate``'s arguments (``locals()`` at its top); names it does not know are left to
     their owners. Raises :class:`ParameterError` naming the first bad one."""
     model = args["model"]
+    inner = getattr(model, "model", None)  # a timjax.Engine serves the call with its own model
+    if inner is not None and not hasattr(model, "config"):
+        model = inner
     cfg = _model_config(model)
     n = _prompts(model, args["prompt"])
     for name, check in GENERATE.items():
@@ -290,7 +293,7 @@ def _engine_options(options: Any) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise fail("engine_options", {key: value}, f"unknown Engine option {key!r}{hint}; known: {', '.join(known)}")
-        if key == "max_chunk":
+        if key in ("max_chunk", "max_step_tokens"):
             Int(1)(f"engine_options[{key!r}]", value)
         elif key == "check_cache":
             check_bool(f"engine_options[{key!r}]", value)
@@ -375,7 +378,7 @@ def check_cli(args: Any) -> None:
     """Validate parsed CLI arguments before any model is loaded; names are the flags."""
     values = vars(args)
     for dest, (flag, check) in CLI.items():
-        if dest in values:
+        if values.get(dest) is not None:  # None: not given (a default of None means "the library decides")
             check(flag, values[dest])
     prompts = values.get("prompt") or []
     seed = values.get("seed")
