@@ -48,7 +48,7 @@ BAD = {  # values each parameter must refuse
     "progress": ["no", 0],
     "on_token": [5, "f"],
     "pruning_buffer": [-1, 1.5, "2"],
-    "engine_options": [{"max_chunck": 1}, [], {"max_chunk": 0}],
+    "engine_options": [{"check_cach": True}, [], {"check_cache": 0}, {"max_batch": 2}],
 }
 VALID = {  # values that keep the engine's shapes fixed (one compile): 2 prompts, <= 16 tokens each
     "max_new_tokens": st.integers(1, 6),
@@ -194,6 +194,8 @@ JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.flo
 
 
 def certainly_bad(field: str, value) -> bool:
+    if field == "num_key_value_heads" and value is None:
+        return False  # null means one kv head per query head, as in transformers
     if field in INT_FIELDS:
         return not isinstance(value, int) or isinstance(value, bool) or value <= 0
     if field in ("rms_norm_eps", "rope_theta"):

@@ -464,7 +464,7 @@ def test_readme_bad_input_table(tiny, hf_dir, converted, file_messages, tmp_path
         "wrong type": lambda: gen_error([1], max_new_tokens=1.5),
         "misspelled name": lambda: gen_error([1], impl="palas"),
         "misspelled dtype": lambda: api_error(timjax.load, converted, dtype="bf16"),
-        "unknown engine option": lambda: gen_error([1], engine_options={"max_chunck": 8}),
+        "unknown engine option": lambda: gen_error([1], engine_options={"check_cach": True}),
         "a bare string as a list": lambda: gen_error([1], stop="END"),
         "bad prompt": lambda: gen_error([[1, 2], [1.5]]),
         "text without a tokenizer": lambda: gen_error("hi"),
