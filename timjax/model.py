@@ -216,6 +216,9 @@ def init_params(cfg: Qwen3Config, dtype, key: jax.Array, *, std: float = 0.02) -
 
 
 def random_model(cfg: Qwen3Config, *, dtype="bfloat16", seed: int = 0, tokenizer: Any = None) -> Qwen3:
+    from timjax.validation import check_random_model
+
+    check_random_model(cfg, dtype, seed)
     return Qwen3(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed), tokenizer=tokenizer)
 
 

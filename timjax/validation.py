@@ -310,6 +310,15 @@ def check_engine(*, max_batch: Any, page_size: Any, max_seq_len: Any = None, kv_
 # ------------------------------------------------------------------------------- load, logits, convert
 
 
+def check_random_model(cfg: Any, dtype_: Any, seed: Any) -> None:
+    from timjax.config import Qwen3Config
+
+    if not isinstance(cfg, Qwen3Config):
+        raise fail("cfg", cfg, "expected a timjax.Qwen3Config (Qwen3Config.from_file(...) or Qwen3Config(...))")
+    dtype("dtype", dtype_)
+    Int(0, U32_MAX)("seed", seed)
+
+
 def check_load(path: Any, dtype_: Any, tokenizer: Any) -> None:
     path_like("path", path)
     dtype("dtype", dtype_)
