@@ -133,23 +133,44 @@ def read_header(path: Path) -> list[TensorInfo]:
     return out
 
 
+# exponent bits of each float type: a value is NaN or inf exactly when all of them are set
+_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
+             np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def _all_finite(y: np.ndarray) -> bool:
+    """Chunked, with one small reused buffer: ``|bits| < exponent mask`` (a SIMD max over the sign-cleared bits,
+    ~6x faster than ``np.isfinite`` on bfloat16, which goes through a float conversion)."""
+    flat = y.reshape(-1)
+    step = 1 << 20
+    if y.dtype not in _EXPONENT:
+        return all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.size, step))
+    utype, mask = _EXPONENT[y.dtype]
+    bits = flat.view(utype)
+    tmp = np.empty(min(step, bits.size), utype)
+    sign_clear = np.array((1 << (8 * bits.itemsize - 1)) - 1, utype)  # every bit but the sign
+    for i in range(0, bits.size, step):
+        chunk = bits[i:i + step]
+        out = tmp[:chunk.size]
+        np.bitwise_and(chunk, sign_clear, out=out)
+        if out.size and out.max() >= mask:
+            return False
+    return True
+
+
 def check_finite(where: str, name: str, y: np.ndarray, source: np.ndarray | None = None) -> None:
     """Refuse NaN / inf weights (issue 10: a NaN model generated token 0 forever and reported "length").
 
-    Converters read every tensor anyway; the check runs in chunks (no tensor-sized temporary) and costs
-    about 1 ns per element. ``source`` (the tensor before a cast) tells a broken checkpoint from a cast
-    that overflows float16."""
-    flat = y.reshape(-1)
-    step = 1 << 22
-    for i in range(0, flat.size, step):
-        if not np.isfinite(flat[i:i + step]).all():
-            break
-    else:
+    Converters read every tensor anyway; the scan costs about a third of reading the tensor from the page
+    cache (bench/reliability.py). ``source`` (the tensor before a cast) tells a broken checkpoint from a
+    cast that overflows float16."""
+    if _all_finite(y):
         return
-    if source is not None and source.dtype != y.dtype and np.isfinite(source).all():
+    if source is not None and source.dtype != y.dtype and _all_finite(np.ascontiguousarray(source)):
         raise NonFiniteTensorError(
             f"{where}: tensor {name} overflows {dtype_name(y.dtype)} (values beyond its range become inf); "
             f"use bfloat16 or float32")
+    flat = y.reshape(-1)
     bad = int(np.count_nonzero(~np.isfinite(flat)))
     raise NonFiniteTensorError(f"{where}: tensor {name} has {bad} non-finite values (NaN or inf) of {flat.size}")
 

@@ -535,3 +535,28 @@ def test_float16_overflow_is_named(hf_dir, tmp_path, converted, capsys):
     assert cli(capsys, "convert", d, tmp_path / "o", "--dtype", "bfloat16", "--no-progress")[0] == 0
     rc, err = cli(capsys, "export", tmp_path / "o", tmp_path / "e", "--dtype", "float16", "--no-progress")
     assert rc == 2 and "tensor embed overflows float16" in one_line(err) and not (tmp_path / "e").exists()
+
+
+def test_finite_scan_agrees_with_isfinite():
+    """The bit-level scan (exponent all ones) against np.isfinite, over random bit patterns of each dtype."""
+    import ml_dtypes
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from timjax.convert.safetensors_io import _all_finite
+
+    kinds = {"bfloat16": (np.dtype(ml_dtypes.bfloat16), np.uint16), "float16": (np.dtype(np.float16), np.uint16),
+             "float32": (np.dtype(np.float32), np.uint32)}
+
+    @settings(max_examples=200, deadline=None)
+    @given(kind=st.sampled_from(sorted(kinds)), words=st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=40),
+           big=st.booleans())
+    def check(kind, words, big):
+        dt, ut = kinds[kind]
+        bits = np.array(words, np.uint64).astype(ut)
+        if big:  # cross the 1 Mi-element chunk boundary
+            bits = np.concatenate([np.zeros((1 << 20) - 3, ut), bits])
+        y = bits.view(dt)
+        assert _all_finite(y) == bool(np.isfinite(y.astype(np.float32)).all())
+
+    check()
