@@ -294,6 +294,10 @@ def unreadable_message(hf_dir: Path, tmp_path: Path) -> str:
     target.chmod(0)
     prefix = drop_file_permissions_argv()
     try:
+        if prefix:
+            r = run_cli_subprocess("convert", d, tmp_path / "o", "--no-progress", prefix=prefix)
+            if r.stderr.startswith("setpriv:"):  # a container that may not drop capabilities
+                prefix = None
         if prefix is None:  # root without setpriv: the OS would let us read; make the open fail the same way
             from timjax.convert import safetensors_io
 
@@ -304,7 +308,8 @@ def unreadable_message(hf_dir: Path, tmp_path: Path) -> str:
                 mp.setattr(safetensors_io, "open", deny, raising=False)
                 safetensors_io.check_readable(target)
             return str(ei.value)
-        r = run_cli_subprocess("convert", d, tmp_path / "o", "--no-progress", prefix=prefix)
+        if not prefix:
+            r = run_cli_subprocess("convert", d, tmp_path / "o", "--no-progress")
         assert r.returncode == 2 and not (tmp_path / "o").exists()
         return one_line(clean(r.stderr)).removeprefix("timjax: error: ")
     finally:
