@@ -61,7 +61,8 @@ _EMBED = "model.embed_tokens.weight"
 
 def load_hf_config(hf_dir: Path) -> Qwen3Config:
     if not hf_dir.is_dir():
-        raise MissingFileError(f"{hf_dir}: no such directory")
+        raise MissingFileError(f"{hf_dir}: " + ("not a directory (expected a checkpoint directory)" if hf_dir.exists()
+                                                else "no such directory"))
     check_readable(hf_dir)
     check_readable(hf_dir / CONFIG_FILE)
     if not (hf_dir / CONFIG_FILE).is_file():
@@ -257,7 +258,8 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
         ckpt = TimjaxCheckpoint(path)
         return ckpt.cfg, ckpt.read_all(dtype)
     if not path.is_dir():
-        raise MissingFileError(f"{path}: no such directory")
+        raise MissingFileError(f"{path}: " + ("not a directory (expected a checkpoint directory)" if path.exists()
+                                              else "no such directory"))
     if not (path / CONFIG_FILE).is_file():
         raise MissingFileError(f"{path}: neither {META_FILE} nor {CONFIG_FILE} found (not a timjax or Hugging Face checkpoint)")
     plan = scan_hf_checkpoint(path)

@@ -19,10 +19,7 @@ import pytest
 import timjax
 from timjax.cli import main
 from timjax.config import ConfigError, Qwen3Config
-from timjax.errors import (
-    ParameterError,
-    UnreadableFileError,
-)
+from timjax.errors import ParameterError, TimjaxError, UnreadableFileError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # this machine's jax CUDA plugin logs these on import when no GPU is present; they are not ours
@@ -167,6 +164,9 @@ def test_load_logits_convert_export_parameters(tiny, hf_dir, converted, tmp_path
     assert "invalid max_shard_bytes=1.5" in api_error(export_timjax_to_hf, converted, tmp_path / "o", max_shard_bytes=1.5)
     assert "invalid dtype='float8'" in api_error(read_params, converted, dtype="float8")
     assert not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in api_error(timjax.load, tmp_path / "file", exc=TimjaxError)
+    assert "not a directory" in api_error(convert_hf_to_timjax, tmp_path / "file", tmp_path / "o", exc=TimjaxError)
     # aliases stay accepted where they always were (convert / export / read_params)
     cfg, params = read_params(converted, dtype="bf16")
     assert params["embed"].dtype.name == "bfloat16"
