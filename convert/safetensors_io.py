@@ -11,6 +11,7 @@ as they are produced, so memory never holds a whole shard.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -368,6 +369,28 @@ def staged_output_dir(out_dir: str | Path, overwrite: bool, *, protect: Iterable
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = _written_path(e, tmp, out)
+        if where is None:
+            raise
+        raise OutputWriteError(f"{where}: cannot write ({e.strerror or e} [errno {e.errno}]); "
+                               f"the output directory is left as it was") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def _written_path(e: OSError, tmp: Path, out: Path) -> Path | None:
+    """The output path an OSError is about (its temp path mapped to the final one), or None when it is not
+    a failure to write the output (a read error keeps its own message)."""
+    for name in (e.filename, e.filename2):
+        if name:
+            try:
+                return out / Path(name).absolute().relative_to(tmp)
+            except ValueError:
+                continue
+    return out if e.errno in _WRITE_ERRNOS else None

@@ -19,7 +19,7 @@ import pytest
 import timjax
 from timjax.cli import main
 from timjax.config import ConfigError, Qwen3Config
-from timjax.errors import ParameterError, TimjaxError, UnreadableFileError
+from timjax.errors import OutputWriteError, ParameterError, TimjaxError, UnreadableFileError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # this machine's jax CUDA plugin logs these on import when no GPU is present; they are not ours
@@ -565,3 +565,28 @@ def test_finite_scan_agrees_with_isfinite():
         assert _all_finite(y) == bool(np.isfinite(y.astype(np.float32)).all())
 
     check()
+
+
+def test_other_write_failures_name_the_output(hf_dir, tmp_path, monkeypatch):
+    """A full disk while writing the side files or the description (plain Python writes): one line naming the
+    output path, nothing left behind; a read error is not reworded."""
+    import errno
+
+    from timjax.convert import convert_hf_to_timjax, hf_to_timjax
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst / "tokenizer.json"))
+
+    monkeypatch.setattr(hf_to_timjax, "copy_side_files", full)
+    out = tmp_path / "o"
+    msg = api_error(convert_hf_to_timjax, hf_dir, out, progress=False, exc=OutputWriteError)
+    assert msg == (f"{out.absolute() / 'tokenizer.json'}: cannot write (No space left on device [errno 28]); "
+                   f"the output directory is left as it was")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+    def unreadable(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", str(hf_dir / "tokenizer.json"))
+
+    monkeypatch.setattr(hf_to_timjax, "copy_side_files", unreadable)
+    with pytest.raises(PermissionError):
+        convert_hf_to_timjax(hf_dir, out, progress=False)
