@@ -19,7 +19,12 @@ import pytest
 import timjax
 from timjax.cli import main
 from timjax.config import ConfigError, Qwen3Config
-from timjax.errors import OutputWriteError, ParameterError, TimjaxError, UnreadableFileError
+from timjax.errors import (
+    OutputWriteError,
+    ParameterError,
+    TimjaxError,
+    UnreadableFileError,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # this machine's jax CUDA plugin logs these on import when no GPU is present; they are not ours
@@ -520,6 +525,7 @@ def test_nan_weights_are_refused_at_conversion(hf_dir, tmp_path, capsys):
     """A NaN model used to generate token 0 forever and report "length"; conversion reads every tensor, so
     it refuses one (chunked check) naming the file and tensor, and writes nothing."""
     from timjax.convert import read_params
+
     from timjax.errors import NonFiniteTensorError
 
     d = nan_checkpoint(hf_dir, tmp_path / "nan", "model.layers.1.mlp.down_proj.weight", float("nan"))
@@ -547,7 +553,6 @@ def test_finite_scan_agrees_with_isfinite():
     import ml_dtypes
     from hypothesis import given, settings
     from hypothesis import strategies as st
-
     from timjax.convert.safetensors_io import _all_finite
 
     kinds = {"bfloat16": (np.dtype(ml_dtypes.bfloat16), np.uint16), "float16": (np.dtype(np.float16), np.uint16),
