@@ -12,17 +12,31 @@ from typing import Any, Iterator
 import numpy as np
 
 from timjax.config import Qwen3Config
-from timjax.errors import MissingFileError, TensorMissingError, TensorShapeError, UnexpectedTensorError
-from timjax.params import Mapping, expected_hf_names, hf_name, hf_shape, match_hf_name, param_shapes
+from timjax.errors import (
+    MissingFileError,
+    TensorMissingError,
+    TensorShapeError,
+    UnexpectedTensorError,
+)
+from timjax.params import (
+    Mapping,
+    expected_hf_names,
+    hf_shape,
+    match_hf_name,
+    param_shapes,
+)
+from timjax.validation import check_convert, path_like
+from timjax.validation import dtype as dtype_check
 
 from .safetensors_io import (
     HFWeights,
     TensorInfo,
     check_dtype,
+    check_finite,
+    check_readable,
     copy_side_files,
-    dtype_name,
-    resolve_dtype,
     release_memory,
+    resolve_dtype,
     staged_output_dir,
 )
 from .timjax_format import (
@@ -31,7 +45,6 @@ from .timjax_format import (
     META_FILE,
     PARAMS_DIR,
     TimjaxCheckpoint,
-    empty_params,
     layer_paths,
     make_meta,
     nest_params,
@@ -48,7 +61,10 @@ _EMBED = "model.embed_tokens.weight"
 
 def load_hf_config(hf_dir: Path) -> Qwen3Config:
     if not hf_dir.is_dir():
-        raise MissingFileError(f"{hf_dir}: no such directory")
+        raise MissingFileError(f"{hf_dir}: " + ("not a directory (expected a checkpoint directory)" if hf_dir.exists()
+                                                else "no such directory"))
+    check_readable(hf_dir)
+    check_readable(hf_dir / CONFIG_FILE)
     if not (hf_dir / CONFIG_FILE).is_file():
         raise MissingFileError(f"{hf_dir}: {CONFIG_FILE} not found (not a Hugging Face checkpoint directory?)")
     return Qwen3Config.from_file(hf_dir / CONFIG_FILE)
@@ -149,7 +165,9 @@ class HFPlan:
                                 continue
                         m, layer = self.rows[info.name]
                         # copy only when needed (transposed view or another dtype): embed is passed through as read
-                        y = np.asarray(m.to_timjax(x, cfg)).astype(param_dtype(m.path, dtype), order="C", copy=False)
+                        with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the tensor instead
+                            y = np.asarray(m.to_timjax(x, cfg)).astype(param_dtype(m.path, dtype), order="C", copy=False)
+                        check_finite(str(info.file), info.name, y, source=x)
                         del x
                         if layer is None:
                             done.append((None, {m.path: y}))
@@ -191,6 +209,7 @@ def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any 
     split across two shards). Writes into a temp dir beside ``out_dir`` and renames it at the end: on failure
     nothing is left behind. Raises a :class:`timjax.errors.TimjaxError` subclass for any problem with the input.
     """
+    check_convert(hf_dir, out_dir, dtype, overwrite, progress)
     hf_dir, out = Path(hf_dir), Path(out_dir)
     target = resolve_dtype(dtype)
     if out.exists() and not overwrite:  # fail before scanning
@@ -207,9 +226,10 @@ def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any 
         for layer, tree in plan.stream(target, progress=progress, desc=f"convert {hf_dir.name}"):
             if layer is None:
                 (path,) = tree
-                save_item(ckptr, params_dir / path, tree)
+                save_item(ckptr, params_dir / path, tree, shown=out / PARAMS_DIR / path)
             else:
-                save_item(ckptr, params_dir / LAYER_DIR.format(layer), tree)
+                rel = LAYER_DIR.format(layer)
+                save_item(ckptr, params_dir / rel, tree, shown=out / PARAMS_DIR / rel)
                 seen_layers += 1
             del tree
             release_memory()
@@ -230,12 +250,16 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
     config's ``torch_dtype``/``dtype`` for an HF dir. Norm weights are always float32.
     Returns ``(cfg, {"embed", "final_norm", "lm_head" (untied only), "layers": {"q_proj": [L, ...], ...}})``.
     """
+    path_like("path", path)
+    dtype_check("dtype", dtype, aliases=True, none=True)
     path = Path(path)
+    check_readable(path)
     if (path / META_FILE).is_file():
         ckpt = TimjaxCheckpoint(path)
         return ckpt.cfg, ckpt.read_all(dtype)
     if not path.is_dir():
-        raise MissingFileError(f"{path}: no such directory")
+        raise MissingFileError(f"{path}: " + ("not a directory (expected a checkpoint directory)" if path.exists()
+                                              else "no such directory"))
     if not (path / CONFIG_FILE).is_file():
         raise MissingFileError(f"{path}: neither {META_FILE} nor {CONFIG_FILE} found (not a timjax or Hugging Face checkpoint)")
     plan = scan_hf_checkpoint(path)

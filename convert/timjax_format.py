@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from timjax.config import Qwen3Config
-from timjax.errors import CorruptFileError, MissingFileError, TensorMissingError, TensorShapeError, UnexpectedTensorError
+from timjax.errors import (
+    CorruptFileError,
+    MissingFileError,
+    OutputWriteError,
+    TensorMissingError,
+    TensorShapeError,
+    UnexpectedTensorError,
+)
 from timjax.params import FLOAT32_PARAMS, param_shapes
 
 from .safetensors_io import dtype_name, resolve_dtype
@@ -94,8 +109,97 @@ def _restore_args(shardings: Mapping[str, Any] | None, dtype) -> dict[str, Any] 
     return {k: one(k, s) for k, s in shardings.items()}
 
 
-def save_item(ckptr, directory: Path, tree: dict[str, np.ndarray]) -> None:
-    ckptr.save(Path(directory).absolute(), tree)
+@contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block ends, then raise it.
+
+    An orbax save or restore runs an asyncio loop whose tensorstore callbacks arrive on other threads; a
+    KeyboardInterrupt in the middle closes the loop under them, and each late callback prints a
+    "RuntimeError: Event loop is closed" traceback, while an unfinished write can land in the temp
+    directory after it was removed. Letting the one item finish (a layer: well under a second) gives a
+    clean stop: one "interrupted" line and no litter."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if old in (signal.SIG_IGN, None):
+        yield
+        return
+    caught: list = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            if callable(old) and old is not signal.default_int_handler:
+                old(*caught[0])
+            else:
+                raise KeyboardInterrupt
+
+
+class _DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("/orbax/" in record.pathname.replace("\\", "/") and record.levelno >= logging.ERROR)
+
+
+@contextmanager
+def quiet_orbax():
+    """Orbax logs every failure of its writer threads with a full traceback (absl logger, ~100 lines for a
+    full disk) and then raises it in the caller; we report the raised error as one line, so the log
+    records are dropped while our call runs."""
+    _install_unraisable_filter()
+    logger, flt = logging.getLogger("absl"), _DropOrbaxErrors()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+def _late_loop_callback(unraisable) -> bool:
+    """A tensorstore completion that arrived after orbax's event loop closed (after a failed or interrupted
+    save): ``call_soon_threadsafe`` on a closed loop. Harmless, and the one error that matters was raised."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        return False
+    names = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in names
+
+
+def _install_unraisable_filter() -> None:
+    """Drop (only) those late-callback reports; they come on tensorstore's threads, possibly after our call
+    returned, so the filter stays installed; anything else goes to the previous hook."""
+    if getattr(sys.unraisablehook, "_timjax_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _late_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._timjax_filter = True
+    sys.unraisablehook = hook
+
+
+def os_reason(e: BaseException) -> str:
+    """The OS reason inside an orbax/tensorstore error (``... File too large [os_error_code='27']``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} [errno {e.errno}]"
+    m = re.search(r"os_error_code='?(\d+)", str(e))
+    if m:
+        return f"{os.strerror(int(m.group(1)))} [errno {m.group(1)}]"
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+def save_item(ckptr, directory: Path, tree: dict[str, np.ndarray], *, shown: Path | None = None) -> None:
+    """Save one orbax item; ``shown`` is the path to name in errors (the final one, not the temp dir)."""
+    try:
+        with quiet_orbax(), deferred_interrupt():
+            ckptr.save(Path(directory).absolute(), tree)
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports I/O failures as ValueError
+        raise OutputWriteError(f"{shown or directory}: cannot write ({os_reason(e)}); the output directory is left as it was") from None
 
 
 def orbax_checkpointer():
@@ -147,7 +251,8 @@ class TimjaxCheckpoint:
         if self._ckptr is None:
             self._ckptr = orbax_checkpointer()
         try:
-            tree = self._ckptr.restore(d.absolute(), restore_args=_restore_args(shardings, dtype))
+            with quiet_orbax(), deferred_interrupt():
+                tree = self._ckptr.restore(d.absolute(), restore_args=_restore_args(shardings, dtype))
         except Exception as e:  # orbax/tensorstore raise assorted types for damaged data
             raise CorruptFileError(f"{d}: cannot restore orbax checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
         return {k: v if shardings is not None and shardings.get(k) is not None else np.asarray(v)

@@ -9,19 +9,32 @@ from typing import Any, Callable
 import numpy as np
 
 from timjax.config import Qwen3Config
-from timjax.errors import TensorMissingError, TensorShapeError, TimjaxError, UnexpectedTensorError
+from timjax.errors import (
+    TensorMissingError,
+    TensorShapeError,
+    TimjaxError,
+    UnexpectedTensorError,
+)
 from timjax.params import HF_TABLE, hf_name, hf_shape, param_shapes
+from timjax.validation import check_export
 
 from .safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsWriter,
+    check_finite,
     copy_side_files,
     dtype_name,
     resolve_dtype,
     staged_output_dir,
 )
-from .timjax_format import CONFIG_FILE, TimjaxCheckpoint, flatten_params, global_paths, layer_paths
+from .timjax_format import (
+    CONFIG_FILE,
+    TimjaxCheckpoint,
+    flatten_params,
+    global_paths,
+    layer_paths,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' historical default (5GB)
 _ROW = {m.path: m for m in HF_TABLE}
@@ -100,6 +113,7 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
     """
     from tqdm.auto import tqdm
 
+    check_export(src, out_dir, dtype, max_shard_bytes, overwrite, tokenizer_dir, progress)
     if isinstance(src, (str, Path)):
         source = _dir_source(Path(src))
         protect = [Path(src)]
@@ -133,15 +147,18 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
         weight_map = {}
         for fname, idx in zip(names, shards):
             specs = [(entries[k][0], out_dt, hf_shapes[entries[k][1]]) for k in idx]
-            w = SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"})
+            w = SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"}, shown=Path(out_dir) / fname)
             try:
                 for k in idx:
                     name, p, layer = entries[k]
                     x = source.get_global(p) if layer is None else source.get_layer(layer)[p[len("layers."):]]
-                    w.write(name, np.asarray(_ROW[p].to_hf(x, cfg)).astype(out_dt, order="C", copy=False))
+                    with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the tensor instead
+                        y = np.asarray(_ROW[p].to_hf(x, cfg)).astype(out_dt, order="C", copy=False)
+                    check_finite(str(src) if isinstance(src, (str, Path)) else "params", p, y, source=np.asarray(x))
+                    w.write(name, y)
                     weight_map[name] = fname
                     bar.update(1)
-                    del x
+                    del x, y
             except BaseException:
                 w.abort()
                 raise

@@ -380,11 +380,11 @@ def test_failure_mid_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     real = hf_to_timjax.save_item
     calls = []
 
-    def flaky(ckptr, directory, tree):
+    def flaky(ckptr, directory, tree, **kw):
         calls.append(directory.name)
         if len(calls) == 3:
             raise OSError("disk full (simulated)")
-        real(ckptr, directory, tree)
+        real(ckptr, directory, tree, **kw)
 
     monkeypatch.setattr(hf_to_timjax, "save_item", flaky)
     out = tmp_path / "out"

@@ -25,6 +25,9 @@ def load_tokenizer(path: str | Path):
 def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True, mesh=None) -> Qwen3:
     """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly.
     ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) loads straight into the sharded layout."""
+    from timjax.validation import check_load
+
+    check_load(path, dtype, tokenizer)
     if mesh is not None:
         from timjax import sharding
 
@@ -79,6 +82,9 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
     over dp engine replicas (``timjax.sharding.generate_data_parallel``).
     """
     args = dict(locals())  # first: the call's own arguments, forwarded to each dp replica
+    from timjax.validation import check_generate
+
+    check_generate(args)  # every argument, before any device work (issue 10)
     from timjax.engine import Engine, PlainController, Request
 
     engine = model if isinstance(model, Engine) else None

@@ -162,8 +162,16 @@ def add_demo_command(subparsers) -> None:
 COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse errors as one line (``timjax generate: error: argument --max-batch: invalid int value: 'x'``),
+    like the library's errors, rather than a usage dump; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="timjax", description="TIM / TIMRUN on JAX: Qwen3 checkpoints, inference, tools.")
+    parser = OneLineParser(prog="timjax", description="TIM / TIMRUN on JAX: Qwen3 checkpoints, inference, tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -172,8 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed): a code, for in-process callers
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        from timjax.validation import check_cli
+
+        check_cli(args)  # every flag, before a model is loaded (issue 10)
         rc = args.func(args)
     except TimjaxError as e:
         print(f"timjax: error: {e}", file=sys.stderr)

@@ -12,12 +12,21 @@ class TimjaxError(Exception):
     """Base class of the errors the CLI reports as one line, without a traceback."""
 
 
+class ParameterError(TimjaxError, ValueError):
+    """A bad argument of the API or the CLI: ``invalid <parameter>=<value>: <what is allowed>`` (see
+    ``timjax.validation``). Also a ValueError, which is what callers of a Python API expect."""
+
+
 class CheckpointError(TimjaxError):
     """A checkpoint on disk that timjax cannot read or convert."""
 
 
 class MissingFileError(CheckpointError):
     """A required file (config.json, weights, an indexed shard, timjax.json) is absent."""
+
+
+class UnreadableFileError(CheckpointError):
+    """A file or directory that exists but cannot be read (permissions, I/O error): the OS reason is given."""
 
 
 class CorruptFileError(CheckpointError):
@@ -36,8 +45,18 @@ class TensorDtypeError(CheckpointError):
     """A tensor stored in a dtype timjax does not convert (only BF16, F16, F32)."""
 
 
+class NonFiniteTensorError(CheckpointError):
+    """A tensor holding NaN or inf (in the source, or made by a cast that overflows float16): a model built
+    from it would sample garbage rather than fail."""
+
+
 class UnexpectedTensorError(CheckpointError):
     """A tensor the config does not account for (refused rather than silently dropped)."""
+
+
+class OutputWriteError(TimjaxError):
+    """Writing the output failed (disk full, file too large, permissions); the message names the file and
+    the OS reason. The output directory is left untouched (conversions write to a temp dir first)."""
 
 
 class OutputExistsError(TimjaxError):

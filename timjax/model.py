@@ -222,11 +222,17 @@ def init_params(cfg: Qwen3Config, dtype, key: jax.Array, *, std: float = 0.02) -
 
 
 def random_model(cfg: Qwen3Config, *, dtype="bfloat16", seed: int = 0, tokenizer: Any = None) -> Qwen3:
+    from timjax.validation import check_random_model
+
+    check_random_model(cfg, dtype, seed)
     return Qwen3(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed), tokenizer=tokenizer)
 
 
 def logits(model: Qwen3, token_ids) -> np.ndarray:
     """The full-sequence reference forward: float32 logits [T, V] for [T] ids, [B, T, V] for [B, T]."""
+    from timjax.validation import check_logits
+
+    check_logits(model, token_ids)
     ids = np.asarray(token_ids)
     if ids.ndim not in (1, 2) or ids.size == 0:
         raise ValueError(f"token_ids must be a non-empty list or array of shape [T] or [B, T], got shape {ids.shape}")

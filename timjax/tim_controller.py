@@ -10,7 +10,6 @@ remove. Host only: no JAX here.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Callable, Sequence
 
@@ -18,47 +17,10 @@ import numpy as np
 
 from timjax.engine import Action, PruneOp
 from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar
+from timjax.tim.partial_json import close_partial_json  # noqa: F401  (re-exported: its old home)
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
 from timjax.tim.schema import TimSchema
 from timjax.tim.tree import DocumentComplete, ListCompleted, Split, TreeTracker
-
-
-def close_partial_json(text: str):
-    """Best-effort value of an unfinished JSON document: open strings and containers are closed."""
-    stack, in_str, esc = [], False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            stack.append("]" if ch == "[" else "}")
-        elif ch in "]}" and stack:
-            stack.pop()
-    out = text
-    if in_str:
-        out += "\\" if esc else ""
-        out += '"'
-    stripped = out.rstrip()
-    if stripped.endswith(","):
-        out = stripped[:-1]
-    elif stripped.endswith(":"):
-        out = stripped + " null"
-    elif stack and stack[-1] == "}" and stripped.endswith('"') and not in_str:
-        # a key without its value: `{"a": 1, "b"`
-        last_open = max(stripped.rfind("{"), stripped.rfind(","))
-        if ":" not in stripped[last_open:]:
-            out = stripped[:last_open + 1].rstrip(",")
-    out += "".join(reversed(stack))
-    try:
-        return json.loads(out)
-    except json.JSONDecodeError:
-        return None
 
 
 class TimController:
