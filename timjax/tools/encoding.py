@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from timjax.tim.schema import dumps
 
-__all__ = ["MAX_ERROR_CHARS", "encode_error", "encode_result", "encode_value", "truncate_encoded"]
+__all__ = ["MAX_ERROR_CHARS", "classify_result", "encode_error", "encode_result", "encode_value", "truncate_encoded"]
 
 MAX_ERROR_CHARS = 300  # an error message is cut here (a tiny model needs the gist, not a traceback)
 
@@ -84,6 +84,12 @@ def encode_result(result: Any, *, is_error: Optional[bool] = None) -> str:
     ``isError``), or directly the structured content (a dict, as the servers' pure functions return it).
     A result the grammar cannot hold (NaN, non-UTF-8 text, non-text content only) becomes an error object.
     """
+    return classify_result(result, is_error=is_error)[0]
+
+
+def classify_result(result: Any, *, is_error: Optional[bool] = None) -> tuple[str, str]:
+    """``(encode_result(result), status)`` with status ``"ok"``, ``"tool_error"`` (the tool said isError)
+    or ``"invalid_result"`` (the answer cannot be written as JSON)."""
     if isinstance(result, dict) and not ({"content", "structuredContent", "structured_content", "isError",
                                           "is_error"} & result.keys()):
         structured, content, err = result, None, False
@@ -95,15 +101,15 @@ def encode_result(result: Any, *, is_error: Optional[bool] = None) -> str:
         err = is_error
     texts, other = _texts(content)
     if err:
-        return encode_error("\n".join(texts) or "the tool reported an error")
+        return encode_error("\n".join(texts) or "the tool reported an error"), "tool_error"
     try:
         if structured is not None:
-            return encode_value(structured)
+            return encode_value(structured), "ok"
         if not texts and other:
-            return encode_error(f"unsupported result content: {', '.join(other)}")
-        return encode_value("\n".join(texts))
+            return encode_error(f"unsupported result content: {', '.join(other)}"), "invalid_result"
+        return encode_value("\n".join(texts)), "ok"
     except ValueError as e:
-        return encode_error(f"invalid result: {e}")
+        return encode_error(f"invalid result: {e}"), "invalid_result"
 
 
 def truncate_encoded(encoded: str, max_tokens: int, count_tokens: Callable[[str], int]) -> tuple[str, int]:
