@@ -16,6 +16,7 @@ import jax
 
 from . import compaction as _c
 from . import paged_attention as _pa
+from .ragged_paged_attention import reference as _rpa_ref
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -31,6 +32,10 @@ _REGISTRY: dict[str, dict[str, Callable]] = {
         "pallas": lambda *a, **kw: _pa.paged_extend_attention(*a, interpret=False, **kw),
         "pallas_interpret": lambda *a, **kw: _pa.paged_extend_attention(*a, interpret=True,
                                                                         **kw),
+    },
+    "ragged_attention": {
+        "xla": _rpa_ref.ragged_paged_attention_reference,
+        # Pallas entries are registered by ragged_paged_attention/v1 (see the end of this file).
     },
     "compact": {
         "xla": _c.compact_pages_reference,
@@ -103,3 +108,16 @@ def rotate_slots(k_pages, page_table, start, count, delta, *, rope_theta: float,
   name = resolve_impl(impl)
   return _get("rotate_slots", name)(k_pages, page_table, start, count, delta,
                                     rope_theta=rope_theta, **_tuning(name, tuning))
+
+
+def ragged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *, scale=None,
+                     impl: str = "auto", **tuning):
+  """Decode and extend rows in one call (PLAN.md contract 2).
+
+  q [N, Hq, hd] packed tokens; k/v_pages [Hkv, P, ps, hd]; page_table int32 [R, W];
+  q_start, q_len int32 [R]; cu_q_lens int32 [R + 1]. Row r's query i is token
+  cu_q_lens[r] + i and attends to slots 0 .. q_start[r] + i. Tokens >= cu_q_lens[R] -> 0.
+  """
+  name = resolve_impl(impl)
+  return _get("ragged_attention", name)(q, k_pages, v_pages, page_table, q_start, q_len,
+                                        cu_q_lens, scale=scale, **_tuning(name, tuning))

@@ -46,6 +46,7 @@ class Action:
     finish: FinishReason | None = None
     error: str | None = None
     prune: list[PruneOp] = dataclasses.field(default_factory=list)
+    park: bool = False  # after feed/prune are applied, the sequence waits (e.g. on a tool call) until ``poll``
 
 
 class Controller(Protocol):
@@ -56,6 +57,10 @@ class Controller(Protocol):
     def fill_mask(self, out: np.ndarray) -> None: ...
 
     def on_token(self, token: int, seq: "Sequence") -> Action: ...
+
+    # Optional: called once per iteration, only while the sequence is parked; must not block.
+    # None = still waiting; an Action unparks it (feed = e.g. the tool result's tokens).
+    def poll(self, seq: "Sequence") -> Action | None: ...
 
     def finish(self, seq: "Sequence", result: GenerationResult) -> None: ...
 
@@ -85,6 +90,7 @@ class Sequence:
     first_token_s: float | None = None
     extend_time_s: float = 0.0
     reencoded: int = 0
+    parked: bool = False
 
 
 class PlainController:
@@ -232,6 +238,25 @@ class Engine:
                 progress.update(1)
             return seq.slot
 
+        parked_freed: list[int] = []
+
+        def apply(s: Sequence, action: Action) -> bool:
+            """Apply a controller's action; True when the sequence finished (its slot is to be released)."""
+            s.pending += action.feed
+            if action.prune:
+                self._prune(s, action.prune)
+            if action.finish is not None:
+                finish(s, action.finish, action.error)
+                return True
+            if len(s.cached) + len(s.pending) > self.max_seq_len:
+                finish(s, "length", f"the working memory reached max_seq_len={self.max_seq_len}")
+                return True
+            s.parked = action.park
+            if not s.pending and not s.parked:
+                finish(s, "error", "the controller fed no token and did not park or finish")
+                return True
+            return False
+
         while waiting or any(slots):
             for slot in range(self.max_batch):  # admit waiting prompts into free slots
                 if slots[slot] is None and waiting:
@@ -249,8 +274,28 @@ class Engine:
                         finish(seq, "error", error)
                         continue
                     slots[slot] = seq
-            running = [s for s in slots if s is not None]
+            live = [s for s in slots if s is not None]
+            for s in live:  # parked sequences: ask their controller whether they can go on
+                if s.parked:
+                    poll = getattr(s.controller, "poll", None)
+                    try:
+                        action = poll(s) if poll is not None else Action(feed=[])
+                    except Exception as e:  # noqa: BLE001 - one sequence's failure never takes down the others
+                        parked_freed.append(finish(s, "error", f"controller.poll raised {type(e).__name__}: {e}"))
+                        continue
+                    if action is not None:
+                        s.parked = False
+                        if apply(s, action):
+                            parked_freed.append(s.slot)
+            if parked_freed:
+                mask = np.zeros(self.max_batch, bool)
+                mask[parked_freed] = True
+                parked_freed.clear()
+                self.cache = release(self.cache, jnp.asarray(mask))
+            running = [s for s in slots if s is not None and not s.parked and s.pending]
             if not running:
+                if any(slots):
+                    time.sleep(0.001)  # every live sequence waits on something outside the device
                 continue
             extend = [s for s in running if len(s.pending) > 1]
             decode = [s for s in running if len(s.pending) == 1]
@@ -312,15 +357,8 @@ class Engine:
                         continue
                     if on_token is not None:
                         on_token(s.index, token)
-                    s.pending += action.feed
-                    if action.prune:
-                        self._prune(s, action.prune)
-                    if action.finish is not None:
-                        freed[finish(s, action.finish, action.error)] = True
-                        continue
-                    if len(s.cached) + len(s.pending) > self.max_seq_len:
-                        freed[finish(s, "length", f"the working memory reached max_seq_len={self.max_seq_len}")] = True
-                        continue
+                    if apply(s, action):
+                        freed[s.slot] = True
             if freed.any() or retry.any():
                 self.cache = release(self.cache, jnp.asarray(freed), jnp.asarray(retry))
             if self.check_cache:
