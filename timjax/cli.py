@@ -154,7 +154,10 @@ def add_demo_command(subparsers) -> None:
 
 
 # Subcommand registrars, in --help order.
-COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command]
+from timjax.train.cli import add_train_command  # noqa: E402
+
+COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command,
+                            add_train_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,9 @@ Each problem becomes one complete TIM document in the exact layout of ``tim_sche
 * a lookup question is one task whose subtasks are the hops, each a ``lookup`` call; each hop's entity is
   the previous hop's conclusion.
 
+A calculator call is one operation on two integers (``{"op": "sub", "a": 12, "b": 5}``), the thought before
+it states the operation as typed (``Compute 12 - 5.``).
+
 Tool results are the real servers' outputs, encoded by ``timjax.tools.encoding.encode_result`` (the exact
 text the runtime writes after ``"tool_result"``); see ``timjax.train.tools_adapter``.
 
@@ -359,7 +362,7 @@ def _tool_task(thought: str, tooluse: dict, conclusion: str) -> dict:
 
 def _calc_step(tools: ToolBackend, a: Fraction, op: str, b: Fraction) -> tuple[dict, Fraction]:
     expr = f"{fmt_int(a)} {op} {fmt_int(b)}"
-    tooluse, result = tools.calculate(expr)
+    tooluse, result = tools.calculate(int(a), op, int(b))
     if result != apply_op(a, op, b):
         raise RuntimeError(f"calculator returned {result} for {expr}")
     return _tool_task(f"Compute {expr}.", tooluse, fmt_int(result)), result

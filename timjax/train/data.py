@@ -67,6 +67,78 @@ def build_segments(probs: Sequence[Problem], replayer: Replayer, tools: ToolBack
     return out
 
 
+def bucketed(segments: Iterable[Segment], seq_lens: Sequence[int], seed: int, *, pad_id: int = 0) -> list[Packed]:
+    """Bucketing + packing: each sequence goes to the shortest bucket it fits, then is packed there (dense
+    attention costs T^2 per row, so short sequences are not packed into long rows). Sequences longer
+    than the longest bucket are counted in the last bucket's ``dropped``."""
+    seq_lens = sorted(seq_lens)
+    groups: list[list[Segment]] = [[] for _ in seq_lens]
+    too_long = 0
+    for s in segments:
+        k = next((i for i, L in enumerate(seq_lens) if len(s.ids) <= L), None)
+        if k is None:
+            too_long += 1
+        else:
+            groups[k].append(s)
+    out = [pack(g, L, seed + i, pad_id=pad_id) for i, (g, L) in enumerate(zip(groups, seq_lens))]
+    out[-1].dropped += too_long
+    return out
+
+
+class Batches:
+    """Micro-batch ``m`` of a run over bucketed rows: every epoch, each bucket's rows are permuted and cut
+    into batches of ``rows_per_batch[bucket]``, and the batches of all buckets are shuffled together
+    (all seeded: the batch of a step never depends on how the run got there)."""
+
+    def __init__(self, buckets: Sequence[Packed], tokens_per_batch: int, seed: int):
+        self.buckets = list(buckets)
+        self.sizes = [max(1, tokens_per_batch // b.tokens.shape[1]) for b in self.buckets]
+        self.seed = seed
+        self._plan: tuple[int, list] | None = None
+        if not any(b.n_rows >= s for b, s in zip(self.buckets, self.sizes)):
+            raise ValueError(f"no bucket has enough rows for one batch (rows {[b.n_rows for b in self.buckets]}, "
+                             f"batch rows {self.sizes})")
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            batches = []
+            for k, (b, size) in enumerate(zip(self.buckets, self.sizes)):
+                perm = rng.permutation(b.n_rows)
+                batches += [(k, np.sort(perm[i * size:(i + 1) * size])) for i in range(b.n_rows // size)]
+            order = rng.permutation(len(batches))
+            self._plan = (epoch, [batches[i] for i in order])
+        return self._plan[1]
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.plan(0))
+
+    def get(self, micro: int):
+        epoch, i = divmod(micro, self.per_epoch)
+        k, idx = self.plan(epoch)[i]
+        b = self.buckets[k]
+        return (b.tokens[idx], b.positions[idx], b.segments[idx], b.loss[idx])
+
+
+def save_buckets(buckets: Sequence[Packed], path: str) -> None:
+    import os
+
+    arrays = {}
+    for i, b in enumerate(buckets):
+        arrays.update({f"tokens_{i}": b.tokens, f"positions_{i}": b.positions, f"segments_{i}": b.segments,
+                       f"loss_{i}": b.loss, f"dropped_{i}": np.int64(b.dropped)})
+    tmp = f"{path}.tmp.npz"
+    np.savez_compressed(tmp, n=np.int64(len(buckets)), **arrays)
+    os.replace(tmp, path)
+
+
+def load_buckets(path: str) -> list[Packed]:
+    z = np.load(path)
+    return [Packed(z[f"tokens_{i}"], z[f"positions_{i}"], z[f"segments_{i}"], z[f"loss_{i}"], int(z[f"dropped_{i}"]))
+            for i in range(int(z["n"]))]
+
+
 def pack(segments: Iterable[Segment], seq_len: int, seed: int, *, pad_id: int = 0, window: int = 16) -> Packed:
     """Pack sequences into rows of ``seq_len`` (shuffled, next-fit over a few open rows)."""
     segs = list(segments)

@@ -74,7 +74,8 @@ class Replayer:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def tool_result_tokens(self, text: bytes) -> list[int]:
-        """The tokens the runtime feeds for a tool result's text (everything after the ``"tool_result"`` key)."""
+        """The tokens the runtime feeds after the ``"tool_result"`` key: ``": " + encode_result(...)``,
+        tokenized as ``TimController.poll`` does."""
         return list(self.llt.tokenize_bytes(text))
 
     def replay(self, question: str, doc_text: str) -> RuntimeDoc:
@@ -99,12 +100,13 @@ class Replayer:
                     if isinstance(ev, ListCompleted):
                         out.lists.append((len(out.tokens) - 1, ev))
                     elif isinstance(ev, ToolCallReady):
-                        # the runtime writes the rest of the member (the token that closed the key may
-                        # already hold ': "'): up to the end of the encoded result
+                        # as TimController.poll: the rest of the queue is dropped and the runtime writes
+                        # ': ' + encode_result(...) right after the key (the tokenizer never lets a token
+                        # reach past the key's closing quote, see timjax.train.tokenizer)
                         written = len(tracker.buf)
-                        key_end = data.rfind(b'"tool_result"', 0, written) + len(b'"tool_result"')
-                        text = data.decode("utf-8")
-                        _, end = dec.raw_decode(text, key_end + 2)
+                        if not data[:written].endswith(b'"tool_result"'):
+                            raise ValueError(f"a token reaches past the tool_result key: {data[written - 20:written + 5]!r}")
+                        _, end = dec.raw_decode(data.decode("utf-8"), written + 2)
                         queue[:] = [(x, TOOL) for x in self.tool_result_tokens(data[written:end])]
                 if not queue and not tracker.done:
                     queue.extend((f, FORCED) for f in grammar.forced_tokens())

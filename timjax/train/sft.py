@@ -36,10 +36,10 @@ from timjax.errors import TimjaxError
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden_size: int = 192
-    intermediate_size: int = 576
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_hidden_layers: int = 4
-    num_attention_heads: int = 6
+    num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 32
     max_position_embeddings: int = 4096
@@ -58,7 +58,7 @@ class DataSpec(BaseModel):
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[Optional[int], float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
-    seq_len: int = 768
+    seq_lens: list[int] = [320, 768]  # buckets (rows of each length; a sequence goes to the shortest that fits)
     vocab_size: int = 2048  # BPE size when the tokenizer is trained here
     tokenizer_dir: Optional[str] = None  # reuse a tokenizer instead of training one
 
@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     init_from: Optional[str] = None  # a converted (or HF) checkpoint to fine-tune; its tokenizer is kept
     data: DataSpec = Field(default_factory=DataSpec)
-    batch_size: int = 8  # rows per micro-batch
+    tokens_per_batch: int = 6144  # per micro-batch: rows = tokens_per_batch // bucket length
     grad_accum: int = 1
     steps: int = 1000  # optimizer steps
     lr: float = 3e-3
@@ -157,7 +157,7 @@ def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
 def prepare_data(cfg: TrainConfig, say=print):
     """(tokenizer, tokenizer dir, packed rows); the rows are cached in ``out_dir/data.npz``."""
     from timjax.train.corpus import problems
-    from timjax.train.data import Packed, build_segments, pack
+    from timjax.train.data import build_segments, bucketed, load_buckets, save_buckets
     from timjax.train.runtime_view import Replayer
 
     out = Path(cfg.out_dir)
@@ -167,7 +167,7 @@ def prepare_data(cfg: TrainConfig, say=print):
     tok, tok_dir = prepare_tokenizer(cfg, probs, tools, say)
     cache = out / "data.npz"
     if cache.is_file():
-        return tok, tok_dir, Packed.load(str(cache))
+        return tok, tok_dir, load_buckets(str(cache))
     vocab = None
     if cfg.init_from:
         from timjax.convert import read_params
@@ -175,13 +175,13 @@ def prepare_data(cfg: TrainConfig, say=print):
         vocab = read_params(cfg.init_from)[0].vocab_size
     replayer = Replayer(tok, training_schema(tools), vocab)
     segs = build_segments(probs, replayer, tools, [tuple(b) for b in cfg.data.buffers], cfg.data.seed)
-    packed = pack(segs, cfg.data.seq_len, cfg.data.seed, pad_id=tok.pad_token_id or 0)
-    fill = float((packed.segments > 0).mean())
-    say(f"{len(probs)} problems -> {len(segs)} sequences -> {packed.n_rows} rows of {cfg.data.seq_len} "
-        f"({fill:.0%} filled, {int(packed.loss.sum())} loss tokens, {packed.dropped} sequences longer than a row "
-        f"left out)")
-    packed.save(str(cache))
-    return tok, tok_dir, packed
+    buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
+    rows = ", ".join(f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()):.0%} filled)" for b in buckets)
+    say(f"{len(probs)} problems -> {len(segs)} sequences -> rows {rows}; "
+        f"{int(sum(b.loss.sum() for b in buckets))} loss tokens; {buckets[-1].dropped} sequences longer than "
+        f"{max(cfg.data.seq_lens)} left out")
+    save_buckets(buckets, str(cache))
+    return tok, tok_dir, buckets
 
 
 def model_config(cfg: TrainConfig, tok):
@@ -274,17 +274,6 @@ def make_train_step(mcfg, opt):
     return step
 
 
-def micro_batch(packed, micro: int, batch_size: int, seed: int):
-    """Rows of micro-batch ``micro``: a fresh permutation of the rows every epoch (seeded)."""
-    per_epoch = max(1, packed.n_rows // batch_size)
-    if packed.n_rows < batch_size:
-        raise TimjaxError(f"the data has {packed.n_rows} rows, fewer than batch_size={batch_size}")
-    epoch, k = divmod(micro, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(packed.n_rows)
-    idx = np.sort(perm[k * batch_size:(k + 1) * batch_size])
-    return (packed.tokens[idx], packed.positions[idx], packed.segments[idx], packed.loss[idx])
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
@@ -328,7 +317,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    tok, tok_dir, packed = prepare_data(cfg, say)
+    from timjax.train.data import Batches
+
+    tok, tok_dir, buckets = prepare_data(cfg, say)
+    batches = Batches(buckets, cfg.tokens_per_batch, cfg.seed)
     mcfg, params = initial_params(cfg, tok)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     say(f"model: {n_params / 1e6:.2f}M parameters, vocabulary {mcfg.vocab_size}, {mcfg.num_hidden_layers} layers")
@@ -350,7 +342,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
         with open(log_path, "a", encoding="utf-8") as log:
             for step in range(start + 1, end + 1):
                 for a in range(cfg.grad_accum):
-                    batch = micro_batch(packed, (step - 1) * cfg.grad_accum + a, cfg.batch_size, cfg.seed)
+                    batch = batches.get((step - 1) * cfg.grad_accum + a)
                     params, opt_state, loss = step_fn(params, opt_state, batch)
                     tokens_seen += int((batch[2] > 0).sum())
                     losses.append(loss)

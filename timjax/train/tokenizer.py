@@ -10,6 +10,8 @@ Pre-tokenization (a regex split before the byte-level BPE) decides what a token 
 * ``[`` and ``]`` are their own tokens, so no token ever straddles a subtask list's bracket (the runtime's
   token boundary rule, ``timjax.tim.tree``, then never has to split a token: what the model writes is
   what it was trained on);
+* the ``"tool_result"`` key ends a token (``_result"``): the runtime writes everything after the key
+  (``": "`` and the encoded result), so no token the model would sample may reach past it;
 * a word with its leading space is one piece (`` Stone``), and so is each run of punctuation and spaces,
   so the schema's separators and key quotes (``", "``, ``": {"``) become single tokens.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-PRETOKENIZE_PATTERN = r"\d|-|[\[\]]| ?\p{L}+|[^\p{L}\p{N}\[\]\-]+"
+PRETOKENIZE_PATTERN = r'_result"|\d|-|[\[\]]| ?\p{L}+|[^\p{L}\p{N}\[\]\-]+'
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}{%- if message['role'] != 'system' %}"

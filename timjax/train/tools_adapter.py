@@ -1,13 +1,15 @@
 """The corpus's view of the tools: their specs, a call's parameters, the real result and its encoding.
 
-``ToolBackend`` calls the pure Python functions of the package's MCP servers (``timjax.tools.servers``)
-and encodes their results with ``timjax.tools.encoding.encode_result``, so that training documents hold
-exactly what the runtime writes after ``"tool_result"``.
+``ToolBackend`` calls the pure Python functions of the package's MCP servers
+(``timjax.tools.servers.calculator.calculate``, ``timjax.tools.servers.kb.lookup`` over
+``generate_kb(kb_seed)``) and encodes their results with ``timjax.tools.encoding.encode_result``, so a
+training document holds exactly what the runtime writes after ``"tool_result"``. The tool specs (names,
+descriptions, input schemas, in the order the runtime offers them) are listed from the servers themselves
+through ``timjax.tools.runner.ToolRunner``, as ``timjax.generate(tools=...)`` does.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from fractions import Fraction
 from functools import lru_cache
@@ -15,40 +17,66 @@ from typing import Any
 
 from timjax.tim.schema import ToolSpec
 
+OP_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+
+# relation -> (phrase in questions, kind of entity it leads to or None for a value)
+RELATIONS: dict[str, tuple[str, str | None]] = {
+    "born_in": ("birthplace", "city"), "lives_in": ("home city", "city"), "age": ("age", None),
+    "occupation": ("occupation", None), "friend": ("friend", "person"), "employer": ("employer", "company"),
+    "country": ("country", "country"), "population": ("population", None), "capital": ("capital", "city"),
+    "continent": ("continent", None), "area": ("area", None), "based_in": ("base city", "city"),
+    "founded": ("founding year", None),
+}
+
+
+def tool_servers(kb_seed: int = 0) -> list:
+    """The MCP servers the tiny TIM is trained with (in-process ``MCPServer`` objects)."""
+    from timjax.tools.servers import calculator, kb
+
+    return [calculator.make_server(), kb.make_server(seed=kb_seed)]
+
+
+@lru_cache(maxsize=4)
+def listed_specs(kb_seed: int = 0) -> tuple[ToolSpec, ...]:
+    """The tool specs as the runtime lists them from the servers."""
+    from timjax.tools.runner import ToolRunner
+
+    with ToolRunner(tool_servers(kb_seed)) as runner:
+        specs = runner.specs
+        return tuple(specs() if callable(specs) else specs)
+
 
 class ToolBackend:
-    """Tool calls for the corpus (PROVISIONAL until the tools package lands: same interface)."""
+    """Tool calls for the corpus: the servers' pure functions and the runtime's result encoding."""
 
     def __init__(self, kb_seed: int = 0):
-        self.kb = _provisional_kb(kb_seed)
-        self.people = sorted(self.kb)
+        from timjax.tools.servers.kb import generate_kb
 
-    # ---- specs (what the schema and the system prompt list)
+        self.kb_seed = kb_seed
+        self.kb = generate_kb(kb_seed)
+
     def specs(self) -> list[ToolSpec]:
-        return [
-            ToolSpec(name="calculator", description="exact arithmetic on integers: + - * / and parentheses",
-                     input_schema={"type": "object", "properties": {"expression": {"type": "string"}},
-                                   "required": ["expression"], "additionalProperties": False}),
-            ToolSpec(name="lookup", description="a fact about an entity in the knowledge base",
-                     input_schema={"type": "object", "properties": {"entity": {"type": "string"},
-                                                                    "relation": {"type": "string"}},
-                                   "required": ["entity", "relation"], "additionalProperties": False}),
-        ]
+        return list(listed_specs(self.kb_seed))
 
     def encode(self, result: Any) -> str:
-        return json.dumps(str(result), ensure_ascii=False)
+        from timjax.tools.encoding import encode_result
+
+        return encode_result(result)
 
     # ---- calls: (tooluse dict with the encoded result, the result value)
-    def calculate(self, expression: str) -> tuple[dict, Fraction]:
-        from timjax.train.corpus import parse_expression, value
+    def calculate(self, a: int, op: str, b: int) -> tuple[dict, Fraction]:
+        from timjax.tools.servers.calculator import calculate
 
-        v = value(parse_expression(expression))
-        text = str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
-        return self._tooluse("calculator", {"expression": expression}, text), v
+        params = {"op": OP_NAMES[op], "a": a, "b": b}
+        out = calculate(**params)
+        return self._tooluse("calculator", params, out), Fraction(out["result"])
 
     def lookup(self, entity: str, relation: str) -> tuple[dict, str]:
-        result = self.kb[entity][relation]
-        return self._tooluse("lookup", {"entity": entity, "relation": relation}, result), result
+        from timjax.tools.servers.kb import lookup
+
+        params = {"entity": entity, "relation": relation}
+        out = lookup(self.kb, **params)
+        return self._tooluse("lookup", params, out), str(out["result"])
 
     def _tooluse(self, name: str, params: dict, result: Any) -> dict:
         from timjax.train.corpus import Raw
@@ -56,42 +84,30 @@ class ToolBackend:
         return {"tool_name": name, "parameters": params, "tool_result": Raw(self.encode(result))}
 
     # ---- knowledge-base questions
-    PERSON_RELATIONS = ("mother", "father", "boss", "friend")
-    ATTRIBUTE_RELATIONS = ("city",)
-
     def random_chain(self, rng: random.Random, hops: int) -> tuple[str, tuple[str, ...], str]:
-        start = rng.choice(self.people)
-        rels = [rng.choice(self.PERSON_RELATIONS) for _ in range(hops - 1)]
-        rels.append(rng.choice(self.PERSON_RELATIONS + self.ATTRIBUTE_RELATIONS))
-        entity = start
-        for r in rels:
-            entity = self.kb[entity][r]
-        return start, tuple(rels), entity
+        """A start entity and ``hops`` relations, each hop but the last leading to another entity."""
+        kinds = self.kb.kinds
+        for _ in range(1000):
+            start = rng.choice(self.kb.entities("person") if rng.random() < 0.7 else self.kb.entities())
+            entity, rels = start, []
+            for h in range(hops):
+                options = [r for r in self.kb.facts[entity] if h == hops - 1 or RELATIONS[r][1] is not None]
+                if not options:
+                    break
+                r = rng.choice(options)
+                rels.append(r)
+                entity = self.kb.facts[entity][r]
+                if h < hops - 1 and entity not in kinds:
+                    break
+            if len(rels) == hops:
+                return start, tuple(rels), str(entity)
+        raise RuntimeError(f"no {hops}-hop chain in the knowledge base")
 
     def relation_phrase(self, relation: str) -> str:
-        return {"city": "home city"}.get(relation, relation)
+        return RELATIONS[relation][0]
 
     def question_word(self, relation: str) -> str:
-        return "What" if relation in self.ATTRIBUTE_RELATIONS else "Who"
-
-
-FIRST = ("Ada Alan Bea Carl Dora Emil Fay Gus Hana Ivo Jon Kai Lea Max Nia Otto Pia Rex Sia Tom Uma Vic Wes "
-         "Yan Zoe").split()
-LAST = "Stone Reed Park Moss Hale Frost Lane Vale Wood Price Shaw Kerr".split()
-CITIES = "Paris Lima Oslo Kyoto Cairo Quito Rome Perth Dakar Hanoi".split()
-
-
-@lru_cache(maxsize=4)
-def _provisional_kb(seed: int) -> dict[str, dict[str, str]]:
-    rng = random.Random(seed)
-    people = [f"{f} {l}" for f in FIRST for l in LAST]
-    rng.shuffle(people)
-    people = people[:120]
-    kb = {}
-    for p in people:
-        kb[p] = {r: rng.choice([q for q in people if q != p]) for r in ToolBackend.PERSON_RELATIONS}
-        kb[p]["city"] = rng.choice(CITIES)
-    return kb
+        return "Who" if RELATIONS[relation][1] == "person" else "What"
 
 
 @lru_cache(maxsize=4)
