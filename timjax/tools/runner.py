@@ -36,7 +36,7 @@ from timjax.results import ToolCallRecord
 from timjax.tim.schema import ToolSpec, strict_input_schema
 from timjax.tools.encoding import classify_result, encode_error, truncate_encoded
 
-__all__ = ["ToolConfigError", "ToolLimits", "ToolRunner", "ToolServer", "ToolSession", "stdio_server"]
+__all__ = ["ToolConfigError", "ToolLimits", "ToolRunner", "ToolServer", "ToolSession", "open_runner", "stdio_server"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,15 @@ def as_tool_server(x: Any) -> ToolServer:
     if isinstance(x, str) and x.startswith(("http://", "https://")):
         return ToolServer(x)
     raise ToolConfigError(f"not a tool server: {x!r} (give an MCPServer, StdioServerParameters or an http(s) URL)")
+
+
+def open_runner(tools: Any, limits: Optional[ToolLimits] = None) -> tuple["ToolRunner", bool]:
+    """``(runner, whether the caller must close it)`` for what ``timjax.generate(tools=...)`` accepts."""
+    if isinstance(tools, ToolRunner):
+        return tools, False
+    if not isinstance(tools, (list, tuple)):
+        tools = [tools]
+    return ToolRunner(tools, limits), True
 
 
 # ------------------------------------------------------------------------------------------------ loop side
