@@ -245,8 +245,11 @@ class _Tool:
 class ToolRunner:
     """MCP clients for one run (see the module docstring). Use as a context manager, or ``close()``."""
 
-    def __init__(self, servers: Sequence[Any], limits: Optional[ToolLimits] = None):
+    def __init__(self, servers: Sequence[Any], limits: Optional[ToolLimits] = None, *,
+                 count_tokens: Optional[Callable[[str], int]] = None):
+        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None)."""
         self.limits = limits or ToolLimits()
+        self.count_tokens = count_tokens
         self.servers = [as_tool_server(s) for s in servers]
         self.tools: dict[str, _Tool] = {}
         self.startup_errors: list[str] = []
@@ -274,7 +277,8 @@ class ToolRunner:
         self._root, tg = self._portal.start_task(root)
         for server in self.servers:
             conn = _Connection(server, tg)
-            self._add_tools(server, conn, self._list(conn))
+            declared = server.tools is not None and all(isinstance(t, ToolSpec) for t in server.tools)
+            self._add_tools(server, conn, None if declared else self._list(conn))  # declared: connect at first call
 
     def _list(self, conn: _Connection) -> Optional[list[ToolSpec]]:
         async def go():
@@ -299,7 +303,7 @@ class ToolRunner:
 
         wanted = list(server.tools) if server.tools is not None else None
         declared = [t for t in wanted or () if isinstance(t, ToolSpec)]
-        if listed is None and (wanted is None or len(declared) < len(wanted)):
+        if listed is None and len(declared) < len(wanted or [None]):
             raise ToolConfigError(self.startup_errors[-1] + " (declare its tools as ToolSpecs to run without listing)")
         by_name = {t.name: t for t in listed or ()}
         if wanted is None:
@@ -347,7 +351,7 @@ class ToolRunner:
         self.close()
 
     def session(self, count_tokens: Optional[Callable[[str], int]] = None) -> "ToolSession":
-        return ToolSession(self, count_tokens)
+        return ToolSession(self, count_tokens or self.count_tokens)
 
     # -- calls
     def validate(self, name: str, arguments_json: str) -> tuple[Any, Optional[tuple[str, str]]]:
