@@ -59,7 +59,8 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
              chat: bool = False, system: str | None = None,
              on_token: Callable[[int, int], None] | None = None, progress: bool = False,
              schema: Any = None, pruning_buffer: int | None = None, reposition: str = "reencode",
-             engine_options: dict | None = None):
+             engine_options: dict | None = None, tools: Any = None, tool_limits: Any = None,
+             _runner: Any = None):
     """Generate from one prompt (a string or token ids) or a batch of them.
 
     Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
@@ -68,11 +69,26 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
     With a schema, text prompts are wrapped in the chat template with a system prompt that states the
     format and the tools (``timjax.tim.prompt.tim_system_prompt``) unless ``system`` is given.
     ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
+    ``tools``: MCP servers the model may call inside the inference (``timjax.tools.runner.ToolServer``,
+    ``MCPServer``, ``StdioServerParameters``, URLs, or a started ``ToolRunner``); turns on TIM (the schema
+    offers their tools) with ``tool_limits`` (``timjax.tools.runner.ToolLimits``: timeout, call cap, result cap).
     """
+    call_args = dict(locals())
     from timjax.engine import Engine, PlainController, Request
 
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
+    if tools is not None:  # start the MCP clients once, offer their tools in the schema, run, close
+        from timjax.tim.schema import with_tools
+        from timjax.tools.runner import open_runner
+
+        runner, close_runner = open_runner(tools, tool_limits)
+        try:
+            return generate(**{**call_args, "schema": with_tools(schema, runner.specs), "tools": None,
+                               "_runner": runner})
+        finally:
+            if close_runner:
+                runner.close()
     if schema is not None and system is None:
         from timjax.tim.prompt import tim_system_prompt
 
@@ -96,7 +112,7 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
             from timjax.tim_controller import TimController
 
             ctrl = TimController(model, schema, max_new_tokens=max_new_tokens, prompt_len=len(p),
-                                 pruning_buffer=pruning_buffer, stop_ids=stop_ids)
+                                 pruning_buffer=pruning_buffer, stop_ids=stop_ids, tools=_runner)
         else:
             ctrl = PlainController(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop,
                                    tokenizer=model.tokenizer)

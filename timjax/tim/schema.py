@@ -50,6 +50,7 @@ __all__ = [
     "dumps",
     "strict_input_schema",
     "tim_schema",
+    "with_tools",
 ]
 
 FIELD_ORDER = ("title", "thought", "tooluse", "subtasks", "conclusion")
@@ -277,3 +278,13 @@ def tim_schema(
         answer_type=answer_type,
         tool_names=frozenset(names),
     )
+
+
+def with_tools(schema: Optional[TimSchema], tools: Sequence[ToolSpec]) -> TimSchema:
+    """``schema`` (or a default TIM schema) rebuilt to offer exactly ``tools``; its other options stay."""
+    if schema is None:
+        return tim_schema(tools)
+    if tuple(schema.tools) == tuple(tools):
+        return schema
+    return tim_schema(tools, max_depth=schema.max_depth, max_subtasks=schema.max_subtasks, title=schema.title,
+                      answer_type=schema.answer_type)

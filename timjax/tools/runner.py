@@ -36,7 +36,7 @@ from timjax.results import ToolCallRecord
 from timjax.tim.schema import ToolSpec, strict_input_schema
 from timjax.tools.encoding import classify_result, encode_error, truncate_encoded
 
-__all__ = ["ToolConfigError", "ToolLimits", "ToolRunner", "ToolServer", "ToolSession", "stdio_server"]
+__all__ = ["ToolConfigError", "ToolLimits", "ToolRunner", "ToolServer", "ToolSession", "open_runner", "stdio_server"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,15 @@ def as_tool_server(x: Any) -> ToolServer:
     if isinstance(x, str) and x.startswith(("http://", "https://")):
         return ToolServer(x)
     raise ToolConfigError(f"not a tool server: {x!r} (give an MCPServer, StdioServerParameters or an http(s) URL)")
+
+
+def open_runner(tools: Any, limits: Optional[ToolLimits] = None) -> tuple["ToolRunner", bool]:
+    """``(runner, whether the caller must close it)`` for what ``timjax.generate(tools=...)`` accepts."""
+    if isinstance(tools, ToolRunner):
+        return tools, False
+    if not isinstance(tools, (list, tuple)):
+        tools = [tools]
+    return ToolRunner(tools, limits), True
 
 
 # ------------------------------------------------------------------------------------------------ loop side
@@ -236,8 +245,11 @@ class _Tool:
 class ToolRunner:
     """MCP clients for one run (see the module docstring). Use as a context manager, or ``close()``."""
 
-    def __init__(self, servers: Sequence[Any], limits: Optional[ToolLimits] = None):
+    def __init__(self, servers: Sequence[Any], limits: Optional[ToolLimits] = None, *,
+                 count_tokens: Optional[Callable[[str], int]] = None):
+        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None)."""
         self.limits = limits or ToolLimits()
+        self.count_tokens = count_tokens
         self.servers = [as_tool_server(s) for s in servers]
         self.tools: dict[str, _Tool] = {}
         self.startup_errors: list[str] = []
@@ -265,7 +277,8 @@ class ToolRunner:
         self._root, tg = self._portal.start_task(root)
         for server in self.servers:
             conn = _Connection(server, tg)
-            self._add_tools(server, conn, self._list(conn))
+            declared = server.tools is not None and all(isinstance(t, ToolSpec) for t in server.tools)
+            self._add_tools(server, conn, None if declared else self._list(conn))  # declared: connect at first call
 
     def _list(self, conn: _Connection) -> Optional[list[ToolSpec]]:
         async def go():
@@ -290,7 +303,7 @@ class ToolRunner:
 
         wanted = list(server.tools) if server.tools is not None else None
         declared = [t for t in wanted or () if isinstance(t, ToolSpec)]
-        if listed is None and (wanted is None or len(declared) < len(wanted)):
+        if listed is None and len(declared) < len(wanted or [None]):
             raise ToolConfigError(self.startup_errors[-1] + " (declare its tools as ToolSpecs to run without listing)")
         by_name = {t.name: t for t in listed or ()}
         if wanted is None:
@@ -338,7 +351,7 @@ class ToolRunner:
         self.close()
 
     def session(self, count_tokens: Optional[Callable[[str], int]] = None) -> "ToolSession":
-        return ToolSession(self, count_tokens)
+        return ToolSession(self, count_tokens or self.count_tokens)
 
     # -- calls
     def validate(self, name: str, arguments_json: str) -> tuple[Any, Optional[tuple[str, str]]]:
