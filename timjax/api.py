@@ -10,6 +10,17 @@ from timjax.model import Qwen3
 Prompt = str | list[int]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# The shipped tiny TIM (trained by `timjax train timjax/train/configs/tiny_tim.json`): the default model.
+DEFAULT_MODEL_DIR = Path(__file__).parent / "tiny_tim"
+
+
+def default_model_path() -> Path:
+    """The shipped tiny TIM checkpoint directory (Hugging Face format)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        from timjax.errors import TimjaxError
+
+        raise TimjaxError(f"{DEFAULT_MODEL_DIR}: the default model is missing from this install")
+    return DEFAULT_MODEL_DIR
 
 
 def load_tokenizer(path: str | Path):
