@@ -459,3 +459,15 @@ def save_problems_jsonl(probs: Sequence[Problem], path: str) -> None:
             f.write(json.dumps({"question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth},
                                ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def iter_tasks_with_tools(doc: dict):
+    """The ``tooluse`` objects of a parsed document, in document order."""
+
+    def walk(tasks):
+        for t in tasks:
+            if "tooluse" in t:
+                yield t["tooluse"]
+            yield from walk(t.get("subtasks") or [])
+
+    yield from walk(doc["reasoning"])
