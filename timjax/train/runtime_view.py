@@ -155,3 +155,44 @@ def _segment(context: list[int], new: list[int], kinds: list[int]) -> Segment:
     # position j predicts ids[j + 1]; the stretch's token m sits at len(context) + m
     loss[len(context) - 1 + np.nonzero(k == SAMPLED)[0]] = 1.0
     return Segment(ids, loss)
+
+
+def runtime_doc_from_tokens(replayer: Replayer, prompt: Sequence[int], tokens: Sequence[int],
+                            tool_result_tokens: Sequence[int]) -> RuntimeDoc:
+    """Label the tokens a generation really wrote (``GenerationResult.tokens``): replays the grammar and
+    the tracker over them, as the controller did. After each ``ToolCallReady`` the next
+    ``tool_result_tokens[k]`` tokens are the runtime's (``ToolCallRecord.result_tokens``); a token equal
+    to the next one the grammar forced is ``FORCED``; every other token was sampled. Works on unfinished
+    generations too (a prefix)."""
+    grammar = make_grammar(replayer.tok, replayer.schema_json, replayer.vocab_size, eos_token=replayer.eos)
+    tracker = TreeTracker(replayer.llt.tokenize_bytes)
+    out = RuntimeDoc(list(prompt), [], [])
+    forced: list[int] = []
+    tool_left = 0
+    calls = list(tool_result_tokens)
+    for t in tokens:
+        t = int(t)
+        if tool_left:
+            kind, tool_left = TOOL, tool_left - 1
+        elif forced and forced[0] == t:
+            kind = FORCED
+            forced.pop(0)
+        else:
+            kind, forced = SAMPLED, []
+        grammar.consume([t])
+        events = tracker.feed(t, replayer.llt.decode_bytes([t]))
+        if events and isinstance(events[0], Split):
+            raise ValueError("the generation holds a token straddling a list bracket (not a runtime output)")
+        out.tokens.append(t)
+        out.kinds.append(kind)
+        for ev in events:
+            if isinstance(ev, ListCompleted):
+                out.lists.append((len(out.tokens) - 1, ev))
+            elif isinstance(ev, ToolCallReady):
+                tool_left = calls.pop(0) if calls else 0
+                forced = []
+        if tracker.done:
+            break
+        if not forced and not tool_left:
+            forced = list(grammar.forced_tokens())
+    return out

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import asdict
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -259,6 +259,20 @@ def make_optimizer(cfg: TrainConfig):
     return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum), schedule
 
 
+def _opt_key(cfg: TrainConfig) -> tuple:
+    return (cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.weight_decay, cfg.clip_norm, cfg.grad_accum)
+
+
+@lru_cache(maxsize=8)
+def _optimizer_and_step(mcfg, key: tuple):
+    """(optimizer, schedule, jitted step), cached so that runs in one process share compiled steps."""
+    lr, warmup, steps, min_ratio, wd, clip, accum = key
+    cfg = TrainConfig(out_dir="", lr=lr, warmup_steps=warmup, steps=steps, min_lr_ratio=min_ratio, weight_decay=wd,
+                      clip_norm=clip, grad_accum=accum)
+    opt, schedule = make_optimizer(cfg)
+    return opt, schedule, make_train_step(mcfg, opt)
+
+
 def make_train_step(mcfg, opt):
     import jax
 
@@ -324,13 +338,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
     mcfg, params = initial_params(cfg, tok)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     say(f"model: {n_params / 1e6:.2f}M parameters, vocabulary {mcfg.vocab_size}, {mcfg.num_hidden_layers} layers")
-    opt, schedule = make_optimizer(cfg)
+    opt, schedule, step_fn = _optimizer_and_step(mcfg, _opt_key(cfg))
     opt_state = opt.init(params)
     mgr = _manager(out, cfg.keep_checkpoints)
     start, params, opt_state = restore_state(mgr, params, opt_state)
     if start:
         say(f"resumed from step {start}")
-    step_fn = make_train_step(mcfg, opt)
     log_path = out / "log.jsonl"
     t0 = time.perf_counter()
     tokens_seen = 0
