@@ -27,7 +27,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     say = lambda *a: print(*a, file=sys.stderr, flush=True)
     kw = {"settings": settings} if settings else {}
     report = evaluate(model, probs, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                      progress=not args.no_progress, model_label=path, say=say, **kw)
+                      progress=not args.no_progress, model_label=path, say=say, json_path=args.json, **kw)
     report.command = "timjax " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report.machine = f"{platform.machine()}, {platform.system()}, python {platform.python_version()}"
     print(report.table())

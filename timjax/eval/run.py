@@ -130,9 +130,10 @@ def is_correct(p: Problem, r) -> bool:
 
 def evaluate(model, probs: Sequence[Problem], settings: Sequence[Setting] = SETTINGS, *, tools: Any = None,
              max_new_tokens: int = 1024, max_batch: int = 16, page_size: int = 16, progress: bool = True,
-             model_label: str = "", say=print) -> EvalReport:
+             model_label: str = "", say=print, json_path: str | None = None) -> EvalReport:
     """Run every problem under every setting (greedy) and collect the figures (see the module docstring).
-    ``tools``: MCP servers for ``timjax.generate(tools=...)``; default: the corpus's calculator and lookup."""
+    ``tools``: MCP servers for ``timjax.generate(tools=...)``; default: the corpus's calculator and lookup.
+    ``json_path``: the report so far is written there after each setting (a long run keeps what it measured)."""
     import timjax
     from timjax.tim.schema import tim_schema
     from timjax.tools.runner import ToolRunner
@@ -164,6 +165,8 @@ def evaluate(model, probs: Sequence[Problem], settings: Sequence[Setting] = SETT
                                 tokens_per_s=gen / wall if wall else 0.0, wall_s=wall, failures=fails)
             reports.append(rep)
             say(f"{s.label}: accuracy {rep.overall.accuracy:.1%} ({len(probs)} problems, {wall:.0f}s)")
+            if json_path:
+                write_report(EvalReport(model=model_label, n_problems=len(probs), settings=reports), json_path)
     finally:
         runner.close()
     return EvalReport(model=model_label, n_problems=len(probs), settings=reports)

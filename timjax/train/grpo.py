@@ -185,3 +185,27 @@ def _schema():
     from timjax.train.tools_adapter import default_backend
 
     return tim_schema(tools=default_backend().specs())
+
+
+def main(argv=None) -> int:
+    """``python -m timjax.train.grpo --model-dir DIR --out-dir DIR [--steps N ...]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="a few GRPO steps on a TIM checkpoint (rollouts with pruning and tools)")
+    for name, field in GRPOConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.is_required():
+            ap.add_argument(flag, required=True)
+        else:
+            ap.add_argument(flag, default=None)
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    if "pruning_buffer" in args and args["pruning_buffer"] in ("none", "off", "-1"):
+        args["pruning_buffer"] = None
+    cfg = GRPOConfig.model_validate(args)
+    out = run_grpo(cfg)
+    print(json.dumps(out["history"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
