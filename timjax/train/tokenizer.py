@@ -81,6 +81,7 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 4
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary package files
         os.replace(tmp, out / name)
     return out
 
