@@ -169,3 +169,39 @@ def test_without_a_runner_the_model_writes_tool_result_itself(model, llt):
     res = Engine(model, max_batch=1, page_size=16, max_seq_len=1024).run([Request(prompt, 2000, controller=ctrl)])[0]
     assert res.finish_reason == "stop" and res.text == doc and res.tool_calls == []
     assert json.loads(res.text)["reasoning"][0]["tooluse"]["tool_result"] == {"made": ["up", 1]}
+
+
+def test_cli_tool_specs(tmp_path, model, qwen3_tokenizer_dir, capsys):
+    """`timjax generate --tool SPEC`: an in-process factory, a stdio command and a URL parse into servers;
+    bad specs fail in one line; a run offers the tools and reports the calls."""
+    from timjax.cli import main
+    from timjax.convert import export_timjax_to_hf
+    from timjax.tools.runner import ToolConfigError
+    from timjax.tools.spec import parse_env, parse_tool_spec
+
+    s = parse_tool_spec("timjax.tools.servers.calculator:make_server")
+    assert type(s.target).__name__ == "MCPServer" and s.label() == "calculator"
+    s = parse_tool_spec("python -m timjax.tools.servers.kb --seed 2", env=parse_env(["A=1", "B=x=y"]))
+    assert s.target.args == ["-m", "timjax.tools.servers.kb", "--seed", "2"] and s.target.env == {"A": "1", "B": "x=y"}
+    assert s.target.command.endswith("python") and s.label() == "kb"
+    assert parse_tool_spec("http://127.0.0.1:9/mcp").target == "http://127.0.0.1:9/mcp"
+    for bad, msg in [("timjax.tools.servers.calculator:nope", "has no attribute 'nope'"),
+                     ("timjax.nope:make_server", "cannot import 'timjax.nope'"),
+                     ("timjax.tools.servers.calculator:OPS", "expected an MCPServer, got tuple")]:
+        with pytest.raises(ToolConfigError, match=msg):
+            parse_tool_spec(bad)
+    with pytest.raises(ToolConfigError, match="expected KEY=VALUE"):
+        parse_env(["NOEQUALS"])
+
+    ckpt = export_timjax_to_hf((model.config, model.params()), tmp_path / "ckpt", dtype="float32",
+                               tokenizer_dir=qwen3_tokenizer_dir, progress=False)
+    rc = main(["generate", str(ckpt), "--prompt", "2+2?", "--dtype", "float32", "--max-new-tokens", "6",
+               "--tool", "timjax.tools.servers.calculator:make_server", "--tool", "timjax.tools.servers.kb:make_server",
+               "--tool-allow", "calculator"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "[length] " in err and "0 tool calls (0 failed)" in err, err
+    rc = main(["generate", str(ckpt), "--prompt", "x", "--tool", "timjax.tools.servers.kb:make_server",
+               "--tool-allow", "calculator"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == ("timjax: error: allowed tools not offered by any server: calculator "
+                                       "(offered: lookup)")

@@ -246,10 +246,12 @@ class ToolRunner:
     """MCP clients for one run (see the module docstring). Use as a context manager, or ``close()``."""
 
     def __init__(self, servers: Sequence[Any], limits: Optional[ToolLimits] = None, *,
-                 count_tokens: Optional[Callable[[str], int]] = None):
-        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None)."""
+                 count_tokens: Optional[Callable[[str], int]] = None, allow: Optional[Sequence[str]] = None):
+        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None).
+        ``allow``: tool names to keep over all servers (each must exist), on top of per-server lists."""
         self.limits = limits or ToolLimits()
         self.count_tokens = count_tokens
+        self.allow = list(allow) if allow else None
         self.servers = [as_tool_server(s) for s in servers]
         self.tools: dict[str, _Tool] = {}
         self.startup_errors: list[str] = []
@@ -279,6 +281,12 @@ class ToolRunner:
             conn = _Connection(server, tg)
             declared = server.tools is not None and all(isinstance(t, ToolSpec) for t in server.tools)
             self._add_tools(server, conn, None if declared else self._list(conn))  # declared: connect at first call
+        if self.allow is not None:
+            missing = [n for n in self.allow if n not in self.tools]
+            if missing:
+                raise ToolConfigError(f"allowed tools not offered by any server: {', '.join(missing)} "
+                                      f"(offered: {', '.join(self.tools) or 'nothing'})")
+            self.tools = {n: t for n, t in self.tools.items() if n in self.allow}
 
     def _list(self, conn: _Connection) -> Optional[list[ToolSpec]]:
         async def go():
