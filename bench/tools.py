@@ -40,12 +40,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/tools.py` from the repo root
 
-import jax
-
-from bench.common import environment, load_average, log, print_table, write_json
-from bench.pruning import SHAPES, CompileWatch, qwen3_tokenizer
 
 import timjax
+from bench.common import environment, load_average, log, print_table, write_json
+from bench.pruning import SHAPES, CompileWatch, qwen3_tokenizer
 from timjax.engine import Action, Engine, Request
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import dumps, tim_schema

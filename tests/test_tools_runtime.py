@@ -174,8 +174,9 @@ def test_without_a_runner_the_model_writes_tool_result_itself(model, llt):
 def test_cli_tool_specs(tmp_path, model, qwen3_tokenizer_dir, capsys):
     """`timjax generate --tool SPEC`: an in-process factory, a stdio command and a URL parse into servers;
     bad specs fail in one line; a run offers the tools and reports the calls."""
-    from timjax.cli import main
     from timjax.convert import export_timjax_to_hf
+
+    from timjax.cli import main
     from timjax.tools.runner import ToolConfigError
     from timjax.tools.spec import parse_env, parse_tool_spec
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Optional, Sequence
-
+from collections.abc import Sequence
 
 __all__ = ["add_tool_arguments", "parse_env", "parse_tool_spec", "runner_from_args"]
 
@@ -35,8 +34,8 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def parse_tool_spec(spec: str, *, env: Optional[dict[str, str]] = None,
-                    allow: Optional[Sequence[str]] = None):
+def parse_tool_spec(spec: str, *, env: dict[str, str] | None = None,
+                    allow: Sequence[str] | None = None):
     """A ``ToolServer`` for one SPEC (see the module docstring); ``allow``: tool names to keep (None = all)."""
     from timjax.tools.runner import ToolConfigError, ToolServer, stdio_server
 
