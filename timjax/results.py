@@ -23,6 +23,7 @@ class GenerationStats(BaseModel):
     reencoded_tokens: int = 0
     extend_time_s: float = 0.0  # device time in extend / re-encode steps for this sequence's batches
     host_time_s: float = 0.0  # host time in grammar and tree tracking
+    preemptions: int = 0  # times the scheduler took its KV pages back (it resumed by writing its memory again)
     # Tool calls (timjax.tools): count, how many ended in an error object, summed call latency.
     tool_calls: int = 0
     tool_errors: int = 0
