@@ -119,7 +119,7 @@ def test_a_hanging_tool_parks_one_sequence_while_the_others_finish(model, llt):
     assert [r.finish_reason for r in results] == ["stop"] * 3, [r.error for r in results]
     assert [r.text for r in results] == docs
     rec = results[0].tool_calls[0]
-    assert rec.status == "timeout" and rec.result == '{"error": "hang: no answer within 6 s"}' and rec.latency_s >= 6
+    assert rec.status == "timeout" and rec.result == '{"error": "hang: no answer within 6 s"}' and rec.latency_s > 5.9
     assert [c.status for r in results[1:] for c in r.tool_calls] == ["ok", "ok"] * 2
     # the other two finished while request 0 was parked on its call
     started = next(i for i, (live, _) in enumerate(trace) if {1, 2} <= live)

@@ -44,7 +44,7 @@ class ToolCallRecord(BaseModel):
     result: str  # the exact text written after "tool_result": (timjax.tools.encoding)
     status: ToolCallStatus
     error: str | None = None  # what went wrong, when status is not "ok"
-    latency_s: float  # from the call's submission to its answer (or its fault)
+    latency_s: float  # the call on the tool loop, from its start to its answer (or fault; host clock for refusals)
     result_tokens: int = 0  # tokens forced for the result (after truncation)
     resume_s: float | None = None  # from the answer being available to the next sampled token
 

@@ -466,13 +466,15 @@ class ToolSession:
         except Exception as e:  # noqa: BLE001 - cancelled or an internal error: still an answer for the model
             out = _Outcome("server_error", error=f"{p.tool}: {_describe(e)}")
         if out.status != "ok":
-            p.record = self._record(p, out.status, encode_error(out.error), out.error)
+            p.record = self._record(p, out.status, encode_error(out.error), out.error, out.latency_s or None)
             return p.record
         text, status = classify_result(out.result)
-        p.record = self._record(p, status, text, json.loads(text)["error"] if status != "ok" else None)
+        p.record = self._record(p, status, text, json.loads(text)["error"] if status != "ok" else None, out.latency_s)
         return p.record
 
-    def _record(self, p: _Pending, status: str, text: str, error: str | None) -> ToolCallRecord:
+    def _record(self, p: _Pending, status: str, text: str, error: str | None,
+                latency_s: float | None = None) -> ToolCallRecord:
+        """``latency_s``: measured on the loop (submission to answer); else the host's clock up to now."""
         cap = self.limits.max_result_tokens
         if error is not None and status != "ok":  # an error object: shorten its message, keep its status
             n = self.count_tokens(text)
@@ -486,7 +488,8 @@ class ToolSession:
                 status, error = "truncated", json.loads(text)["error"]
                 n = self.count_tokens(text)
         rec = ToolCallRecord(index=p.index, task_path=p.task_path, tool=p.tool, arguments=p.arguments, result=text,
-                             status=status, error=error, latency_s=time.perf_counter() - p.t0,
+                             status=status, error=error,
+                             latency_s=latency_s if latency_s is not None else time.perf_counter() - p.t0,
                              result_tokens=n)
         self.records.append(rec)
         return rec
