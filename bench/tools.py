@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 import timjax
 from bench.common import environment, load_average, log, print_table, write_json
+from bench.common import table as table_text
 from bench.pruning import SHAPES, CompileWatch, qwen3_tokenizer
 from timjax.engine import Action, Engine, Request
 from timjax.tim.grammar import llg_tokenizer
@@ -168,8 +169,11 @@ def main(argv=None) -> dict[str, Any]:
                     rows.setdefault((mode, n), []).append(r)
                     log(f"rep {rep} {mode:14s} n={n:3d} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.2f} s  "
                         f"requests {r['requests']}  load {load_average()}")
-        total_s = time.perf_counter() - t_start
+            report(rows, args, env, time.perf_counter() - t_start, rep + 1)  # partial results survive a stop
+    return report(rows, args, env, time.perf_counter() - t_start, args.repeats, final=True)
 
+
+def report(rows, args, env, total_s, repeats_done, final=False) -> dict[str, Any]:
     summary = []
     base = {m: statistics.median(x["tokens_per_s"] for x in rows[(m, min(args.calls))]) for m in args.modes}
     for n in args.calls:
@@ -193,8 +197,10 @@ def main(argv=None) -> dict[str, Any]:
                    f"{s['vs_0_calls']:.2f}x", f"{s['vs_runtime_prune']:.2f}x",
                    "-" if s["resume_ms"] is None else f"{s['resume_ms']:.1f} / {s['resume_ms_max']:.1f}",
                    s["requests"], s["prefill_tokens"], s["peak_kv"]] for s in summary]
-    text = print_table(headers, table_rows, title=f"tools in one inference, shape {args.shape}, {args.repeats} repeats")
+    title = f"tools in one inference, shape {args.shape}, {repeats_done} repeats"
+    text = print_table(headers, table_rows, title=title) if final else table_text(headers, table_rows, title)
     payload = {"env": env, "args": vars(args), "summary": summary, "table": text, "bench_s": total_s,
+               "repeats_done": repeats_done,
                "loadavg_end": load_average(),
                "runs": {f"{m}/{n}": v for (m, n), v in rows.items()}}
     if args.json:
