@@ -28,11 +28,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/decode.py` from the repo root
 
-from bench.common import (H100_SXM_GBS, Stopwatch, Timing, environment, load_average, log, measure_host_bandwidth_gbs, on_gpu,
-                          print_table, write_json)
-
 import timjax
+from bench.common import (
+    H100_SXM_GBS,
+    Stopwatch,
+    Timing,
+    environment,
+    load_average,
+    log,
+    measure_host_bandwidth_gbs,
+    on_gpu,
+    print_table,
+    write_json,
+)
 from timjax import kernels, steps
+from timjax.buckets import cdiv
 from timjax.cache import create_cache, kv_bytes_per_token
 from timjax.config import Qwen3Config
 from timjax.model import as_dtype, random_model
@@ -105,7 +115,7 @@ def _cache_size(fn) -> int | None:
 
 
 def new_cache(cfg, B, max_seq_len, page_size, dtype):
-    pages_per_seq = -(-max_seq_len // page_size)
+    pages_per_seq = cdiv(max_seq_len, page_size)
     return create_cache(cfg, num_pages=B * pages_per_seq, page_size=page_size, max_seqs=B,
                         max_seq_len=max_seq_len, dtype=dtype)
 
@@ -177,7 +187,7 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
     # One max_seq_len (a whole number of pages) for both runs: one compiled cache shape, and it sidesteps the
     # Engine's default pool size (max_batch * max_seq_len tokens), which is short by up to a page per slot
     # when max_seq_len is not a multiple of page_size.
-    max_seq_len = -(-(len(prompts[0]) + n_new) // page_size) * page_size
+    max_seq_len = cdiv(len(prompts[0]) + n_new, page_size) * page_size
 
     def run(n):
         res = timjax.generate(model, prompts, max_new_tokens=n, max_batch=B, page_size=page_size, stop_ids=[],
@@ -185,6 +195,52 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
         assert all(r.stats.generated_tokens == n for r in res), [r.finish_reason for r in res]
 
     return per_token_timing(run, n_new, repeats)
+
+
+def bench_ragged_step(model, B, prompt, n_new, page_size, impl, repeats) -> dict[str, Any]:
+    """ms per decode step of the bare ragged step (``steps.ragged_generate_step``) on the cache and shapes the
+    engine uses for the same request (``Engine``'s slots, page-table width and window), inputs kept on the
+    device: the engine's floor. Prefill through the same step."""
+    from timjax.buckets import bucket, cdiv, pow2
+    from timjax.engine import Engine
+    from timjax.engine.runner import MIN_KV_WINDOW
+
+    cfg, params = model.config, model.params()
+    max_seq_len = cdiv(prompt.shape[1] + n_new, page_size) * page_size
+    eng = Engine(model, max_batch=B, page_size=page_size, max_seq_len=max_seq_len, impl=impl)
+    cache, S, T = eng.cache, eng.cache.max_seqs, prompt.shape[1]
+    kv_pages = min(pow2(cdiv(T + n_new, page_size), lo=cdiv(MIN_KV_WINDOW, page_size)), cache.max_pages_per_seq)
+    keep = steps.Edits(jnp.full(S, 1 << 30, jnp.int32), *jnp.zeros((4, 0), jnp.int32))  # no edit
+    # every n_new - 1 steps the rows are cut back to the prompt (inside the step, as the engine's edits are)
+    rewind = steps.Edits(jnp.full(S, T, jnp.int32), *jnp.zeros((4, 0), jnp.int32))
+    edits = keep
+
+    def packed(tokens, q_len):
+        n = bucket(max(int(q_len.sum()), min(8, S)))
+        tok = jnp.zeros(n, jnp.int32).at[:tokens.size].set(tokens.reshape(-1))
+        row = jnp.zeros(n, jnp.int32).at[:tokens.size].set(jnp.repeat(jnp.arange(S), q_len, total_repeat_length=tokens.size))
+        cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_len)]).astype(jnp.int32)
+        return steps.Packed(tok, row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
+
+    sp = greedy(S)
+    q_len = jnp.zeros(S, jnp.int32).at[:B].set(T)
+    kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages)
+    p = packed(jnp.asarray(prompt), q_len)
+    tok, _, cache = steps.ragged_generate_step(params, cache, p, edits, sp, **kw,
+                                               max_new_pages=cdiv(p.tokens.size, page_size) + 1)
+    ones = jnp.zeros(S, jnp.int32).at[:B].set(1)
+    t = Timing()
+    for i in range(2 + repeats * n_new):
+        edits = rewind if i % (n_new - 1) == 0 else keep
+        p = packed(tok[:B], ones)
+        t0 = time.perf_counter()
+        tok, _, cache = steps.ragged_generate_step(params, cache, p, edits, sp, **kw,
+                                                   max_new_pages=cdiv(p.tokens.size, page_size) + 1)
+        jax.block_until_ready(tok)
+        if i >= 2:
+            t.samples.append(time.perf_counter() - t0)
+    assert not bool(np.asarray(cache.oom).any()), "benchmark cache ran out of pages"
+    return {"timing": t, "kv_pages": kv_pages, "slots": S}
 
 
 def per_token_timing(run, n_new: int, repeats: int) -> dict[str, Any]:
@@ -247,8 +303,8 @@ def bench_kernels(cfg, dtype, B, context, page_size, repeats, include_interpret)
     Hq, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dt = as_dtype(dtype)
     k_splits, ppcb = 16, 8  # JAX kernel defaults; pages per sequence must be a multiple of both
-    pages_per_seq = -(-context // page_size)
-    maxp = -(-pages_per_seq // (k_splits * ppcb)) * (k_splits * ppcb) if on_gpu() else pages_per_seq
+    pages_per_seq = cdiv(context, page_size)
+    maxp = cdiv(pages_per_seq, k_splits * ppcb) * (k_splits * ppcb) if on_gpu() else pages_per_seq
     num_pages = B * pages_per_seq
     key = jax.random.key(1)
     kq, kk, kv = jax.random.split(key, 3)
@@ -282,7 +338,9 @@ def bench_kernels(cfg, dtype, B, context, page_size, repeats, include_interpret)
     if on_gpu():
         rows.append(timed("timjax Pallas (impl=pallas)",
                           lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="pallas")))
-        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
+        from jax.experimental.pallas.ops.gpu.paged_attention import (
+            paged_attention as jax_paged,
+        )
 
         rows.append(timed(f"jax.experimental paged_attention (k_splits={k_splits}, ppcb={ppcb})",
                           lambda q, k, v, l, t: jax_paged(q, k, v, t, l, k_splits=k_splits,
@@ -408,6 +466,8 @@ def main(argv=None) -> dict[str, Any]:
                                    args.repeats)
                     add("timjax decode_loop, pallas", B, r.pop("timing"), f"{n} steps/dispatch", **r)
             if "engine" in args.methods:
+                r = bench_ragged_step(model, B, prompt, n, args.page_size, "auto", args.repeats)
+                add("timjax ragged_generate_step (bare)", B, r.pop("timing"), "the engine's step and shapes", **r)
                 r = bench_engine(model, B, prompt, n, args.repeats, args.page_size, "auto")
                 add("timjax.generate (engine, end to end)", B, r.pop("timing"), "(t(N)-t(1))/(N-1)", **r)
             if "kernels" in args.methods:

@@ -17,6 +17,7 @@ import jax
 from . import compaction as _c
 from . import paged_attention as _pa
 from .ragged_paged_attention import reference as _rpa_ref
+from .ragged_paged_attention import v1 as _rpa_v1
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -35,7 +36,9 @@ _REGISTRY: dict[str, dict[str, Callable]] = {
     },
     "ragged_attention": {
         "xla": _rpa_ref.ragged_paged_attention_reference,
-        # Pallas entries are registered by ragged_paged_attention/v1 (see the end of this file).
+        # Unset tuning args come from ragged_paged_attention/v1/tuned_block_sizes.py.
+        "pallas": lambda *a, **kw: _rpa_v1.ragged_paged_attention(*a, interpret=False, **kw),
+        "pallas_interpret": lambda *a, **kw: _rpa_v1.ragged_paged_attention(*a, interpret=True, **kw),
     },
     "compact": {
         "xla": _c.compact_pages_reference,

@@ -222,7 +222,8 @@ def _choose_block_q(t: int, group_p: int, block_q: int | None) -> int:
   if block_q is not None:
     bq = _next_pow2(block_q)
   else:
-    bq = min(max(1, 64 // group_p), _next_pow2(t))
+    # 32 rows: at hd 128 a 64-row block gets its wgmma serialised by ptxas (kernels/TUNING.md).
+    bq = min(max(1, 32 // group_p), _next_pow2(t))
   # Triton dots want >= 16 rows: pad the token dim of the block if the group is small.
   return max(bq, max(1, 16 // group_p))
 
@@ -233,7 +234,7 @@ def _choose_block_q(t: int, group_p: int, block_q: int | None) -> int:
                      "use_dot", "num_warps", "num_stages", "interpret"))
 def paged_extend_attention(q, k_pages, v_pages, q_start, q_len, page_table, *,
                            scale=None, block_q=None, pages_per_compute_block=None,
-                           k_splits=1, use_dot=None, num_warps=4, num_stages=2,
+                           k_splits=1, use_dot=None, num_warps=None, num_stages=2,
                            interpret=False):
   """Paged extend (chunked prefill) attention, Pallas kernel.
 
@@ -264,6 +265,10 @@ def paged_extend_attention(q, k_pages, v_pages, q_start, q_len, page_table, *,
   split_len = _cdiv(_cdiv(total_slots, k_splits), block_k) * block_k
   if use_dot is None:
     use_dot = block_m >= 16 and block_k >= 16 and hd >= 16
+  if num_warps is None:
+    # sm_90a (kernels/TUNING.md): 64 rows x hd 128 at 4 warps hits 255 registers and ptxas
+    # serialises the wgmma; 8 warps halve the per-thread accumulator.
+    num_warps = 8 if block_m * hd >= 64 * 128 else 4
 
   q_start = q_start.astype(jnp.int32)
   q_len = q_len.astype(jnp.int32)
@@ -337,7 +342,7 @@ def paged_extend_attention(q, k_pages, v_pages, q_start, q_len, page_table, *,
 
 def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, *, scale=None,
                            pages_per_compute_block=None, k_splits=1, use_dot=None,
-                           num_warps=4, num_stages=2, interpret=False):
+                           num_warps=None, num_stages=2, interpret=False):
   """Paged decode attention, Pallas kernel.
 
   q [B, Hq, hd]; attends over slots < lengths[b] (the current token's K/V already

@@ -14,8 +14,18 @@ from timjax import kernels as K
 from timjax.kernels import compaction as C
 from timjax.kernels import paged_attention as PA
 
-INTERPRET = True  # no GPU in CI: Pallas kernels run through the interpreter
 THETA = 10000.0
+
+
+class _KernelTest:
+  """Compiled Pallas kernels (INTERPRET = False) run only where a GPU backend exists; each class has an
+  ``...Interpret`` subclass (INTERPRET = True) that runs the same cases through the interpreter on the CPU."""
+
+  INTERPRET = False
+
+  def setup_method(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("compiled Pallas kernels need a GPU backend (the Interpret subclass runs on the CPU)")
 
 
 def _tol(dtype):
@@ -111,7 +121,7 @@ DECODE_CASES = [
 ]
 
 
-class TestPagedDecodeAttention:
+class TestPagedDecodeAttention(_KernelTest):
 
   @pytest.mark.parametrize("ps,group,dtype,hd,tuning", DECODE_CASES)
   def test_kernel_vs_reference_vs_dense(self, ps, group, dtype, hd, tuning):
@@ -126,7 +136,7 @@ class TestPagedDecodeAttention:
     scale = 0.7 * hd ** -0.5 if group == 2 else None
     ref = PA.paged_decode_attention_reference(q, k_pages, v_pages, lengths_j, pt, scale=scale)
     out = PA.paged_decode_attention(q, k_pages, v_pages, lengths_j, pt, scale=scale,
-                                    interpret=INTERPRET, **tuning)
+                                    interpret=self.INTERPRET, **tuning)
     assert out.shape == q.shape and out.dtype == q.dtype
     dense = dense_decode(_f32(q), k_dense, v_dense, lengths,
                          hd ** -0.5 if scale is None else scale)
@@ -147,10 +157,14 @@ class TestPagedDecodeAttention:
     q = jnp.asarray(rng.standard_normal((batch, hkv * group, hd)), jnp.float32)
     scale = hd ** -0.5
     theirs = jax_pa.paged_attention(q * scale, k_pages, v_pages, pt_full, jnp.asarray(lengths),
-                                    pages_per_compute_block=4, k_splits=1, interpret=True)
+                                    pages_per_compute_block=4, k_splits=1, interpret=self.INTERPRET)
     ours = PA.paged_decode_attention(q, k_pages, v_pages, jnp.asarray(lengths), pt_full,
-                                     interpret=INTERPRET, pages_per_compute_block=4)
+                                     interpret=self.INTERPRET, pages_per_compute_block=4)
     np.testing.assert_allclose(_f32(ours), _f32(theirs), atol=1e-5, rtol=1e-5)
+
+
+class TestPagedDecodeAttentionInterpret(TestPagedDecodeAttention):
+  INTERPRET = True
 
 
 # (page_size, group, dtype, T, tuning)
@@ -162,7 +176,7 @@ EXTEND_CASES = [
 ]
 
 
-class TestPagedExtendAttention:
+class TestPagedExtendAttention(_KernelTest):
 
   @pytest.mark.parametrize("ps,group,dtype,t,tuning", EXTEND_CASES)
   def test_kernel_vs_reference_vs_dense(self, ps, group, dtype, t, tuning):
@@ -180,7 +194,7 @@ class TestPagedExtendAttention:
     q = jnp.asarray(rng.standard_normal((batch, t, hkv * group, hd)), dtype)
     args = (q, k_pages, v_pages, jnp.asarray(q_start), jnp.asarray(q_len), pt)
     ref = PA.paged_extend_attention_reference(*args)
-    out = PA.paged_extend_attention(*args, interpret=INTERPRET, **tuning)
+    out = PA.paged_extend_attention(*args, interpret=self.INTERPRET, **tuning)
     assert out.shape == q.shape and out.dtype == q.dtype
     dense = dense_extend(_f32(q), k_dense, v_dense, q_start, q_len, hd ** -0.5)
     np.testing.assert_allclose(_f32(ref), dense, **_tol(dtype))
@@ -200,6 +214,10 @@ class TestPagedExtendAttention:
                                               jnp.asarray(lengths - 1),
                                               jnp.ones_like(jnp.asarray(lengths)), pt)
     np.testing.assert_allclose(_f32(ext[:, 0]), _f32(dec), atol=1e-6)
+
+
+class TestPagedExtendAttentionInterpret(TestPagedExtendAttention):
+  INTERPRET = True
 
 
 def rope_at(x, pos, theta=THETA):
@@ -237,7 +255,7 @@ def slot_view(pages, pt, b, s, ps):
 COMPACT_CASES = [(1, jnp.float32, 8), (4, jnp.bfloat16, 4), (16, jnp.float32, 32)]
 
 
-class TestCompaction:
+class TestCompaction(_KernelTest):
 
   @pytest.mark.parametrize("ps,dtype,block_rows", COMPACT_CASES)
   def test_kernel_vs_reference_vs_rope(self, ps, dtype, block_rows):
@@ -256,7 +274,7 @@ class TestCompaction:
     args = (k_pages, v_pages, pt, jnp.asarray(start), jnp.asarray(end), jnp.asarray(length))
     k_ref, v_ref = C.compact_pages_reference(*args, rope_theta=THETA)
     k_out, v_out = C.compact_pages(*args, rope_theta=THETA, block_rows=block_rows,
-                                   interpret=INTERPRET)
+                                   interpret=self.INTERPRET)
     tol = _tol(dtype) if dtype == jnp.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(_f32(k_out), _f32(k_ref), **tol)
     np.testing.assert_array_equal(_f32(v_out), _f32(v_ref))
@@ -297,7 +315,7 @@ class TestCompaction:
     delta = np.asarray([-3, -17, -2], np.int32)
     args = (k_pages, pt, jnp.asarray(start), jnp.asarray(count), jnp.asarray(delta))
     ref = _f32(C.rotate_slots_reference(*args, rope_theta=THETA))
-    out = _f32(C.rotate_slots(*args, rope_theta=THETA, block_rows=8, interpret=INTERPRET))
+    out = _f32(C.rotate_slots(*args, rope_theta=THETA, block_rows=8, interpret=self.INTERPRET))
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     k0 = _f32(k_pages)
     for b in range(batch):
@@ -310,6 +328,10 @@ class TestCompaction:
           np.testing.assert_array_equal(got, slot_view(k0, pt_np, b, s, ps))
     unowned = np.setdiff1d(np.arange(k0.shape[2]), pt_np.reshape(-1))
     np.testing.assert_array_equal(out[:, :, unowned], k0[:, :, unowned])
+
+
+class TestCompactionInterpret(TestCompaction):
+  INTERPRET = True
 
 
 class TestOps:
@@ -386,36 +408,3 @@ class TestOps:
     rot_ref = C.rotate_slots_reference(k_pages, pt, start, end - start, -(end - start),
                                        rope_theta=THETA)
     np.testing.assert_allclose(_f32(rot), _f32(rot_ref), atol=1e-5, rtol=1e-5)
-
-
-class TestTritonLowering:
-  """Lower the non-interpret kernels through Pallas' Triton backend for CUDA (no GPU
-  needed): checks the kernels are expressible in Triton (ref gathers, masked loads and
-  stores, barriers, dots). Triton -> PTX compilation itself needs a GPU."""
-
-  @staticmethod
-  def _lower(f, *args):
-    from jax import export
-    exp = export.export(
-        jax.jit(f), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
-    assert "xla.gpu.triton" in exp.mlir_module()
-
-  def test_attention_lowers(self):
-    S, i32, bf = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
-    vec = S((2,), i32)
-    # decode, page_size 1, GQA group 5 (padded to 8 -> 16 rows)
-    self._lower(functools.partial(PA.paged_decode_attention),
-                S((2, 40, 128), bf), S((8, 64, 1, 128), bf), S((8, 64, 1, 128), bf), vec,
-                S((2, 64), i32))
-    # extend chunk, page_size 16, split-k
-    self._lower(functools.partial(PA.paged_extend_attention, k_splits=2),
-                S((2, 8, 8, 128), bf), S((2, 64, 16, 128), bf), S((2, 64, 16, 128), bf),
-                vec, vec, S((2, 8), i32))
-
-  def test_compaction_lowers(self):
-    S, i32, bf = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
-    k, pt, vec = S((3, 2, 64, 4, 128), bf), S((2, 16), i32), S((2,), i32)
-    self._lower(functools.partial(C.compact_pages, rope_theta=1e6), k, k, pt, vec, vec, vec)
-    self._lower(functools.partial(C.rotate_slots, rope_theta=1e6), k, pt, vec, vec, vec)

@@ -36,16 +36,51 @@ def llt(tim_model):
     return llg_tokenizer(tim_model.tokenizer, VOCAB, [151645])
 
 
+def _replay_requests(model, llt, docs, *, buffer, raw=None):
+    """Replay requests; ``raw[i]`` collects the tokens the device sampled for doc i (before the override)."""
+    prompt = model.tokenizer("Think it through.")["input_ids"]
+    reqs = []
+    for i, doc in enumerate(docs):
+        ctrl = TimController(model, SCHEMA, max_new_tokens=20_000, prompt_len=len(prompt), pruning_buffer=buffer,
+                             override=ReplayText(serialise(doc), llt))
+        if raw is not None:
+            on_token, log = ctrl.on_token, raw.setdefault(i, [])
+            ctrl.on_token = lambda token, seq, _f=on_token, _log=log: (_log.append(token), _f(token, seq))[1]
+        reqs.append(Request(prompt, 20_000, controller=ctrl))
+    return reqs
+
+
 def _replay(model, llt, doc, *, buffer, reposition="reencode", page_size=4, max_seq_len=256, on_step=None,
             wrap=None):
-    prompt = model.tokenizer("Think it through.")["input_ids"]
-    ctrl = TimController(model, SCHEMA, max_new_tokens=20_000, prompt_len=len(prompt), pruning_buffer=buffer,
-                         override=ReplayText(serialise(doc), llt))
+    req, = _replay_requests(model, llt, [doc], buffer=buffer)
     if wrap:
-        wrap(ctrl)
+        wrap(req.controller)
     engine = Engine(model, max_batch=1, page_size=page_size, max_seq_len=max_seq_len, reposition=reposition,
                     check_cache=True)
-    return engine.run([Request(prompt, 20_000, controller=ctrl)], on_step=on_step)[0], ctrl
+    return engine.run([req], on_step=on_step)[0], req.controller
+
+
+@pytest.mark.parametrize("reposition", ["reencode", "shift"])
+def test_preempted_tim_requests_sample_what_they_sample_alone(tim_model, llt, reposition):
+    """Three pruning replays in a pool that holds about one and a half of them: the scheduler preempts and
+    resumes them; every token the device sampled (greedy under the grammar mask) matches the run alone."""
+    docs = [synthetic_document(depth=3, breadth=2, roots=1, words=4, seed=20 + i) for i in range(3)]
+    kw = dict(page_size=4, max_seq_len=256, reposition=reposition, check_cache=True)
+    alone_raw: dict = {}
+    alone = []
+    for i, doc in enumerate(docs):
+        raw: dict = {}
+        alone.append(Engine(tim_model, max_batch=1, **kw).run(_replay_requests(tim_model, llt, [doc], buffer=1,
+                                                                                  raw=raw))[0])
+        alone_raw[i] = raw[0]
+    peak = max(r.stats.peak_working_tokens for r in alone)
+    together_raw: dict = {}
+    together = Engine(tim_model, max_batch=3, kv_tokens=peak * 3 // 2, **kw).run(
+        _replay_requests(tim_model, llt, docs, buffer=1, raw=together_raw))
+    assert all(r.finish_reason == "stop" for r in together), [r.error for r in together]
+    assert sum(r.stats.preemptions for r in together) > 0
+    assert together_raw == alone_raw
+    assert [r.working_memory for r in together] == [r.working_memory for r in alone]
 
 
 def _fresh_kv(model, tokens, page_size):
@@ -167,7 +202,9 @@ def test_sampled_tim_generation_stops_on_budget_with_partial_tree(tim_model):
     results = timjax.generate(tim_model, [prompt, prompt], schema=SCHEMA, pruning_buffer=2, max_new_tokens=40,
                               temperature=0.9, seed=1, max_seq_len=256)
     for r in results:
-        assert r.finish_reason == "length" and len(r.tokens) >= 40
+        # the budget bounds the tokens written, grammar-forced ones included; the peak is what the cache held
+        assert r.finish_reason == "length" and len(r.tokens) == 40
+        assert r.stats.peak_working_tokens <= len(prompt) + 40
         assert r.text.startswith('{"reasoning": [{"')
         partial = close_partial_json(r.text)
         assert isinstance(partial, dict) and r.partial_response == partial
@@ -184,7 +221,7 @@ def test_text_prompt_gets_the_tim_system_prompt(tim_model):
         "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),)
     schema = tim_schema(tools, max_depth=3, max_subtasks=4)
     system = tim_system_prompt(schema)
-    assert '"subtasks"' in system and "search" in system and '"query"' in system and "3 levels" in system
+    assert '"subtasks"' in system and "search(query: string): web search" in system and "3 levels" in system
     ids = encode_prompt(tim_model, "What is 2+2?", chat=True, system=system)
     text = tim_model.tokenizer.decode(ids)
     assert text.index(system) < text.index("What is 2+2?") and "<|im_start|>assistant" in text

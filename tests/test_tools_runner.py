@@ -10,7 +10,13 @@ import time
 import pytest
 
 from timjax.tim.schema import ToolSpec
-from timjax.tools.runner import ToolConfigError, ToolLimits, ToolRunner, ToolServer, stdio_server
+from timjax.tools.runner import (
+    ToolConfigError,
+    ToolLimits,
+    ToolRunner,
+    ToolServer,
+    stdio_server,
+)
 from timjax.tools.servers import calculator, faulty, kb
 
 PY = sys.executable

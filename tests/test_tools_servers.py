@@ -7,7 +7,12 @@ import anyio
 import pytest
 
 from timjax.tim.schema import ToolSpec, dumps, tim_schema
-from timjax.tools.encoding import encode_error, encode_result, encode_value, truncate_encoded
+from timjax.tools.encoding import (
+    encode_error,
+    encode_result,
+    encode_value,
+    truncate_encoded,
+)
 from timjax.tools.servers import calculator, kb
 
 VOCAB = 151_936
@@ -109,7 +114,7 @@ def test_encoding_of_results_and_errors():
 
 
 def test_truncation_keeps_a_visible_marker_within_the_cap(qwen3_tokenizer):
-    count = lambda s: len(qwen3_tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    count = lambda s: len(qwen3_tokenizer.encode(s, add_special_tokens=False))
     big = encode_value({"result": "word " * 2000})
     out, n = truncate_encoded(big, 64, count)
     assert n == count(big) > 64 and count(out) <= 64

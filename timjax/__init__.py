@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "load": "timjax.api", "generate": "timjax.api",
     "logits": "timjax.model", "Qwen3": "timjax.model", "random_model": "timjax.model",
-    "Qwen3Config": "timjax.config",
+    "Qwen3Config": "timjax.config", "Engine": "timjax.engine",
     "GenerationResult": "timjax.results", "GenerationStats": "timjax.results",
 }
 __all__ = sorted(_EXPORTS)

@@ -62,7 +62,7 @@ def _is_batch(prompt) -> bool:
         not hasattr(prompt[0], "__index__")
 
 
-def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 256,
+def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
              max_batch: int = 8, page_size: int = 16, max_seq_len: int | None = None,
@@ -83,9 +83,14 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
     ``tools``: MCP servers the model may call inside the inference (``timjax.tools.runner.ToolServer``,
     ``MCPServer``, ``StdioServerParameters``, URLs, or a started ``ToolRunner``); turns on TIM (the schema
     offers their tools) with ``tool_limits`` (``timjax.tools.runner.ToolLimits``: timeout, call cap, result cap).
+    ``model`` may be a ``timjax.Engine``: it serves the call with its cache and compiled steps (no
+    recompilation across calls); the cache options (max_batch ... engine_options) are then the engine's.
     """
     call_args = dict(locals())
     from timjax.engine import Engine, PlainController, Request
+
+    engine = model if isinstance(model, Engine) else None
+    model = engine.model if engine is not None else model
 
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
@@ -129,18 +134,19 @@ def generate(model: Qwen3, prompt: Prompt | Sequence[Prompt], *, max_new_tokens:
                                    tokenizer=model.tokenizer)
         requests.append(Request(p, max_new_tokens, temperature, top_k, top_p, seed + i, ctrl))
 
-    if max_seq_len is None and schema is None:
-        max_seq_len = min(model.config.max_position_embeddings, max(map(len, ids)) + max_new_tokens)
-    engine = Engine(model, max_batch=min(max_batch, len(requests)), page_size=page_size,
-                    max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
-                    impl=impl, reposition=reposition, **(engine_options or {}))
+    if engine is None:
+        if max_seq_len is None and schema is None:
+            max_seq_len = min(model.config.max_position_embeddings, max(map(len, ids)) + max_new_tokens)
+        engine = Engine(model, max_batch=min(max_batch, len(requests)), page_size=page_size,
+                        max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
+                        impl=impl, reposition=reposition, **(engine_options or {}))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(requests), desc="generate", unit="seq")
     try:
-        results = engine.run(requests, on_token=on_token, progress=bar)
+        results = engine.run(requests, on_token=on_token, progress=bar, reposition=reposition)
     finally:
         if bar is not None:
             bar.close()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timjax import kernels
+from timjax.buckets import cdiv
 from timjax.config import Qwen3Config
 
 
@@ -58,7 +59,7 @@ class KVCache:
     def max_seq_len(self) -> int:
         return self.max_pages_per_seq * self.page_size
 
-    def replace(self, **kw) -> "KVCache":
+    def replace(self, **kw) -> KVCache:
         return dataclasses.replace(self, **kw)
 
 
@@ -70,7 +71,7 @@ def pages_for_budget(cfg: Qwen3Config, dtype, page_size: int, *, tokens: int | N
                      memory_fraction: float | None = None, device=None) -> int:
     """Pool size in pages from a token budget, or from a fraction of the device's free memory."""
     if tokens is not None:
-        return max(1, -(-tokens // page_size))
+        return max(1, cdiv(tokens, page_size))
     device = device or jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
@@ -83,7 +84,7 @@ def create_cache(cfg: Qwen3Config, *, num_pages: int, page_size: int, max_seqs: 
                  dtype=jnp.bfloat16) -> KVCache:
     if not 1 <= page_size <= 64:
         raise ValueError(f"page_size must be in [1, 64], got {page_size}")
-    max_pages = -(-max_seq_len // page_size)
+    max_pages = cdiv(max_seq_len, page_size)
     shape = (cfg.num_key_value_heads, cfg.num_hidden_layers * num_pages, page_size, cfg.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -229,5 +230,5 @@ def check_invariants(cache: KVCache) -> None:
     assert all_pages.size == cache.num_pages, f"{all_pages.size} pages accounted for, pool has {cache.num_pages}"
     assert np.unique(all_pages).size == cache.num_pages, "a page is owned twice or both owned and free"
     lengths = np.asarray(cache.lengths)
-    need = -(-lengths // cache.page_size)
+    need = cdiv(lengths, cache.page_size)
     assert (owned >= need).all(), f"a slot holds fewer pages than its length needs: {owned} < {need}"

@@ -79,12 +79,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or []) + ([args.tim] if isinstance(args.tim, str) else [])
     if not prompts:
         raise TimjaxError("generate needs a prompt: --prompt TEXT, or --tim TEXT")
+    schema = None
     tools = None
-    if args.tim and args.model is None:  # the default tiny TIM is trained with these MCP tools
+    if args.tool:  # MCP tool servers (timjax.tools.spec): TIM with their tools
+        from timjax.tools.spec import runner_from_args
+
+        tools, args.tim = runner_from_args(args), True
+    elif args.tim and args.model is None:  # the default tiny TIM is trained with these MCP tools
+        from timjax.tools.runner import ToolRunner
         from timjax.train.tools_adapter import tool_servers
 
-        tools = tool_servers()
-    schema = None
+        tools = ToolRunner(tool_servers())
     if args.tim:
         from timjax.tim.schema import tim_schema
 
@@ -92,12 +97,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = None
     if args.stream and len(prompts) == 1 and not args.tim and model.tokenizer is not None:
         stream = lambda i, t: print(model.tokenizer.decode([t]), end="", flush=True)
-    results = timjax.generate(
-        model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop or (), max_batch=args.max_batch, page_size=args.page_size,
-        impl=args.impl, chat=args.chat, on_token=stream, progress=len(prompts) > 1, schema=schema,
-        pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer, reposition=args.reposition,
-        **({"tools": tools} if tools is not None else {}))
+    try:
+        results = timjax.generate(
+            model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=args.stop or (), max_batch=args.max_batch, page_size=args.page_size,
+            impl=args.impl, chat=args.chat, on_token=stream, progress=len(prompts) > 1, schema=schema,
+            pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer, reposition=args.reposition,
+            tools=tools)
+    finally:
+        if tools is not None:
+            tools.close()
     if stream:
         print()
     if args.json:
@@ -115,6 +124,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(r.text if r.text is not None else r.tokens)
         s = r.stats
         extra = f", peak working memory {s.peak_working_tokens}, KV pruned {s.pruned_share:.0%}" if args.tim else ""
+        if tools is not None:
+            extra += f", {s.tool_calls} tool calls ({s.tool_errors} failed)"
         print(f"[{r.finish_reason}{': ' + r.error if r.error else ''}] {s.generated_tokens} tokens, "
               f"{s.tokens_per_s:.1f} tok/s{extra}", file=sys.stderr)
     return 0 if all(r.finish_reason != "error" for r in results) else 1
@@ -144,6 +155,9 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
     p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth")
     p.add_argument("--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list")
+    from timjax.tools.spec import add_tool_arguments
+
+    add_tool_arguments(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one plain prompt)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_generate)

@@ -23,6 +23,7 @@ class GenerationStats(BaseModel):
     reencoded_tokens: int = 0
     extend_time_s: float = 0.0  # device time in extend / re-encode steps for this sequence's batches
     host_time_s: float = 0.0  # host time in grammar and tree tracking
+    preemptions: int = 0  # times the scheduler took its KV pages back (it resumed by writing its memory again)
     # Tool calls (timjax.tools): count, how many ended in an error object, summed call latency.
     tool_calls: int = 0
     tool_errors: int = 0
@@ -43,7 +44,7 @@ class ToolCallRecord(BaseModel):
     result: str  # the exact text written after "tool_result": (timjax.tools.encoding)
     status: ToolCallStatus
     error: str | None = None  # what went wrong, when status is not "ok"
-    latency_s: float  # from the call's submission to its answer (or its fault)
+    latency_s: float  # the call on the tool loop, from its start to its answer (or fault; host clock for refusals)
     result_tokens: int = 0  # tokens forced for the result (after truncation)
     resume_s: float | None = None  # from the answer being available to the next sampled token
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timjax.buckets import cdiv
+
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["temperature", "top_k", "top_p", "seed", "counter"], meta_fields=[])
@@ -45,7 +47,7 @@ def pack_bitmask(allowed: np.ndarray) -> np.ndarray:
     """bool [B, V] -> int32 [B, ceil(V/32)] (host side; the layout llguidance fills)."""
     allowed = np.asarray(allowed, bool)
     B, V = allowed.shape
-    padded = np.zeros((B, -(-V // 32) * 32), bool)
+    padded = np.zeros((B, cdiv(V, 32) * 32), bool)
     padded[:, :V] = allowed
     words = (padded.reshape(B, -1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1)
     return words.astype(np.uint32).view(np.int32)

@@ -11,13 +11,16 @@ repeated steps reuse compiled code.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from timjax import kernels
-from timjax.cache import KVCache, layer_pages, reserve
+from timjax.buckets import cdiv
+from timjax.cache import KVCache, layer_pages, reserve, shrink
 from timjax.config import Qwen3Config
 from timjax.model import Params, forward_hidden, lm_head
 from timjax.sampling import SamplingParams, sample
@@ -66,7 +69,7 @@ def forward_step(params: Params, cache: KVCache, rows: jax.Array, tokens: jax.Ar
 
 
 def _max_new_pages(chunk: int, page_size: int) -> int:
-    return -(-chunk // page_size) + 1
+    return cdiv(chunk, page_size) + 1
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "kv_pages"), donate_argnames=("cache",))
@@ -117,3 +120,170 @@ def decode_loop(params, cache, tokens, active, sampling, stop_ids, budget, *, cf
     (cache, tokens, active, _, _), sampled = jax.lax.scan(
         body, (cache, tokens, active, sampling.counter, budget), None, length=num_steps)
     return sampled, cache, tokens, active
+
+
+# ---------------------------------------------------------------------------------------------- the ragged step
+@partial(jax.tree_util.register_dataclass, data_fields=["tokens", "token_row", "rows", "q_len", "cu_q_lens"],
+         meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """One iteration's tokens, every row's chunk back to back (dimension letters: N packed tokens, R rows).
+
+    tokens int32 [N] (tokens at index >= cu_q_lens[R] are padding); token_row int32 [N] the row of each
+    token (padding: any row); rows int32 [R] the cache slot of each row (padding rows: any slot, q_len 0);
+    q_len int32 [R]; cu_q_lens int32 [R + 1] prefix sums of q_len."""
+
+    tokens: jax.Array
+    token_row: jax.Array
+    rows: jax.Array
+    q_len: jax.Array
+    cu_q_lens: jax.Array
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["lengths", "slot", "start", "end", "length"],
+         meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Edits:
+    """Cache edits applied at the start of a step, for every affected slot at once (dimension E: edit rows).
+
+    lengths int32 [S]: every slot's length after the edits (<= its length now): 0 releases a finished or
+    preempted slot, a cut point truncates for re-encode, ``length - (end - start)`` follows a compaction.
+    slot, start, end, length int32 [E]: shift-mode compactions (remove [start, end) of ``length`` cached
+    slots, move the suffix down and re-rotate its keys); unused entries have start == end."""
+
+    lengths: jax.Array
+    slot: jax.Array
+    start: jax.Array
+    end: jax.Array
+    length: jax.Array
+
+
+def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: float, impl: str) -> KVCache:
+    """Compactions (only when one is pending: ``lax.cond``), then one shrink for releases and cuts."""
+    if edits.slot.shape[0]:
+        L, P = cache.num_layers, cache.num_pages
+
+        def compact(kv):
+            # Each (edit, layer) pair is a row for the kernel: one call covers every layer of every edit.
+            pt = cache.page_table[edits.slot][:, :kv_pages]  # [E, W]
+            per_layer = (pt[:, None, :] + (jnp.arange(L, dtype=jnp.int32) * P)[None, :, None]).reshape(-1, pt.shape[1])
+            rep = lambda x: jnp.repeat(x, L)
+            return kernels.compact(*kv, per_layer, rep(edits.start), rep(edits.end), rep(edits.length),
+                                   rope_theta=rope_theta, impl=impl)
+
+        k, v = jax.lax.cond(jnp.any(edits.end > edits.start), compact, lambda kv: kv, (cache.k, cache.v))
+        cache = cache.replace(k=k, v=v)
+    cache = shrink(cache, jnp.minimum(edits.lengths, cache.lengths))
+    return cache.replace(oom=jnp.zeros_like(cache.oom))  # the host read last step's flags in its sync
+
+
+def prepare(cache: KVCache, packed: Packed, edits: Edits, *, kv_pages: int, max_new_pages: int, rope_theta: float,
+            impl: str) -> tuple[KVCache, jax.Array]:
+    """The allocator's part of a step: edits, then pages for every row's chunk. Returns the cache and the
+    rows' q_len with rows that got no pages zeroed (they write nothing)."""
+    cache = _apply_edits(cache, edits, kv_pages=kv_pages, rope_theta=rope_theta, impl=impl)
+    cache = reserve(cache, packed.rows, packed.q_len, max_new_pages=max_new_pages)
+    return cache, jnp.where(cache.oom[packed.rows], 0, packed.q_len)
+
+
+def _ragged_attend(q, k, v, layer, kv, *, packed, page_table, q_start, slot, valid, page_size, num_pages, impl):
+    """Write the packed chunk's K/V into the pool, then attend: q [1, N, Hq, hd], k, v [1, N, Hkv, hd]."""
+    k_pool, v_pool = kv
+    pages = layer_pages(page_table, layer, num_pages)  # [R, W] this layer's physical pages
+    col = jnp.clip(slot // page_size, 0, pages.shape[1] - 1)
+    page = jnp.where(valid, pages[packed.token_row, col], k_pool.shape[1])  # padding -> dropped
+    off = slot % page_size
+    k_pool = k_pool.at[:, page, off].set(k[0].transpose(1, 0, 2).astype(k_pool.dtype), mode="drop")
+    v_pool = v_pool.at[:, page, off].set(v[0].transpose(1, 0, 2).astype(v_pool.dtype), mode="drop")
+    out = kernels.ragged_attention(q[0], k_pool, v_pool, pages, q_start, packed.q_len, packed.cu_q_lens, impl=impl)
+    return out[None].astype(q.dtype), (k_pool, v_pool)
+
+
+def ragged_forward(params: Params, cache: KVCache, packed: Packed, edits: Edits, *, cfg: Qwen3Config, impl: str,
+                   kv_pages: int, max_new_pages: int) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Apply ``edits``, then feed every row's chunk; return float32 logits [R, V] at each row's last token,
+    a non-finite flag per row (bool [R]), and the cache. Rows whose pages do not fit (``cache.oom``; the
+    scheduler's accounting makes it an internal error) write nothing."""
+    cache, q_len = prepare(cache, packed, edits, kv_pages=kv_pages, max_new_pages=max_new_pages,
+                           rope_theta=cfg.rope_theta, impl=impl)
+    q_start = cache.lengths[packed.rows]  # [R]
+    n = jnp.arange(packed.tokens.shape[0], dtype=jnp.int32)
+    slot = q_start[packed.token_row] + n - packed.cu_q_lens[packed.token_row]  # [N] == RoPE position
+    valid = (n < packed.cu_q_lens[-1]) & (n - packed.cu_q_lens[packed.token_row] < q_len[packed.token_row])
+    packed = dataclasses.replace(packed, q_len=q_len)
+    attend = partial(_ragged_attend, packed=packed, page_table=cache.page_table[packed.rows][:, :kv_pages],
+                     q_start=q_start, slot=slot, valid=valid, page_size=cache.page_size,
+                     num_pages=cache.num_pages, impl=impl)
+    x, (k, v) = forward_hidden(params, cfg, packed.tokens[None], slot[None], attend, (cache.k, cache.v))
+    last = jnp.clip(packed.cu_q_lens[1:] - 1, 0, packed.tokens.shape[0] - 1)  # [R]
+    logits = lm_head(params, x[0, last])
+    bad = ~jnp.isfinite(logits).all(axis=-1)
+    return logits, bad, cache.replace(k=k, v=v, lengths=cache.lengths.at[packed.rows].add(q_len))
+
+
+_RAGGED_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages")
+
+
+@partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
+def ragged_logits_step(params, cache, packed, edits, *, cfg, impl="auto", kv_pages, max_new_pages):
+    """The ragged forward alone: for iterations with grammar-masked rows (the host fills masks meanwhile)."""
+    return ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
+                          max_new_pages=max_new_pages)
+
+
+@partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
+def ragged_generate_step(params, cache, packed, edits, sampling, *, cfg, impl="auto", kv_pages, max_new_pages):
+    """Edits, forward and sample in one dispatch: (int32 [R] next tokens, bool [R] non-finite, cache)."""
+    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
+                                        max_new_pages=max_new_pages)
+    return sample(logits, sampling), bad, cache
+
+
+# ---------------------------------------------------------------------------------------------- one transfer a step
+def flat_layout(n_tokens: int, n_slots: int, n_edits: int) -> tuple[int, int, int]:
+    """The static layout of ``flatten_inputs``: (N, S, E)."""
+    return n_tokens, n_slots, n_edits
+
+
+def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: every per-step input in one int32 and one float32 array, so a step costs two small
+    transfers instead of fifteen (the host loop's share of a small decode step is mostly transfers)."""
+    ints = np.concatenate([packed.tokens, packed.token_row, packed.q_len, packed.cu_q_lens, edits.lengths,
+                           edits.slot, edits.start, edits.end, edits.length, sampling.top_k,
+                           np.asarray(sampling.seed, np.uint32).view(np.int32), sampling.counter]).astype(np.int32)
+    floats = np.concatenate([sampling.temperature, sampling.top_p]).astype(np.float32)
+    return ints, floats
+
+
+def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, int, int]):
+    N, S, E = layout
+    sizes = [N, N, S, S + 1, S, E, E, E, E, S, S, S]
+    parts, at = [], 0
+    for n in sizes:
+        parts.append(ints[at:at + n])
+        at += n
+    tokens, token_row, q_len, cu, lengths, slot, start, end, length, top_k, seed, counter = parts
+    packed = Packed(tokens, token_row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
+    sampling = SamplingParams(floats[:S], top_k, floats[S:], jax.lax.bitcast_convert_type(seed, jnp.uint32), counter)
+    return packed, Edits(lengths, slot, start, end, length), sampling
+
+
+_FLAT_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages", "layout")
+
+
+@partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
+def flat_logits_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
+    """``ragged_logits_step`` over ``flatten_inputs``; also returns the sampling settings for ``sample_step``."""
+    packed, edits, sampling = unflatten_inputs(ints, floats, layout)
+    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
+                                        max_new_pages=max_new_pages)
+    return logits, bad, sampling, cache
+
+
+@partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
+def flat_generate_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
+    """``ragged_generate_step`` over ``flatten_inputs``."""
+    packed, edits, sampling = unflatten_inputs(ints, floats, layout)
+    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
+                                        max_new_pages=max_new_pages)
+    return sample(logits, sampling), bad, cache

@@ -156,6 +156,8 @@ class TimController:
                     # what is left of the queue was the model's try at the value: the runtime writes it
                     self._call = self.tools.submit(ev.tool_name, ev.parameters_json, ev.task_path)
                     return Action(feed=feed, prune=prune, park=True)
+            if len(self.memory.history) >= self.max_new_tokens and not self.tracker.done:
+                break  # forced tokens count toward the budget too: stop at it, not after the forced run
             if not queue and not self.tracker.done:
                 queue = list(self.grammar.forced_tokens())
         if self.tracker.done:

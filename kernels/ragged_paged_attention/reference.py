@@ -9,8 +9,10 @@ Work is split into *tiles*: ``block_q`` consecutive query tokens of ONE row (a r
 ``cdiv(n, block_q)`` tiles). A tile gathers its row's window of pages once and does a dense masked
 softmax over it, so K/V are gathered once per tile rather than once per token, and no row is padded to
 the longest chunk. The number of tiles is bounded statically: sum_r cdiv(q_len_r, bq) <=
-(N + R * (bq - 1)) // bq. ``block_q`` defaults to the mean tokens per row (power of two, <= 16): 1 for
-a decode-only step (exactly one tile per token, no wasted rows), larger when extend chunks dominate.
+(N + R * (bq - 1)) // bq. ``block_q`` defaults to half the mean tokens per row (power of two, <= 64): 1
+for a decode-only step (one tile per token, no wasted rows), larger when extend chunks dominate, where
+fewer tiles mean fewer window gathers (bench/ragged_kernel.py; on the CPU 64 beat 16 by ~1.4x on 4 x 256
+prefill chunks and lost ~1.15x on one 512-token chunk beside 15 three-token rows).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from ..paged_attention import MASK_VALUE, sanitize_page_table
 
-__all__ = ["ragged_paged_attention_reference", "num_tiles", "tile_rows", "default_block_q"]
+__all__ = ["default_block_q", "num_tiles", "ragged_paged_attention_reference", "tile_rows"]
 
 
 def _next_pow2(x: int) -> int:
@@ -30,8 +32,8 @@ def _next_pow2(x: int) -> int:
 
 
 def default_block_q(n_tokens: int, n_rows: int) -> int:
-    """Tokens per tile for the reference: the mean chunk length, a power of two in [1, 16]."""
-    return min(16, _next_pow2(max(1, n_tokens // max(1, n_rows))))
+    """Tokens per tile for the reference: half the mean chunk length, a power of two in [1, 64]."""
+    return min(64, _next_pow2(max(1, n_tokens // (2 * max(1, n_rows)))))
 
 
 def num_tiles(n_tokens: int, n_rows: int, block_q: int) -> int:

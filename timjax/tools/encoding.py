@@ -17,9 +17,9 @@ in its tree and serialise it with ``dumps``.
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from timjax.tim.schema import dumps
 
@@ -77,7 +77,7 @@ def _texts(content) -> tuple[list[str], list[str]]:
     return texts, other
 
 
-def encode_result(result: Any, *, is_error: Optional[bool] = None) -> str:
+def encode_result(result: Any, *, is_error: bool | None = None) -> str:
     """The text forced after ``"tool_result": `` for one tool answer.
 
     ``result``: an MCP ``CallToolResult`` (or its dict form with ``structuredContent``/``content``/
@@ -87,7 +87,7 @@ def encode_result(result: Any, *, is_error: Optional[bool] = None) -> str:
     return classify_result(result, is_error=is_error)[0]
 
 
-def classify_result(result: Any, *, is_error: Optional[bool] = None) -> tuple[str, str]:
+def classify_result(result: Any, *, is_error: bool | None = None) -> tuple[str, str]:
     """``(encode_result(result), status)`` with status ``"ok"``, ``"tool_error"`` (the tool said isError)
     or ``"invalid_result"`` (the answer cannot be written as JSON)."""
     if isinstance(result, dict) and not ({"content", "structuredContent", "structured_content", "isError",

@@ -28,8 +28,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from timjax.errors import TimjaxError
 from timjax.results import ToolCallRecord
@@ -68,8 +69,8 @@ class ToolServer:
     tools (used as given, so they stay in the grammar even if the server cannot be listed at start)."""
 
     target: Any
-    tools: Optional[Sequence[str | ToolSpec]] = None
-    name: Optional[str] = None
+    tools: Sequence[str | ToolSpec] | None = None
+    name: str | None = None
 
     def label(self) -> str:
         if self.name:
@@ -85,8 +86,8 @@ class ToolServer:
         return getattr(t, "name", None) or type(t).__name__
 
 
-def stdio_server(command: str | Sequence[str], *, env: Optional[dict[str, str]] = None,
-                 cwd: Optional[str] = None):
+def stdio_server(command: str | Sequence[str], *, env: dict[str, str] | None = None,
+                 cwd: str | None = None):
     """``StdioServerParameters`` for a command line (no shell: ``command`` is split with ``shlex``). The
     executable is resolved on the caller's PATH now, so the server itself can run with an empty env."""
     import shlex
@@ -113,7 +114,7 @@ def as_tool_server(x: Any) -> ToolServer:
     raise ToolConfigError(f"not a tool server: {x!r} (give an MCPServer, StdioServerParameters or an http(s) URL)")
 
 
-def open_runner(tools: Any, limits: Optional[ToolLimits] = None) -> tuple["ToolRunner", bool]:
+def open_runner(tools: Any, limits: ToolLimits | None = None) -> tuple[ToolRunner, bool]:
     """``(runner, whether the caller must close it)`` for what ``timjax.generate(tools=...)`` accepts."""
     if isinstance(tools, ToolRunner):
         return tools, False
@@ -135,7 +136,7 @@ class _Connection:
         self.label = server.label()
         self._tg = tg
         self.client = None
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self._scope = None
         self._lock = None
 
@@ -157,7 +158,7 @@ class _Connection:
                     self.client = client
                     ready.set()
                     await anyio.sleep_forever()
-            except Exception as e:  # the transport died (crash, garbage, closed pipe) or never came up
+            except Exception as e:  # noqa: BLE001 - the transport died (crash, garbage, closed pipe) or never came up
                 self.error = e
             finally:
                 self.client = None
@@ -209,7 +210,7 @@ def _exact_env_stdio(params):
         log.warning("mcp.client.stdio changed: the stdio server inherits the SDK's default environment")
         return stdio_mod.stdio_client(params)
     g = dict(fn.__globals__)
-    g["get_default_environment"] = lambda: {}
+    g["get_default_environment"] = dict
     exact = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     return _cl.asynccontextmanager(exact)(params)
 
@@ -218,7 +219,7 @@ def _exact_env_stdio(params):
 class _Outcome:
     status: str
     result: Any = None  # CallToolResult when status == "ok" (isError included)
-    error: Optional[str] = None
+    error: str | None = None
     latency_s: float = 0.0
 
 
@@ -245,11 +246,13 @@ class _Tool:
 class ToolRunner:
     """MCP clients for one run (see the module docstring). Use as a context manager, or ``close()``."""
 
-    def __init__(self, servers: Sequence[Any], limits: Optional[ToolLimits] = None, *,
-                 count_tokens: Optional[Callable[[str], int]] = None):
-        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None)."""
+    def __init__(self, servers: Sequence[Any], limits: ToolLimits | None = None, *,
+                 count_tokens: Callable[[str], int] | None = None, allow: Sequence[str] | None = None):
+        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None).
+        ``allow``: tool names to keep over all servers (each must exist), on top of per-server lists."""
         self.limits = limits or ToolLimits()
         self.count_tokens = count_tokens
+        self.allow = list(allow) if allow else None
         self.servers = [as_tool_server(s) for s in servers]
         self.tools: dict[str, _Tool] = {}
         self.startup_errors: list[str] = []
@@ -279,8 +282,14 @@ class ToolRunner:
             conn = _Connection(server, tg)
             declared = server.tools is not None and all(isinstance(t, ToolSpec) for t in server.tools)
             self._add_tools(server, conn, None if declared else self._list(conn))  # declared: connect at first call
+        if self.allow is not None:
+            missing = [n for n in self.allow if n not in self.tools]
+            if missing:
+                raise ToolConfigError(f"allowed tools not offered by any server: {', '.join(missing)} "
+                                      f"(offered: {', '.join(self.tools) or 'nothing'})")
+            self.tools = {n: t for n, t in self.tools.items() if n in self.allow}
 
-    def _list(self, conn: _Connection) -> Optional[list[ToolSpec]]:
+    def _list(self, conn: _Connection) -> list[ToolSpec] | None:
         async def go():
             import anyio
 
@@ -292,13 +301,13 @@ class ToolRunner:
 
         try:
             return self._portal.call(go)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure to list is reported by name
             msg = str(e) if isinstance(e, _ServerDown) else f"server {conn.label!r} could not list its tools: {_describe(e)}"
             self.startup_errors.append(msg)
             conn.reset()
             return None
 
-    def _add_tools(self, server: ToolServer, conn: _Connection, listed: Optional[list[ToolSpec]]) -> None:
+    def _add_tools(self, server: ToolServer, conn: _Connection, listed: list[ToolSpec] | None) -> None:
         import jsonschema
 
         wanted = list(server.tools) if server.tools is not None else None
@@ -344,17 +353,17 @@ class ToolRunner:
         self._stack.close()
         self._portal = None
 
-    def __enter__(self) -> "ToolRunner":
+    def __enter__(self) -> ToolRunner:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def session(self, count_tokens: Optional[Callable[[str], int]] = None) -> "ToolSession":
+    def session(self, count_tokens: Callable[[str], int] | None = None) -> ToolSession:
         return ToolSession(self, count_tokens or self.count_tokens)
 
     # -- calls
-    def validate(self, name: str, arguments_json: str) -> tuple[Any, Optional[tuple[str, str]]]:
+    def validate(self, name: str, arguments_json: str) -> tuple[Any, tuple[str, str] | None]:
         """(parsed arguments, None) or (what could be parsed, (status, message))."""
         try:
             args = json.loads(arguments_json)
@@ -368,8 +377,8 @@ class ToolRunner:
         err = jsonschema.exceptions.best_match(tool.validator.iter_errors(args))
         if err is not None:
             where = "/".join(str(p) for p in err.absolute_path)
-            return args, ("invalid_arguments", f"invalid parameters for {name}{' at ' + where if where else ''}: "
-                                               f"{err.message}")
+            at = f" at {where}" if where else ""
+            return args, ("invalid_arguments", f"invalid parameters for {name}{at}: {err.message}")
         return args, None
 
     def submit(self, name: str, arguments: dict) -> concurrent.futures.Future:
@@ -392,7 +401,7 @@ class ToolRunner:
                                 latency_s=time.perf_counter() - t0)
             except _ServerDown as e:
                 return _Outcome("server_error", error=str(e), latency_s=time.perf_counter() - t0)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - every fault becomes an answer for the model
                 from mcp import MCPError
                 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
 
@@ -409,7 +418,7 @@ class ToolRunner:
 
 
 class _Pending:
-    __slots__ = ("index", "task_path", "tool", "arguments", "future", "t0", "record")
+    __slots__ = ("arguments", "future", "index", "record", "t0", "task_path", "tool")
 
     def __init__(self, index, task_path, tool, arguments, future, t0, record=None):
         self.index, self.task_path, self.tool, self.arguments = index, task_path, tool, arguments
@@ -421,7 +430,7 @@ class ToolSession:
 
     GRACE_S = 0.5  # the host-side deadline is the timeout plus this (the loop's own timeout comes first)
 
-    def __init__(self, runner: ToolRunner, count_tokens: Optional[Callable[[str], int]] = None):
+    def __init__(self, runner: ToolRunner, count_tokens: Callable[[str], int] | None = None):
         self.runner = runner
         self.limits = runner.limits
         self.count_tokens = count_tokens or (lambda s: len(s.encode("utf-8")))
@@ -442,7 +451,7 @@ class ToolSession:
             p.future = self.runner.submit(name, args)
         return p
 
-    def poll(self, p: _Pending) -> Optional[ToolCallRecord]:
+    def poll(self, p: _Pending) -> ToolCallRecord | None:
         if p.record is not None:
             return p.record
         if not p.future.done():
@@ -454,16 +463,18 @@ class ToolSession:
             return p.record
         try:
             out: _Outcome = p.future.result()
-        except BaseException as e:  # cancelled or an internal error: still an answer for the model
+        except Exception as e:  # noqa: BLE001 - cancelled or an internal error: still an answer for the model
             out = _Outcome("server_error", error=f"{p.tool}: {_describe(e)}")
         if out.status != "ok":
-            p.record = self._record(p, out.status, encode_error(out.error), out.error)
+            p.record = self._record(p, out.status, encode_error(out.error), out.error, out.latency_s or None)
             return p.record
         text, status = classify_result(out.result)
-        p.record = self._record(p, status, text, json.loads(text)["error"] if status != "ok" else None)
+        p.record = self._record(p, status, text, json.loads(text)["error"] if status != "ok" else None, out.latency_s)
         return p.record
 
-    def _record(self, p: _Pending, status: str, text: str, error: Optional[str]) -> ToolCallRecord:
+    def _record(self, p: _Pending, status: str, text: str, error: str | None,
+                latency_s: float | None = None) -> ToolCallRecord:
+        """``latency_s``: measured on the loop (submission to answer); else the host's clock up to now."""
         cap = self.limits.max_result_tokens
         if error is not None and status != "ok":  # an error object: shorten its message, keep its status
             n = self.count_tokens(text)
@@ -477,7 +488,8 @@ class ToolSession:
                 status, error = "truncated", json.loads(text)["error"]
                 n = self.count_tokens(text)
         rec = ToolCallRecord(index=p.index, task_path=p.task_path, tool=p.tool, arguments=p.arguments, result=text,
-                             status=status, error=error, latency_s=time.perf_counter() - p.t0,
+                             status=status, error=error,
+                             latency_s=latency_s if latency_s is not None else time.perf_counter() - p.t0,
                              result_tokens=n)
         self.records.append(rec)
         return rec

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any
 
 from timjax.tools.encoding import encode_error, encode_value
 from timjax.tools.servers import calculator, kb
@@ -24,7 +24,7 @@ from timjax.tools.servers import calculator, kb
 __all__ = ["calculation_trace", "tool_call"]
 
 
-def tool_call(name: str, params: dict, kb_: Optional[kb.KnowledgeBase] = None) -> tuple[dict, Any]:
+def tool_call(name: str, params: dict, kb_: kb.KnowledgeBase | None = None) -> tuple[dict, Any]:
     """``(tooluse dict, decoded result)`` for one call of the shipped servers, result as the runtime writes it."""
     try:
         if name == "calculator":
@@ -40,7 +40,7 @@ def tool_call(name: str, params: dict, kb_: Optional[kb.KnowledgeBase] = None) -
     return {"tool_name": name, "parameters": params, "tool_result": value}, value
 
 
-def calculation_trace(n_calls: int, *, n_steps: Optional[int] = None, group: int = 3, seed: int = 0,
+def calculation_trace(n_calls: int, *, n_steps: int | None = None, group: int = 3, seed: int = 0,
                       kb_seed: int = 0, words: int = 3) -> dict:
     """A TIM document (a dict) of ``n_steps`` steps (default ``n_calls``, at least 1) of which the first
     ``n_calls`` call a tool; the other steps do their arithmetic in the thought (same shape, no tooluse),
@@ -49,7 +49,7 @@ def calculation_trace(n_calls: int, *, n_steps: Optional[int] = None, group: int
     rng = random.Random(seed)
     k = kb.generate_kb(kb_seed)
     people = k.entities("person")
-    filler = "so next we check the running total".split()
+    filler = ["so", "next", "we", "check", "the", "running", "total"]
 
     def text(prefix: str) -> str:
         return " ".join([prefix, *rng.sample(filler, words)])

@@ -7,7 +7,8 @@ built from the pure functions and ``encode_error`` matches what the runtime read
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mcp.types import CallToolResult, TextContent
 

@@ -30,7 +30,7 @@ Number = Union[int, Annotated[str, Field(pattern=NUMBER_PATTERN, max_length=2 * 
 
 
 class CalcResult(TypedDict):
-    result: Union[int, str]
+    result: int | str
 
 
 class CalculatorError(ValueError):
@@ -57,7 +57,7 @@ def _check_size(f: Fraction, name: str) -> None:
             raise CalculatorError(f"{name}: more than {MAX_DIGITS} digits")
 
 
-def format_number(f: Fraction) -> Union[int, str]:
+def format_number(f: Fraction) -> int | str:
     return f.numerator if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import random
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict, Union
+from typing import Literal, TypedDict
 
 from mcp.types import CallToolResult
 
 from timjax.tools.servers._answer import answer
 
-__all__ = ["KnowledgeBase", "LookupError_", "RELATIONS", "generate_kb", "lookup", "make_server"]
+__all__ = ["RELATIONS", "KnowledgeBase", "LookupError_", "generate_kb", "lookup", "make_server"]
 
 PERSON_RELATIONS = ("born_in", "lives_in", "age", "occupation", "friend", "employer")
 CITY_RELATIONS = ("country", "population")
@@ -32,8 +32,8 @@ COMPANY_RELATIONS = ("based_in", "founded")
 RELATIONS = PERSON_RELATIONS + CITY_RELATIONS + COUNTRY_RELATIONS + COMPANY_RELATIONS
 Relation = Literal[RELATIONS]  # type: ignore[valid-type]
 
-_ONSETS = "b br d f g h k l m n p r s st t v z".split()
-_VOWELS = "a e i o u a e o".split()
+_ONSETS = ["b", "br", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "v", "z"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o"]
 _CODAS = ["", "", "n", "r", "l", "s", "k", "m"]
 _OCCUPATIONS = ("baker", "teacher", "pilot", "engineer", "nurse", "farmer", "painter", "judge", "chemist", "sailor")
 _CONTINENTS = ("North", "South", "East", "West")
@@ -45,7 +45,7 @@ class KnowledgeBase:
     """``facts[entity][relation] -> value`` (str or int); ``kinds[entity]`` is person/city/country/company."""
 
     seed: int
-    facts: dict[str, dict[str, Union[str, int]]] = field(default_factory=dict)
+    facts: dict[str, dict[str, str | int]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
 
     def entities(self, kind: str | None = None) -> list[str]:
@@ -104,22 +104,18 @@ def generate_kb(seed: int = 0, *, n_people: int = 60, n_cities: int = 16, n_coun
 
 
 class LookupResult(TypedDict):
-    result: Union[int, str]
+    result: int | str
 
 
 def lookup(kb: KnowledgeBase, entity: str, relation: str) -> LookupResult:
     """``{"result": value}``; raises ``LookupError_`` for an unknown entity or a relation it lacks.
     Entity names match exactly, else ignoring case."""
-    facts = kb.facts.get(entity)
-    if facts is None:
-        folded = {e.casefold(): e for e in kb.facts}
-        if entity.casefold() in folded:
-            facts = kb.facts[folded[entity.casefold()]]
-    if facts is None:
+    name = entity if entity in kb.facts else {e.casefold(): e for e in kb.facts}.get(entity.casefold())
+    if name is None:
         raise LookupError_(f"unknown entity {entity!r}")
+    facts = kb.facts[name]
     if relation not in facts:
-        kind = kb.kinds[entity] if entity in kb.kinds else "entity"
-        raise LookupError_(f"{entity!r} is a {kind}; its relations are {', '.join(facts)}")
+        raise LookupError_(f"{entity!r} is a {kb.kinds[name]}; its relations are {', '.join(facts)}")
     return {"result": facts[relation]}
 
 

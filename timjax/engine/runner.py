@@ -1,0 +1,157 @@
+"""The runner: device state (parameters, the paged cache), packing a step, the dispatches and the one sync.
+
+Per iteration the scheduler's rows become one ``Packed`` batch: every row's chunk back to back in a flat
+token array whose length is a bucket (``timjax.buckets.bucket``), one row per cache slot. Cache edits
+that pruning and the scheduler asked for (cuts for re-encode, releases of finished or preempted slots,
+shift-mode compactions) travel with the step and are applied at its start, for every slot at once. So an
+iteration costs one dispatch, or two when a row samples under a grammar mask: the forward runs while the
+host fills the masks, then one sample dispatch. The sampled tokens, a non-finite flag per row and the
+allocator's out-of-pages flags come back in one sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from timjax import steps
+from timjax.buckets import bucket, cdiv, pow2
+from timjax.cache import create_cache
+from timjax.engine.protocol import PruneOp, SeqState
+from timjax.engine.scheduler import Row
+from timjax.sampling import SamplingParams
+
+MAX_COMPACTIONS = 2  # shift-mode compactions per step (more in one step fall back to re-encode)
+MIN_KV_WINDOW = 256  # tokens: the smallest page-table window attention looks at
+MIN_DECODE_TOKENS = 8  # the smallest packed length (fewer when the engine has fewer slots)
+
+
+@dataclasses.dataclass
+class Launched:
+    """A step in flight: ``mask`` rows are filled by the host before ``Runner.collect``."""
+
+    rows: list[Row]
+    out: tuple  # device arrays: (tokens, bad, None) or (logits, bad, sampling settings)
+    mask: np.ndarray | None  # int32 [S, words] when a row samples under a mask
+    tokens: int  # real tokens packed
+    computed: int  # packed length N (real + padding)
+
+
+class Runner:
+    def __init__(self, model, *, max_batch: int, page_size: int, max_seq_len: int, num_pages: int, impl: str,
+                 reposition: str = "reencode"):
+        self.cfg = model.config
+        self.params = model.params()
+        self.impl = impl
+        self.reposition = reposition
+        self.cache = create_cache(self.cfg, num_pages=num_pages, page_size=page_size, max_seqs=max_batch,
+                                  max_seq_len=max_seq_len, dtype=model.dtype)
+        self.words = cdiv(self.cfg.vocab_size, 32)
+        # slot -> (sequence, start, end, length) for the next step; dropped if the slot changed hands meanwhile
+        self.compactions: dict[int, tuple[SeqState, int, int, int]] = {}
+        self.dispatches = 0
+
+    @property
+    def slots(self) -> int:
+        return self.cache.max_seqs
+
+    # -- pruning: host token lists now, device edits with the next step -----------------------------
+    def prune(self, seq: SeqState, ops: list[PruneOp]) -> None:
+        """Apply prune ops in order (each names slots of ``cached + pending`` as left by the one before).
+        Unfed tokens are simply dropped; cached ones become a cut (re-encode the kept suffix) or, in shift
+        mode when they form one span, a compaction applied at the start of the next step."""
+        n = len(seq.cached)
+        logical = seq.cached + seq.pending
+        order = list(range(len(logical)))
+        for op in ops:
+            del order[op.start:op.end]
+        kept = [logical[i] for i in order]
+        gone = sorted(set(range(n)) - set(order))
+        if not gone:
+            seq.pending = kept[n:]
+            return
+        lo, hi = gone[0], gone[-1] + 1
+        can_shift = (self.reposition == "shift" and hi - lo == len(gone) and seq.slot not in self.compactions
+                     and len(self.compactions) < MAX_COMPACTIONS)
+        if can_shift:
+            self.compactions[seq.slot] = (seq, lo, hi, n)
+            seq.cached, seq.pending = kept[:n - len(gone)], kept[n - len(gone):]
+        else:  # cut the cache at the first pruned slot; the kept suffix is written again at compacted positions
+            seq.reencoded += n - lo - len(gone)
+            seq.cached, seq.pending = kept[:lo], kept[lo:]
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _edits(self, slots: list[SeqState | None]) -> steps.Edits:
+        edits = make_edits(slots, self.compactions, MAX_COMPACTIONS if self.reposition == "shift" else 0)
+        self.compactions.clear()
+        return edits
+
+    def _sampling(self, rows: list[Row]) -> SamplingParams:
+        host = SamplingParams.host(self.slots)
+        for r in rows:
+            q, i = r.seq.request, r.seq.slot
+            host["temperature"][i], host["top_k"][i], host["top_p"][i] = q.temperature, q.top_k, q.top_p
+            host["seed"][i], host["counter"][i] = q.seed, r.seq.sampled
+        return SamplingParams(**host)
+
+    def _kv_pages(self, rows: list[Row], edits: steps.Edits) -> int:
+        ps = self.cache.page_size
+        need = max([cdiv(len(r.seq.cached) + r.n, ps) for r in rows] + [cdiv(int(x), ps) for x in edits.length])
+        # A few buckets, few compiles: powers of two from a 256-token window up to the page table's width.
+        return min(pow2(need, lo=cdiv(MIN_KV_WINDOW, ps)), self.cache.max_pages_per_seq)
+
+    def launch(self, rows: list[Row], slots: list[SeqState | None]) -> Launched:
+        """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once."""
+        edits = self._edits(slots)
+        packed, N = pack_rows(rows, self.slots, min_tokens=min(MIN_DECODE_TOKENS, self.slots))
+        ints, floats = steps.flatten_inputs(packed, edits, self._sampling(rows))
+        kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=self._kv_pages(rows, edits),
+                  max_new_pages=cdiv(N, self.cache.page_size) + 1,
+                  layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]))
+        if any(r.samples and r.seq.controller.wants_mask for r in rows):
+            logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)
+            out, mask = (logits, bad, sampling), np.full((self.slots, self.words), -1, np.int32)
+        else:
+            tokens, bad, self.cache = steps.flat_generate_step(self.params, self.cache, ints, floats, **kw)
+            out, mask = (tokens, bad, None), None
+        self.dispatches += 1
+        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N)
+
+    def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S])."""
+        first, bad, sampling = step.out
+        if step.mask is not None:
+            first = steps.sample_step(first, sampling, step.mask)
+            self.dispatches += 1
+        tokens, bad, oom = jax.device_get((first, bad, self.cache.oom))
+        return tokens, bad, oom
+
+
+def make_edits(slots: list[SeqState | None], compactions: dict, capacity: int) -> steps.Edits:
+    """Every slot's length as the host sees it (0 for a free slot: its pages go back), and the pending
+    compactions of slots whose sequence still holds them (``capacity`` entries, unused ones empty)."""
+    lengths = np.array([len(s.cached) if s is not None else 0 for s in slots], np.int32)
+    comp = np.zeros((4, capacity), np.int32)
+    live = [(slot, c) for slot, c in compactions.items() if slots[slot] is c[0]]
+    for i, (slot, (_, start, end, length)) in enumerate(live):
+        comp[:, i] = slot, start, end, length
+    return steps.Edits(lengths, *comp)
+
+
+def pack_rows(rows: list[Row], num_slots: int, min_tokens: int = 1) -> tuple[steps.Packed, int]:
+    """One row per cache slot (q_len 0 where a slot has no chunk); tokens back to back, padded to a bucket."""
+    q_len = np.zeros(num_slots, np.int32)
+    chunks: list[list[int]] = [[] for _ in range(num_slots)]
+    for r in rows:
+        q_len[r.seq.slot] = r.n
+        chunks[r.seq.slot] = r.seq.pending[:r.n]
+    total = int(q_len.sum())
+    N = bucket(max(total, min_tokens))
+    tokens = np.zeros(N, np.int32)
+    tokens[:total] = [t for c in chunks for t in c]
+    token_row = np.zeros(N, np.int32)
+    token_row[:total] = np.repeat(np.arange(num_slots, dtype=np.int32), q_len)
+    cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
+    return steps.Packed(tokens, token_row, np.arange(num_slots, dtype=np.int32), q_len, cu), N

@@ -1,0 +1,202 @@
+"""The scheduler: admission, the per-step token budget, preemption and parking. Host only, no JAX.
+
+Admission is bounded by a batch cap (the cache's slots) and by free pages, not by a worst-case slot
+size: a request is admitted when its pending tokens (a prompt, or the working memory of a preempted
+sequence) fit the free pages beside the running ones. Each step packs every running sequence's next
+chunk: decode rows (one token) first, then extend rows oldest first, within ``max_step_tokens``; a long
+prompt is chunked, so decode rows never wait behind it. When the pages run out the scheduler preempts the
+newest sequence (vLLM's policy): its pages are freed, its tokens and controller state kept, and it goes
+back to the head of the queue to resume by writing its working memory again. A sequence fails for lack of
+pages only when its working memory alone needs more than the whole pool.
+
+The scheduler sees pages through the page size and the tokens each slot caches: the device allocator
+(``timjax.cache``) grants exactly ``cdiv(length, page_size)`` pages per slot, so the host's count is
+exact without reading the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from timjax.buckets import bucket, cdiv
+from timjax.engine.protocol import SeqState
+
+
+@dataclasses.dataclass
+class Row:
+    seq: SeqState
+    n: int  # tokens of ``seq.pending`` written this step
+    samples: bool  # the chunk ends the pending tokens: the step's sample is the sequence's next token
+
+
+@dataclasses.dataclass
+class Plan:
+    rows: list[Row]
+    failed: list[tuple[SeqState, str]]  # sequences that can never fit the pool
+    preempted: list[SeqState]
+
+
+class Scheduler:
+    def __init__(self, *, slots: int, max_batch: int, num_pages: int, page_size: int, max_step_tokens: int):
+        self.slots: list[SeqState | None] = [None] * slots
+        self.max_batch = max_batch
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[SeqState] = deque()
+        self.parked_waiting: list[SeqState] = []  # preempted while parked: not admitted until unparked
+
+    # -- state ------------------------------------------------------------------------------------
+    def add(self, seq: SeqState) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def resident(self) -> list[SeqState]:
+        return [s for s in self.slots if s is not None]
+
+    def live(self) -> list[SeqState]:
+        """Every unfinished sequence: resident, waiting or parked."""
+        return self.resident + list(self.waiting) + self.parked_waiting
+
+    def pages(self, seq: SeqState, extra: int = 0) -> int:
+        return cdiv(len(seq.cached) + extra, self.page_size)
+
+    def free_pages(self) -> int:
+        return self.num_pages - sum(self.pages(s) for s in self.resident)
+
+    def remove(self, seq: SeqState) -> None:
+        """Forget a finished sequence (its slot's pages are released by the next step's edits)."""
+        if seq.slot is not None:
+            self.slots[seq.slot] = None
+            seq.slot = None
+        for queue in (self.waiting, self.parked_waiting):
+            if seq in queue:
+                queue.remove(seq)
+
+    def unpark(self, seq: SeqState) -> None:
+        seq.parked = False
+        if seq in self.parked_waiting:
+            self.parked_waiting.remove(seq)
+            self._requeue(seq)
+
+    def preempt(self, seq: SeqState) -> None:
+        """Free the sequence's slot and pages; its working memory is written again when it resumes."""
+        self.slots[seq.slot] = None
+        seq.slot = None
+        seq.pending = seq.cached + seq.pending
+        seq.cached = []
+        seq.preemptions += 1
+        if seq.parked:
+            self.parked_waiting.append(seq)
+        else:
+            self._requeue(seq)
+
+    def _requeue(self, seq: SeqState) -> None:
+        # Older sequences resume first: the queue stays ordered by request index at its head.
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].index < seq.index:
+            i += 1
+        self.waiting.insert(i, seq)
+
+    def too_big(self, seq: SeqState) -> str | None:
+        need = cdiv(seq.working_tokens, self.page_size)
+        if need > self.num_pages:
+            return (f"its working memory of {seq.working_tokens} tokens needs {need} KV pages, more than the whole "
+                    f"pool of {self.num_pages} pages of {self.page_size} tokens (raise kv_tokens)")
+        return None
+
+    # -- one step ---------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        failed = [(s, msg) for s in self.resident if (msg := self.too_big(s))]
+        for s, _ in failed:
+            self.remove(s)
+        rows = self._budget()
+        preempted = self._fit_pages(rows)
+        self._admit(rows, failed)
+        self._fill_bucket(rows)
+        return Plan(rows, failed, preempted)
+
+    def _want(self, s: SeqState) -> int:
+        # A parked sequence writes all but its last pending token: the sample after the last one waits.
+        return len(s.pending) - 1 if s.parked else len(s.pending)
+
+    def _budget(self) -> list[Row]:
+        """Decode rows first, then extend rows oldest first, within the step's token budget."""
+        running = sorted((s for s in self.resident if self._want(s) > 0), key=lambda s: s.index)
+        decode = [s for s in running if self._want(s) == 1 and not s.parked]
+        rows, budget = [], self.max_step_tokens
+        for s in decode + [s for s in running if s not in decode]:
+            n = min(self._want(s), budget)
+            if n > 0:
+                rows.append(Row(s, n, samples=n == len(s.pending)))
+                budget -= n
+        return rows
+
+    def _fit_pages(self, rows: list[Row]) -> list[SeqState]:
+        """Oldest first, give each row its pages; short of pages, an extend chunk shrinks to what fits, else
+        the newest resident sequence is preempted (possibly the row itself)."""
+        preempted: list[SeqState] = []
+        free = self.free_pages()
+        for row in sorted(rows, key=lambda r: r.seq.index):
+            s = row.seq
+            while s.slot is not None:
+                need = self.pages(s, row.n) - self.pages(s)
+                if need <= free:
+                    free -= need
+                    break
+                fits = (self.pages(s) + free) * self.page_size - len(s.cached)
+                if row.n > 1 and fits >= 1:
+                    row.n, row.samples = fits, False
+                    continue
+                victim = max(self.resident, key=lambda v: v.index)
+                free += self.pages(victim)
+                self.preempt(victim)
+                preempted.append(victim)
+        rows[:] = [r for r in rows if r.seq.slot is not None]
+        return preempted
+
+    def _admit(self, rows: list[Row], failed: list) -> None:
+        budget = self.max_step_tokens - sum(r.n for r in rows)
+        free = self.free_pages() - sum(self.pages(r.seq, r.n) - self.pages(r.seq) for r in rows)
+        while self.waiting and budget > 0 and len(self.resident) < self.max_batch:
+            s = self.waiting[0]
+            if msg := self.too_big(s):
+                self.waiting.popleft()
+                failed.append((s, msg))
+                continue
+            # The whole pending (a prompt, a resumed working memory) must fit beside the others, with a page
+            # of headroom per running sequence, unless nothing else runs.
+            headroom = len(self.resident)
+            if self.resident and cdiv(len(s.pending), self.page_size) + headroom > free:
+                break
+            self.waiting.popleft()
+            s.slot = self.slots.index(None)
+            self.slots[s.slot] = s
+            n = min(len(s.pending), budget, free * self.page_size)
+            if n <= 0:
+                break
+            rows.append(Row(s, n, samples=n == len(s.pending)))
+            budget -= n
+            free -= self.pages(s, n)
+
+    def _fill_bucket(self, rows: list[Row]) -> None:
+        """Padding to the token bucket would be computed anyway: give it to chunked extend rows instead."""
+        total = sum(r.n for r in rows)
+        spare = min(bucket(total), self.max_step_tokens) - total
+        if spare <= 0:
+            return
+        free = self.free_pages() - sum(self.pages(r.seq, r.n) - self.pages(r.seq) for r in rows)
+        for r in sorted(rows, key=lambda r: r.seq.index):
+            more = min(self._want(r.seq) - r.n, spare)
+            if more <= 0:
+                continue
+            extra_pages = self.pages(r.seq, r.n + more) - self.pages(r.seq, r.n)
+            if extra_pages > free:
+                continue
+            r.n += more
+            r.samples = r.n == len(r.seq.pending)
+            spare -= more
+            free -= extra_pages
+            if spare == 0:
+                break
