@@ -50,9 +50,9 @@ def replayer():
 def tiny_random_tim() -> Path:
     """A random Qwen3 with the test tokenizer, written as a Hugging Face checkpoint directory."""
     import jax
+    from timjax.convert import export_timjax_to_hf
 
     from timjax.config import Qwen3Config
-    from timjax.convert import export_timjax_to_hf
     from timjax.model import init_params
 
     tok = tokenizer()

@@ -8,8 +8,19 @@ import json
 import pytest
 from _train_helpers import tiny_random_tim
 
-from timjax.eval.run import Setting, evaluate, heldout_problems, settings_from_labels, write_report
-from timjax.train.corpus import CorpusSpec, load_problems_jsonl, problems, save_problems_jsonl
+from timjax.eval.run import (
+    Setting,
+    evaluate,
+    heldout_problems,
+    settings_from_labels,
+    write_report,
+)
+from timjax.train.corpus import (
+    CorpusSpec,
+    load_problems_jsonl,
+    problems,
+    save_problems_jsonl,
+)
 
 
 def test_heldout_problems_are_heldout_and_grouped():

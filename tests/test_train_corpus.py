@@ -9,9 +9,21 @@ from fractions import Fraction
 import pytest
 from _train_helpers import SPEC, small_problems
 
-from timjax.train.corpus import (ArithParams, CorpusSpec, check_answer, depth, document, document_text,
-                                 iter_tasks_with_tools, parse_expression, problems, random_expression, render,
-                                 split_of, value)
+from timjax.train.corpus import (
+    ArithParams,
+    CorpusSpec,
+    check_answer,
+    depth,
+    document,
+    document_text,
+    iter_tasks_with_tools,
+    parse_expression,
+    problems,
+    random_expression,
+    render,
+    split_of,
+    value,
+)
 from timjax.train.sft import training_schema
 from timjax.train.tools_adapter import default_backend, tool_servers
 

@@ -12,7 +12,14 @@ import pytest
 from _train_helpers import tokenizer_dir
 
 from timjax.model import causal_attention
-from timjax.train.sft import DataSpec, ModelSpec, TrainConfig, load_config, packed_attention, train
+from timjax.train.sft import (
+    DataSpec,
+    ModelSpec,
+    TrainConfig,
+    load_config,
+    packed_attention,
+    train,
+)
 
 TINY_MODEL = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)

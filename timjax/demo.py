@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # A depth-3 problem the shipped model solves; its held-out accuracy is in bench/RESULTS.md (issue 9). Buffer 1
 # here: this tree has two subtask lists, so a buffer of 2 would keep both and nothing would be pruned.
 DEMO_QUESTION = "Calculate -(7 * (7 - 12))."

@@ -12,7 +12,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import timjax
     from timjax.api import default_model_path
-    from timjax.eval.run import evaluate, heldout_problems, settings_from_labels, write_report
+    from timjax.eval.run import (
+        evaluate,
+        heldout_problems,
+        settings_from_labels,
+        write_report,
+    )
     from timjax.train.corpus import load_problems_jsonl
 
     path = args.model or str(default_model_path())

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -25,7 +26,7 @@ from timjax.train.corpus import CorpusSpec, Problem, check_answer, problems
 @dataclass(frozen=True)
 class Setting:
     label: str
-    buffer: Optional[int]  # None = pruning off
+    buffer: int | None  # None = pruning off
     reposition: str = "reencode"
 
 
@@ -51,7 +52,7 @@ class GroupStats(BaseModel):
 
 class SettingReport(BaseModel):
     label: str
-    buffer: Optional[int]
+    buffer: int | None
     reposition: str
     overall: GroupStats
     groups: dict[str, GroupStats]
@@ -86,7 +87,7 @@ class EvalReport(BaseModel):
         return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def _deepest_arith(groups: Sequence[str]) -> Optional[str]:
+def _deepest_arith(groups: Sequence[str]) -> str | None:
     arith = sorted((g for g in groups if g.startswith("arith")), key=lambda g: int(g.split("-")[-1]))
     return arith[-1] if arith else (groups[-1] if groups else None)
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Iterator, Literal, Sequence, Union
+from typing import Literal, Union
 
 from timjax.train.tools_adapter import ToolBackend, default_backend
 
@@ -56,13 +57,13 @@ class Chain:
     """``operands[0] ops[0] operands[1] ops[1] ...``, all operators of one precedence class."""
 
     kind: Literal["add", "mul"]
-    operands: tuple["Expr", ...]
+    operands: tuple[Expr, ...]
     ops: tuple[str, ...]  # len(operands) - 1 operators, '+'/'-' or '*'/'/'
 
 
 @dataclass(frozen=True)
 class Neg:
-    child: "Expr"  # a compound expression (a negated literal is a Num)
+    child: Expr  # a compound expression (a negated literal is a Num)
 
 
 Expr = Union[Num, Chain, Neg]
@@ -455,9 +456,8 @@ def save_problems_jsonl(probs: Sequence[Problem], path: str) -> None:
 
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for p in probs:
-            f.write(json.dumps({"question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth},
-                               ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth},
+                               ensure_ascii=False) + "\n" for p in probs)
     os.replace(tmp, path)
 
 

@@ -10,8 +10,8 @@ restart at 0 for every sequence, as the runtime's positions do.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,7 +38,7 @@ class Packed:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> "Packed":
+    def load(cls, path: str) -> Packed:
         z = np.load(path)
         return cls(z["tokens"], z["positions"], z["segments"], z["loss"], int(z["dropped"]))
 

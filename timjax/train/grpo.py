@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -32,7 +33,7 @@ class GRPOConfig(BaseModel):
     problems_per_step: int = 4
     group_size: int = 4
     temperature: float = 1.0
-    pruning_buffer: Optional[int] = 2
+    pruning_buffer: int | None = 2
     reposition: str = "reencode"
     max_new_tokens: int = 768
     lr: float = 1e-4
@@ -56,7 +57,7 @@ def verifier_reward(problem, result) -> float:
     return 1.0 if is_correct(problem, result) else 0.0
 
 
-def rollout_segments(replayer, prompt_ids: list[int], result, advantage: float, buffer: Optional[int]):
+def rollout_segments(replayer, prompt_ids: list[int], result, advantage: float, buffer: int | None):
     """The training sequences of one rollout, weighted by its advantage on the sampled tokens."""
     from timjax.train.runtime_view import pruned_segments, runtime_doc_from_tokens
 
@@ -70,12 +71,13 @@ def rollout_segments(replayer, prompt_ids: list[int], result, advantage: float, 
 
 def pg_loss(params, mcfg, batch, n_tokens):
     """``-sum(w * log p(next token)) / n_tokens`` (``w`` = the advantage on sampled tokens, 0 elsewhere)."""
+    from functools import partial
+
     import jax
     import jax.numpy as jnp
 
     from timjax.model import forward
     from timjax.train.sft import packed_attention
-    from functools import partial
 
     tokens, positions, segments, weights = batch
     logits, _ = forward(params, mcfg, tokens, positions, partial(packed_attention, segments=segments))

@@ -23,10 +23,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,10 +55,10 @@ class DataSpec(BaseModel):
     heldout_fraction: float = 0.05
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
-    buffers: list[tuple[Optional[int], float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
+    buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
     seq_lens: list[int] = [320, 768]  # buckets (rows of each length; a sequence goes to the shortest that fits)
     vocab_size: int = 2048  # BPE size when the tokenizer is trained here
-    tokenizer_dir: Optional[str] = None  # reuse a tokenizer instead of training one
+    tokenizer_dir: str | None = None  # reuse a tokenizer instead of training one
 
 
 class TrainConfig(BaseModel):
@@ -68,7 +66,7 @@ class TrainConfig(BaseModel):
     out_dir: str
     seed: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
-    init_from: Optional[str] = None  # a converted (or HF) checkpoint to fine-tune; its tokenizer is kept
+    init_from: str | None = None  # a converted (or HF) checkpoint to fine-tune; its tokenizer is kept
     data: DataSpec = Field(default_factory=DataSpec)
     tokens_per_batch: int = 6144  # per micro-batch: rows = tokens_per_batch // bucket length
     grad_accum: int = 1
@@ -81,7 +79,7 @@ class TrainConfig(BaseModel):
     save_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
-    time_limit_s: Optional[float] = None  # stop (checkpointed) after this long
+    time_limit_s: float | None = None  # stop (checkpointed) after this long
     export: bool = True
 
 
@@ -157,7 +155,7 @@ def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
 def prepare_data(cfg: TrainConfig, say=print):
     """(tokenizer, tokenizer dir, packed rows); the rows are cached in ``out_dir/data.npz``."""
     from timjax.train.corpus import problems
-    from timjax.train.data import build_segments, bucketed, load_buckets, save_buckets
+    from timjax.train.data import bucketed, build_segments, load_buckets, save_buckets
     from timjax.train.runtime_view import Replayer
 
     out = Path(cfg.out_dir)
@@ -402,7 +400,8 @@ def plot_curve(log_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in open(log_path, encoding="utf-8") if l.strip()]
+    with open(log_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PRETOKENIZE_PATTERN = r'_result"|\d|-|[\[\]]| ?\p{L}+|[^\p{L}\p{N}\[\]\-]+'
