@@ -236,7 +236,7 @@ def report(rows, args, env, total_s, repeats_done, final=False) -> dict[str, Any
                    "-" if s["resume_ms"] is None else f"{s['resume_ms']:.1f} / {s['resume_ms_max']:.1f}",
                    s["requests"], s["prefill_tokens"], s["peak_kv"]] for s in summary]
     title = f"tools in one inference, shape {args.shape}, {repeats_done} repeats"
-    text = print_table(headers, table_rows, title=title) if final else table_text(headers, table_rows, title)
+    text = print_table(headers, table_rows, title=title) if final else table_text(headers, table_rows, title=title)
     payload = {"env": env, "args": vars(args), "summary": summary, "table": text, "bench_s": total_s,
                "repeats_done": repeats_done,
                "loadavg_end": load_average(),
