@@ -91,6 +91,14 @@ def run_once(mode, engine, model, schema, llt, runner, prompt, doc, buffer) -> d
     ctrl = TimController(model, schema, max_new_tokens=max_new, prompt_len=len(prompt),
                          pruning_buffer=buffer if mode == "runtime+prune" else None, stop_ids=[IM_END_ID],
                          tools=runner, override=ReplayText(doc, llt))
+    sampled = [0]
+    on_token = ctrl.on_token
+
+    def counting(token, seq):
+        sampled[0] += 1
+        return on_token(token, seq)
+
+    ctrl.on_token = counting
     t0 = time.perf_counter()
     if mode != "client":
         res = engine.run([Request(prompt, max_new, controller=ctrl)])[0]
@@ -117,7 +125,7 @@ def run_once(mode, engine, model, schema, llt, runner, prompt, doc, buffer) -> d
     return {"ok": res.finish_reason == "stop" and text == doc, "error": res.error, "wall_s": wall,
             "tokens": n_tokens, "tokens_per_s": n_tokens / wall, "tool_calls": len(ctrl.tools.records),
             "tool_errors": sum(r.status != "ok" for r in ctrl.tools.records),
-            "resume_s": resume, "requests": requests, "prefill_tokens": prefill,
+            "resume_s": resume, "requests": requests, "prefill_tokens": prefill, "sampled": sampled[0],
             "peak_kv": ctrl.memory.stats().peak_working_len}
 
 
@@ -134,7 +142,10 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--json", default="bench/out/tools.json")
     ap.add_argument("--plot", default="bench/tools.png")
+    ap.add_argument("--from-json", default=None, help="rebuild the table and plot from a saved --json run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return rebuild(args)
     if max(args.calls) > args.steps:
         ap.error("--steps must be >= every --calls value")
 
@@ -173,8 +184,32 @@ def main(argv=None) -> dict[str, Any]:
     return report(rows, args, env, time.perf_counter() - t_start, args.repeats, final=True)
 
 
+def count_sampled(model, schema, llt, runner, prompt, doc) -> int:
+    """Tokens the model samples for ``doc`` (the rest is forced: grammar runs and tool results), counted
+    by driving the controller without a device (for runs recorded before ``run_once`` counted them)."""
+    from types import SimpleNamespace
+
+    ctrl = TimController(model, schema, max_new_tokens=10**6, prompt_len=len(prompt), pruning_buffer=None,
+                         stop_ids=[IM_END_ID], tools=runner, override=ReplayText(doc, llt))
+    seq, n = SimpleNamespace(generated=[]), 0
+    while True:
+        action = ctrl.on_token(0, seq)
+        n += 1
+        while action.park:
+            while (polled := ctrl.poll(seq)) is None:
+                time.sleep(0.0005)
+            action = polled
+        if action.finish is not None:
+            return n
+
+
+def _sampled_rate(rs) -> list[float]:
+    return [x["sampled"] / x["wall_s"] for x in rs]
+
+
 def report(rows, args, env, total_s, repeats_done, final=False) -> dict[str, Any]:
     summary = []
+    sbase = {m: statistics.median(_sampled_rate(rows[(m, min(args.calls))])) for m in args.modes}
     base = {m: statistics.median(x["tokens_per_s"] for x in rows[(m, min(args.calls))]) for m in args.modes}
     for n in args.calls:
         ref = statistics.median(x["tokens_per_s"] for x in rows[(args.modes[0], n)])
@@ -190,15 +225,18 @@ def report(rows, args, env, total_s, repeats_done, final=False) -> dict[str, Any
                 "resume_ms": 1e3 * statistics.median(resume) if resume else None,
                 "resume_ms_max": 1e3 * max(resume) if resume else None,
                 "requests": rs[0]["requests"], "prefill_tokens": rs[0]["prefill_tokens"], "peak_kv": rs[0]["peak_kv"],
-                "tool_errors": max(x["tool_errors"] for x in rs)})
-    headers = ["mode", "calls", "tokens", "tok/s", "min-max", "vs 0 calls", "vs runtime+prune", "resume ms (med/max)",
-               "requests", "prefill tok", "peak KV"]
+                "tool_errors": max(x["tool_errors"] for x in rs),
+                "sampled": rs[0]["sampled"], "sampled_tok_s": statistics.median(_sampled_rate(rs)),
+                "sampled_vs_0_calls": statistics.median(_sampled_rate(rs)) / sbase[mode]})
+    headers = ["mode", "calls", "tokens", "tok/s", "min-max", "vs 0 calls", "vs runtime+prune", "sampled",
+               "sampled/s", "vs 0 calls", "resume ms (med/max)", "requests", "prefill tok", "peak KV"]
     table_rows = [[s["mode"], s["calls"], s["tokens"], s["tok_s"], f"{s['tok_s_min']:.0f}-{s['tok_s_max']:.0f}",
-                   f"{s['vs_0_calls']:.2f}x", f"{s['vs_runtime_prune']:.2f}x",
+                   f"{s['vs_0_calls']:.2f}x", f"{s['vs_runtime_prune']:.2f}x", s["sampled"], s["sampled_tok_s"],
+                   f"{s['sampled_vs_0_calls']:.2f}x",
                    "-" if s["resume_ms"] is None else f"{s['resume_ms']:.1f} / {s['resume_ms_max']:.1f}",
                    s["requests"], s["prefill_tokens"], s["peak_kv"]] for s in summary]
     title = f"tools in one inference, shape {args.shape}, {repeats_done} repeats"
-    text = print_table(headers, table_rows, title=title) if final else table_text(headers, table_rows, title)
+    text = print_table(headers, table_rows, title=title) if final else table_text(headers, table_rows, title=title)
     payload = {"env": env, "args": vars(args), "summary": summary, "table": text, "bench_s": total_s,
                "repeats_done": repeats_done,
                "loadavg_end": load_average(),
@@ -210,28 +248,60 @@ def report(rows, args, env, total_s, repeats_done, final=False) -> dict[str, Any
     return payload
 
 
+def rebuild(args) -> dict[str, Any]:
+    """Recompute the summary of a saved run (adds sampled-token counts to runs recorded without them)."""
+    import json
+    from types import SimpleNamespace
+
+    saved = json.loads(Path(args.from_json).read_text())
+    for k in ("calls", "steps", "modes", "shape", "repeats", "buffer"):
+        setattr(args, k, saved["args"][k])
+    args.json, args.plot = args.from_json, args.plot
+    tok = qwen3_tokenizer(args.tokenizer)
+    cfg = SHAPES[args.shape]
+    model = SimpleNamespace(tokenizer=tok, config=cfg)  # the controller needs no weights
+    llt = llg_tokenizer(tok, cfg.vocab_size, [IM_END_ID])
+    prompt = tok(PROMPT)["input_ids"]
+    rows = {}
+    with ToolRunner([calculator.make_server(), kb.make_server()], ToolLimits(max_calls=max(args.calls) + 1)) as runner:
+        schema = tim_schema(runner.specs)
+        for n in args.calls:
+            doc = dumps(calculation_trace(n, n_steps=args.steps, words=1))
+            k = count_sampled(model, schema, llt, runner, prompt, doc)
+            for mode in args.modes:
+                rs = saved["runs"][f"{mode}/{n}"]
+                for r in rs:
+                    r.setdefault("sampled", k)
+                rows[(mode, n)] = rs
+    return report(rows, args, saved["env"], saved["bench_s"], saved.get("repeats_done", args.repeats), final=True)
+
+
 def plot(summary, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 4))
     for mode in args.modes:
         s = [x for x in summary if x["mode"] == mode]
         n = [x["calls"] for x in s]
         med = [x["tok_s"] for x in s]
         err = [[m - x["tok_s_min"] for m, x in zip(med, s)], [x["tok_s_max"] - m for m, x in zip(med, s)]]
         a.errorbar(n, med, yerr=err, marker="o", capsize=3, label=mode)
+        c.plot(n, [x["sampled_tok_s"] for x in s], marker="o", label=mode)
         r = [(x["calls"], x["resume_ms"]) for x in s if x["resume_ms"] is not None]
         if r:
             b.plot(*zip(*r), marker="o", label=mode)
     a.set(xlabel="tool calls in one inference", ylabel="tokens/s (median, min-max)",
           title=f"throughput ({args.shape}, CPU)")
     a.set_ylim(bottom=0)
+    c.set(xlabel="tool calls in one inference", ylabel="sampled tokens/s (median)",
+          title="sampled tokens only (forced ones excluded)")
+    c.set_ylim(bottom=0)
     b.set(xlabel="tool calls in one inference", ylabel="ms (median)", title="tool answer -> next sampled token")
     b.set_yscale("log")
-    for ax in (a, b):
+    for ax in (a, b, c):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
