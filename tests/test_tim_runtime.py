@@ -221,7 +221,7 @@ def test_text_prompt_gets_the_tim_system_prompt(tim_model):
         "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),)
     schema = tim_schema(tools, max_depth=3, max_subtasks=4)
     system = tim_system_prompt(schema)
-    assert '"subtasks"' in system and "search" in system and '"query"' in system and "3 levels" in system
+    assert '"subtasks"' in system and "search(query: string): web search" in system and "3 levels" in system
     ids = encode_prompt(tim_model, "What is 2+2?", chat=True, system=system)
     text = tim_model.tokenizer.decode(ids)
     assert text.index(system) < text.index("What is 2+2?") and "<|im_start|>assistant" in text

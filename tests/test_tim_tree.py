@@ -239,6 +239,7 @@ def check_against_ref(tr: TreeTracker, ref: Ref, events) -> None:
         a = tr.token_starts[e.token_index]
         b = a + len(tr.token_bytes(e.token_index))
         assert tr.buf[:a].count(b'"tool_result"') == k and tr.buf[:b].count(b'"tool_result"') == k + 1
+        assert bytes(tr.buf[:b]).endswith(b'"tool_result"')  # the key's quote ends its token: nothing of the value
     assert isinstance(events[-1], DocumentComplete) and events[-1].token_index == tr.n_tokens - 1
 
 

@@ -10,6 +10,17 @@ from timjax.model import Qwen3
 Prompt = str | list[int]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# The shipped tiny TIM (trained by `timjax train timjax/train/configs/tiny_tim.json`): the default model.
+DEFAULT_MODEL_DIR = Path(__file__).parent / "tiny_tim"
+
+
+def default_model_path() -> Path:
+    """The shipped tiny TIM checkpoint directory (Hugging Face format)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        from timjax.errors import TimjaxError
+
+        raise TimjaxError(f"{DEFAULT_MODEL_DIR}: the default model is missing from this install")
+    return DEFAULT_MODEL_DIR
 
 
 def load_tokenizer(path: str | Path):
@@ -67,7 +78,8 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
              chat: bool = False, system: str | None = None,
              on_token: Callable[[int, int], None] | None = None, progress: bool = False,
              schema: Any = None, pruning_buffer: int | None = None, reposition: str = "reencode",
-             engine_options: dict | None = None, mesh=None):
+             engine_options: dict | None = None, tools: Any = None, tool_limits: Any = None,
+             mesh=None, _runner: Any = None):
     """Generate from one prompt (a string or token ids) or a batch of them.
 
     Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
@@ -76,6 +88,9 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
     With a schema, text prompts are wrapped in the chat template with a system prompt that states the
     format and the tools (``timjax.tim.prompt.tim_system_prompt``) unless ``system`` is given.
     ``on_token(prompt_index, token_id)`` streams tokens as they are sampled.
+    ``tools``: MCP servers the model may call inside the inference (``timjax.tools.runner.ToolServer``,
+    ``MCPServer``, ``StdioServerParameters``, URLs, or a started ``ToolRunner``); turns on TIM (the schema
+    offers their tools) with ``tool_limits`` (``timjax.tools.runner.ToolLimits``: timeout, call cap, result cap).
     ``model`` may be a ``timjax.Engine``: it serves the call with its cache and compiled steps (no
     recompilation across calls); the cache options (max_batch ... engine_options) are then the engine's.
     ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) shards the model over it; dp > 1 splits the prompts
@@ -92,6 +107,17 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
 
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
+    if tools is not None:  # start the MCP clients once, offer their tools in the schema, run, close
+        from timjax.tim.schema import with_tools
+        from timjax.tools.runner import open_runner
+
+        runner, close_runner = open_runner(tools, tool_limits)
+        try:
+            return generate(**{**args, "schema": with_tools(schema, runner.specs), "tools": None,
+                               "_runner": runner})
+        finally:
+            if close_runner:
+                runner.close()
     if engine is None and (mesh is not None or getattr(model, "mesh", None) is not None):
         from timjax import sharding
 
@@ -123,7 +149,7 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
             from timjax.tim_controller import TimController
 
             ctrl = TimController(model, schema, max_new_tokens=max_new_tokens, prompt_len=len(p),
-                                 pruning_buffer=pruning_buffer, stop_ids=stop_ids)
+                                 pruning_buffer=pruning_buffer, stop_ids=stop_ids, tools=_runner)
         else:
             ctrl = PlainController(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop,
                                    tokenizer=model.tokenizer)

@@ -73,11 +73,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import timjax
 
+    from timjax.api import default_model_path
     from timjax.sharding import mesh_from_args
 
-    model = timjax.load(args.model, dtype=args.dtype, mesh=mesh_from_args(args))
-    prompts = args.prompt
+    model = timjax.load(args.model or default_model_path(), dtype=args.dtype, mesh=mesh_from_args(args))
+    prompts = list(args.prompt or []) + ([args.tim] if isinstance(args.tim, str) else [])
+    if not prompts:
+        raise TimjaxError("generate needs a prompt: --prompt TEXT, or --tim TEXT")
     schema = None
+    tools = None
+    if args.tool:  # MCP tool servers (timjax.tools.spec): TIM with their tools
+        from timjax.tools.spec import runner_from_args
+
+        tools, args.tim = runner_from_args(args), True
+    elif args.tim and args.model is None:  # the default tiny TIM is trained with these MCP tools
+        from timjax.tools.runner import ToolRunner
+        from timjax.train.tools_adapter import tool_servers
+
+        tools = ToolRunner(tool_servers())
     if args.tim:
         from timjax.tim.schema import tim_schema
 
@@ -85,11 +98,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = None
     if args.stream and len(prompts) == 1 and not args.tim and model.tokenizer is not None:
         stream = lambda i, t: print(model.tokenizer.decode([t]), end="", flush=True)
-    results = timjax.generate(
-        model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop or (), max_batch=args.max_batch, page_size=args.page_size,
-        impl=args.impl, chat=args.chat, on_token=stream, progress=len(prompts) > 1, schema=schema,
-        pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer, reposition=args.reposition)
+    try:
+        results = timjax.generate(
+            model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=args.stop or (), max_batch=args.max_batch, page_size=args.page_size,
+            impl=args.impl, chat=args.chat, on_token=stream, progress=len(prompts) > 1, schema=schema,
+            pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer, reposition=args.reposition,
+            tools=tools)
+    finally:
+        if tools is not None:
+            tools.close()
     if stream:
         print()
     if args.json:
@@ -107,6 +125,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(r.text if r.text is not None else r.tokens)
         s = r.stats
         extra = f", peak working memory {s.peak_working_tokens}, KV pruned {s.pruned_share:.0%}" if args.tim else ""
+        if tools is not None:
+            extra += f", {s.tool_calls} tool calls ({s.tool_errors} failed)"
         print(f"[{r.finish_reason}{': ' + r.error if r.error else ''}] {s.generated_tokens} tokens, "
               f"{s.tokens_per_s:.1f} tok/s{extra}", file=sys.stderr)
     return 0 if all(r.finish_reason != "error" for r in results) else 1
@@ -115,8 +135,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def add_generate_command(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text (or a TIM reasoning tree) from a checkpoint",
                               description="Generate from a timjax or Hugging Face Qwen3 checkpoint directory.")
-    p.add_argument("model", metavar="MODEL", help="timjax or Hugging Face checkpoint directory")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="timjax or Hugging Face checkpoint directory (default: the shipped tiny TIM, with its tools)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -129,11 +150,15 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto",
                    help="attention kernels: auto = Pallas on GPU, XLA on CPU")
-    p.add_argument("--tim", action="store_true", help="TIM structured reasoning with subtask pruning")
+    p.add_argument("--tim", nargs="?", const=True, default=False, metavar="PROMPT",
+                   help="TIM structured reasoning with subtask pruning (optionally the prompt itself)")
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer size; -1 turns pruning off")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
     p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth")
     p.add_argument("--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list")
+    from timjax.tools.spec import add_tool_arguments
+
+    add_tool_arguments(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one plain prompt)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     from timjax.mesh_args import add_mesh_arguments
@@ -143,15 +168,21 @@ def add_generate_command(subparsers) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from timjax.demo import run_demo
+    from timjax.demo import DEMO_QUESTION, run_demo, run_random_demo
 
-    return 0 if run_demo(args.work_dir, page_size=args.page_size, impl=args.impl)["ok"] else 1
+    if args.random_qwen3:
+        return 0 if run_random_demo(args.work_dir, page_size=args.page_size, impl=args.impl)["ok"] else 1
+    return 0 if run_demo(args.question or DEMO_QUESTION, impl=args.impl)["ok"] else 1
 
 
 def add_demo_command(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the built-in end-to-end job on a small random Qwen3 (offline)",
-                              description="Write, convert and load a random Qwen3 with the real Qwen3 vocabulary, "
-                                          "generate, and run a TIM reasoning tree with subtask pruning.")
+    p = subparsers.add_parser("demo", help="the built-in end-to-end job: the shipped tiny TIM solves a problem (offline)",
+                              description="The shipped tiny TIM solves an arithmetic problem with calculator calls over "
+                                          "MCP and subtask pruning; prints the tree, the stats and the checked answer. "
+                                          "--random-qwen3: write, convert and load a random Qwen3 with the real Qwen3 "
+                                          "vocabulary, generate, and replay a TIM reasoning tree with subtask pruning.")
+    p.add_argument("--question", default=None, help="an arithmetic question (default: the built-in one)")
+    p.add_argument("--random-qwen3", action="store_true", help="the runtime job on a random Qwen3 instead")
     p.add_argument("--work-dir", default=None, help="keep the checkpoints here (default: a temporary directory)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto")
@@ -159,7 +190,11 @@ def add_demo_command(subparsers) -> None:
 
 
 # Subcommand registrars, in --help order.
-COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command]
+from timjax.eval.cli import add_eval_command  # noqa: E402
+from timjax.train.cli import add_train_command  # noqa: E402
+
+COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command,
+                            add_train_command, add_eval_command]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,14 +1,19 @@
-"""The built-in default job (``timjax demo``): everything timjax does, on a small random Qwen3 with the
-real Qwen3 vocabulary, offline.
+"""The built-in default job (``timjax demo``).
+
+``run_demo``: the shipped tiny TIM (``timjax/tiny_tim``, trained here by ``timjax train
+timjax/train/configs/tiny_tim.json``) solves an arithmetic problem by recursive decomposition, calling the
+calculator over MCP inside the inference, with subtask pruning (buffer 1); the tree is printed with its
+pruned subtask lists marked, with the stats, and the answer is checked against exact arithmetic.
+
+``run_random_demo`` (``timjax demo --random-qwen3``): everything else timjax does, on a small random Qwen3
+with the real Qwen3 vocabulary, offline:
 
 1. write a Hugging Face checkpoint (safetensors + config + tokenizer) for a random Qwen3-shaped model;
 2. convert it to a timjax checkpoint and load it back;
 3. check the full-sequence forward against the paged runtime's prefill;
 4. generate text (unconstrained, continuous batching);
-5. run a TIM reasoning tree through the runtime (replaying a synthetic deep trace, since the weights are
-   random) with and without subtask pruning, and print the tree with its pruned parts marked.
-
-A trained TIM checkpoint replaces steps 1 and 5's replay; the commands are the same.
+5. replay a deep synthetic TIM reasoning tree through the runtime with and without subtask pruning, and
+   print the tree with its pruned parts marked.
 """
 
 from __future__ import annotations
@@ -19,9 +24,60 @@ from pathlib import Path
 
 import numpy as np
 
+# A depth-3 problem the shipped model solves; its held-out accuracy is in bench/RESULTS.md (issue 9). Buffer 1
+# here: this tree has two subtask lists, so a buffer of 2 would keep both and nothing would be pruned.
+DEMO_QUESTION = "Calculate -(7 * (7 - 12))."
 
-def run_demo(work_dir: str | None = None, *, page_size: int = 16, depth: int = 4, breadth: int = 3,
-             impl: str = "auto") -> dict:
+
+def run_demo(question: str = DEMO_QUESTION, *, model_dir: str | None = None, pruning_buffer: int | None = 1,
+             reposition: str = "reencode", impl: str = "auto") -> dict:
+    """The tiny TIM solves ``question`` with the calculator over MCP; returns a summary (``ok``: the answer is
+    right and the tree is complete)."""
+    import jax
+
+    import timjax
+    from timjax.api import default_model_path
+    from timjax.tim.display import format_tree
+    from timjax.tim.schema import tim_schema
+    from timjax.train.corpus import check_answer, fmt_int, parse_expression, value
+    from timjax.train.tools_adapter import tool_servers
+
+    say = lambda *a: print(*a, flush=True)
+    t_start = time.perf_counter()
+    path = model_dir or default_model_path()
+    model = timjax.load(path, dtype="float32")
+    n_params = model.config.num_params()
+    say(f"timjax demo on {jax.devices()[0].platform} (jax {jax.__version__}): the tiny TIM "
+        f"({n_params / 1e6:.2f}M parameters, {model.config.vocab_size}-token vocabulary) from {path}")
+    expr = question.split(" ", 1)[1].rstrip(".?")
+    expected = fmt_int(value(parse_expression(expr)))
+    say(f"question: {question}   (exact answer: {expected})")
+    say(f"tools over MCP: calculator, lookup; prune buffer {pruning_buffer} ({reposition}); greedy decoding")
+    t0 = time.perf_counter()
+    r = timjax.generate(model, question, schema=tim_schema(), tools=tool_servers(), pruning_buffer=pruning_buffer,
+                        reposition=reposition, max_new_tokens=1024, impl=impl)
+    wall = time.perf_counter() - t0
+    tree = r.response if r.response is not None else r.partial_response
+    if tree is not None:
+        say("the reasoning tree (subtask lists pruned from working memory marked):")
+        say("\n".join("  " + line for line in format_tree(tree, r.pruned_paths, width=80).splitlines()))
+    st = r.stats
+    say(f"{r.finish_reason}{': ' + r.error if r.error else ''}: {st.generated_tokens} tokens written "
+        f"({st.tool_calls} calculator calls), peak working memory {st.peak_working_tokens} tokens, "
+        f"KV pruned {st.pruned_share:.0%} in {st.prune_events} prune events, {st.tokens_per_s:.0f} tok/s, "
+        f"{wall:.1f}s")
+    answer = None if r.response is None else r.response.answer
+    ok = r.finish_reason == "stop" and answer is not None and check_answer(expected, answer)
+    say(f"answer: {answer!r}; expected {expected}: {'correct' if ok else 'WRONG'}")
+    say(f"demo {'OK' if ok else 'FAILED'} in {time.perf_counter() - t_start:.1f}s")
+    return {"ok": ok, "answer": answer, "expected": expected, "finish_reason": r.finish_reason,
+            "tokens": st.generated_tokens, "tool_calls": st.tool_calls, "peak_working_tokens": st.peak_working_tokens,
+            "pruned_share": st.pruned_share, "pruned_paths": r.pruned_paths, "wall_s": wall}
+
+
+def run_random_demo(work_dir: str | None = None, *, page_size: int = 16, depth: int = 4, breadth: int = 3,
+                    impl: str = "auto") -> dict:
+    """The runtime on a random Qwen3 with the real vocabulary (``timjax demo --random-qwen3``)."""
     import jax
 
     import timjax

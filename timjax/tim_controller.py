@@ -19,8 +19,8 @@ from timjax.engine import Action, PruneOp
 from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar
 from timjax.tim.partial_json import close_partial_json  # noqa: F401  (re-exported: its old home)
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
-from timjax.tim.schema import TimSchema
-from timjax.tim.tree import DocumentComplete, ListCompleted, Split, TreeTracker
+from timjax.tim.schema import KEY_SEPARATOR, TimSchema
+from timjax.tim.tree import DocumentComplete, ListCompleted, Split, ToolCallReady, TreeTracker
 
 
 class TimController:
@@ -29,13 +29,17 @@ class TimController:
     ``pruning_buffer``: None turns pruning off; 0, 1, 2, ... is the FIFO buffer size.
     ``override``: replay mode for benchmarks: a function from the document bytes so far to the next
     token, used instead of the sampled token (the device steps are the same).
+    ``tools``: a ``timjax.tools.runner.ToolSession``: when the model has written a tool use's
+    ``"tool_result"`` key, the call is submitted and the sequence parks; ``poll`` resumes it with the
+    tokens of ``": " + <encoded result>`` (and what the grammar forces after), so the model never samples
+    inside ``tool_result``. Without a session the model writes ``tool_result`` itself.
     """
 
     wants_mask = True
 
     def __init__(self, model, schema: TimSchema, *, max_new_tokens: int, prompt_len: int,
                  pruning_buffer: int | None = 2, stop_ids: Sequence[int] = (),
-                 override: Callable[[bytes], int] | None = None):
+                 override: Callable[[bytes], int] | None = None, tools=None):
         tok = model.tokenizer
         if tok is None:
             raise ValueError("TIM generation needs the model's tokenizer (load a checkpoint with tokenizer files)")
@@ -51,6 +55,11 @@ class TimController:
         self.override = override
         self.host_time = 0.0
         self.pruned_lists: list[ListCompleted] = []
+        if tools is not None and hasattr(tools, "session"):  # a ToolRunner: this inference's session
+            tools = tools.session(count_tokens=lambda text: len(self._llt.tokenize_bytes(text.encode("utf-8"))))
+        self.tools = tools  # ToolSession or None
+        self._call = None  # the tool call the sequence is parked on
+        self._answered_at: float | None = None  # when the last tool answer was fed (for resume_s)
 
     def fill_mask(self, out: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -68,21 +77,28 @@ class TimController:
             self.host_time += time.perf_counter() - t0
 
     def _on_token(self, token: int, seq) -> Action:
+        if self._answered_at is not None:  # the first sample after a tool answer
+            self.tools.records[-1].resume_s = time.perf_counter() - self._answered_at
+            self._answered_at = None
         if self.override is not None:
             token = self.override(bytes(self.tracker.buf))
         if self.tracker.done or token in self.stop_ids:
             if not self.tracker.done:
                 return Action(feed=[], finish="grammar", error=f"end of sequence before the document was complete")
             return Action(feed=[], finish="stop")
+        return self._advance([token], seq)
+
+    def _advance(self, queue: list[int], seq) -> Action:
+        """Consume ``queue`` (sampled, split or forced tokens, or a tool result) and what the grammar forces
+        after it; park on a tool call."""
         feed: list[int] = []
         prune: list[PruneOp] = []
-        queue = [token]
         while queue:
             t = queue.pop(0)
             try:
                 self.grammar.consume([t])
             except GrammarError as e:
-                return Action(feed=[], finish="grammar", error=str(e))
+                return Action(feed=feed, finish="grammar", error=str(e), prune=prune)
             events = self.tracker.feed(t, self._bytes(t))
             if events and isinstance(events[0], Split):
                 self.grammar.rollback(1)
@@ -98,6 +114,10 @@ class TimController:
                         self.pruned_lists.append(lst)
                         if op.n_pruned:
                             prune.append(PruneOp(op.start_slot, op.end_slot))
+                elif isinstance(ev, ToolCallReady) and self.tools is not None:
+                    # what is left of the queue was the model's try at the value: the runtime writes it
+                    self._call = self.tools.submit(ev.tool_name, ev.parameters_json, ev.task_path)
+                    return Action(feed=feed, prune=prune, park=True)
             if len(self.memory.history) >= self.max_new_tokens and not self.tracker.done:
                 break  # forced tokens count toward the budget too: stop at it, not after the forced run
             if not queue and not self.tracker.done:
@@ -108,6 +128,24 @@ class TimController:
             return Action(feed=feed, finish="length", prune=prune)
         return Action(feed=feed, prune=prune)
 
+    def poll(self, seq) -> Action | None:
+        """While parked on a tool call: None until it is answered, then the result's tokens."""
+        if self._call is None:
+            return Action(feed=[])
+        record = self.tools.poll(self._call)
+        if record is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            self._call = None
+            ids = list(self._llt.tokenize_bytes((KEY_SEPARATOR + record.result).encode("utf-8")))
+            record.result_tokens = len(ids)
+            action = self._advance(ids, seq)
+            self._answered_at = time.perf_counter()
+            return action
+        finally:
+            self.host_time += time.perf_counter() - t0
+
     def finish(self, seq, result) -> None:
         stats = self.memory.stats()
         generated_written = stats.history_len
@@ -116,6 +154,12 @@ class TimController:
         result.stats.pruned_share = stats.pruned_tokens / generated_written if generated_written else 0.0
         result.stats.prune_events = stats.prune_ops
         result.stats.host_time_s = self.host_time
+        if self.tools is not None:
+            calls = list(self.tools.records)
+            result.tool_calls = calls
+            result.stats.tool_calls = len(calls)
+            result.stats.tool_errors = sum(c.status != "ok" for c in calls)
+            result.stats.tool_time_s = sum(c.latency_s for c in calls)
         result.pruned_paths = sorted(pruned_task_paths(self.pruned_lists))
         result.working_memory = self.memory.kept_tokens(include_prompt=False)
         text = bytes(self.tracker.buf).decode("utf-8", errors="replace")

@@ -19,11 +19,14 @@ Decisions (the tracker in ``tree.py`` relies on them):
   ``None`` keeps one recursive ``Task`` definition. ``max_subtasks`` sets ``maxItems`` on every
   subtask list (not on the top-level ``reasoning`` list, which needs at least one task).
 * ``tooluse`` exists only when tools are given: ``anyOf`` over one object per tool,
-  ``{"tool_name": {"const": name}, "parameters": <tool.input_schema>, "tool_result": {"type": "string"}}``,
-  so the tool name decides the parameters' schema. ``tool_result`` is written by the runtime, not by
-  the model: the tracker emits ``ToolCallReady`` when the ``"tool_result"`` key is complete and the
-  engine forces ``: "<json-escaped result>"`` (tools are not wired yet; for now it is a plain string
-  field in the grammar).
+  ``{"tool_name": {"const": name}, "parameters": <tool.input_schema>, "tool_result": <any JSON value>}``,
+  so the tool name decides the parameters' schema (an object schema that does not say otherwise gets
+  ``additionalProperties: false``: the model cannot invent arguments). ``tool_result`` is written by the
+  runtime, never sampled: the tracker emits ``ToolCallReady`` when the ``"tool_result"`` key is complete
+  (a token never straddles that key's closing quote, see ``tree.py``) and the runtime forces ``": "`` +
+  ``timjax.tools.encoding.encode_result(...)``: the tool's structured content as JSON, else its text as a
+  JSON string, or ``{"error": ...}``. An arbitrary JSON value (rather than a string holding JSON) costs
+  fewer tokens and no escaping; llguidance accepts any value laid out as ``dumps`` writes it (tested).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ __all__ = [
     "ToolSpec",
     "ToolUse",
     "dumps",
+    "strict_input_schema",
     "tim_schema",
+    "with_tools",
 ]
 
 FIELD_ORDER = ("title", "thought", "tooluse", "subtasks", "conclusion")
@@ -62,7 +67,7 @@ class ToolUse(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tool_name: str
     parameters: dict[str, Any] = Field(default_factory=dict)
-    tool_result: Optional[str] = None  # written by the runtime
+    tool_result: Any = None  # written by the runtime: any JSON value (see timjax.tools.encoding)
 
 
 class Task(BaseModel):
@@ -94,6 +99,16 @@ def dumps(obj: Any) -> str:
 
 
 _DEF_NAME = re.compile(r"[^A-Za-z0-9_]")
+
+
+def strict_input_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A tool's input schema with ``additionalProperties: false`` added at the top level when it lists
+    ``properties`` and says nothing about others (MCP servers usually omit it). The grammar and the
+    runtime's argument validation both use this form, so unknown keys are refused, not dropped."""
+    schema = copy.deepcopy(schema)
+    if isinstance(schema, dict) and "properties" in schema and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    return schema
 
 
 def _hoist_defs(schema: dict, prefix: str, defs: dict) -> dict:
@@ -197,7 +212,7 @@ def tim_schema(
     defs: dict[str, Any] = {}
     tool_refs = []
     for t in tools:
-        params = _hoist_defs(t.input_schema, f"Params_{_DEF_NAME.sub('_', t.name)}", defs)
+        params = _hoist_defs(strict_input_schema(t.input_schema), f"Params_{_DEF_NAME.sub('_', t.name)}", defs)
         dname = f"ToolUse_{_DEF_NAME.sub('_', t.name)}"
         defs[dname] = {
             "type": "object",
@@ -205,7 +220,7 @@ def tim_schema(
             "properties": {
                 "tool_name": {"const": t.name},
                 "parameters": params,
-                "tool_result": {"type": "string", "description": "written by the runtime"},
+                "tool_result": {"description": "written by the runtime: the result as JSON, or {\"error\": ...}"},
             },
             "required": ["tool_name", "parameters", "tool_result"],
             "additionalProperties": False,
@@ -263,3 +278,13 @@ def tim_schema(
         answer_type=answer_type,
         tool_names=frozenset(names),
     )
+
+
+def with_tools(schema: Optional[TimSchema], tools: Sequence[ToolSpec]) -> TimSchema:
+    """``schema`` (or a default TIM schema) rebuilt to offer exactly ``tools``; its other options stay."""
+    if schema is None:
+        return tim_schema(tools)
+    if tuple(schema.tools) == tuple(tools):
+        return schema
+    return tim_schema(tools, max_depth=schema.max_depth, max_subtasks=schema.max_subtasks, title=schema.title,
+                      answer_type=schema.answer_type)

@@ -7,7 +7,9 @@ document (layout: ``schema.py``) and returns events:
 * ``ListCompleted(list_id, task_path, token_span=(i, j))``: its ``]`` was read; ``[i, j)`` are the
   tokens strictly between the ``[`` token and the ``]`` token, i.e. exactly the list's elements.
 * ``ToolCallReady(task_path, tool_name, parameters_json)``: the ``"tool_result"`` key is complete;
-  the runtime now writes ``: "<json-escaped tool output>"``.
+  the runtime now writes ``": " + <encoded result>`` (``timjax.tools.encoding``). The key's closing
+  quote always ends its token (a straddling token is ``Split`` there, like a list bracket), so nothing
+  of the value has been written when the event fires.
 * ``DocumentComplete(token_index)``: the top-level object is closed.
 * ``Split(token_index, token_id, pieces, token_ids)``: the token was NOT consumed, see below.
 
@@ -323,7 +325,8 @@ class TreeTracker:
     # ---------------------------------------------------------------- feeding
     def split_points(self, data: bytes) -> list[int]:
         """Offsets inside ``data`` (0 < k < len) where it must be cut, without consuming it."""
-        if len(data) < 2 or (b"[" not in data and b"]" not in data):
+        in_tooluse = any(f.role == "tooluse" for f in self._m.stack)
+        if len(data) < 2 or (b"[" not in data and b"]" not in data and not (in_tooluse and b'"' in data[:-1])):
             return []
         m = self._m.clone()
         cuts: set[int] = set()
@@ -338,6 +341,8 @@ class TreeTracker:
                         cuts.add(k + 1)
                     elif a == "close" and k > 0:
                         cuts.add(k)
+                elif a == "key" and f.role == "tooluse" and f.key == "tool_result" and k + 1 < len(data):
+                    cuts.add(k + 1)  # the runtime writes everything after this key: it ends its token
         return sorted(cuts)
 
     def feed(self, token_id: int, token: Union[bytes, str]) -> list[Event]:

@@ -1,0 +1,121 @@
+"""The synthetic TIM corpus: determinism, split disjointness, schema validity, real tool results."""
+
+from __future__ import annotations
+
+import json
+import random
+from fractions import Fraction
+
+import pytest
+from _train_helpers import SPEC, small_problems
+
+from timjax.train.corpus import (
+    ArithParams,
+    CorpusSpec,
+    check_answer,
+    depth,
+    document,
+    document_text,
+    iter_tasks_with_tools,
+    parse_expression,
+    problems,
+    random_expression,
+    render,
+    split_of,
+    value,
+)
+from timjax.train.sft import training_schema
+from timjax.train.tools_adapter import default_backend, tool_servers
+
+
+def test_same_seed_same_corpus_other_seed_other_corpus():
+    a = [(p.question, document_text(p)) for p in problems(SPEC, "train", 40)]
+    b = [(p.question, document_text(p)) for p in problems(CorpusSpec(seed=0), "train", 40)]
+    c = [(p.question, document_text(p)) for p in problems(CorpusSpec(seed=1), "train", 40)]
+    assert a == b
+    assert a != c
+
+
+def test_train_and_heldout_never_share_a_problem():
+    train = problems(SPEC, "train", 400)
+    held = problems(SPEC, "heldout", 40)
+    held_other_stream = problems(SPEC, "heldout", 40, stream=1)
+    keys = {p.key for p in train}
+    assert not keys & {p.key for p in held + held_other_stream}
+    assert all(split_of(p.key, SPEC.heldout_fraction) == "heldout" for p in held + held_other_stream)
+    assert len(keys) == len(train)  # distinct within a split too
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4])
+def test_expressions_have_the_asked_depth_and_parse_back(d):
+    rng = random.Random(d)
+    for _ in range(50):
+        e = random_expression(rng, ArithParams(depth=d))
+        assert depth(e) == d
+        for spaced in (False, True):
+            assert parse_expression(render(e, spaced_parens=spaced)) == e
+        assert value(e).denominator == 1  # division is exact only
+
+
+def test_precedence_and_unary_minus_are_typed_as_a_person_types_them():
+    e = parse_expression("-( 12 - 5 ) * ( 3 + 4 ) + 36 / 4 - -2")
+    assert value(e) == Fraction(-7 * 7 + 9 + 2)
+    assert render(e) == "-(12 - 5) * (3 + 4) + 36 / 4 - -2"
+
+
+def test_every_document_validates_against_the_schema_and_answers_right():
+    schema = training_schema(default_backend())
+    for p in small_problems():
+        resp = schema.parse(document_text(p))
+        assert check_answer(p.answer, resp.answer)
+        assert resp.answer == p.answer
+
+
+def test_tool_results_equal_what_the_mcp_servers_answer():
+    from timjax.tools.runner import ToolRunner
+
+    probs = [p for p in small_problems()][:25]
+    with ToolRunner(tool_servers()) as runner:
+        n = 0
+        for p in probs:
+            session = runner.session()  # one inference's calls
+            doc = json.loads(document_text(p))
+            for tu in iter_tasks_with_tools(doc):
+                pending = session.submit(tu["tool_name"], json.dumps(tu["parameters"]))
+                rec = None
+                while rec is None:
+                    rec = session.poll(pending)
+                assert rec.status == "ok", rec.error
+                assert json.loads(rec.result) == tu["tool_result"]
+                # and byte for byte as the document holds it
+                assert json.dumps(tu["tool_result"], separators=(", ", ": ")) == rec.result
+                n += 1
+    assert n > 50
+
+
+def test_lookup_questions_follow_the_kb():
+    tools = default_backend()
+    for p in problems(SPEC, "train", 30, kind="lookup"):
+        entity = p.data["start"]
+        for rel in p.data["relations"]:
+            entity = str(tools.kb.facts[entity][rel])
+        assert entity == p.answer
+        assert len(p.data["relations"]) == p.depth
+
+
+def test_check_answer_compares_numbers_exactly():
+    assert check_answer("-12", "-12") and check_answer("12", " 12 ") and check_answer("6", "12/2")
+    assert not check_answer("12", "13") and not check_answer("12", "twelve")
+    assert check_answer("Ira Holm", "Ira Holm") and not check_answer("Ira Holm", "Ira")
+
+
+def test_document_tree_shape_for_a_known_expression():
+    from timjax.train.corpus import Problem
+
+    p = Problem("arith", "Calculate (3 + 4) * 5.", "35", "arith:(3 + 4) * 5", 2, {"expr": "(3 + 4) * 5"})
+    doc = document(p)
+    root = doc["reasoning"][0]
+    assert root["thought"] == "Compute (3 + 4) * 5."
+    assert [t["thought"] for t in root["subtasks"]] == ["Compute 3 + 4.", "Compute 7 * 5."]
+    assert root["subtasks"][1]["tooluse"]["parameters"] == {"op": "mul", "a": 7, "b": 5}
+    assert root["conclusion"] == "35" and doc["answer"] == "35"

@@ -1,0 +1,130 @@
+"""Training sequences match what the runtime writes and shows: the TIM controller replays the same
+tokens (tool results included) and ends with the same working memory; the loss mask covers exactly the
+tokens the model writes."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from _train_helpers import replayer, small_problems, tokenizer
+
+from timjax.tim.traces import pruned_view
+from timjax.train.corpus import document, document_text, dumps_doc
+from timjax.train.runtime_view import FORCED, SAMPLED, TOOL, pruned_segments
+from timjax.train.tools_adapter import default_backend
+
+
+class _FakeToolSession:
+    """Answers as the MCP servers do, from their pure functions, encoded by ``encode_result``."""
+
+    def __init__(self):
+        self.records = []
+        self.tools = default_backend()
+
+    def submit(self, name, parameters_json, task_path=()):
+        from timjax.tools.encoding import encode_result
+        from timjax.tools.servers.calculator import calculate
+        from timjax.tools.servers.kb import lookup
+
+        args = json.loads(parameters_json)
+        return encode_result(calculate(**args) if name == "calculator" else lookup(self.tools.kb, **args))
+
+    def poll(self, call):
+        rec = SimpleNamespace(result=call, result_tokens=0, resume_s=None)
+        self.records.append(rec)
+        return rec
+
+
+def _run_controller(question, text, buffer):
+    """The runtime's TimController, host side only, replaying ``text`` (no device steps needed)."""
+    from timjax.tim_controller import ReplayText, TimController
+
+    rp = replayer()
+    tok = tokenizer()
+    model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=rp.vocab_size))
+    prompt = rp.prompt_ids(question)
+    ctrl = TimController(model, rp.schema, max_new_tokens=10_000, prompt_len=len(prompt), pruning_buffer=buffer,
+                         stop_ids=[tok.eos_token_id], override=ReplayText(text, rp.llt), tools=_FakeToolSession())
+    seq = SimpleNamespace(generated=[])
+    action = ctrl.on_token(0, seq)
+    while action.finish is None:
+        action = ctrl.poll(seq) if action.park else ctrl.on_token(0, seq)
+    assert action.finish == "stop", action.error
+    return ctrl
+
+
+@pytest.mark.parametrize("buffer", [None, 0, 1, 2])
+def test_controller_writes_the_same_tokens_and_keeps_the_same_working_memory(buffer):
+    probs = [p for p in small_problems() if p.kind == "arith" and p.depth == 3][:3] + \
+            [p for p in small_problems() if p.kind == "lookup"][:1]
+    for p in probs:
+        text = document_text(p)
+        doc = replayer().replay(p.question, text)
+        ctrl = _run_controller(p.question, text, buffer)
+        assert ctrl.tracker.token_ids == doc.tokens
+        segs = pruned_segments(doc, buffer)
+        final = segs[-1].ids.tolist()
+        assert final[len(doc.prompt):] == ctrl.memory.kept_tokens(include_prompt=False)
+        ops = ctrl.memory.stats().prune_ops  # one sequence per stretch between prune events
+        assert 1 <= len(segs) <= 1 + ops and (buffer is not None or len(segs) == 1)
+        assert final[:len(doc.prompt)] == doc.prompt
+
+
+def test_buffer_zero_working_memory_is_the_document_with_every_list_emptied():
+    p = next(p for p in small_problems() if p.kind == "arith" and p.depth == 3)
+    text = document_text(p)
+    doc = replayer().replay(p.question, text)
+    final = pruned_segments(doc, 0)[-1].ids[len(doc.prompt):]
+    full = document(p)
+    paths = []
+
+    def walk(t, path):
+        if "subtasks" in t:
+            paths.append(path)
+            for i, c in enumerate(t["subtasks"]):
+                walk(c, path + (i,))
+
+    for i, t in enumerate(full["reasoning"]):
+        walk(t, (i,))
+    assert tokenizer().decode(final.tolist()) == dumps_doc(pruned_view(full, paths))
+
+
+def test_loss_mask_is_the_written_tokens_only():
+    tok = tokenizer()
+    for p in small_problems()[:20]:
+        text = document_text(p)
+        doc = replayer().replay(p.question, text)
+        pieces = [tok.decode([t]) for t in doc.tokens]
+        assert "".join(pieces) == text
+        starts = [0]
+        for s in pieces:
+            starts.append(starts[-1] + len(s))
+        kind_at = [None] * len(text)
+        for i, k in enumerate(doc.kinds):
+            for c in range(starts[i], starts[i + 1]):
+                kind_at[c] = k
+        # forced keys are never trained on; tool results are never trained on
+        for key in ('"thought"', '"tool_name"', '"parameters"', '"reasoning"'):
+            at = text.find(key)
+            while at >= 0:
+                assert all(kind_at[c] != SAMPLED for c in range(at + 1, at + len(key) - 1)), (key, text[at:at + 20])
+                at = text.find(key, at + 1)
+        at = text.find('"tool_result": ')
+        while at >= 0:
+            start = at + len('"tool_result": ')
+            _, end = json.JSONDecoder().raw_decode(text, start)
+            assert all(kind_at[c] == TOOL for c in range(start, end))
+            at = text.find('"tool_result": ', end)
+        # the contents of thoughts and conclusions are the model's
+        for t in json.loads(text)["reasoning"]:
+            at = text.find('"conclusion": ' + json.dumps(t["conclusion"])) + len('"conclusion": "')
+            assert all(kind_at[c] == SAMPLED for c in range(at, at + len(t["conclusion"])))
+        # each segment's loss weights exactly its sampled tokens
+        for buf in (None, 0):
+            segs = pruned_segments(doc, buf)
+            assert sum(int(s.loss.sum()) for s in segs) == sum(k == SAMPLED for k in doc.kinds)
+            for s in segs:
+                assert s.loss[-1] == 0
+    assert FORCED != SAMPLED != TOOL

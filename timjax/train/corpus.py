@@ -1,0 +1,473 @@
+"""The synthetic TIM corpus: problems that need recursive decomposition and tools, with verifiable answers.
+
+Two kinds of problem:
+
+* **arithmetic**: integer expressions as a person types them (``Calculate -(12 - 5) * (3 + 4).``): ``+ - * /``,
+  parentheses only where precedence needs them, unary minus, negative literals. Division is exact only: a
+  divisor is always a literal that divides the running value (so every value is an integer and the answer
+  is checked exactly). ``depth`` is the nesting depth of operator chains (``3 + 4 * 5`` is depth 2);
+  ``breadth`` the most operands in one chain (``3 + 4 - 5 + 6`` is one chain of 4).
+* **lookup**: 2-3 hop questions over the knowledge base of the ``lookup`` tool
+  (``Who is the mother of the boss of Ada Stone?``).
+
+Each problem becomes one complete TIM document in the exact layout of ``tim_schema(tools=...)``:
+
+* an expression node with operands ``o1 op o2 op ... ok`` is one task: its compound operands are solved
+  first as subtasks (recursively), then each operator is one subtask that calls the calculator on two
+  integers (the running value and the next operand); a node of two literals calls the calculator itself.
+  Every conclusion is just the value, so a pruned subtask list leaves what the parent needs in view.
+* a lookup question is one task whose subtasks are the hops, each a ``lookup`` call; each hop's entity is
+  the previous hop's conclusion.
+
+A calculator call is one operation on two integers (``{"op": "sub", "a": 12, "b": 5}``), the thought before
+it states the operation as typed (``Compute 12 - 5.``).
+
+Tool results are the real servers' outputs, encoded by ``timjax.tools.encoding.encode_result`` (the exact
+text the runtime writes after ``"tool_result"``); see ``timjax.train.tools_adapter``.
+
+Splits: a problem's identity is its canonical form (``Problem.key``); it is in the held-out split iff a hash
+of the key falls below ``heldout_fraction``, so train and held-out never share a problem whatever the
+sizes, and a fixed seed reproduces the corpus exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Literal, Union
+
+from timjax.train.tools_adapter import ToolBackend, default_backend
+
+Split = Literal["train", "heldout"]
+
+# ----------------------------------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True)
+class Num:
+    value: int
+
+
+@dataclass(frozen=True)
+class Chain:
+    """``operands[0] ops[0] operands[1] ops[1] ...``, all operators of one precedence class."""
+
+    kind: Literal["add", "mul"]
+    operands: tuple[Expr, ...]
+    ops: tuple[str, ...]  # len(operands) - 1 operators, '+'/'-' or '*'/'/'
+
+
+@dataclass(frozen=True)
+class Neg:
+    child: Expr  # a compound expression (a negated literal is a Num)
+
+
+Expr = Union[Num, Chain, Neg]
+
+
+def depth(e: Expr) -> int:
+    if isinstance(e, Num):
+        return 0
+    if isinstance(e, Neg):
+        return 1 + depth(e.child)
+    return 1 + max(depth(o) for o in e.operands)
+
+
+def value(e: Expr) -> Fraction:
+    if isinstance(e, Num):
+        return Fraction(e.value)
+    if isinstance(e, Neg):
+        return -value(e.child)
+    acc = value(e.operands[0])
+    for op, o in zip(e.ops, e.operands[1:]):
+        acc = apply_op(acc, op, value(o))
+    return acc
+
+
+def apply_op(a: Fraction, op: str, b: Fraction) -> Fraction:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a / b
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def _needs_parens(child: Expr, parent: Chain) -> bool:
+    # an operand that is itself a chain of the same class, or a sum inside a product, needs parentheses
+    return isinstance(child, Chain) and (child.kind == parent.kind or parent.kind == "mul")
+
+
+def render(e: Expr, *, spaced_parens: bool = False) -> str:
+    """The expression as typed: binary operators spaced, parentheses only where needed."""
+    lp, rp = ("( ", " )") if spaced_parens else ("(", ")")
+
+    def r(x: Expr) -> str:
+        if isinstance(x, Num):
+            return str(x.value)
+        if isinstance(x, Neg):
+            return f"-{lp}{r(x.child)}{rp}"
+        parts = []
+        for i, o in enumerate(x.operands):
+            s = r(o)
+            if _needs_parens(o, x):
+                s = f"{lp}{s}{rp}"
+            parts.append(s if i == 0 else f"{x.ops[i - 1]} {s}")
+        return " ".join(parts)
+
+    return r(e)
+
+
+@dataclass(frozen=True)
+class ArithParams:
+    depth: int = 3
+    breadth: int = 3  # most operands per chain
+    max_literal: int = 20
+    p_binary: float = 0.7  # a chain has two operands (else 3 .. breadth)
+    p_literal: float = 0.6  # an operand off the deepest path is a literal
+    p_negative_literal: float = 0.08
+    p_neg: float = 0.12  # a compound operand is negated: -( ... )
+    p_div: float = 0.35  # a literal operand of a product becomes an exact divisor
+    max_abs_value: int = 99_999
+
+
+def _literal(rng: random.Random, p: ArithParams) -> Num:
+    v = rng.randint(1, p.max_literal)
+    return Num(-v if rng.random() < p.p_negative_literal else v)
+
+
+def _chain(rng: random.Random, d: int, p: ArithParams, parent_kind: str | None) -> Expr:
+    """A random expression of exactly depth ``d`` (>= 1)."""
+    if d >= 2 and rng.random() < p.p_neg:
+        return Neg(_chain(rng, d - 1, p, None))
+    kind = rng.choice(("add", "mul"))
+    k = 2 if p.breadth <= 2 or rng.random() < p.p_binary else rng.randint(3, p.breadth)
+    deep = rng.randrange(k)
+    operands = []
+    for i in range(k):
+        od = d - 1 if i == deep else (0 if rng.random() < p.p_literal else rng.randint(0, d - 1))
+        operands.append(_literal(rng, p) if od == 0 else _chain(rng, od, p, kind))
+    if kind == "add":
+        ops = [rng.choice("+-") for _ in range(k - 1)]
+    else:
+        ops = []
+        acc = value(operands[0])
+        for i in range(1, k):
+            op = "*"
+            if isinstance(operands[i], Num) and rng.random() < p.p_div and acc.denominator == 1:
+                divs = [q for q in range(2, 13) if acc.numerator % q == 0]
+                if divs:
+                    operands[i] = Num(rng.choice(divs))
+                    op = "/"
+            ops.append(op)
+            acc = apply_op(acc, op, value(operands[i]))
+    return Chain(kind, tuple(operands), tuple(ops))
+
+
+def _values_ok(e: Expr, p: ArithParams) -> bool:
+    if isinstance(e, Num):
+        return abs(e.value) <= p.max_abs_value
+    if isinstance(e, Neg):
+        return _values_ok(e.child, p)
+    acc = value(e.operands[0])
+    for op, o in zip(e.ops, e.operands[1:]):
+        if not _values_ok(o, p):
+            return False
+        acc = apply_op(acc, op, value(o))
+        if acc.denominator != 1 or abs(acc) > p.max_abs_value:
+            return False
+    return _values_ok(e.operands[0], p)
+
+
+def random_expression(rng: random.Random, p: ArithParams) -> Expr:
+    for _ in range(1000):
+        e = _chain(rng, p.depth, p, None)
+        if depth(e) == p.depth and _values_ok(e, p):
+            return e
+    raise RuntimeError(f"could not draw an expression with {p}")
+
+
+def parse_expression(text: str) -> Expr:
+    """Parse a typed expression back into the tree (the canonical form ``render`` writes)."""
+    toks = text.replace("(", " ( ").replace(")", " ) ").split()
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def atom() -> Expr:
+        t = take()
+        if t == "(":
+            e = chain()
+            if take() != ")":
+                raise ValueError(f"unbalanced parentheses in {text!r}")
+            return e
+        if t == "-" and peek() == "(":
+            take()
+            e = chain()
+            take()
+            return Neg(e)
+        if t.lstrip("-").isdigit():
+            return Num(int(t))
+        raise ValueError(f"unexpected {t!r} in {text!r}")
+
+    def product() -> Expr:
+        ops, xs = [], [atom()]
+        while peek() in ("*", "/"):
+            ops.append(take())
+            xs.append(atom())
+        return xs[0] if not ops else Chain("mul", tuple(xs), tuple(ops))
+
+    def chain() -> Expr:
+        ops, xs = [], [product()]
+        while peek() in ("+", "-"):
+            ops.append(take())
+            xs.append(product())
+        return xs[0] if not ops else Chain("add", tuple(xs), tuple(ops))
+
+    e = chain()
+    if pos != len(toks):
+        raise ValueError(f"trailing input in {text!r}")
+    return e
+
+
+# ----------------------------------------------------------------------------------------- problems
+
+ARITH_TEMPLATES = ("Calculate {}.", "What is {}?", "Compute {}.")
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: Literal["arith", "lookup"]
+    question: str
+    answer: str
+    key: str  # canonical identity: the split is a function of it
+    depth: int  # arithmetic: expression depth; lookup: number of hops
+    data: dict = field(default_factory=dict, compare=False)  # arith: {"expr"}; lookup: {"start", "relations"}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def split_of(key: str, heldout_fraction: float) -> Split:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "heldout" if h < heldout_fraction else "train"
+
+
+def fmt_int(v: Fraction) -> str:
+    if v.denominator != 1:
+        raise ValueError(f"{v} is not an integer")
+    return str(v.numerator)
+
+
+def arith_problem(rng: random.Random, p: ArithParams) -> Problem:
+    e = random_expression(rng, p)
+    canonical = render(e)
+    typed = render(e, spaced_parens=rng.random() < 0.5)
+    q = rng.choice(ARITH_TEMPLATES).format(typed)
+    return Problem("arith", q, fmt_int(value(e)), "arith:" + canonical, depth(e), {"expr": canonical})
+
+
+def lookup_problem(rng: random.Random, tools: ToolBackend, hops: int) -> Problem:
+    start, relations, answer = tools.random_chain(rng, hops)
+    phrase = start
+    for rel in relations:
+        phrase = f"the {tools.relation_phrase(rel)} of {phrase}"
+    q = f"{tools.question_word(relations[-1])} is {phrase}?"
+    key = "lookup:" + json.dumps([start, list(relations)])
+    return Problem("lookup", q, answer, key, hops, {"start": start, "relations": list(relations)})
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What to draw. ``mix``: (kind, depth-or-hops, weight) triples."""
+
+    seed: int = 0
+    mix: tuple[tuple[str, int, float], ...] = (("arith", 1, 1.0), ("arith", 2, 2.0), ("arith", 3, 3.0),
+                                             ("lookup", 2, 1.5), ("lookup", 3, 1.5))
+    breadth: int = 3
+    max_literal: int = 20
+    heldout_fraction: float = 0.05
+
+
+def iter_problems(spec: CorpusSpec, split: Split, tools: ToolBackend | None = None,
+                  *, stream: int = 0) -> Iterator[Problem]:
+    """An endless deterministic stream of distinct problems of one split (``stream`` picks an independent
+    stream of the same distribution, e.g. to draw evaluation problems separately from training ones)."""
+    tools = tools or default_backend()
+    rng = random.Random(f"{spec.seed}:{stream}")
+    weights = [w for _, _, w in spec.mix]
+    seen: set[str] = set()
+    while True:
+        kind, d, _ = rng.choices(spec.mix, weights)[0]
+        if kind == "arith":
+            prob = arith_problem(rng, ArithParams(depth=d, breadth=spec.breadth, max_literal=spec.max_literal))
+        else:
+            prob = lookup_problem(rng, tools, d)
+        if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:
+            continue
+        seen.add(prob.key)
+        yield prob
+
+
+def problems(spec: CorpusSpec, split: Split, n: int, *, kind: str | None = None, depth: int | None = None,
+             tools: ToolBackend | None = None, stream: int = 0) -> list[Problem]:
+    """The first ``n`` problems of a split (optionally of one kind and depth)."""
+    if kind is not None or depth is not None:
+        spec = CorpusSpec(**{**asdict(spec), "mix": tuple(
+            m for m in spec.mix if (kind is None or m[0] == kind) and (depth is None or m[1] == depth))})
+        if not spec.mix:
+            raise ValueError(f"no problems of kind={kind!r} depth={depth!r} in the corpus mix")
+    out = []
+    for prob in iter_problems(spec, split, tools, stream=stream):
+        out.append(prob)
+        if len(out) == n:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------- documents
+
+
+class Raw(str):
+    """A JSON value already encoded (a tool result as the runtime writes it): emitted verbatim."""
+
+
+def dumps_doc(obj) -> str:
+    """Serialise a document exactly as the grammar lays it out (``json.dumps`` separators, key order as
+    given, ``Raw`` values verbatim)."""
+    if isinstance(obj, Raw):
+        return str(obj)
+    if isinstance(obj, dict):
+        return "{" + ", ".join(json.dumps(k, ensure_ascii=False) + ": " + dumps_doc(v) for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(dumps_doc(v) for v in obj) + "]"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _tool_task(thought: str, tooluse: dict, conclusion: str) -> dict:
+    return {"thought": thought, "tooluse": tooluse, "conclusion": conclusion}
+
+
+def _calc_step(tools: ToolBackend, a: Fraction, op: str, b: Fraction) -> tuple[dict, Fraction]:
+    expr = f"{fmt_int(a)} {op} {fmt_int(b)}"
+    tooluse, result = tools.calculate(int(a), op, int(b))
+    if result != apply_op(a, op, b):
+        raise RuntimeError(f"calculator returned {result} for {expr}")
+    return _tool_task(f"Compute {expr}.", tooluse, fmt_int(result)), result
+
+
+def arith_task(e: Expr, tools: ToolBackend) -> tuple[dict, Fraction]:
+    """The task solving ``e`` and its value."""
+    if isinstance(e, Neg):
+        child, v = arith_task(e.child, tools)
+        step, r = _calc_step(tools, Fraction(0), "-", v)
+        return {"thought": f"Compute -({render(e.child)}).", "subtasks": [child, step], "conclusion": fmt_int(r)}, r
+    subtasks: list[dict] = []
+    vals: list[Fraction] = []
+    for o in e.operands:
+        if isinstance(o, Num):
+            vals.append(Fraction(o.value))
+        else:
+            t, v = arith_task(o, tools)
+            subtasks.append(t)
+            vals.append(v)
+    if not subtasks and len(e.operands) == 2:
+        step, r = _calc_step(tools, vals[0], e.ops[0], vals[1])
+        return step, r
+    acc = vals[0]
+    for op, v in zip(e.ops, vals[1:]):
+        step, acc = _calc_step(tools, acc, op, v)
+        subtasks.append(step)
+    return {"thought": f"Compute {render(e)}.", "subtasks": subtasks, "conclusion": fmt_int(acc)}, acc
+
+
+def lookup_task(prob: Problem, tools: ToolBackend) -> tuple[dict, str]:
+    entity = prob.data["start"]
+    rels = prob.data["relations"]
+    plan = ", then ".join(tools.relation_phrase(r) for r in rels)
+    hops = []
+    for rel in rels:
+        tooluse, result = tools.lookup(entity, rel)
+        hops.append(_tool_task(f"Find the {tools.relation_phrase(rel)} of {entity}.", tooluse, result))
+        entity = result
+    return {"thought": f"Start from {prob.data['start']}: {plan}.", "subtasks": hops, "conclusion": entity}, entity
+
+
+def document(prob: Problem, tools: ToolBackend | None = None) -> dict:
+    """The complete TIM response (a dict whose ``tool_result`` values are ``Raw`` encoded text)."""
+    tools = tools or default_backend()
+    if prob.kind == "arith":
+        task, v = arith_task(parse_expression(prob.data["expr"]), tools)
+        answer = fmt_int(v)
+    else:
+        task, answer = lookup_task(prob, tools)
+    if answer != prob.answer:
+        raise RuntimeError(f"document answer {answer!r} differs from the problem's {prob.answer!r}: {prob.question}")
+    return {"reasoning": [task], "answer": answer}
+
+
+def document_text(prob: Problem, tools: ToolBackend | None = None) -> str:
+    return dumps_doc(document(prob, tools))
+
+
+def check_answer(prob_answer: str, response_answer) -> bool:
+    """The verifier: the response's answer equals the problem's (integers compared as numbers)."""
+    got = str(response_answer).strip()
+    if got == prob_answer:
+        return True
+    try:
+        return Fraction(got) == Fraction(prob_answer)
+    except (ValueError, ZeroDivisionError):
+        return False
+
+
+def load_problems_jsonl(path: str) -> list[Problem]:
+    """``{"question", "answer"}`` lines (other fields kept in ``data``) as problems of kind 'external'."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                q, a = row["question"], row["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: expected a JSON object with 'question' and 'answer' ({e})") from e
+            kind = row.get("kind", "external")
+            out.append(Problem(kind, str(q), str(a), f"{kind}:{q}", int(row.get("depth", 0)), dict(row)))
+    return out
+
+
+def save_problems_jsonl(probs: Sequence[Problem], path: str) -> None:
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth},
+                               ensure_ascii=False) + "\n" for p in probs)
+    os.replace(tmp, path)
+
+
+def iter_tasks_with_tools(doc: dict):
+    """The ``tooluse`` objects of a parsed document, in document order."""
+
+    def walk(tasks):
+        for t in tasks:
+            if "tooluse" in t:
+                yield t["tooluse"]
+            yield from walk(t.get("subtasks") or [])
+
+    yield from walk(doc["reasoning"])
