@@ -74,8 +74,9 @@ def environment() -> dict[str, Any]:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "timjax")},
-        "env_vars": {k: os.environ[k] for k in sorted(os.environ)
-                     if k.startswith(("XLA_", "JAX_", "OMP_", "MKL_", "TF_CPP"))},
+        "env_vars": {
+            k: os.environ[k] for k in sorted(os.environ) if k.startswith(("XLA_", "JAX_", "OMP_", "MKL_", "TF_CPP"))
+        },
     }
     try:
         import subprocess

@@ -29,11 +29,23 @@ GB = 1e9
 
 def qwen3_8b_config(layers: int) -> dict:
     return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
-        "intermediate_size": 12288, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "max_position_embeddings": 40960, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
     }
 
 
@@ -92,12 +104,16 @@ def write_checkpoint(root: Path, layers: int, shard_bytes: float) -> tuple[int, 
         total += sz
         largest = max(largest, sz)
         print(f"  wrote {fname}: {sz / GB:.2f} GB", flush=True)
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total, largest, len(shards)
 
 
-_HWM = ("\nfor _l in open('/proc/self/status'):\n"
-        "    if _l.startswith('VmHWM'): print('VMHWM_KB', _l.split()[1], flush=True)\n")
+_HWM = (
+    "\nfor _l in open('/proc/self/status'):\n"
+    "    if _l.startswith('VmHWM'): print('VMHWM_KB', _l.split()[1], flush=True)\n"
+)
 
 
 def run_measured(code: str) -> tuple[float, float, float]:
@@ -129,10 +145,17 @@ def main() -> None:
         hf, tj, back = work / "hf", work / "tj", work / "back"
         print(f"writing synthetic Qwen3-8B-shaped checkpoint ({args.layers} layers) to {hf}", flush=True)
         # generated in a child so this process stays small (see run_measured)
-        r = subprocess.run([sys.executable, "-c",
-                            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_memory as m; "
-                            f"print('SIZES', *m.write_checkpoint(m.Path({str(hf)!r}), {args.layers}, {args.shard_gb * GB}))"],
-                           stdout=subprocess.PIPE, text=True, check=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_memory as m; "
+                f"print('SIZES', *m.write_checkpoint(m.Path({str(hf)!r}), {args.layers}, {args.shard_gb * GB}))",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
         print(r.stdout, end="")
         total, largest, n_shards = (int(v) for v in r.stdout.split("SIZES")[1].split())
         layer_bytes = sum(int(np.prod(s)) * 2 for n, s in tensor_specs(qwen3_8b_config(1)) if ".layers.0." in n)
@@ -140,17 +163,23 @@ def main() -> None:
 
         base_rss, _, _ = run_measured("import timjax.convert, orbax.checkpoint, safetensors")
         conv_rss, conv_maxrss, conv_s = run_measured(
-            f"from timjax.convert import convert_hf_to_timjax; convert_hf_to_timjax({str(hf)!r}, {str(tj)!r}, progress=False)")
+            f"from timjax.convert import convert_hf_to_timjax; convert_hf_to_timjax({str(hf)!r}, {str(tj)!r}, progress=False)"
+        )
         exp_rss, exp_maxrss, exp_s = run_measured(
             f"from timjax.convert import export_timjax_to_hf; export_timjax_to_hf({str(tj)!r}, {str(back)!r}, "
-            f"max_shard_bytes={int(args.shard_gb * GB)}, progress=False)")
+            f"max_shard_bytes={int(args.shard_gb * GB)}, progress=False)"
+        )
         tj_bytes = sum(f.stat().st_size for f in tj.rglob("*") if f.is_file())
         print()
-        print(f"checkpoint: {total / GB:.2f} GB in {n_shards} shards, largest shard {largest / GB:.2f} GB; "
-              f"one layer {layer_bytes / GB:.2f} GB, embed/lm_head {embed_bytes / GB:.2f} GB each")
+        print(
+            f"checkpoint: {total / GB:.2f} GB in {n_shards} shards, largest shard {largest / GB:.2f} GB; "
+            f"one layer {layer_bytes / GB:.2f} GB, embed/lm_head {embed_bytes / GB:.2f} GB each"
+        )
         print(f"baseline (imports only) peak RSS: {base_rss / GB:.2f} GB")
-        print(f"convert: peak RSS {conv_rss / GB:.2f} GB (ru_maxrss {conv_maxrss / GB:.2f} GB), {conv_s:.1f} s, "
-              f"timjax dir {tj_bytes / GB:.2f} GB")
+        print(
+            f"convert: peak RSS {conv_rss / GB:.2f} GB (ru_maxrss {conv_maxrss / GB:.2f} GB), {conv_s:.1f} s, "
+            f"timjax dir {tj_bytes / GB:.2f} GB"
+        )
         print(f"export:  peak RSS {exp_rss / GB:.2f} GB (ru_maxrss {exp_maxrss / GB:.2f} GB), {exp_s:.1f} s")
     finally:
         if args.keep:

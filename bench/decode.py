@@ -53,18 +53,50 @@ QWEN_VOCAB = 151936
 
 SHAPES: dict[str, Qwen3Config] = {
     # A few-layer toy for smoke runs.
-    "tiny": Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    "tiny": Qwen3Config(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=True,
+    ),
     # ~20.0M params, Qwen3-like proportions (GQA 2:1, head_dim 64, SwiGLU 3x, tied embeddings) with a
     # 32k vocabulary (a 151936 vocab alone would be 39M params at hidden 256).
-    "20m": Qwen3Config(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True),
+    "20m": Qwen3Config(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
     # Qwen3-0.6B.
-    "0.6b": Qwen3Config(vocab_size=QWEN_VOCAB, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "0.6b": Qwen3Config(
+        vocab_size=QWEN_VOCAB,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
     # Qwen3-8B (and TIM-8b).
-    "8b": Qwen3Config(vocab_size=QWEN_VOCAB, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "8b": Qwen3Config(
+        vocab_size=QWEN_VOCAB,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
 
 NA_CPU = "n/a on CPU"
@@ -116,8 +148,9 @@ def _cache_size(fn) -> int | None:
 
 def new_cache(cfg, B, max_seq_len, page_size, dtype):
     pages_per_seq = cdiv(max_seq_len, page_size)
-    return create_cache(cfg, num_pages=B * pages_per_seq, page_size=page_size, max_seqs=B,
-                        max_seq_len=max_seq_len, dtype=dtype)
+    return create_cache(
+        cfg, num_pages=B * pages_per_seq, page_size=page_size, max_seqs=B, max_seq_len=max_seq_len, dtype=dtype
+    )
 
 
 def prefill(params, cfg, B, prompt, max_seq_len, page_size, dtype, impl):
@@ -154,8 +187,13 @@ def bench_step(params, cfg, B, prompt, max_seq_len, page_size, dtype, impl, n_st
         t.samples.append(time.perf_counter() - t0)
     recompiled = (_cache_size(steps.generate_step) or 0) - (n_compiled or 0)
     assert not bool(np.asarray(cache.oom).any()), "benchmark cache ran out of pages"
-    return {"timing": t, "prefill_s": prefill_s, "first_decode_call_s": compile_s,
-            "first_prefill_call_s": first_prefill_s, "recompiles_during_timing": recompiled}
+    return {
+        "timing": t,
+        "prefill_s": prefill_s,
+        "first_decode_call_s": compile_s,
+        "first_prefill_call_s": first_prefill_s,
+        "recompiles_during_timing": recompiled,
+    }
 
 
 def bench_loop(params, cfg, B, prompt, max_seq_len, page_size, dtype, impl, n_steps, repeats) -> dict[str, Any]:
@@ -169,8 +207,9 @@ def bench_loop(params, cfg, B, prompt, max_seq_len, page_size, dtype, impl, n_st
     compile_s = None
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        sampled, cache, tok, active = steps.decode_loop(params, cache, tok, active, sampling, stop_ids, budget,
-                                                        cfg=cfg, impl=impl, num_steps=n_steps)
+        sampled, cache, tok, active = steps.decode_loop(
+            params, cache, tok, active, sampling, stop_ids, budget, cfg=cfg, impl=impl, num_steps=n_steps
+        )
         jax.block_until_ready((sampled, cache))
         dt = time.perf_counter() - t0
         if i == 0:
@@ -190,8 +229,16 @@ def bench_engine(model, B, prompt, n_new, repeats, page_size, impl) -> dict[str,
     max_seq_len = cdiv(len(prompts[0]) + n_new, page_size) * page_size
 
     def run(n):
-        res = timjax.generate(model, prompts, max_new_tokens=n, max_batch=B, page_size=page_size, stop_ids=[],
-                              impl=impl, max_seq_len=max_seq_len)
+        res = timjax.generate(
+            model,
+            prompts,
+            max_new_tokens=n,
+            max_batch=B,
+            page_size=page_size,
+            stop_ids=[],
+            impl=impl,
+            max_seq_len=max_seq_len,
+        )
         assert all(r.stats.generated_tokens == n for r in res), [r.finish_reason for r in res]
 
     return per_token_timing(run, n_new, repeats)
@@ -217,8 +264,12 @@ def bench_ragged_step(model, B, prompt, n_new, page_size, impl, repeats) -> dict
 
     def packed(tokens, q_len):
         n = bucket(max(int(q_len.sum()), min(8, S)))
-        tok = jnp.zeros(n, jnp.int32).at[:tokens.size].set(tokens.reshape(-1))
-        row = jnp.zeros(n, jnp.int32).at[:tokens.size].set(jnp.repeat(jnp.arange(S), q_len, total_repeat_length=tokens.size))
+        tok = jnp.zeros(n, jnp.int32).at[: tokens.size].set(tokens.reshape(-1))
+        row = (
+            jnp.zeros(n, jnp.int32)
+            .at[: tokens.size]
+            .set(jnp.repeat(jnp.arange(S), q_len, total_repeat_length=tokens.size))
+        )
         cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_len)]).astype(jnp.int32)
         return steps.Packed(tok, row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
 
@@ -226,16 +277,18 @@ def bench_ragged_step(model, B, prompt, n_new, page_size, impl, repeats) -> dict
     q_len = jnp.zeros(S, jnp.int32).at[:B].set(T)
     kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages)
     p = packed(jnp.asarray(prompt), q_len)
-    tok, _, cache = steps.ragged_generate_step(params, cache, p, edits, sp, **kw,
-                                               max_new_pages=cdiv(p.tokens.size, page_size) + 1)
+    tok, _, cache = steps.ragged_generate_step(
+        params, cache, p, edits, sp, **kw, max_new_pages=cdiv(p.tokens.size, page_size) + 1
+    )
     ones = jnp.zeros(S, jnp.int32).at[:B].set(1)
     t = Timing()
     for i in range(2 + repeats * n_new):
         edits = rewind if i % (n_new - 1) == 0 else keep
         p = packed(tok[:B], ones)
         t0 = time.perf_counter()
-        tok, _, cache = steps.ragged_generate_step(params, cache, p, edits, sp, **kw,
-                                                   max_new_pages=cdiv(p.tokens.size, page_size) + 1)
+        tok, _, cache = steps.ragged_generate_step(
+            params, cache, p, edits, sp, **kw, max_new_pages=cdiv(p.tokens.size, page_size) + 1
+        )
         jax.block_until_ready(tok)
         if i >= 2:
             t.samples.append(time.perf_counter() - t0)
@@ -283,14 +336,25 @@ def bench_torch(cfg, dtype, B, prompt, n_new, repeats, threads) -> dict[str, Any
 
     def run(n):
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         if device == "cuda":
             torch.cuda.synchronize()
         assert out.shape[1] == ids.shape[1] + n
 
-    res = {**per_token_timing(run, n_new, repeats), "device": device, "threads": torch.get_num_threads(),
-           "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    res = {
+        **per_token_timing(run, n_new, repeats),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
     del model
     gc.collect()
     return res
@@ -333,26 +397,41 @@ def bench_kernels(cfg, dtype, B, context, page_size, repeats, include_interpret)
         except Exception as e:  # noqa: BLE001 - report, don't crash the whole benchmark
             return {"kernel": name, "timing": None, "note": f"failed: {type(e).__name__}: {str(e)[:200]}"}
 
-    rows = [timed("xla reference (timjax impl=xla)",
-                  lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="xla"))]
+    rows = [
+        timed(
+            "xla reference (timjax impl=xla)", lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="xla")
+        )
+    ]
     if on_gpu():
-        rows.append(timed("timjax Pallas (impl=pallas)",
-                          lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="pallas")))
+        rows.append(
+            timed(
+                "timjax Pallas (impl=pallas)",
+                lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="pallas"),
+            )
+        )
         from jax.experimental.pallas.ops.gpu.paged_attention import (
             paged_attention as jax_paged,
         )
 
-        rows.append(timed(f"jax.experimental paged_attention (k_splits={k_splits}, ppcb={ppcb})",
-                          lambda q, k, v, l, t: jax_paged(q, k, v, t, l, k_splits=k_splits,
-                                                          pages_per_compute_block=ppcb)))
+        rows.append(
+            timed(
+                f"jax.experimental paged_attention (k_splits={k_splits}, ppcb={ppcb})",
+                lambda q, k, v, l, t: jax_paged(q, k, v, t, l, k_splits=k_splits, pages_per_compute_block=ppcb),
+            )
+        )
     else:
         if include_interpret:
-            rows.append(timed("timjax Pallas interpret (not a perf path)",
-                              lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="pallas_interpret")))
+            rows.append(
+                timed(
+                    "timjax Pallas interpret (not a perf path)",
+                    lambda q, k, v, l, t: kernels.decode_attention(q, k, v, l, t, impl="pallas_interpret"),
+                )
+            )
         else:
             rows.append({"kernel": "timjax Pallas (impl=pallas)", "timing": None, "note": NA_CPU})
-        rows.append({"kernel": "jax.experimental paged_attention", "timing": None,
-                     "note": NA_CPU + " (Triton/GPU kernel)"})
+        rows.append(
+            {"kernel": "jax.experimental paged_attention", "timing": None, "note": NA_CPU + " (Triton/GPU kernel)"}
+        )
     ref = rows[0].get("out")
     for r in rows:
         out = r.pop("out", None)
@@ -363,28 +442,54 @@ def bench_kernels(cfg, dtype, B, context, page_size, repeats, include_interpret)
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), default="20m")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="default: bfloat16 on GPU, float32 on CPU (bf16 matmuls are not a fast CPU path in XLA or torch)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: bfloat16 on GPU, float32 on CPU (bf16 matmuls are not a fast CPU path in XLA or torch)",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on CPU, 1 8 32 on GPU")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="decode steps timed (and steps per decode_loop dispatch)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the multi-step measurements (median)")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--bandwidth-gbs", type=float, default=None,
-                   help=f"memory bandwidth for the floor; default {H100_SXM_GBS:g} (H100 SXM) on GPU, measured on CPU")
-    p.add_argument("--kernel-context", type=int, default=None, help="context length of the kernel-level comparison "
-                   "(default prompt-len + steps)")
-    p.add_argument("--methods", nargs="+", default=["pallas", "xla", "loop", "engine", "kernels", "torch"],
-                   choices=["pallas", "xla", "loop", "engine", "kernels", "torch"],
-                   help="'engine' adds end-to-end timjax.generate (host loop included)")
-    p.add_argument("--include-interpret", action="store_true",
-                   help="on CPU, time the Pallas kernel in interpret mode (slow; not a performance path)")
-    p.add_argument("--torch-threads", type=int, nargs="+", default=None,
-                   help="torch.set_num_threads values to try, each its own row; the fastest is the peer for the "
-                        "speedup column (default on CPU: 1 and os.cpu_count(); torch's intra-op threads spin and "
-                        "lose badly on a loaded machine, so one thread can win)")
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help=f"memory bandwidth for the floor; default {H100_SXM_GBS:g} (H100 SXM) on GPU, measured on CPU",
+    )
+    p.add_argument(
+        "--kernel-context",
+        type=int,
+        default=None,
+        help="context length of the kernel-level comparison (default prompt-len + steps)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["pallas", "xla", "loop", "engine", "kernels", "torch"],
+        choices=["pallas", "xla", "loop", "engine", "kernels", "torch"],
+        help="'engine' adds end-to-end timjax.generate (host loop included)",
+    )
+    p.add_argument(
+        "--include-interpret",
+        action="store_true",
+        help="on CPU, time the Pallas kernel in interpret mode (slow; not a performance path)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch.set_num_threads values to try, each its own row; the fastest is the peer for the "
+        "speedup column (default on CPU: 1 and os.cpu_count(); torch's intra-op threads spin and "
+        "lose badly on a loaded machine, so one thread can win)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=str, default=None, help="write all numbers and the environment here")
     return p.parse_args(argv)
@@ -405,8 +510,10 @@ def main(argv=None) -> dict[str, Any]:
         bw, bw_src = measure_host_bandwidth_gbs(), "measured: numpy copy of 256 MiB, (read+write bytes)/best time"
     w_step = step_weight_bytes(cfg, dtype)
     floor_s = w_step / (bw * 1e9)
-    log(f"shape {args.shape}: {cfg.num_params() / 1e6:.1f}M params, {dtype}, weights read per step "
-        f"{w_step / 1e6:.1f} MB, bandwidth {bw:.1f} GB/s ({bw_src}) -> floor {floor_s * 1e3:.3f} ms/step")
+    log(
+        f"shape {args.shape}: {cfg.num_params() / 1e6:.1f}M params, {dtype}, weights read per step "
+        f"{w_step / 1e6:.1f} MB, bandwidth {bw:.1f} GB/s ({bw_src}) -> floor {floor_s * 1e3:.3f} ms/step"
+    )
     log(f"{env['device_kind']} ({env['jax_backend']}), {env['cpu_model']}, {env['cpu_count']} cpus")
 
     total_w = total_weight_bytes(cfg, dtype)
@@ -417,10 +524,19 @@ def main(argv=None) -> dict[str, Any]:
 
     def add(method, B, timing=None, note="", **extra):
         ms = timing.median * 1e3 if timing is not None and timing.samples else None
-        results.append({"method": method, "batch": B, "ms_per_step": ms,
-                        "tokens_per_s": B / (ms / 1e3) if ms else None,
-                        "floor_ms": floor_s * 1e3, "ratio_to_floor": ms / (floor_s * 1e3) if ms else None,
-                        "note": note, "timing": timing, **extra})
+        results.append(
+            {
+                "method": method,
+                "batch": B,
+                "ms_per_step": ms,
+                "tokens_per_s": B / (ms / 1e3) if ms else None,
+                "floor_ms": floor_s * 1e3,
+                "ratio_to_floor": ms / (floor_s * 1e3) if ms else None,
+                "note": note,
+                "timing": timing,
+                **extra,
+            }
+        )
         if ms is not None:
             log(f"  {method:<44} B={B:<3} {ms:9.3f} ms/step  {B / (ms / 1e3):10.1f} tok/s  {note}")
         else:
@@ -428,7 +544,9 @@ def main(argv=None) -> dict[str, Any]:
 
     model = None
     if total_w * 1.3 > avail:
-        notes.append(f"timjax skipped: weights {total_w / 2**30:.1f} GiB do not fit ({avail / 2**30:.1f} GiB available)")
+        notes.append(
+            f"timjax skipped: weights {total_w / 2**30:.1f} GiB do not fit ({avail / 2**30:.1f} GiB available)"
+        )
         log(notes[-1])
     else:
         with Stopwatch() as sw:
@@ -449,10 +567,16 @@ def main(argv=None) -> dict[str, Any]:
             if "pallas" in args.methods:
                 if gpu or args.include_interpret:
                     impl = "pallas" if gpu else "pallas_interpret"
-                    r = bench_step(params, cfg, B, prompt, max_seq_len, args.page_size, dtype, impl,
-                                   n if gpu else min(n, 4))
-                    add(f"timjax generate_step, {impl}", B, r.pop("timing"),
-                        "" if gpu else "interpret mode: NOT a performance path", **r)
+                    r = bench_step(
+                        params, cfg, B, prompt, max_seq_len, args.page_size, dtype, impl, n if gpu else min(n, 4)
+                    )
+                    add(
+                        f"timjax generate_step, {impl}",
+                        B,
+                        r.pop("timing"),
+                        "" if gpu else "interpret mode: NOT a performance path",
+                        **r,
+                    )
                 else:
                     add("timjax generate_step, pallas", B, None, NA_CPU + " (interpret mode only; --include-interpret)")
             if "xla" in args.methods:
@@ -462,8 +586,9 @@ def main(argv=None) -> dict[str, Any]:
                 r = bench_loop(params, cfg, B, prompt, max_seq_len, args.page_size, dtype, "xla", n, args.repeats)
                 add("timjax decode_loop, xla", B, r.pop("timing"), f"{n} steps/dispatch", **r)
                 if gpu:
-                    r = bench_loop(params, cfg, B, prompt, max_seq_len, args.page_size, dtype, "pallas", n,
-                                   args.repeats)
+                    r = bench_loop(
+                        params, cfg, B, prompt, max_seq_len, args.page_size, dtype, "pallas", n, args.repeats
+                    )
                     add("timjax decode_loop, pallas", B, r.pop("timing"), f"{n} steps/dispatch", **r)
             if "engine" in args.methods:
                 r = bench_ragged_step(model, B, prompt, n, args.page_size, "auto", args.repeats)
@@ -486,17 +611,24 @@ def main(argv=None) -> dict[str, Any]:
             elif torch_w * 1.3 > available_memory_bytes():
                 add("transformers generate (torch)", B, None, "skipped: weights do not fit in memory")
             else:
-                for threads in (args.torch_threads or ([None] if gpu else [1, os.cpu_count()])):
+                for threads in args.torch_threads or ([None] if gpu else [1, os.cpu_count()]):
                     r = bench_torch(cfg, dtype, B, prompt, n, args.repeats, threads)
-                    add(f"transformers generate (torch {r['device']}, {r['threads']} thr)", B, r.pop("timing"),
-                        "(t(N)-t(1))/(N-1)", **r)
+                    add(
+                        f"transformers generate (torch {r['device']}, {r['threads']} thr)",
+                        B,
+                        r.pop("timing"),
+                        "(t(N)-t(1))/(N-1)",
+                        **r,
+                    )
         gc.collect()
 
     # ------------------------------------------------------------------ report
     print()
-    title = (f"decode, shape {args.shape} ({cfg.num_params() / 1e6:.1f}M params), {dtype}, prompt {args.prompt_len}, "
-             f"{n} steps, page {args.page_size}; {env['device_kind']}; floor = {w_step / 1e6:.1f} MB weights / "
-             f"{bw:.1f} GB/s")
+    title = (
+        f"decode, shape {args.shape} ({cfg.num_params() / 1e6:.1f}M params), {dtype}, prompt {args.prompt_len}, "
+        f"{n} steps, page {args.page_size}; {env['device_kind']}; floor = {w_step / 1e6:.1f} MB weights / "
+        f"{bw:.1f} GB/s"
+    )
     peer: dict[int, float] = {}  # the fastest transformers row per batch
     for r in results:
         if r["method"].startswith("transformers") and r["ms_per_step"]:
@@ -504,10 +636,23 @@ def main(argv=None) -> dict[str, Any]:
     rows = []
     for r in results:
         vs = peer.get(r["batch"]) / r["ms_per_step"] if r["ms_per_step"] and peer.get(r["batch"]) else None
-        rows.append([r["method"], r["batch"], r["ms_per_step"], r["tokens_per_s"], r["floor_ms"],
-                     r["ratio_to_floor"], f"{vs:.2f}x" if vs else "-", r["note"]])
-    table_main = print_table(["method", "batch", "ms/step", "tok/s", "floor ms", "meas/floor", "speedup vs best torch",
-                              "note"], rows, title=title)
+        rows.append(
+            [
+                r["method"],
+                r["batch"],
+                r["ms_per_step"],
+                r["tokens_per_s"],
+                r["floor_ms"],
+                r["ratio_to_floor"],
+                f"{vs:.2f}x" if vs else "-",
+                r["note"],
+            ]
+        )
+    table_main = print_table(
+        ["method", "batch", "ms/step", "tok/s", "floor ms", "meas/floor", "speedup vs best torch", "note"],
+        rows,
+        title=title,
+    )
     table_k = ""
     if kernel_rows:
         print()
@@ -517,17 +662,32 @@ def main(argv=None) -> dict[str, Any]:
             us = t.median * 1e6 if t else None
             gbs = kr["kv_bytes"] / t.median / 1e9 if t else None
             krows.append([kr["kernel"], kr["batch"], kr["context"], us, gbs, kr.get("max_abs_diff_vs_xla"), kr["note"]])
-        table_k = print_table(["kernel (one layer, decode)", "batch", "context", "us", "KV GB/s", "max|diff| vs xla",
-                               "note"], krows, title=f"kernel level: Hq={cfg.num_attention_heads} "
-                               f"Hkv={cfg.num_key_value_heads} hd={cfg.head_dim}, {dtype}, page {args.page_size}")
+        table_k = print_table(
+            ["kernel (one layer, decode)", "batch", "context", "us", "KV GB/s", "max|diff| vs xla", "note"],
+            krows,
+            title=f"kernel level: Hq={cfg.num_attention_heads} "
+            f"Hkv={cfg.num_key_value_heads} hd={cfg.head_dim}, {dtype}, page {args.page_size}",
+        )
     for note in notes:
         print("note:", note)
     env["loadavg_end"] = load_average()
-    payload = {"env": env, "args": vars(args), "shape": args.shape, "config": cfg, "dtype": dtype,
-               "num_params": cfg.num_params(), "weight_bytes_per_step": w_step, "bandwidth_gbs": bw,
-               "bandwidth_source": bw_src, "floor_ms": floor_s * 1e3, "max_seq_len": max_seq_len,
-               "results": results, "kernels": kernel_rows, "notes": notes,
-               "tables": {"decode": table_main, "kernels": table_k}}
+    payload = {
+        "env": env,
+        "args": vars(args),
+        "shape": args.shape,
+        "config": cfg,
+        "dtype": dtype,
+        "num_params": cfg.num_params(),
+        "weight_bytes_per_step": w_step,
+        "bandwidth_gbs": bw,
+        "bandwidth_source": bw_src,
+        "floor_ms": floor_s * 1e3,
+        "max_seq_len": max_seq_len,
+        "results": results,
+        "kernels": kernel_rows,
+        "notes": notes,
+        "tables": {"decode": table_main, "kernels": table_k},
+    }
     if args.json:
         write_json(args.json, payload)
     return payload

@@ -1,6 +1,6 @@
 """Append the tables of a ``bench/gpu.sh`` run to bench/RESULTS.md (one section: machine, commands, tables).
 
-    python bench/gpu_report.py --out bench/out/gpu-20261125-120000 --results bench/RESULTS.md
+python bench/gpu_report.py --out bench/out/gpu-20261125-120000 --results bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -14,20 +14,38 @@ ORDER = ["ragged_0.6b", "ragged_8b", "decode_0.6b", "decode_8b", "pruning_0.6b",
 
 
 def _sm90_table(rows: list[dict]) -> list[str]:
-    lines = ["| configuration | kernel | warps | stages | registers | spills st/ld (B) | wgmma serialized | smem KiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| configuration | kernel | warps | stages | registers | spills st/ld (B) | wgmma serialized | smem KiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['name']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
-                     f"{r['spill_stores']}/{r['spill_loads']} | {'yes' if r['wgmma_serialized'] else 'no'} | "
-                     f"{r['smem'] / 1024:.1f} |")
+        lines.append(
+            f"| {r['case']} | {r['name']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+            f"{r['spill_stores']}/{r['spill_loads']} | {'yes' if r['wgmma_serialized'] else 'no'} | "
+            f"{r['smem'] / 1024:.1f} |"
+        )
     return lines
 
 
 def section(out: Path) -> str:
     smi = (out / "nvidia-smi.csv").read_text().strip() if (out / "nvidia-smi.csv").exists() else "(no nvidia-smi.csv)"
     cmds = (out / "commands.txt").read_text().strip() if (out / "commands.txt").exists() else ""
-    lines = [f"## Issue 7: GPU run (`bench/gpu.sh`, {out.name})", "", "Machine (nvidia-smi):", "", "```", smi, "```",
-             "", "Commands, in order:", "", "```", cmds, "```", ""]
+    lines = [
+        f"## Issue 7: GPU run (`bench/gpu.sh`, {out.name})",
+        "",
+        "Machine (nvidia-smi):",
+        "",
+        "```",
+        smi,
+        "```",
+        "",
+        "Commands, in order:",
+        "",
+        "```",
+        cmds,
+        "```",
+        "",
+    ]
     first_env = None
     for name in ORDER:
         path = out / f"{name}.json"
@@ -45,8 +63,11 @@ def section(out: Path) -> str:
         lines += _sm90_table(json.loads((out / "sm90.json").read_text())) + [""]
     if first_env:
         v = first_env.get("versions", {})
-        lines += [f"Date {first_env.get('date')}, git {first_env.get('git')}, device {first_env.get('device_kind')}, "
-                  + ", ".join(f"{k} {x}" for k, x in v.items() if x), ""]
+        lines += [
+            f"Date {first_env.get('date')}, git {first_env.get('git')}, device {first_env.get('device_kind')}, "
+            + ", ".join(f"{k} {x}" for k, x in v.items() if x),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -57,8 +57,10 @@ PROMPT = "Solve the problem. Write your reasoning as a JSON tree of tasks."
 
 # bench/decode.py's shapes with the real Qwen3 vocabulary (151,936 rows) and eos <|im_end|>. The "tiny"
 # shape becomes ~19.6M params (the embedding / tied LM head alone is 151936 x 128); "20m" becomes ~59M.
-SHAPES = {name: cfg.model_copy(update={"vocab_size": QWEN_VOCAB, "eos_token_id": IM_END_ID})
-          for name, cfg in DECODE_SHAPES.items()}
+SHAPES = {
+    name: cfg.model_copy(update={"vocab_size": QWEN_VOCAB, "eos_token_id": IM_END_ID})
+    for name, cfg in DECODE_SHAPES.items()
+}
 
 
 # ---------------------------------------------------------------------------------------------- compile watch
@@ -79,8 +81,7 @@ class CompileWatch:
 
 # A shape where attention and the KV cache matter (several layers, a vocabulary built for the bench) rather
 # than the LM head: with Qwen3's 151,936 rows the head alone would be most of a small model's step.
-SHAPES["kv"] = DECODE_SHAPES["tiny"].model_copy(update={"num_hidden_layers": 6, "vocab_size": 2048,
-                                                        "eos_token_id": 2})
+SHAPES["kv"] = DECODE_SHAPES["tiny"].model_copy(update={"num_hidden_layers": 6, "vocab_size": 2048, "eos_token_id": 2})
 # \d and - alone, [ and ] alone (no token straddles a subtask list's bracket), a word with its space, runs of
 # punctuation (the schema's separators become single tokens). The same split as the tiny TIM's tokenizer.
 PRETOKENIZE = r'_result"|\d|-|[\[\]]| ?\p{L}+|[^\p{L}\p{N}\[\]\-]+'
@@ -93,11 +94,19 @@ def small_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
@@ -118,14 +127,43 @@ def qwen3_tokenizer(path: str | None):
 
 
 # ---------------------------------------------------------------------------------------------- one configuration
-def run_config(model, schema, llt, prompt, texts, *, batch, page_size, mode, buffer, max_seq_len, max_new,
-               watch: CompileWatch, repeats: int, warmup: str, kv_tokens: int | None = None) -> dict[str, Any]:
+def run_config(
+    model,
+    schema,
+    llt,
+    prompt,
+    texts,
+    *,
+    batch,
+    page_size,
+    mode,
+    buffer,
+    max_seq_len,
+    max_new,
+    watch: CompileWatch,
+    repeats: int,
+    warmup: str,
+    kv_tokens: int | None = None,
+) -> dict[str, Any]:
     def once():
-        reqs = [Request(prompt, max_new, controller=TimController(
-            model, schema, max_new_tokens=max_new, prompt_len=len(prompt), pruning_buffer=buffer,
-            override=ReplayText(t, llt))) for t in texts]
-        eng = Engine(model, max_batch=batch, page_size=page_size, max_seq_len=max_seq_len, reposition=mode,
-                     kv_tokens=kv_tokens)
+        reqs = [
+            Request(
+                prompt,
+                max_new,
+                controller=TimController(
+                    model,
+                    schema,
+                    max_new_tokens=max_new,
+                    prompt_len=len(prompt),
+                    pruning_buffer=buffer,
+                    override=ReplayText(t, llt),
+                ),
+            )
+            for t in texts
+        ]
+        eng = Engine(
+            model, max_batch=batch, page_size=page_size, max_seq_len=max_seq_len, reposition=mode, kv_tokens=kv_tokens
+        )
         jax.block_until_ready(eng.cache)
         c0 = watch.n
         t0 = time.perf_counter()
@@ -162,10 +200,19 @@ def run_config(model, schema, llt, prompt, texts, *, batch, page_size, mode, buf
     mean = lambda xs: sum(xs) / len(xs)
     gen = sum(len(r.tokens) for r in res)
     return {
-        "batch": batch, "page_size": page_size, "mode": mode if buffer is not None else "-", "buffer": buffer,
-        "ok": ok, "errors": errors, "wall_s": wall, "wall_samples_s": walls, "warmup_s": warm_s,
-        "warmup_compiles": warm_compiles, "timed_reruns_for_compiles": extra,
-        "generated_tokens": gen, "tokens_per_s": gen / wall,
+        "batch": batch,
+        "page_size": page_size,
+        "mode": mode if buffer is not None else "-",
+        "buffer": buffer,
+        "ok": ok,
+        "errors": errors,
+        "wall_s": wall,
+        "wall_samples_s": walls,
+        "warmup_s": warm_s,
+        "warmup_compiles": warm_compiles,
+        "timed_reruns_for_compiles": extra,
+        "generated_tokens": gen,
+        "tokens_per_s": gen / wall,
         "peak_kv_tokens": mean([r.stats.peak_working_tokens for r in res]),
         "peak_kv_tokens_max": max(r.stats.peak_working_tokens for r in res),
         "pruned_share": mean([r.stats.pruned_share for r in res]),
@@ -175,17 +222,26 @@ def run_config(model, schema, llt, prompt, texts, *, batch, page_size, mode, buf
         "host_share": sum(r.stats.host_time_s for r in res) / wall,
         "extend_s_mean": mean([r.stats.extend_time_s for r in res]),
         "generated_per_request": [len(r.tokens) for r in res],
-        "wall_spread_s": [min(walls), max(walls)], "requests": len(texts), "requests_per_s": len(texts) / wall,
-        "padding_efficiency": st["tokens"] / st["computed"], "dispatches_per_iteration": st["dispatches"] / st["iterations"],
-        "iterations": st["iterations"], "preemptions": st["preemptions"], "kv_tokens": kv_tokens,
+        "wall_spread_s": [min(walls), max(walls)],
+        "requests": len(texts),
+        "requests_per_s": len(texts) / wall,
+        "padding_efficiency": st["tokens"] / st["computed"],
+        "dispatches_per_iteration": st["dispatches"] / st["iterations"],
+        "iterations": st["iterations"],
+        "preemptions": st["preemptions"],
+        "kv_tokens": kv_tokens,
     }
 
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="kv",
-                    help="kv (default): 6 layers, a 2,048-token BPE built from the traces; others: Qwen3 vocabulary")
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="kv",
+        help="kv (default): 6 layers, a 2,048-token BPE built from the traces; others: Qwen3 vocabulary",
+    )
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tokenizer", default=None, help="Qwen3 tokenizer dir for the Qwen3-vocabulary shapes")
     ap.add_argument("--depth", type=int, default=5)
@@ -193,21 +249,38 @@ def parse_args(argv=None):
     ap.add_argument("--roots", type=int, default=1)
     ap.add_argument("--words", type=int, default=3, help="words per thought / conclusion (half to full)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
-    ap.add_argument("--buffers", nargs="+", default=["off", "0", "1", "2"],
-                    help="'off' (no pruning, the baseline) and FIFO buffer sizes, at the largest batch")
-    ap.add_argument("--small-batch-buffers", nargs="+", default=["off", "2"],
-                    help="buffers at the other batch sizes (the CPU run stays near 10 minutes)")
+    ap.add_argument(
+        "--buffers",
+        nargs="+",
+        default=["off", "0", "1", "2"],
+        help="'off' (no pruning, the baseline) and FIFO buffer sizes, at the largest batch",
+    )
+    ap.add_argument(
+        "--small-batch-buffers",
+        nargs="+",
+        default=["off", "2"],
+        help="buffers at the other batch sizes (the CPU run stays near 10 minutes)",
+    )
     ap.add_argument("--page-sizes", type=int, nargs="+", default=[16])
     ap.add_argument("--modes", nargs="+", default=["reencode", "shift"], choices=["reencode", "shift"])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median, spread)")
-    ap.add_argument("--warmup", choices=["auto", "always"], default="auto",
-                    help="auto: a run that compiled anything is discarded as the warmup and repeated (the timed "
-                         "run always has zero compiles); always: one untimed run per configuration first")
-    ap.add_argument("--max-seq-len", type=int, default=None,
-                    help="cache width for every configuration (default: longest trace + prompt, rounded up)")
+    ap.add_argument(
+        "--warmup",
+        choices=["auto", "always"],
+        default="auto",
+        help="auto: a run that compiled anything is discarded as the warmup and repeated (the timed "
+        "run always has zero compiles); always: one untimed run per configuration first",
+    )
+    ap.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="cache width for every configuration (default: longest trace + prompt, rounded up)",
+    )
     ap.add_argument("--kv-requests", type=int, default=16, help="KV-bounded run: requests (0 = skip the run)")
-    ap.add_argument("--kv-traces", type=float, default=3.0,
-                    help="KV-bounded run: the pool holds this many unpruned traces")
+    ap.add_argument(
+        "--kv-traces", type=float, default=3.0, help="KV-bounded run: the pool holds this many unpruned traces"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write a PNG of the ratios to pruning off here")
@@ -224,18 +297,25 @@ def _ratios(r, base):
     r["requests_per_s_vs_off"] = r["requests_per_s"] / base["requests_per_s"]
     r["peak_kv_vs_off"] = r["peak_kv_tokens"] / base["peak_kv_tokens"]
     lo, hi = r["wall_spread_s"]
-    log(f"  B={r['batch']} page={r['page_size']} {r['mode']:<8} buf={'off' if r['buffer'] is None else r['buffer']}"
+    log(
+        f"  B={r['batch']} page={r['page_size']} {r['mode']:<8} buf={'off' if r['buffer'] is None else r['buffer']}"
         f"{' kv=' + str(r['kv_tokens']) if r['kv_tokens'] else ''}: {r['tokens_per_s']:8.1f} tok/s "
         f"({r['tokens_per_s_vs_off']:.2f}x off; wall {r['wall_s']:.1f}s [{lo:.1f}-{hi:.1f}]), "
         f"{r['requests_per_s']:.3f} req/s, peak KV {r['peak_kv_tokens']:.0f}, pad eff {r['padding_efficiency']:.2f}, "
-        f"disp/it {r['dispatches_per_iteration']:.2f}, preempt {r['preemptions']}, ok {r['ok']}")
+        f"disp/it {r['dispatches_per_iteration']:.2f}, preempt {r['preemptions']}, ok {r['ok']}"
+    )
 
 
 def _setup(args):
     """Tokenizer, traces, model, schema and grammar tokenizer of the run."""
-    texts_all = [serialise(synthetic_document(depth=args.depth, breadth=args.breadth, roots=args.roots,
-                                              words=args.words, seed=args.seed + s))
-                 for s in range(max(max(args.batch), args.kv_requests))]
+    texts_all = [
+        serialise(
+            synthetic_document(
+                depth=args.depth, breadth=args.breadth, roots=args.roots, words=args.words, seed=args.seed + s
+            )
+        )
+        for s in range(max(max(args.batch), args.kv_requests))
+    ]
     cfg = SHAPES[args.shape]
     if args.shape == "kv":
         tok = small_tokenizer(texts_all + [PROMPT], cfg.vocab_size)
@@ -251,8 +331,17 @@ def _setup(args):
     model = timjax.random_model(cfg, dtype=args.dtype, seed=args.seed, tokenizer=tok)
     jax.block_until_ready(model.params())
     llt = llg_tokenizer(tok, cfg.vocab_size, [eos])
-    return dict(texts_all=texts_all, cfg=cfg, prompt=prompt, trace_tokens=trace_tokens, longest=longest,
-                max_seq_len=max_seq_len, model=model, llt=llt, schema=tim_schema(max_depth=max(args.depth, 1)))
+    return dict(
+        texts_all=texts_all,
+        cfg=cfg,
+        prompt=prompt,
+        trace_tokens=trace_tokens,
+        longest=longest,
+        max_seq_len=max_seq_len,
+        model=model,
+        llt=llt,
+        schema=tim_schema(max_depth=max(args.depth, 1)),
+    )
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -262,11 +351,23 @@ def main(argv=None) -> dict[str, Any]:
     watch = CompileWatch()
     ctx = _setup(args)
     cfg, max_seq_len, trace_tokens = ctx["cfg"], ctx["max_seq_len"], ctx["trace_tokens"]
-    log(f"shape {args.shape}: {cfg.num_params() / 1e6:.1f}M params ({cfg.num_hidden_layers} layers, vocab "
+    log(
+        f"shape {args.shape}: {cfg.num_params() / 1e6:.1f}M params ({cfg.num_hidden_layers} layers, vocab "
         f"{cfg.vocab_size}), {args.dtype}; traces depth {args.depth} breadth {args.breadth} words {args.words}: "
-        f"{min(trace_tokens)}-{max(trace_tokens)} tokens, prompt {len(ctx['prompt'])}, max_seq_len {max_seq_len}")
-    run = partial(run_config, ctx["model"], ctx["schema"], ctx["llt"], ctx["prompt"], max_seq_len=max_seq_len,
-                  max_new=4 * max_seq_len, watch=watch, repeats=args.repeats, warmup=args.warmup)
+        f"{min(trace_tokens)}-{max(trace_tokens)} tokens, prompt {len(ctx['prompt'])}, max_seq_len {max_seq_len}"
+    )
+    run = partial(
+        run_config,
+        ctx["model"],
+        ctx["schema"],
+        ctx["llt"],
+        ctx["prompt"],
+        max_seq_len=max_seq_len,
+        max_new=4 * max_seq_len,
+        watch=watch,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
 
     results: list[dict[str, Any]] = []
     t_all = time.perf_counter()
@@ -275,7 +376,7 @@ def main(argv=None) -> dict[str, Any]:
         for ps in args.page_sizes:
             base = None
             for buf in buffers:
-                for mode in (args.modes if buf is not None else args.modes[:1]):
+                for mode in args.modes if buf is not None else args.modes[:1]:
                     r = run(ctx["texts_all"][:B], batch=B, page_size=ps, mode=mode, buffer=buf)
                     base = r if buf is None else base
                     _ratios(r, base)
@@ -287,19 +388,40 @@ def main(argv=None) -> dict[str, Any]:
         B = max(args.batch)
         base = None
         for buf, mode in [(None, args.modes[0])] + [(2, m) for m in args.modes]:
-            r = run(ctx["texts_all"][:args.kv_requests], batch=B, page_size=args.page_sizes[-1], mode=mode, buffer=buf,
-                    kv_tokens=kv_tokens)
+            r = run(
+                ctx["texts_all"][: args.kv_requests],
+                batch=B,
+                page_size=args.page_sizes[-1],
+                mode=mode,
+                buffer=buf,
+                kv_tokens=kv_tokens,
+            )
             base = r if buf is None else base
             _ratios(r, base)
             kv_results.append(r)
     total_s = time.perf_counter() - t_all
     env["loadavg_end"] = load_average()
     tables = _tables(args, ctx, env, results, kv_results)
-    print(f"\ngrid wall time {total_s:.0f}s; compiles seen {watch.n} ({watch.s:.0f}s); load at the end {env['loadavg_end']}")
-    payload = {"env": env, "args": vars(args), "shape": args.shape, "config": cfg, "dtype": args.dtype,
-               "num_params": cfg.num_params(), "max_seq_len": max_seq_len, "prompt_tokens": len(ctx["prompt"]),
-               "trace_tokens": trace_tokens, "grid_wall_s": total_s, "compiles": watch.n, "compile_s": watch.s,
-               "results": results, "kv_bounded": kv_results, "tables": tables}
+    print(
+        f"\ngrid wall time {total_s:.0f}s; compiles seen {watch.n} ({watch.s:.0f}s); load at the end {env['loadavg_end']}"
+    )
+    payload = {
+        "env": env,
+        "args": vars(args),
+        "shape": args.shape,
+        "config": cfg,
+        "dtype": args.dtype,
+        "num_params": cfg.num_params(),
+        "max_seq_len": max_seq_len,
+        "prompt_tokens": len(ctx["prompt"]),
+        "trace_tokens": trace_tokens,
+        "grid_wall_s": total_s,
+        "compiles": watch.n,
+        "compile_s": watch.s,
+        "results": results,
+        "kv_bounded": kv_results,
+        "tables": tables,
+    }
     if args.json:
         write_json(args.json, payload)
     if args.plot:
@@ -311,29 +433,97 @@ def main(argv=None) -> dict[str, Any]:
 
 def _tables(args, ctx, env, results, kv_results) -> dict[str, str]:
     cfg = ctx["cfg"]
-    title = (f"pruning replay, shape {args.shape} ({cfg.num_params() / 1e6:.1f}M params, {cfg.num_hidden_layers} "
-             f"layers, vocab {cfg.vocab_size}), {args.dtype}; traces depth {args.depth} breadth {args.breadth} words "
-             f"{args.words} ({min(ctx['trace_tokens'])}-{max(ctx['trace_tokens'])} tokens); max_seq_len "
-             f"{ctx['max_seq_len']}; median of {args.repeats}; {env['device_kind']}")
+    title = (
+        f"pruning replay, shape {args.shape} ({cfg.num_params() / 1e6:.1f}M params, {cfg.num_hidden_layers} "
+        f"layers, vocab {cfg.vocab_size}), {args.dtype}; traces depth {args.depth} breadth {args.breadth} words "
+        f"{args.words} ({min(ctx['trace_tokens'])}-{max(ctx['trace_tokens'])} tokens); max_seq_len "
+        f"{ctx['max_seq_len']}; median of {args.repeats}; {env['device_kind']}"
+    )
     buf = lambda r: "off" if r["buffer"] is None else r["buffer"]
     spread = lambda r: f"{r['wall_spread_s'][0]:.1f}-{r['wall_spread_s'][1]:.1f}"
     ok = lambda r: "yes" if r["ok"] else "NO: " + "; ".join(r["errors"])[:60]
-    rows = [[r["batch"], r["page_size"], r["mode"], buf(r), r["tokens_per_s"], f"{r['tokens_per_s_vs_off']:.2f}x",
-             spread(r), round(r["peak_kv_tokens"]), f"{r['peak_kv_vs_off']:.2f}x", r["pruned_share"],
-             r["reencoded_tokens"], f"{r['padding_efficiency']:.2f}", f"{r['dispatches_per_iteration']:.2f}",
-             r["host_share"], ok(r)] for r in results]
-    out = {"pruning": print_table(["batch", "page", "reposition", "buffer", "tok/s", "tok/s vs off", "wall s (min-max)",
-                                   "peak KV", "peak KV vs off", "pruned share", "re-encoded", "padding eff",
-                                   "dispatch/iter", "host share", "trace ok"], rows, title=title)}
+    rows = [
+        [
+            r["batch"],
+            r["page_size"],
+            r["mode"],
+            buf(r),
+            r["tokens_per_s"],
+            f"{r['tokens_per_s_vs_off']:.2f}x",
+            spread(r),
+            round(r["peak_kv_tokens"]),
+            f"{r['peak_kv_vs_off']:.2f}x",
+            r["pruned_share"],
+            r["reencoded_tokens"],
+            f"{r['padding_efficiency']:.2f}",
+            f"{r['dispatches_per_iteration']:.2f}",
+            r["host_share"],
+            ok(r),
+        ]
+        for r in results
+    ]
+    out = {
+        "pruning": print_table(
+            [
+                "batch",
+                "page",
+                "reposition",
+                "buffer",
+                "tok/s",
+                "tok/s vs off",
+                "wall s (min-max)",
+                "peak KV",
+                "peak KV vs off",
+                "pruned share",
+                "re-encoded",
+                "padding eff",
+                "dispatch/iter",
+                "host share",
+                "trace ok",
+            ],
+            rows,
+            title=title,
+        )
+    }
     if kv_results:
         print()
-        rows = [[r["requests"], r["batch"], r["kv_tokens"], r["mode"], buf(r), r["requests_per_s"],
-                 f"{r['requests_per_s_vs_off']:.2f}x", r["tokens_per_s"], f"{r['tokens_per_s_vs_off']:.2f}x",
-                 spread(r), r["preemptions"], f"{r['padding_efficiency']:.2f}", ok(r)] for r in kv_results]
+        rows = [
+            [
+                r["requests"],
+                r["batch"],
+                r["kv_tokens"],
+                r["mode"],
+                buf(r),
+                r["requests_per_s"],
+                f"{r['requests_per_s_vs_off']:.2f}x",
+                r["tokens_per_s"],
+                f"{r['tokens_per_s_vs_off']:.2f}x",
+                spread(r),
+                r["preemptions"],
+                f"{r['padding_efficiency']:.2f}",
+                ok(r),
+            ]
+            for r in kv_results
+        ]
         out["kv_bounded"] = print_table(
-            ["requests", "max batch", "pool tokens", "reposition", "buffer", "req/s", "req/s vs off", "tok/s",
-             "tok/s vs off", "wall s (min-max)", "preemptions", "padding eff", "trace ok"], rows,
-            title=f"KV-bounded: one pool of {kv_results[0]['kv_tokens']} tokens ({args.kv_traces:g} unpruned traces)")
+            [
+                "requests",
+                "max batch",
+                "pool tokens",
+                "reposition",
+                "buffer",
+                "req/s",
+                "req/s vs off",
+                "tok/s",
+                "tok/s vs off",
+                "wall s (min-max)",
+                "preemptions",
+                "padding eff",
+                "trace ok",
+            ],
+            rows,
+            title=f"KV-bounded: one pool of {kv_results[0]['kv_tokens']} tokens ({args.kv_traces:g} unpruned traces)",
+        )
     return out
 
 
@@ -347,8 +537,11 @@ def plot(results, kv_results, path: str, *, title: str) -> None:
     rows = [r for r in results if r["buffer"] is not None]
     labels = [f"B{r['batch']} {r['mode'][:5]} b{r['buffer']}" for r in rows]
     ax = axes[0]
-    ax.bar(range(len(rows)), [r["tokens_per_s_vs_off"] for r in rows], color=[
-        "tab:blue" if r["mode"] == "reencode" else "tab:orange" for r in rows])
+    ax.bar(
+        range(len(rows)),
+        [r["tokens_per_s_vs_off"] for r in rows],
+        color=["tab:blue" if r["mode"] == "reencode" else "tab:orange" for r in rows],
+    )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.1, color="tab:green", lw=0.8, ls="--", label="goal at batch 16, buffer 2 (1.1x)")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
@@ -357,11 +550,15 @@ def plot(results, kv_results, path: str, *, title: str) -> None:
     ax.legend(fontsize=8)
     ax = axes[1]
     if kv_results:
-        ax.bar(range(len(kv_results)), [r["requests_per_s_vs_off"] for r in kv_results],
-               color=["gray"] + ["tab:blue" if r["mode"] == "reencode" else "tab:orange" for r in kv_results[1:]])
+        ax.bar(
+            range(len(kv_results)),
+            [r["requests_per_s_vs_off"] for r in kv_results],
+            color=["gray"] + ["tab:blue" if r["mode"] == "reencode" else "tab:orange" for r in kv_results[1:]],
+        )
         ax.axhline(1.5, color="tab:green", lw=0.8, ls="--", label="goal 1.5x")
-        ax.set_xticks(range(len(kv_results)),
-                      ["off" if r["buffer"] is None else f"{r['mode'][:5]} b2" for r in kv_results])
+        ax.set_xticks(
+            range(len(kv_results)), ["off" if r["buffer"] is None else f"{r['mode'][:5]} b2" for r in kv_results]
+        )
         ax.set_ylabel("requests/s vs pruning off")
         ax.set_title("KV-bounded pool")
         ax.legend(fontsize=8)

@@ -57,8 +57,19 @@ def build(mix: list[int], *, hq: int, hkv: int, hd: int, context: int, page_size
     t_max = _pow2(int(q_len.max()))
     idx = np.minimum(cu[:-1, None] + np.arange(t_max)[None, :], n_tokens - 1)
     q_pad = q_flat[jnp.asarray(idx)]  # [R, T_max, Hq, hd], the same queries padded per row
-    return dict(q_flat=q_flat, q_pad=q_pad, k=k, v=v, pt=jnp.asarray(pt), q_start=jnp.asarray(q_start),
-                q_len=jnp.asarray(q_len), cu=jnp.asarray(cu), n_tokens=n_tokens, t_max=t_max, cu_np=cu)
+    return dict(
+        q_flat=q_flat,
+        q_pad=q_pad,
+        k=k,
+        v=v,
+        pt=jnp.asarray(pt),
+        q_start=jnp.asarray(q_start),
+        q_len=jnp.asarray(q_len),
+        cu=jnp.asarray(cu),
+        n_tokens=n_tokens,
+        t_max=t_max,
+        cu_np=cu,
+    )
 
 
 def bench_mix(name: str, d: dict, *, impls: list[str], repeats: int) -> list[dict[str, Any]]:
@@ -70,30 +81,52 @@ def bench_mix(name: str, d: dict, *, impls: list[str], repeats: int) -> list[dic
     real = int(d["cu_np"][-1])
     r = d["pt"].shape[0]
     for impl in impls:
-        ragged = jax.jit(lambda q, k, v, pt, qs, ql, cu, impl=impl: kernels.ragged_attention(
-            q, k, v, pt, qs, ql, cu, impl=impl))
+        ragged = jax.jit(
+            lambda q, k, v, pt, qs, ql, cu, impl=impl: kernels.ragged_attention(q, k, v, pt, qs, ql, cu, impl=impl)
+        )
         args = (d["q_flat"], d["k"], d["v"], d["pt"], d["q_start"], d["q_len"], d["cu"])
         t_r = time_fn(lambda f=ragged, a=args: f(*a), warmup=2, repeats=repeats)
         out_r = np.asarray(ragged(*args), np.float32)
         if d["t_max"] == 1:
-            padded = jax.jit(lambda q, k, v, lens, pt, impl=impl: kernels.decode_attention(
-                q[:, 0], k, v, lens, pt, impl=impl)[:, None])
+            padded = jax.jit(
+                lambda q, k, v, lens, pt, impl=impl: kernels.decode_attention(q[:, 0], k, v, lens, pt, impl=impl)[
+                    :, None
+                ]
+            )
             pargs = (d["q_pad"], d["k"], d["v"], d["q_start"] + d["q_len"], d["pt"])
             peer = "decode_attention [R]"
         else:
-            padded = jax.jit(lambda q, k, v, qs, ql, pt, impl=impl: kernels.extend_attention(
-                q, k, v, qs, ql, pt, impl=impl))
+            padded = jax.jit(
+                lambda q, k, v, qs, ql, pt, impl=impl: kernels.extend_attention(q, k, v, qs, ql, pt, impl=impl)
+            )
             pargs = (d["q_pad"], d["k"], d["v"], d["q_start"], d["q_len"], d["pt"])
             peer = f"extend_attention [R, {d['t_max']}]"
         t_p = time_fn(lambda f=padded, a=pargs: f(*a), warmup=2, repeats=repeats)
         out_p = np.asarray(padded(*pargs), np.float32)
-        diff = max(float(np.max(np.abs(out_r[d["cu_np"][i] + j] - out_p[i, j])))
-                   for i in range(r) for j in range(int(d["cu_np"][i + 1] - d["cu_np"][i])))
-        rows.append(dict(mix=name, impl=impl, rows=r, real_tokens=real, ragged_positions=d["n_tokens"],
-                         padded_positions=r * d["t_max"], peer=peer, ragged=t_r, padded=t_p,
-                         padded_over_ragged=t_p.median / t_r.median, max_abs_diff=diff))
-        log(f"{name} {impl}: ragged {t_r.median * 1e3:.3f} ms, {peer} {t_p.median * 1e3:.3f} ms "
-            f"({t_p.median / t_r.median:.2f}x), max|diff| {diff:.2e}")
+        diff = max(
+            float(np.max(np.abs(out_r[d["cu_np"][i] + j] - out_p[i, j])))
+            for i in range(r)
+            for j in range(int(d["cu_np"][i + 1] - d["cu_np"][i]))
+        )
+        rows.append(
+            dict(
+                mix=name,
+                impl=impl,
+                rows=r,
+                real_tokens=real,
+                ragged_positions=d["n_tokens"],
+                padded_positions=r * d["t_max"],
+                peer=peer,
+                ragged=t_r,
+                padded=t_p,
+                padded_over_ragged=t_p.median / t_r.median,
+                max_abs_diff=diff,
+            )
+        )
+        log(
+            f"{name} {impl}: ragged {t_r.median * 1e3:.3f} ms, {peer} {t_p.median * 1e3:.3f} ms "
+            f"({t_p.median / t_r.median:.2f}x), max|diff| {diff:.2e}"
+        )
     return rows
 
 
@@ -116,22 +149,55 @@ def main(argv=None) -> dict[str, Any]:
     env = environment()
     results = []
     for name in args.mixes:
-        d = build(MIXES[name], hq=cfg.num_attention_heads, hkv=cfg.num_key_value_heads, hd=cfg.head_dim,
-                  context=args.context, page_size=args.page_size, dtype=jnp.dtype(dtype))
+        d = build(
+            MIXES[name],
+            hq=cfg.num_attention_heads,
+            hkv=cfg.num_key_value_heads,
+            hd=cfg.head_dim,
+            context=args.context,
+            page_size=args.page_size,
+            dtype=jnp.dtype(dtype),
+        )
         results += bench_mix(name, d, impls=impls, repeats=args.repeats)
 
     def ms(t):
         return f"{t.median * 1e3:.3f} ({t.min * 1e3:.3f}-{t.max * 1e3:.3f})"
 
-    title = (f"ragged vs padded attention, one layer: {args.shape} (Hq {cfg.num_attention_heads}, Hkv "
-             f"{cfg.num_key_value_heads}, hd {cfg.head_dim}), {dtype}, context {args.context}, page {args.page_size}, "
-             f"{env['device_kind']}")
+    title = (
+        f"ragged vs padded attention, one layer: {args.shape} (Hq {cfg.num_attention_heads}, Hkv "
+        f"{cfg.num_key_value_heads}, hd {cfg.head_dim}), {dtype}, context {args.context}, page {args.page_size}, "
+        f"{env['device_kind']}"
+    )
     table = print_table(
-        ["mix", "impl", "rows", "real tokens", "positions ragged / padded", "ragged ms (min-max)", "padded peer",
-         "padded ms (min-max)", "padded / ragged", "max|diff|"],
-        [[r["mix"], r["impl"], r["rows"], r["real_tokens"], f"{r['ragged_positions']} / {r['padded_positions']}",
-          ms(r["ragged"]), r["peer"], ms(r["padded"]), f"{r['padded_over_ragged']:.2f}x", f"{r['max_abs_diff']:.1e}"]
-         for r in results], title=title)
+        [
+            "mix",
+            "impl",
+            "rows",
+            "real tokens",
+            "positions ragged / padded",
+            "ragged ms (min-max)",
+            "padded peer",
+            "padded ms (min-max)",
+            "padded / ragged",
+            "max|diff|",
+        ],
+        [
+            [
+                r["mix"],
+                r["impl"],
+                r["rows"],
+                r["real_tokens"],
+                f"{r['ragged_positions']} / {r['padded_positions']}",
+                ms(r["ragged"]),
+                r["peer"],
+                ms(r["padded"]),
+                f"{r['padded_over_ragged']:.2f}x",
+                f"{r['max_abs_diff']:.1e}",
+            ]
+            for r in results
+        ],
+        title=title,
+    )
     env["loadavg_end"] = load_average()
     payload = {"env": env, "args": vars(args), "dtype": dtype, "results": results, "tables": {"ragged": table}}
     if args.json:

@@ -39,8 +39,7 @@ def timed(fn, repeats: int) -> dict:
 
 
 def ratio(a: dict, b: dict) -> str:
-    return (f"{a['median_s'] / b['median_s']:.3g}x (spread {a['min_s'] / b['max_s']:.3g}-"
-            f"{a['max_s'] / b['min_s']:.3g})")
+    return f"{a['median_s'] / b['median_s']:.3g}x (spread {a['min_s'] / b['max_s']:.3g}-{a['max_s'] / b['min_s']:.3g})"
 
 
 def bench_finite(mb: int, repeats: int) -> dict:
@@ -61,8 +60,13 @@ def bench_finite(mb: int, repeats: int) -> dict:
         r, c = timed(read, repeats), timed(lambda: check_finite("bench", "x", x), repeats)
     finally:
         os.unlink(path)
-    return {"tensor_mb": mb, "read": r, "check_finite": c, "ratio": ratio(c, r),
-            "ns_per_element": c["median_s"] / n * 1e9}
+    return {
+        "tensor_mb": mb,
+        "read": r,
+        "check_finite": c,
+        "ratio": ratio(c, r),
+        "ns_per_element": c["median_s"] / n * 1e9,
+    }
 
 
 def bench_partial(repeats: int) -> dict:
@@ -70,10 +74,14 @@ def bench_partial(repeats: int) -> dict:
     from timjax.tim.traces import serialise, synthetic_document
 
     text = serialise(synthetic_document(depth=5, breadth=3, roots=2, words=12, seed=0))
-    cut = text[:int(len(text) * 0.97)]
+    cut = text[: int(len(text) * 0.97)]
     full, part = timed(lambda: json.loads(text), repeats), timed(lambda: close_partial_json(cut), repeats)
-    return {"document_bytes": len(text.encode()), "json_loads": full, "close_partial_json": part,
-            "ratio": ratio(part, full)}
+    return {
+        "document_bytes": len(text.encode()),
+        "json_loads": full,
+        "close_partial_json": part,
+        "ratio": ratio(part, full),
+    }
 
 
 def bench_validation(repeats: int) -> dict:
@@ -81,17 +89,46 @@ def bench_validation(repeats: int) -> dict:
     from timjax.config import Qwen3Config
     from timjax.validation import check_generate
 
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128)
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
     m = timjax.random_model(cfg, dtype="float32")
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
-    args = {"model": m, "prompt": prompts, "max_new_tokens": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
-            "seed": 1, "stop": (), "stop_ids": None, "max_batch": 8, "page_size": 16, "max_seq_len": None,
-            "kv_tokens": None, "kv_memory_fraction": None, "impl": "auto", "chat": False, "system": None,
-            "on_token": None, "progress": False, "schema": None, "pruning_buffer": None, "reposition": "reencode",
-            "engine_options": None}
-    gen = timed(lambda: timjax.generate(m, prompts, max_new_tokens=1, temperature=0.7, top_p=0.9, top_k=5, seed=1),
-                repeats)
+    args = {
+        "model": m,
+        "prompt": prompts,
+        "max_new_tokens": 1,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 5,
+        "seed": 1,
+        "stop": (),
+        "stop_ids": None,
+        "max_batch": 8,
+        "page_size": 16,
+        "max_seq_len": None,
+        "kv_tokens": None,
+        "kv_memory_fraction": None,
+        "impl": "auto",
+        "chat": False,
+        "system": None,
+        "on_token": None,
+        "progress": False,
+        "schema": None,
+        "pruning_buffer": None,
+        "reposition": "reencode",
+        "engine_options": None,
+    }
+    gen = timed(
+        lambda: timjax.generate(m, prompts, max_new_tokens=1, temperature=0.7, top_p=0.9, top_k=5, seed=1), repeats
+    )
     val = timed(lambda: [check_generate(args) for _ in range(100)], repeats)
     val = {k: v / 100 for k, v in val.items()}
     return {"generate_1_token": gen, "check_generate": val, "ratio": ratio(val, gen)}
@@ -105,11 +142,17 @@ def main() -> None:
     args = ap.parse_args()
     import jax
 
-    out = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": sys.version.split()[0],
-           "jax": jax.__version__, "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": " ".join(["python"] + sys.argv),
-           "finite": bench_finite(args.mb, args.repeats), "partial_json": bench_partial(args.repeats),
-           "validation": bench_validation(args.repeats)}
+    out = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python"] + sys.argv),
+        "finite": bench_finite(args.mb, args.repeats),
+        "partial_json": bench_partial(args.repeats),
+        "validation": bench_validation(args.repeats),
+    }
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -67,10 +67,24 @@ from timjax.model import random_model
 SHAPES = {
     # Small enough for a 2-core CPU, with heads / MLP / vocab that split 8 ways and a vocabulary that does
     # not drown the layers (the effect measured is the layers' partitioning).
-    "small": {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
-                  "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64},
-    "8b": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
+    "small": {
+        "vocab_size": 8192,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+    },
+    "8b": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
 }
 
 
@@ -84,8 +98,13 @@ def config(args) -> Qwen3Config:
 def sampling(rows: int):
     from timjax.sampling import SamplingParams
 
-    return SamplingParams(jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows), jnp.zeros(rows, jnp.uint32),
-                          jnp.zeros(rows, jnp.int32))
+    return SamplingParams(
+        jnp.zeros(rows),
+        jnp.zeros(rows, jnp.int32),
+        jnp.ones(rows),
+        jnp.zeros(rows, jnp.uint32),
+        jnp.zeros(rows, jnp.int32),
+    )
 
 
 def packed(rows: int, chunk: int, lengths: np.ndarray):
@@ -96,7 +115,7 @@ def packed(rows: int, chunk: int, lengths: np.ndarray):
     q_len = np.full(rows, chunk, np.int32)
     n = bucket(rows * chunk)
     token_row = np.zeros(n, np.int32)
-    token_row[:rows * chunk] = np.repeat(np.arange(rows, dtype=np.int32), chunk)
+    token_row[: rows * chunk] = np.repeat(np.arange(rows, dtype=np.int32), chunk)
     cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
     p = steps.Packed(np.ones(n, np.int32), token_row, np.arange(rows, dtype=np.int32), q_len, cu)
     e = steps.Edits(lengths.astype(np.int32), *np.zeros((4, 0), np.int32))
@@ -110,13 +129,21 @@ def replica_state(model, mesh, args):
 
     cfg, R, ps = model.config, args.rows, args.page_size
     max_len = args.context + 64
-    cache = sharding.create_cache(cfg, mesh, num_pages=R * cdiv(max_len, ps), page_size=ps, max_seqs=R,
-                                  max_seq_len=max_len, dtype=jnp.dtype(args.dtype))
+    cache = sharding.create_cache(
+        cfg,
+        mesh,
+        num_pages=R * cdiv(max_len, ps),
+        page_size=ps,
+        max_seqs=R,
+        max_seq_len=max_len,
+        dtype=jnp.dtype(args.dtype),
+    )
     impl = sharding.sharded_impl(mesh, args.impl)
     params = model.params()
     p, e, n = packed(R, args.context, np.zeros(R))
-    _, _, cache = ragged_logits_step(params, cache, p, e, cfg=cfg, impl=impl, kv_pages=cache.max_pages_per_seq,
-                                     max_new_pages=cdiv(n, ps) + 1)
+    _, _, cache = ragged_logits_step(
+        params, cache, p, e, cfg=cfg, impl=impl, kv_pages=cache.max_pages_per_seq, max_new_pages=cdiv(n, ps) + 1
+    )
     p, e, n = packed(R, 1, np.full(R, args.context))
     kw = {"cfg": cfg, "impl": impl, "kv_pages": cdiv(args.context + 32, ps), "max_new_pages": 2}
     e = steps_edits_keep(e)
@@ -152,8 +179,13 @@ def run_mesh(name: str, base_model, args) -> dict:
     kv = sharding.device_bytes([(s["cache"].k, s["cache"].v) for s in states])
     comm = sharding.communication_per_step(st["compiled"].as_text(), tp)
     return {
-        "mesh": name, "tp": tp, "dp": dp, "step": timing.to_json(), "rows_per_step": args.rows * dp,
-        "weights_bytes_per_device": max(w.values()), "kv_bytes_per_device": max(kv.values()),
+        "mesh": name,
+        "tp": tp,
+        "dp": dp,
+        "step": timing.to_json(),
+        "rows_per_step": args.rows * dp,
+        "weights_bytes_per_device": max(w.values()),
+        "kv_bytes_per_device": max(kv.values()),
         "weights_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st["params"])),
         "temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
         "collectives": comm,
@@ -177,17 +209,45 @@ def main(args) -> None:
         c = r["collectives"]
         n_ar, n_ag = int(c.get("all-reduce count", 0)), int(c.get("all-gather count", 0))
         sent = sum(v for k, v in c.items() if k.endswith("bytes/device"))
-        rows.append([r["mesh"], r["rows_per_step"], r["step"]["median_s"] * 1e3,
-                     f"{r['step']['min_s'] * 1e3:.2f}-{r['step']['max_s'] * 1e3:.2f}",
-                     f"{r['step']['median_s'] / ref:.2f}x" if ref else "-",
-                     r["weights_bytes_per_device"] / 2**20, r["kv_bytes_per_device"] / 2**20,
-                     (r["temp_bytes_per_device"] or 0) / 2**20, n_ar, n_ag, sent / 2**10])
-    print_table(["mesh tp x dp", "rows", "step ms (median)", "min-max ms", "vs 1x1", "weights MiB/dev", "KV MiB/dev",
-                 "temp MiB/dev", "all-reduces/step", "all-gathers/step", "sent KiB/dev/step"], rows,
-                title=f"ragged decode step, {args.rows} rows per replica x {args.context} context, "
-                      f"shape {args.shape}, {args.dtype}")
-    out = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
-           "config": cfg.model_dump(), "results": results}
+        rows.append(
+            [
+                r["mesh"],
+                r["rows_per_step"],
+                r["step"]["median_s"] * 1e3,
+                f"{r['step']['min_s'] * 1e3:.2f}-{r['step']['max_s'] * 1e3:.2f}",
+                f"{r['step']['median_s'] / ref:.2f}x" if ref else "-",
+                r["weights_bytes_per_device"] / 2**20,
+                r["kv_bytes_per_device"] / 2**20,
+                (r["temp_bytes_per_device"] or 0) / 2**20,
+                n_ar,
+                n_ag,
+                sent / 2**10,
+            ]
+        )
+    print_table(
+        [
+            "mesh tp x dp",
+            "rows",
+            "step ms (median)",
+            "min-max ms",
+            "vs 1x1",
+            "weights MiB/dev",
+            "KV MiB/dev",
+            "temp MiB/dev",
+            "all-reduces/step",
+            "all-gathers/step",
+            "sent KiB/dev/step",
+        ],
+        rows,
+        title=f"ragged decode step, {args.rows} rows per replica x {args.context} context, "
+        f"shape {args.shape}, {args.dtype}",
+    )
+    out = {
+        "environment": environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "config": cfg.model_dump(),
+        "results": results,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
@@ -205,11 +265,22 @@ def plot(results: list[dict], path: Path) -> None:
     for dp in sorted({r["dp"] for r in results}):
         rs = sorted((r for r in results if r["dp"] == dp), key=lambda r: r["tp"])
         tps = [r["tp"] for r in rs]
-        a.errorbar(tps, [r["step"]["median_s"] * 1e3 for r in rs],
-                   yerr=[[(r["step"]["median_s"] - r["step"]["min_s"]) * 1e3 for r in rs],
-                         [(r["step"]["max_s"] - r["step"]["median_s"]) * 1e3 for r in rs]], marker="o", label=f"dp={dp}")
-        b.plot(tps, [(r["weights_bytes_per_device"] + r["kv_bytes_per_device"]) / 2**20 for r in rs], marker="o",
-               label=f"dp={dp}")
+        a.errorbar(
+            tps,
+            [r["step"]["median_s"] * 1e3 for r in rs],
+            yerr=[
+                [(r["step"]["median_s"] - r["step"]["min_s"]) * 1e3 for r in rs],
+                [(r["step"]["max_s"] - r["step"]["median_s"]) * 1e3 for r in rs],
+            ],
+            marker="o",
+            label=f"dp={dp}",
+        )
+        b.plot(
+            tps,
+            [(r["weights_bytes_per_device"] + r["kv_bytes_per_device"]) / 2**20 for r in rs],
+            marker="o",
+            label=f"dp={dp}",
+        )
     a.set(xlabel="tp", ylabel="decode step ms (median, min-max)", title="step time")
     b.set(yscale="log", xlabel="tp", ylabel="MiB per device", title="weights + KV per device")
     from matplotlib.ticker import NullFormatter

@@ -88,9 +88,16 @@ class EndAtToolCall:
 
 def run_once(mode, engine, model, schema, llt, runner, prompt, doc, buffer) -> dict[str, Any]:
     max_new = 100_000
-    ctrl = TimController(model, schema, max_new_tokens=max_new, prompt_len=len(prompt),
-                         pruning_buffer=buffer if mode == "runtime+prune" else None, stop_ids=[IM_END_ID],
-                         tools=runner, override=ReplayText(doc, llt))
+    ctrl = TimController(
+        model,
+        schema,
+        max_new_tokens=max_new,
+        prompt_len=len(prompt),
+        pruning_buffer=buffer if mode == "runtime+prune" else None,
+        stop_ids=[IM_END_ID],
+        tools=runner,
+        override=ReplayText(doc, llt),
+    )
     sampled = [0]
     on_token = ctrl.on_token
 
@@ -122,11 +129,20 @@ def run_once(mode, engine, model, schema, llt, runner, prompt, doc, buffer) -> d
         resume = loop.resume
     text = bytes(ctrl.tracker.buf).decode("utf-8", errors="replace")
     n_tokens = len(ctrl.tracker.token_ids)
-    return {"ok": res.finish_reason == "stop" and text == doc, "error": res.error, "wall_s": wall,
-            "tokens": n_tokens, "tokens_per_s": n_tokens / wall, "tool_calls": len(ctrl.tools.records),
-            "tool_errors": sum(r.status != "ok" for r in ctrl.tools.records),
-            "resume_s": resume, "requests": requests, "prefill_tokens": prefill, "sampled": sampled[0],
-            "peak_kv": ctrl.memory.stats().peak_working_len}
+    return {
+        "ok": res.finish_reason == "stop" and text == doc,
+        "error": res.error,
+        "wall_s": wall,
+        "tokens": n_tokens,
+        "tokens_per_s": n_tokens / wall,
+        "tool_calls": len(ctrl.tools.records),
+        "tool_errors": sum(r.status != "ok" for r in ctrl.tools.records),
+        "resume_s": resume,
+        "requests": requests,
+        "prefill_tokens": prefill,
+        "sampled": sampled[0],
+        "peak_kv": ctrl.memory.stats().peak_working_len,
+    }
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -159,8 +175,10 @@ def main(argv=None) -> dict[str, Any]:
     engine = Engine(model, max_batch=1, page_size=args.page_size, max_seq_len=max_len)
     watch = CompileWatch()
     env = environment()
-    log(f"shape {args.shape}, document tokens: " +
-        ", ".join(f"{n} calls: {len(llt.tokenize_bytes(d.encode()))}" for n, d in docs.items()))
+    log(
+        f"shape {args.shape}, document tokens: "
+        + ", ".join(f"{n} calls: {len(llt.tokenize_bytes(d.encode()))}" for n, d in docs.items())
+    )
 
     rows: dict[tuple[str, int], list[dict]] = {}
     with ToolRunner([calculator.make_server(), kb.make_server()], ToolLimits(max_calls=max(args.calls) + 1)) as runner:
@@ -178,8 +196,10 @@ def main(argv=None) -> dict[str, Any]:
                     if not r["ok"]:
                         raise RuntimeError(f"{mode} with {n} calls did not reproduce its document: {r['error']}")
                     rows.setdefault((mode, n), []).append(r)
-                    log(f"rep {rep} {mode:14s} n={n:3d} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.2f} s  "
-                        f"requests {r['requests']}  load {load_average()}")
+                    log(
+                        f"rep {rep} {mode:14s} n={n:3d} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.2f} s  "
+                        f"requests {r['requests']}  load {load_average()}"
+                    )
             report(rows, args, env, time.perf_counter() - t_start, rep + 1)  # partial results survive a stop
     return report(rows, args, env, time.perf_counter() - t_start, args.repeats, final=True)
 
@@ -189,8 +209,16 @@ def count_sampled(model, schema, llt, runner, prompt, doc) -> int:
     by driving the controller without a device (for runs recorded before ``run_once`` counted them)."""
     from types import SimpleNamespace
 
-    ctrl = TimController(model, schema, max_new_tokens=10**6, prompt_len=len(prompt), pruning_buffer=None,
-                         stop_ids=[IM_END_ID], tools=runner, override=ReplayText(doc, llt))
+    ctrl = TimController(
+        model,
+        schema,
+        max_new_tokens=10**6,
+        prompt_len=len(prompt),
+        pruning_buffer=None,
+        stop_ids=[IM_END_ID],
+        tools=runner,
+        override=ReplayText(doc, llt),
+    )
     seq, n = SimpleNamespace(generated=[]), 0
     while True:
         action = ctrl.on_token(0, seq)
@@ -217,30 +245,75 @@ def report(rows, args, env, total_s, repeats_done, final=False) -> dict[str, Any
             rs = rows[(mode, n)]
             tps = [x["tokens_per_s"] for x in rs]
             resume = [s for x in rs for s in x["resume_s"]]
-            summary.append({
-                "mode": mode, "calls": n, "tokens": rs[0]["tokens"], "tok_s": statistics.median(tps),
-                "tok_s_min": min(tps), "tok_s_max": max(tps), "vs_0_calls": statistics.median(tps) / base[mode],
-                "vs_runtime_prune": statistics.median(tps) / ref,
-                "wall_s": statistics.median(x["wall_s"] for x in rs),
-                "resume_ms": 1e3 * statistics.median(resume) if resume else None,
-                "resume_ms_max": 1e3 * max(resume) if resume else None,
-                "requests": rs[0]["requests"], "prefill_tokens": rs[0]["prefill_tokens"], "peak_kv": rs[0]["peak_kv"],
-                "tool_errors": max(x["tool_errors"] for x in rs),
-                "sampled": rs[0]["sampled"], "sampled_tok_s": statistics.median(_sampled_rate(rs)),
-                "sampled_vs_0_calls": statistics.median(_sampled_rate(rs)) / sbase[mode]})
-    headers = ["mode", "calls", "tokens", "tok/s", "min-max", "vs 0 calls", "vs runtime+prune", "sampled",
-               "sampled/s", "vs 0 calls", "resume ms (med/max)", "requests", "prefill tok", "peak KV"]
-    table_rows = [[s["mode"], s["calls"], s["tokens"], s["tok_s"], f"{s['tok_s_min']:.0f}-{s['tok_s_max']:.0f}",
-                   f"{s['vs_0_calls']:.2f}x", f"{s['vs_runtime_prune']:.2f}x", s["sampled"], s["sampled_tok_s"],
-                   f"{s['sampled_vs_0_calls']:.2f}x",
-                   "-" if s["resume_ms"] is None else f"{s['resume_ms']:.1f} / {s['resume_ms_max']:.1f}",
-                   s["requests"], s["prefill_tokens"], s["peak_kv"]] for s in summary]
+            summary.append(
+                {
+                    "mode": mode,
+                    "calls": n,
+                    "tokens": rs[0]["tokens"],
+                    "tok_s": statistics.median(tps),
+                    "tok_s_min": min(tps),
+                    "tok_s_max": max(tps),
+                    "vs_0_calls": statistics.median(tps) / base[mode],
+                    "vs_runtime_prune": statistics.median(tps) / ref,
+                    "wall_s": statistics.median(x["wall_s"] for x in rs),
+                    "resume_ms": 1e3 * statistics.median(resume) if resume else None,
+                    "resume_ms_max": 1e3 * max(resume) if resume else None,
+                    "requests": rs[0]["requests"],
+                    "prefill_tokens": rs[0]["prefill_tokens"],
+                    "peak_kv": rs[0]["peak_kv"],
+                    "tool_errors": max(x["tool_errors"] for x in rs),
+                    "sampled": rs[0]["sampled"],
+                    "sampled_tok_s": statistics.median(_sampled_rate(rs)),
+                    "sampled_vs_0_calls": statistics.median(_sampled_rate(rs)) / sbase[mode],
+                }
+            )
+    headers = [
+        "mode",
+        "calls",
+        "tokens",
+        "tok/s",
+        "min-max",
+        "vs 0 calls",
+        "vs runtime+prune",
+        "sampled",
+        "sampled/s",
+        "vs 0 calls",
+        "resume ms (med/max)",
+        "requests",
+        "prefill tok",
+        "peak KV",
+    ]
+    table_rows = [
+        [
+            s["mode"],
+            s["calls"],
+            s["tokens"],
+            s["tok_s"],
+            f"{s['tok_s_min']:.0f}-{s['tok_s_max']:.0f}",
+            f"{s['vs_0_calls']:.2f}x",
+            f"{s['vs_runtime_prune']:.2f}x",
+            s["sampled"],
+            s["sampled_tok_s"],
+            f"{s['sampled_vs_0_calls']:.2f}x",
+            "-" if s["resume_ms"] is None else f"{s['resume_ms']:.1f} / {s['resume_ms_max']:.1f}",
+            s["requests"],
+            s["prefill_tokens"],
+            s["peak_kv"],
+        ]
+        for s in summary
+    ]
     title = f"tools in one inference, shape {args.shape}, {repeats_done} repeats"
     text = print_table(headers, table_rows, title=title) if final else table_text(headers, table_rows, title=title)
-    payload = {"env": env, "args": vars(args), "summary": summary, "table": text, "bench_s": total_s,
-               "repeats_done": repeats_done,
-               "loadavg_end": load_average(),
-               "runs": {f"{m}/{n}": v for (m, n), v in rows.items()}}
+    payload = {
+        "env": env,
+        "args": vars(args),
+        "summary": summary,
+        "table": text,
+        "bench_s": total_s,
+        "repeats_done": repeats_done,
+        "loadavg_end": load_average(),
+        "runs": {f"{m}/{n}": v for (m, n), v in rows.items()},
+    }
     if args.json:
         write_json(args.json, payload)
     if args.plot:
@@ -293,11 +366,17 @@ def plot(summary, args, path: Path) -> None:
         r = [(x["calls"], x["resume_ms"]) for x in s if x["resume_ms"] is not None]
         if r:
             b.plot(*zip(*r), marker="o", label=mode)
-    a.set(xlabel="tool calls in one inference", ylabel="tokens/s (median, min-max)",
-          title=f"throughput ({args.shape}, CPU)")
+    a.set(
+        xlabel="tool calls in one inference",
+        ylabel="tokens/s (median, min-max)",
+        title=f"throughput ({args.shape}, CPU)",
+    )
     a.set_ylim(bottom=0)
-    c.set(xlabel="tool calls in one inference", ylabel="sampled tokens/s (median)",
-          title="sampled tokens only (forced ones excluded)")
+    c.set(
+        xlabel="tool calls in one inference",
+        ylabel="sampled tokens/s (median)",
+        title="sampled tokens only (forced ones excluded)",
+    )
     c.set_ylim(bottom=0)
     b.set(xlabel="tool calls in one inference", ylabel="ms (median)", title="tool answer -> next sampled token")
     b.set_yscale("log")

@@ -61,8 +61,10 @@ _EMBED = "model.embed_tokens.weight"
 
 def load_hf_config(hf_dir: Path) -> Qwen3Config:
     if not hf_dir.is_dir():
-        raise MissingFileError(f"{hf_dir}: " + ("not a directory (expected a checkpoint directory)" if hf_dir.exists()
-                                                else "no such directory"))
+        raise MissingFileError(
+            f"{hf_dir}: "
+            + ("not a directory (expected a checkpoint directory)" if hf_dir.exists() else "no such directory")
+        )
     check_readable(hf_dir)
     check_readable(hf_dir / CONFIG_FILE)
     if not (hf_dir / CONFIG_FILE).is_file():
@@ -86,7 +88,8 @@ class HFPlan:
                 m, layer = hit
                 if info.shape != shapes[m.path]:
                     raise TensorShapeError(
-                        f"{info.file}: tensor {name} has shape {info.shape}, expected {shapes[m.path]}")
+                        f"{info.file}: tensor {name} has shape {info.shape}, expected {shapes[m.path]}"
+                    )
                 check_dtype(info)
                 self.rows[name] = (m, layer)
             elif name == _LM_HEAD and cfg.tie_word_embeddings:
@@ -94,17 +97,20 @@ class HFPlan:
                 if info.shape != embed_shape:
                     raise TensorShapeError(
                         f"{info.file}: tensor {name} has shape {info.shape}, expected {embed_shape} "
-                        f"(tie_word_embeddings=true: it must equal {_EMBED})")
+                        f"(tie_word_embeddings=true: it must equal {_EMBED})"
+                    )
                 check_dtype(info)
                 self.tied_lm_head = info
             elif _IGNORED.fullmatch(name):
                 continue
             elif hit is not None and hit[1] is not None and hit[1] >= L:
                 raise UnexpectedTensorError(
-                    f"{info.file}: unexpected tensor {name}: layer {hit[1]} but {CONFIG_FILE} has num_hidden_layers={L}")
+                    f"{info.file}: unexpected tensor {name}: layer {hit[1]} but {CONFIG_FILE} has num_hidden_layers={L}"
+                )
             else:
                 raise UnexpectedTensorError(
-                    f"{info.file}: unexpected tensor {name} (not a Qwen3ForCausalLM parameter for this {CONFIG_FILE})")
+                    f"{info.file}: unexpected tensor {name} (not a Qwen3ForCausalLM parameter for this {CONFIG_FILE})"
+                )
         missing = [n for n in expected_hf_names(cfg) if n not in weights.tensors]
         if missing:
             m, _ = match_hf_name(missing[0])
@@ -113,7 +119,8 @@ class HFPlan:
             if missing[0] == _LM_HEAD:
                 hint = f"; {CONFIG_FILE} has tie_word_embeddings=false"
             raise TensorMissingError(
-                f"{weights.source}: missing tensor {missing[0]} (expected shape {shapes[m.path]}){more}{hint}")
+                f"{weights.source}: missing tensor {missing[0]} (expected shape {shapes[m.path]}){more}{hint}"
+            )
 
     @property
     def num_tensors(self) -> int:
@@ -122,7 +129,9 @@ class HFPlan:
     def source_dtypes(self) -> list[str]:
         return sorted({self.weights.tensors[n].dtype for n in self.rows})
 
-    def stream(self, dtype: np.dtype, progress: bool = False, desc: str = "convert") -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+    def stream(
+        self, dtype: np.dtype, progress: bool = False, desc: str = "convert"
+    ) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
         """Yield ``(None, {path: array})`` per global param and ``(i, {name: array})`` per complete layer.
 
         Arrays are in timjax orientation and dtype (norms float32). Files are read in order; within a file,
@@ -145,7 +154,9 @@ class HFPlan:
         def group_key(info: TensorInfo):
             row = self.rows.get(info.name)
             layer = row[1] if row else None
-            return (0, layer, "") if layer is not None else (1, -1, info.name)  # layers in order, then globals one by one
+            return (
+                (0, layer, "") if layer is not None else (1, -1, info.name)
+            )  # layers in order, then globals one by one
 
         with tqdm(total=self.num_tensors, unit="tensor", desc=desc, disable=not progress, leave=False) as bar:
             for file in self.weights.files:
@@ -166,14 +177,16 @@ class HFPlan:
                         m, layer = self.rows[info.name]
                         # copy only when needed (transposed view or another dtype): embed is passed through as read
                         with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the tensor instead
-                            y = np.asarray(m.to_timjax(x, cfg)).astype(param_dtype(m.path, dtype), order="C", copy=False)
+                            y = np.asarray(m.to_timjax(x, cfg)).astype(
+                                param_dtype(m.path, dtype), order="C", copy=False
+                            )
                         check_finite(str(info.file), info.name, y, source=x)
                         del x
                         if layer is None:
                             done.append((None, {m.path: y}))
                         else:
                             buf = pending.setdefault(layer, {})
-                            buf[m.path[len("layers."):]] = y
+                            buf[m.path[len("layers.") :]] = y
                             if len(buf) == n_layer:
                                 done.append((layer, pending.pop(layer)))
                         del y
@@ -191,7 +204,8 @@ class HFPlan:
         if not same:
             raise UnexpectedTensorError(
                 f"{self.tied_lm_head.file}: unexpected tensor {_LM_HEAD}: {CONFIG_FILE} has tie_word_embeddings=true "
-                f"but it differs from {_EMBED}")
+                f"but it differs from {_EMBED}"
+            )
 
 
 def scan_hf_checkpoint(hf_dir: str | Path) -> HFPlan:
@@ -201,8 +215,9 @@ def scan_hf_checkpoint(hf_dir: str | Path) -> HFPlan:
     return HFPlan(HFWeights.scan(hf_dir), cfg)
 
 
-def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any = "bfloat16",
-                         overwrite: bool = False, progress: bool = True) -> Path:
+def convert_hf_to_timjax(
+    hf_dir: str | Path, out_dir: str | Path, *, dtype: Any = "bfloat16", overwrite: bool = False, progress: bool = True
+) -> Path:
     """Convert a Hugging Face Qwen3 safetensors checkpoint directory into a timjax checkpoint at ``out_dir``.
 
     Streams shard by shard and writes layer by layer, so host memory stays near one layer (plus any layer
@@ -215,7 +230,9 @@ def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any 
     if out.exists() and not overwrite:  # fail before scanning
         from timjax.errors import OutputExistsError
 
-        raise OutputExistsError(f"{out.absolute()}: output directory exists (pass --overwrite / overwrite=True to replace it)")
+        raise OutputExistsError(
+            f"{out.absolute()}: output directory exists (pass --overwrite / overwrite=True to replace it)"
+        )
     plan = scan_hf_checkpoint(hf_dir)
     cfg = plan.cfg
     ckptr = orbax_checkpointer()
@@ -236,8 +253,12 @@ def convert_hf_to_timjax(hf_dir: str | Path, out_dir: str | Path, *, dtype: Any 
         assert seen_layers == cfg.num_hidden_layers
         shutil.copy2(hf_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         side = copy_side_files(hf_dir, tmp)
-        source = {"format": "huggingface-safetensors", "files": [f.name for f in plan.weights.files],
-                  "dtypes": plan.source_dtypes(), "tied_lm_head_dropped": plan.tied_lm_head is not None}
+        source = {
+            "format": "huggingface-safetensors",
+            "files": [f.name for f in plan.weights.files],
+            "dtypes": plan.source_dtypes(),
+            "tied_lm_head_dropped": plan.tied_lm_head is not None,
+        }
         (tmp / META_FILE).write_text(json.dumps(make_meta(cfg, target, source, side), indent=2) + "\n")
     return out
 
@@ -258,10 +279,14 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
         ckpt = TimjaxCheckpoint(path)
         return ckpt.cfg, ckpt.read_all(dtype)
     if not path.is_dir():
-        raise MissingFileError(f"{path}: " + ("not a directory (expected a checkpoint directory)" if path.exists()
-                                              else "no such directory"))
+        raise MissingFileError(
+            f"{path}: "
+            + ("not a directory (expected a checkpoint directory)" if path.exists() else "no such directory")
+        )
     if not (path / CONFIG_FILE).is_file():
-        raise MissingFileError(f"{path}: neither {META_FILE} nor {CONFIG_FILE} found (not a timjax or Hugging Face checkpoint)")
+        raise MissingFileError(
+            f"{path}: neither {META_FILE} nor {CONFIG_FILE} found (not a timjax or Hugging Face checkpoint)"
+        )
     plan = scan_hf_checkpoint(path)
     cfg = plan.cfg
     if dtype is None:
@@ -272,7 +297,9 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
     else:
         target = resolve_dtype(dtype)
     flat = {p: None for p in param_shapes(cfg)}
-    stacked = {p: np.empty(s, dtype=param_dtype(p, target)) for p, s in param_shapes(cfg).items() if p.startswith("layers.")}
+    stacked = {
+        p: np.empty(s, dtype=param_dtype(p, target)) for p, s in param_shapes(cfg).items() if p.startswith("layers.")
+    }
     for layer, tree in plan.stream(target):
         if layer is None:
             flat.update(tree)

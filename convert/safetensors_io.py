@@ -56,8 +56,15 @@ _ST_TO_NP = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), 
 _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 
 DTYPE_NAMES = {"bfloat16": _ST_TO_NP["BF16"], "float16": _ST_TO_NP["F16"], "float32": _ST_TO_NP["F32"]}
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
-                  "fp32": "float32", "f32": "float32", "float": "float32"}
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+}
 
 
 def resolve_dtype(dtype) -> np.dtype:
@@ -65,7 +72,7 @@ def resolve_dtype(dtype) -> np.dtype:
     if isinstance(dtype, str):
         name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
         if name.startswith("torch."):
-            name = name[len("torch."):]
+            name = name[len("torch.") :]
         if name in DTYPE_NAMES:
             return DTYPE_NAMES[name]
         raise TimjaxError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
@@ -135,8 +142,11 @@ def read_header(path: Path) -> list[TensorInfo]:
 
 
 # exponent bits of each float type: a value is NaN or inf exactly when all of them are set
-_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
-             np.dtype(np.float32): (np.uint32, 0x7F800000)}
+_EXPONENT = {
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+}
 
 
 def _all_finite(y: np.ndarray) -> bool:
@@ -145,14 +155,14 @@ def _all_finite(y: np.ndarray) -> bool:
     flat = y.reshape(-1)
     step = 1 << 20
     if y.dtype not in _EXPONENT:
-        return all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.size, step))
+        return all(np.isfinite(flat[i : i + step]).all() for i in range(0, flat.size, step))
     utype, mask = _EXPONENT[y.dtype]
     bits = flat.view(utype)
     tmp = np.empty(min(step, bits.size), utype)
     sign_clear = np.array((1 << (8 * bits.itemsize - 1)) - 1, utype)  # every bit but the sign
     for i in range(0, bits.size, step):
-        chunk = bits[i:i + step]
-        out = tmp[:chunk.size]
+        chunk = bits[i : i + step]
+        out = tmp[: chunk.size]
         np.bitwise_and(chunk, sign_clear, out=out)
         if out.size and out.max() >= mask:
             return False
@@ -170,7 +180,8 @@ def check_finite(where: str, name: str, y: np.ndarray, source: np.ndarray | None
     if source is not None and source.dtype != y.dtype and _all_finite(np.ascontiguousarray(source)):
         raise NonFiniteTensorError(
             f"{where}: tensor {name} overflows {dtype_name(y.dtype)} (values beyond its range become inf); "
-            f"use bfloat16 or float32")
+            f"use bfloat16 or float32"
+        )
     flat = y.reshape(-1)
     bad = int(np.count_nonzero(~np.isfinite(flat)))
     raise NonFiniteTensorError(f"{where}: tensor {name} has {bad} non-finite values (NaN or inf) of {flat.size}")
@@ -179,7 +190,8 @@ def check_finite(where: str, name: str, y: np.ndarray, source: np.ndarray | None
 def check_dtype(info: TensorInfo) -> None:
     if info.dtype not in _ST_TO_NP:
         raise TensorDtypeError(
-            f"{info.file}: tensor {info.name} has dtype {info.dtype}; only {', '.join(_ST_TO_NP)} are supported")
+            f"{info.file}: tensor {info.name} has dtype {info.dtype}; only {', '.join(_ST_TO_NP)} are supported"
+        )
 
 
 @dataclass
@@ -225,12 +237,15 @@ class HFWeights:
             for info in read_header(path):
                 if info.name in tensors:
                     raise CorruptFileError(
-                        f"{path}: tensor {info.name} is stored twice (also in {tensors[info.name].file.name})")
+                        f"{path}: tensor {info.name} is stored twice (also in {tensors[info.name].file.name})"
+                    )
                 tensors[info.name] = info
         if claimed is not None:
             for name, shard in claimed.items():
                 if name not in tensors or tensors[name].file.name != Path(shard).name:
-                    raise CorruptFileError(f"{index}: tensor {name} is mapped to {shard} but that file does not contain it")
+                    raise CorruptFileError(
+                        f"{index}: tensor {name} is mapped to {shard} but that file does not contain it"
+                    )
         return cls(directory, source, files, tensors)
 
     def read(self, infos: Iterable[TensorInfo]) -> Iterator[tuple[TensorInfo, np.ndarray]]:
@@ -272,7 +287,9 @@ def release_memory() -> None:
         pass
 
 
-def _header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, int]:
+def _header_bytes(
+    specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, int]:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -289,8 +306,14 @@ def _header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: 
 class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor: specs first (they fix the header), then the data in order."""
 
-    def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 *, shown: Path | None = None):
+    def __init__(
+        self,
+        path: Path,
+        specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        *,
+        shown: Path | None = None,
+    ):
         self.path = Path(path)
         self.shown = shown or self.path  # the name errors give (the final path, not the temp dir's)
         self.specs = [(n, np.dtype(d), tuple(s)) for n, d, s in specs]
@@ -306,8 +329,10 @@ class SafetensorsWriter:
         try:
             yield
         except OSError as e:  # disk full, file too large, ...: one line naming the file, not the temp path
-            raise OutputWriteError(f"{self.shown}: cannot write ({e.strerror or e} [errno {e.errno}]); "
-                                   f"the output directory is left as it was") from None
+            raise OutputWriteError(
+                f"{self.shown}: cannot write ({e.strerror or e} [errno {e.errno}]); "
+                f"the output directory is left as it was"
+            ) from None
 
     def write(self, name: str, x: np.ndarray) -> None:
         want_name, want_dt, want_shape = self.specs[self._next]
@@ -362,7 +387,9 @@ def staged_output_dir(out_dir: str | Path, overwrite: bool, *, protect: Iterable
         yield tmp
         if out.exists():
             if not overwrite:
-                raise OutputExistsError(f"{out}: output directory appeared while writing (pass --overwrite to replace it)")
+                raise OutputExistsError(
+                    f"{out}: output directory appeared while writing (pass --overwrite to replace it)"
+                )
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
@@ -374,8 +401,9 @@ def staged_output_dir(out_dir: str | Path, overwrite: bool, *, protect: Iterable
         where = _written_path(e, tmp, out)
         if where is None:
             raise
-        raise OutputWriteError(f"{where}: cannot write ({e.strerror or e} [errno {e.errno}]); "
-                               f"the output directory is left as it was") from None
+        raise OutputWriteError(
+            f"{where}: cannot write ({e.strerror or e} [errno {e.errno}]); the output directory is left as it was"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -55,7 +55,7 @@ def nest_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, x in flat.items():
         if path.startswith("layers."):
-            out.setdefault("layers", {})[path[len("layers."):]] = x
+            out.setdefault("layers", {})[path[len("layers.") :]] = x
         else:
             out[path] = x
     return out
@@ -85,7 +85,9 @@ def make_meta(cfg: Qwen3Config, dtype: np.dtype, source: dict[str, Any], side_fi
         "dtype": dtype_name(dtype),
         "num_hidden_layers": cfg.num_hidden_layers,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "params": {p: {"shape": list(s), "dtype": dtype_name(param_dtype(p, dtype))} for p, s in param_shapes(cfg).items()},
+        "params": {
+            p: {"shape": list(s), "dtype": dtype_name(param_dtype(p, dtype))} for p, s in param_shapes(cfg).items()
+        },
         "checkpoints": {
             **{p: f"{PARAMS_DIR}/{p}" for p in global_paths(cfg)},
             "layers": f"{PARAMS_DIR}/{LAYER_DIR}",
@@ -199,7 +201,9 @@ def save_item(ckptr, directory: Path, tree: dict[str, np.ndarray], *, shown: Pat
         with quiet_orbax(), deferred_interrupt():
             ckptr.save(Path(directory).absolute(), tree)
     except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports I/O failures as ValueError
-        raise OutputWriteError(f"{shown or directory}: cannot write ({os_reason(e)}); the output directory is left as it was") from None
+        raise OutputWriteError(
+            f"{shown or directory}: cannot write ({os_reason(e)}); the output directory is left as it was"
+        ) from None
 
 
 def orbax_checkpointer():
@@ -223,8 +227,10 @@ class TimjaxCheckpoint:
         if self.meta.get("format") != FORMAT_NAME or not isinstance(self.meta.get("format_version"), int):
             raise CorruptFileError(f"{meta_file}: not a timjax checkpoint description")
         if self.meta["format_version"] > FORMAT_VERSION:
-            raise CorruptFileError(f"{meta_file}: format_version {self.meta['format_version']} is newer than this "
-                                   f"timjax reads ({FORMAT_VERSION}); upgrade timjax")
+            raise CorruptFileError(
+                f"{meta_file}: format_version {self.meta['format_version']} is newer than this "
+                f"timjax reads ({FORMAT_VERSION}); upgrade timjax"
+            )
         if not (self.path / CONFIG_FILE).is_file():
             raise MissingFileError(f"{self.path}: {CONFIG_FILE} not found")
         self.cfg = Qwen3Config.from_file(self.path / CONFIG_FILE)
@@ -235,7 +241,9 @@ class TimjaxCheckpoint:
             if p not in stored:
                 raise TensorMissingError(f"{meta_file}: missing parameter {p} (expected shape {s})")
             if stored[p] != s:
-                raise TensorShapeError(f"{meta_file}: parameter {p} has shape {stored[p]}, expected {s} from {CONFIG_FILE}")
+                raise TensorShapeError(
+                    f"{meta_file}: parameter {p} has shape {stored[p]}, expected {s} from {CONFIG_FILE}"
+                )
         for p in stored:
             if p not in shapes:
                 raise UnexpectedTensorError(f"{meta_file}: unexpected parameter {p}")
@@ -254,13 +262,18 @@ class TimjaxCheckpoint:
             with quiet_orbax(), deferred_interrupt():
                 tree = self._ckptr.restore(d.absolute(), restore_args=_restore_args(shardings, dtype))
         except Exception as e:  # orbax/tensorstore raise assorted types for damaged data
-            raise CorruptFileError(f"{d}: cannot restore orbax checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
-        return {k: v if shardings is not None and shardings.get(k) is not None else np.asarray(v)
-                for k, v in tree.items()}
+            raise CorruptFileError(
+                f"{d}: cannot restore orbax checkpoint ({type(e).__name__}: {e})".splitlines()[0]
+            ) from None
+        return {
+            k: v if shardings is not None and shardings.get(k) is not None else np.asarray(v) for k, v in tree.items()
+        }
 
     def _check(self, where: str, path: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if tuple(x.shape) != tuple(shape):
-            raise TensorShapeError(f"{self.path / where}: parameter {path} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+            raise TensorShapeError(
+                f"{self.path / where}: parameter {path} has shape {tuple(x.shape)}, expected {tuple(shape)}"
+            )
         return x
 
     def read_global(self, path: str, *, sharding=None, dtype=None) -> Any:
@@ -278,7 +291,7 @@ class TimjaxCheckpoint:
         shapes = param_shapes(self.cfg)
         out = {}
         for p in layer_paths(self.cfg):
-            k = p[len("layers."):]
+            k = p[len("layers.") :]
             if k not in tree:
                 raise TensorMissingError(f"{self.path / rel}: missing parameter {p}")
             out[k] = self._check(rel, p, tree[k], shapes[p][1:])

@@ -43,9 +43,21 @@ _ROW = {m.path: m for m in HF_TABLE}
 class _Source:
     """Hands out one layer (or one global param) at a time, in timjax orientation."""
 
-    def __init__(self, cfg: Qwen3Config, get_global: Callable[[str], np.ndarray],
-                 get_layer: Callable[[int], dict[str, np.ndarray]], dtype: np.dtype, side_dir: Path | None):
-        self.cfg, self.get_global, self._get_layer, self.dtype, self.side_dir = cfg, get_global, get_layer, dtype, side_dir
+    def __init__(
+        self,
+        cfg: Qwen3Config,
+        get_global: Callable[[str], np.ndarray],
+        get_layer: Callable[[int], dict[str, np.ndarray]],
+        dtype: np.dtype,
+        side_dir: Path | None,
+    ):
+        self.cfg, self.get_global, self._get_layer, self.dtype, self.side_dir = (
+            cfg,
+            get_global,
+            get_layer,
+            dtype,
+            side_dir,
+        )
         self._cached: tuple[int, dict[str, np.ndarray]] | None = None
 
     def get_layer(self, i: int) -> dict[str, np.ndarray]:
@@ -82,7 +94,7 @@ def _memory_source(cfg: Qwen3Config, params: Any, side_dir: Path | None) -> _Sou
     return _Source(
         cfg,
         lambda p: np.asarray(flat[p]),
-        lambda i: {p[len("layers."):]: np.asarray(flat[p][i]) for p in lp},  # one layer to host at a time
+        lambda i: {p[len("layers.") :]: np.asarray(flat[p][i]) for p in lp},  # one layer to host at a time
         dt,
         side_dir,
     )
@@ -100,9 +112,16 @@ def _plan_shards(specs: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
     return shards
 
 
-def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str | Path, *, dtype: Any = None,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                        tokenizer_dir: str | Path | None = None, progress: bool = True) -> Path:
+def export_timjax_to_hf(
+    src: str | Path | tuple[Qwen3Config, Any],
+    out_dir: str | Path,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
     """Write a Hugging Face Qwen3 checkpoint (safetensors + config.json + tokenizer files) to ``out_dir``.
 
     ``src`` is a converted timjax dir or an in-memory ``(cfg, params)`` (params nested as :func:`read_params`
@@ -139,11 +158,16 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
     hf_shapes = {p: hf_shape(p, cfg) for p in param_shapes(cfg)}
     nbytes = [int(np.prod(hf_shapes[p])) * out_dt.itemsize for _, p, _ in entries]
     shards = _plan_shards([(n, b) for (n, _, _), b in zip(entries, nbytes)], max_shard_bytes)
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
 
-    with staged_output_dir(out_dir, overwrite, protect=protect) as tmp, \
-            tqdm(total=len(entries), unit="tensor", desc="export", disable=not progress, leave=False) as bar:
+    with (
+        staged_output_dir(out_dir, overwrite, protect=protect) as tmp,
+        tqdm(total=len(entries), unit="tensor", desc="export", disable=not progress, leave=False) as bar,
+    ):
         weight_map = {}
         for fname, idx in zip(names, shards):
             specs = [(entries[k][0], out_dt, hf_shapes[entries[k][1]]) for k in idx]
@@ -151,7 +175,7 @@ def export_timjax_to_hf(src: str | Path | tuple[Qwen3Config, Any], out_dir: str 
             try:
                 for k in idx:
                     name, p, layer = entries[k]
-                    x = source.get_global(p) if layer is None else source.get_layer(layer)[p[len("layers."):]]
+                    x = source.get_global(p) if layer is None else source.get_layer(layer)[p[len("layers.") :]]
                     with np.errstate(over="ignore", invalid="ignore"):  # check_finite names the tensor instead
                         y = np.asarray(_ROW[p].to_hf(x, cfg)).astype(out_dt, order="C", copy=False)
                     check_finite(str(src) if isinstance(src, (str, Path)) else "params", p, y, source=np.asarray(x))

@@ -64,8 +64,13 @@ class Sm90Result:
     @property
     def clean(self) -> bool:
         """No spills, no register cap hit, MMAs pipelined: what a tuned configuration must be."""
-        return (self.ok and self.spill_stores == 0 and self.spill_loads == 0 and self.registers < MAX_REGISTERS
-                and not self.wgmma_serialized)
+        return (
+            self.ok
+            and self.spill_stores == 0
+            and self.spill_loads == 0
+            and self.registers < MAX_REGISTERS
+            and not self.wgmma_serialized
+        )
 
     def blocks_per_sm(self) -> int:
         """Resident blocks per H100 SM from registers (64K), shared memory (228 KiB) and 2048 threads."""
@@ -105,8 +110,10 @@ def unavailable_reason() -> str | None:
         return "jax-cuda12-plugin is not installed (pip install -e '.[test]')"
 
     if version("jax-cuda12-plugin") != version("jaxlib"):
-        return (f"jax-cuda12-plugin {version('jax-cuda12-plugin')} != jaxlib {version('jaxlib')}: pin the plugin and "
-                "jax-cuda12-pjrt to the jax version in pyproject.toml's test extra")
+        return (
+            f"jax-cuda12-plugin {version('jax-cuda12-plugin')} != jaxlib {version('jaxlib')}: pin the plugin and "
+            "jax-cuda12-pjrt to the jax version in pyproject.toml's test extra"
+        )
     if find_ptxas() is None:
         return "ptxas not found (package nvidia-cuda-nvcc-cu12)"
     return None
@@ -118,7 +125,8 @@ def export_cuda(fn, *args):
     from jax import export
 
     return export.export(
-        jax.jit(fn), platforms=["cuda"],
+        jax.jit(fn),
+        platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*args)
 
@@ -152,10 +160,15 @@ def triton_calls(exported) -> list[TritonCall]:
             def get(key, cfg=cfg):
                 return ir.IntegerAttr(cfg[key]).value
 
-            calls.append(TritonCall(
-                name=ir.StringAttr(cfg["name"]).value, ir=ir.StringAttr(cfg["ir"]).value_bytes,
-                num_warps=get("num_warps"), num_stages=get("num_stages"),
-                grid=(get("grid_x"), get("grid_y"), get("grid_z"))))
+            calls.append(
+                TritonCall(
+                    name=ir.StringAttr(cfg["name"]).value,
+                    ir=ir.StringAttr(cfg["ir"]).value_bytes,
+                    num_warps=get("num_warps"),
+                    num_stages=get("num_stages"),
+                    grid=(get("grid_x"), get("grid_y"), get("grid_z")),
+                )
+            )
     return calls
 
 
@@ -170,8 +183,7 @@ def compile_sm90(call: TritonCall, *, ptxas: str | None = None) -> Sm90Result:
 
     jax.devices()  # the CUDA plugin registers its Triton compile handler when backends initialise
     try:
-        res = triton.compile("CUDA", call.ir, "9.0", num_warps=call.num_warps, num_ctas=1,
-                             num_stages=call.num_stages)
+        res = triton.compile("CUDA", call.ir, "9.0", num_warps=call.num_warps, num_ctas=1, num_stages=call.num_stages)
     except Exception as e:  # noqa: BLE001 - reraised with the kernel's name
         raise RuntimeError(f"{call.name}: Triton compile for sm_90a failed: {e}") from e
     ptxas = ptxas or find_ptxas()
@@ -180,16 +192,26 @@ def compile_sm90(call: TritonCall, *, ptxas: str | None = None) -> Sm90Result:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(res.asm)
-        p = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
-                           capture_output=True, text=True, check=False)
+        p = subprocess.run(
+            [ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     log = p.stdout + p.stderr
     if p.returncode != 0:
         raise RuntimeError(f"{call.name}: ptxas failed: {log.strip()}")
     regs = _REGS.search(log)
     spill = _SPILL.search(log)
     return Sm90Result(
-        name=call.name, num_warps=call.num_warps, num_stages=call.num_stages, grid=call.grid,
+        name=call.name,
+        num_warps=call.num_warps,
+        num_stages=call.num_stages,
+        grid=call.grid,
         registers=int(regs.group(1)) if regs else -1,
-        spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
-        smem=int(res.smem_bytes), wgmma_serialized="wgmma.mma_async instructions are serialized" in log,
-        ptxas_log=log)
+        spill_stores=int(spill.group(1)) if spill else 0,
+        spill_loads=int(spill.group(2)) if spill else 0,
+        smem=int(res.smem_bytes),
+        wgmma_serialized="wgmma.mma_async instructions are serialized" in log,
+        ptxas_log=log,
+    )

@@ -56,10 +56,20 @@ def tiny_random_tim() -> Path:
     from timjax.model import init_params
 
     tok = tokenizer()
-    cfg = Qwen3Config(vocab_size=704, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
-                      rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                      torch_dtype="float32")
+    cfg = Qwen3Config(
+        vocab_size=704,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
     out = Path(tempfile.mkdtemp(prefix="timjax-test-tim-")) / "hf"
     params = jax.tree.map(lambda x: jax.device_get(x), init_params(cfg, "float32", jax.random.key(0)))
     return export_timjax_to_hf((cfg, params), out, tokenizer_dir=tokenizer_dir(), progress=False)

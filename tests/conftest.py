@@ -16,9 +16,18 @@ def make_hf_model(seed: int = 0, dtype: str = "float32", **overrides):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
-              rope_theta=10000.0)
+    kw = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(Qwen3Config(**kw)).eval()
@@ -40,8 +49,11 @@ def timjax_from_hf(hf_model, dtype: str = "float32"):
     from timjax.params import params_from_hf_tensors
 
     cfg = Qwen3Config.from_hf_dict(hf_model.config.to_dict())
-    sd = {k: v.to(torch.float32).numpy() for k, v in hf_model.state_dict().items()
-          if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    sd = {
+        k: v.to(torch.float32).numpy()
+        for k, v in hf_model.state_dict().items()
+        if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    }
     return Qwen3(cfg, dtype=dtype, params=params_from_hf_tensors(cfg, sd))
 
 

@@ -27,9 +27,17 @@ def make(directory: str) -> None:
     from timjax.config import Qwen3Config
     from timjax.model import random_model
 
-    cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
-                      rope_theta=10000.0)
+    cfg = Qwen3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
     model = random_model(cfg, dtype="float32", seed=3)
     hf = export_timjax_to_hf((cfg, model.params()), Path(directory) / "hf", progress=False)
     convert_hf_to_timjax(hf, Path(directory) / "tj", dtype="float32", progress=False)
@@ -44,18 +52,28 @@ def run(directory: str, process_id: int, port: int) -> None:
     mesh = sharding.make_mesh(tp=4, dp=1)  # spans both processes
     model = timjax.load(f"{directory}/tj", "float32", mesh=mesh, tokenizer=False)
     local = {d.id for d in jax.local_devices()}
-    local_bytes = sum(s.data.nbytes for x in jax.tree.leaves(model.params()) for s in x.addressable_shards
-                      if s.device.id in local)
+    local_bytes = sum(
+        s.data.nbytes for x in jax.tree.leaves(model.params()) for s in x.addressable_shards if s.device.id in local
+    )
     sampled = timjax.generate(model, PROMPTS, max_new_tokens=8, max_batch=2)
     with jax.default_device(jax.local_devices()[0]):  # the single-device reference, on this process alone
         ref = timjax.load(f"{directory}/tj", "float32", tokenizer=False)
         expected = timjax.generate(ref, PROMPTS, max_new_tokens=8, max_batch=2)
         total = sum(x.nbytes for x in jax.tree.leaves(ref.params()))
-    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                      "devices": jax.device_count(), "local_share": local_bytes / total,
-                      "tokens": [list(map(int, r.tokens)) for r in sampled],
-                      "expected": [list(map(int, r.tokens)) for r in expected],
-                      "finish": [r.finish_reason for r in sampled]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "local_share": local_bytes / total,
+                "tokens": [list(map(int, r.tokens)) for r in sampled],
+                "expected": [list(map(int, r.tokens)) for r in expected],
+                "finish": [r.finish_reason for r in sampled],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

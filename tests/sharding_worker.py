@@ -12,8 +12,9 @@ from pathlib import Path
 
 N_DEVICES = 8
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={N_DEVICES}").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+).strip()
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,21 @@ from timjax.model import random_model
 
 # Tiny, float32, and shaped so every axis tp splits divides by 4 (vocab, heads, MLP) while the vocab
 # does not dominate (so "bytes per device ~ total / tp" is a real test of the weights' split).
-CFG = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
-           "num_key_value_heads": 4, "head_dim": 16, "max_position_embeddings": 256, "rope_theta": 10000.0,
-           "tie_word_embeddings": False, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
-           "torch_dtype": "float32"}
+CFG = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "torch_dtype": "float32",
+}
 
 
 def checkpoint(root: Path, **overrides) -> tuple[Path, Path]:
@@ -122,6 +134,7 @@ def paged_parity(model, ref, mesh) -> dict:
     nxt = [[int(t)] for t in rng.randint(0, CFG["vocab_size"], 4)]
     results = []
     for (m, im), c in zip(runs, caches):
+
         def step(c, chunks, m=m, im=im, **edit):
             packed, edits, kw = ragged_args(c, chunks, **edit)
             logits, _, c = ragged_logits_step(m.params(), c, packed, edits, cfg=m.config, impl=im, **kw)
@@ -131,17 +144,36 @@ def paged_parity(model, ref, mesh) -> dict:
         l2, c = step(c, nxt)  # lengths now 9, 6, 9, 4
         l3, c = step(c, nxt, lengths=[5, 3, 10, 5], compactions=[(0, 2, 6, 9)])  # slot 1: cut to 3
         pt = c.page_table[:2, :4]
-        k_rot = kernels.rotate_slots(c.k, pt, jnp.asarray([1, 0]), jnp.asarray([3, 4]), jnp.asarray([-2, 5]),
-                                     rope_theta=m.config.rope_theta, impl=im)
-        results.append((l1, l2, l3, cache_mod.gather_slots(c, 0, 6)[0], np.asarray(k_rot),
-                        spec_list(c.k) if hasattr(c.k.sharding, "spec") else []))
+        k_rot = kernels.rotate_slots(
+            c.k,
+            pt,
+            jnp.asarray([1, 0]),
+            jnp.asarray([3, 4]),
+            jnp.asarray([-2, 5]),
+            rope_theta=m.config.rope_theta,
+            impl=im,
+        )
+        results.append(
+            (
+                l1,
+                l2,
+                l3,
+                cache_mod.gather_slots(c, 0, 6)[0],
+                np.asarray(k_rot),
+                spec_list(c.k) if hasattr(c.k.sharding, "spec") else [],
+            )
+        )
     (a1, a2, a3, ak, ar, _), (b1, b2, b3, bk, br, spec) = results
     rep = br.shape[0] // ar.shape[0]  # replicated kv heads: copy j of the sharded pool is head j // rep
     bk, br = bk[:, ::rep], br[::rep]
-    return {"extend_logits_diff": float(np.abs(a1 - b1).max()), "decode_logits_diff": float(np.abs(a2 - b2).max()),
-            "after_compact_logits_diff": float(np.abs(a3 - b3).max()),
-            "compacted_k_diff": float(np.abs(ak - bk).max()), "rotated_k_diff": float(np.abs(ar - br).max()),
-            "pool_spec_after": spec}
+    return {
+        "extend_logits_diff": float(np.abs(a1 - b1).max()),
+        "decode_logits_diff": float(np.abs(a2 - b2).max()),
+        "after_compact_logits_diff": float(np.abs(a3 - b3).max()),
+        "compacted_k_diff": float(np.abs(ak - bk).max()),
+        "rotated_k_diff": float(np.abs(ar - br).max()),
+        "pool_spec_after": spec,
+    }
 
 
 def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model, ref_gen: dict) -> dict:
@@ -153,15 +185,20 @@ def measure(mesh_name: str, root: Path, ref_logits: np.ndarray, ref_model, ref_g
     out["logits_max_abs_diff"] = float(np.abs(timjax.logits(model, tokens()) - ref_logits).max())
     out["param_specs"] = {k: spec_list(v) for k, v in sharding._flat(model.params()).items()}
     out["weights"] = bytes_report(model.params(), mesh)
-    cache = sharding.create_cache(model.config, mesh, num_pages=32, page_size=4, max_seqs=4, max_seq_len=64,
-                                  dtype=jnp.float32)
+    cache = sharding.create_cache(
+        model.config, mesh, num_pages=32, page_size=4, max_seqs=4, max_seq_len=64, dtype=jnp.float32
+    )
     out["kv"] = bytes_report((cache.k, cache.v), mesh)
     out["kv_spec"] = spec_list(cache.k)
     hlo = step_hlo(model, mesh, cache, sharding.sharded_impl(mesh, "xla"))
-    out["collectives"] = [{"op": c.op, "shapes": c.shapes, "group": c.group_size, "times": c.times}
-                          for c in sharding.hlo_collectives(hlo, tp * dp)]
-    out["param_shapes"] = sorted({tuple(x.shape) for x in jax.tree.leaves(model.params())} |
-                                 {tuple(x.shape[1:]) for x in jax.tree.leaves(model.params()["layers"])})
+    out["collectives"] = [
+        {"op": c.op, "shapes": c.shapes, "group": c.group_size, "times": c.times}
+        for c in sharding.hlo_collectives(hlo, tp * dp)
+    ]
+    out["param_shapes"] = sorted(
+        {tuple(x.shape) for x in jax.tree.leaves(model.params())}
+        | {tuple(x.shape[1:]) for x in jax.tree.leaves(model.params()["layers"])}
+    )
     out["pool_shape"] = list(cache.k.shape)
     full = mesh_name == FULL_MESH  # the costlier checks (each compiles more steps) on one mesh
     if full:
@@ -177,14 +214,17 @@ def kv_replicated(root: Path) -> dict:
     ref = timjax.load(tj, "float32", tokenizer=False)
     mesh = sharding.make_mesh(tp=4, dp=1)
     model = timjax.load(tj, "float32", mesh=mesh, tokenizer=False)
-    cache = sharding.create_cache(model.config, mesh, num_pages=8, page_size=4, max_seqs=2, max_seq_len=32,
-                                  dtype=jnp.float32)
-    return {"logits_max_abs_diff": float(np.abs(timjax.logits(model, tokens()) - timjax.logits(ref, tokens())).max()),
-            "k_proj_shape": list(model.params()["layers"]["k_proj"].shape),
-            "k_proj_local": list(model.params()["layers"]["k_proj"].addressable_shards[0].data.shape),
-            "pool_local": list(cache.k.addressable_shards[0].data.shape),
-            "checkpoint_kv_heads": model.checkpoint_kv_heads,
-            "paged": paged_parity(model, ref, mesh)}
+    cache = sharding.create_cache(
+        model.config, mesh, num_pages=8, page_size=4, max_seqs=2, max_seq_len=32, dtype=jnp.float32
+    )
+    return {
+        "logits_max_abs_diff": float(np.abs(timjax.logits(model, tokens()) - timjax.logits(ref, tokens())).max()),
+        "k_proj_shape": list(model.params()["layers"]["k_proj"].shape),
+        "k_proj_local": list(model.params()["layers"]["k_proj"].addressable_shards[0].data.shape),
+        "pool_local": list(cache.k.addressable_shards[0].data.shape),
+        "checkpoint_kv_heads": model.checkpoint_kv_heads,
+        "paged": paged_parity(model, ref, mesh),
+    }
 
 
 def tim_replay(model, doc, reposition: str, buffer: int = 1) -> dict:
@@ -198,15 +238,27 @@ def tim_replay(model, doc, reposition: str, buffer: int = 1) -> dict:
 
     llt = llg_tokenizer(model.tokenizer, model.config.vocab_size, [151645])
     prompt = model.tokenizer("Think it through.")["input_ids"]
-    ctrl = TimController(model, tim_schema(max_depth=5), max_new_tokens=20_000, prompt_len=len(prompt),
-                         pruning_buffer=buffer, override=ReplayText(serialise(doc), llt))
+    ctrl = TimController(
+        model,
+        tim_schema(max_depth=5),
+        max_new_tokens=20_000,
+        prompt_len=len(prompt),
+        pruning_buffer=buffer,
+        override=ReplayText(serialise(doc), llt),
+    )
     raw, on_token = [], ctrl.on_token
     ctrl.on_token = lambda token, seq: (raw.append(int(token)), on_token(token, seq))[1]
     engine = Engine(model, max_batch=1, page_size=4, max_seq_len=256, reposition=reposition)
     r = engine.run([Request(prompt, 20_000, controller=ctrl)])[0]
-    return {"raw": raw, "tokens": list(map(int, r.tokens)), "tree": r.response.model_dump_json() if r.response else None,
-            "pruned": [list(p) for p in r.pruned_paths], "working": r.working_memory_text,
-            "finish": r.finish_reason, "prune_events": r.stats.prune_events}
+    return {
+        "raw": raw,
+        "tokens": list(map(int, r.tokens)),
+        "tree": r.response.model_dump_json() if r.response else None,
+        "pruned": [list(p) for p in r.pruned_paths],
+        "working": r.working_memory_text,
+        "finish": r.finish_reason,
+        "prune_events": r.stats.prune_events,
+    }
 
 
 GENERATE = {"greedy": {}, "sampled": {"temperature": 0.8, "top_p": 0.9, "seed": 5}}
@@ -219,8 +271,11 @@ def generate_all(model, sampled: bool = True) -> dict:
     """timjax.generate: 5 prompts through 2-row engines (continuous batching), greedy, and sampled with
     per-request seeds."""
     prompts = [list(map(int, r)) for r in tokens(5, 7)]
-    return {name: [list(map(int, r.tokens)) for r in timjax.generate(model, prompts, max_new_tokens=8, max_batch=2, **kw)]
-            for name, kw in GENERATE.items() if sampled or name == "greedy"}
+    return {
+        name: [list(map(int, r.tokens)) for r in timjax.generate(model, prompts, max_new_tokens=8, max_batch=2, **kw)]
+        for name, kw in GENERATE.items()
+        if sampled or name == "greedy"
+    }
 
 
 def cli_tp4(root: Path, tok_dir: Path, cfg: Qwen3Config, ref_model) -> dict:
@@ -237,12 +292,29 @@ def cli_tp4(root: Path, tok_dir: Path, cfg: Qwen3Config, ref_model) -> dict:
     for tp in (1, 4):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            rc = cli(["generate", str(hf), "--prompt", "The tree", "--prompt", "A list", "--max-new-tokens", "4",
-                      "--dtype", "float32", "--json", "--tp", str(tp)])
+            rc = cli(
+                [
+                    "generate",
+                    str(hf),
+                    "--prompt",
+                    "The tree",
+                    "--prompt",
+                    "A list",
+                    "--max-new-tokens",
+                    "4",
+                    "--dtype",
+                    "float32",
+                    "--json",
+                    "--tp",
+                    str(tp),
+                ]
+            )
         runs[tp] = {"rc": rc, "results": json.loads(buf.getvalue())}
-    return {"rc": [runs[1]["rc"], runs[4]["rc"]],
-            "equal": [a["tokens"] == b["tokens"] for a, b in zip(runs[1]["results"], runs[4]["results"])],
-            "n_tokens": [len(b["tokens"]) for b in runs[4]["results"]]}
+    return {
+        "rc": [runs[1]["rc"], runs[4]["rc"]],
+        "equal": [a["tokens"] == b["tokens"] for a, b in zip(runs[1]["results"], runs[4]["results"])],
+        "n_tokens": [len(b["tokens"]) for b in runs[4]["results"]],
+    }
 
 
 def tim_trees(root: Path) -> dict:
@@ -252,14 +324,25 @@ def tim_trees(root: Path) -> dict:
 
     tok_dir = build_qwen3_tokenizer(root / "tok")
     tok = load_qwen3_tokenizer(str(tok_dir))
-    cfg = Qwen3Config(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      rope_theta=10000.0, eos_token_id=151645)
+    cfg = Qwen3Config(
+        vocab_size=151_936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        eos_token_id=151645,
+    )
     ref = random_model(cfg, dtype="float32", seed=3, tokenizer=tok)
     sharded = sharding.shard_model(ref, sharding.make_mesh(tp=4, dp=1))
     doc = synthetic_document(depth=3, breadth=2, roots=1, words=2, seed=1)
-    out = {mode: {"ref": tim_replay(ref, doc, mode), "sharded": tim_replay(sharded, doc, mode)}
-           for mode in ("reencode", "shift")}
+    out = {
+        mode: {"ref": tim_replay(ref, doc, mode), "sharded": tim_replay(sharded, doc, mode)}
+        for mode in ("reencode", "shift")
+    }
     out["cli"] = cli_tp4(root, Path(tok_dir), cfg, ref)
     return out
 
@@ -275,25 +358,35 @@ def export_cuda(mesh_name: str) -> dict:
     tp, dp = (int(x) for x in mesh_name.split("x"))
     mesh = sharding.make_mesh(tp=tp, dp=dp)
     model = sharding.shard_model(random_model(Qwen3Config.from_hf_dict(CFG), dtype="bfloat16"), mesh)
-    cache = sharding.create_cache(model.config, mesh, num_pages=32, page_size=16, max_seqs=4, max_seq_len=128,
-                                  dtype=jnp.bfloat16)
+    cache = sharding.create_cache(
+        model.config, mesh, num_pages=32, page_size=16, max_seqs=4, max_seq_len=128, dtype=jnp.bfloat16
+    )
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     ints, floats, kw = flat_step_args(cache, [[1] * 8, [2], [3] * 5, [4]], compactions=[(0, 1, 2, 3)])
     step = jax.jit(partial(flat_generate_step, cfg=model.config, impl=sharding.sharded_impl(mesh, "pallas"), **kw))
-    exp = export.export(step, platforms=["cuda"],
-                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), ints, floats)
+    exp = export.export(
+        step, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    )(jax.tree.map(spec, model.params()), jax.tree.map(spec, cache), ints, floats)
     text = exp.mlir_module()
-    return {"platforms": list(exp.platforms), "nr_devices": exp.nr_devices,
-            "triton_calls": text.count("xla.gpu.triton"), "manual": text.count("sdy.manual_computation"),
-            "pool_split": '#sdy.sharding<@mesh, [{"tp"}, {}, {}, {}]>' in text}
+    return {
+        "platforms": list(exp.platforms),
+        "nr_devices": exp.nr_devices,
+        "triton_calls": text.count("xla.gpu.triton"),
+        "manual": text.count("sdy.manual_computation"),
+        "pool_split": '#sdy.sharding<@mesh, [{"tp"}, {}, {}, {}]>' in text,
+    }
 
 
 def decode_inputs(rows: int):
     from timjax.sampling import SamplingParams
 
-    sp = SamplingParams(jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows), jnp.zeros(rows, jnp.uint32),
-                        jnp.zeros(rows, jnp.int32))
+    sp = SamplingParams(
+        jnp.zeros(rows),
+        jnp.zeros(rows, jnp.int32),
+        jnp.ones(rows),
+        jnp.zeros(rows, jnp.uint32),
+        jnp.zeros(rows, jnp.int32),
+    )
     return jnp.arange(rows, dtype=jnp.int32), jnp.zeros((rows, 1), jnp.int32), jnp.ones(rows, jnp.int32), sp
 
 
@@ -324,8 +417,10 @@ def main() -> None:
             def hf_dir():
                 mesh = sharding.make_mesh(tp=2, dp=2)
                 model = timjax.load(hf, "float32", mesh=mesh, tokenizer=False)
-                return {"logits_max_abs_diff": float(np.abs(timjax.logits(model, tokens()) - ref_logits).max()),
-                        "weights": bytes_report(model.params(), mesh)}
+                return {
+                    "logits_max_abs_diff": float(np.abs(timjax.logits(model, tokens()) - ref_logits).max()),
+                    "weights": bytes_report(model.params(), mesh),
+                }
 
             result["hf_dir"] = timed("hf_dir", hf_dir)
         else:

@@ -8,8 +8,16 @@ import pytest
 from timjax.cache import check_invariants, create_cache, release, reserve, truncate
 from timjax.config import Qwen3Config
 
-CFG = Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=8, max_position_embeddings=512)
+CFG = Qwen3Config(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=512,
+)
 
 
 @jax.jit
@@ -22,8 +30,9 @@ def _grow(cache, rows, n):
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_random_alloc_free_keeps_every_page_owned_once(page_size):
     rs = np.random.RandomState(page_size)
-    cache = create_cache(CFG, num_pages=96 // page_size + 3, page_size=page_size, max_seqs=4, max_seq_len=128,
-                         dtype=jnp.float32)
+    cache = create_cache(
+        CFG, num_pages=96 // page_size + 3, page_size=page_size, max_seqs=4, max_seq_len=128, dtype=jnp.float32
+    )
     for step in range(60):
         rows = rs.permutation(4)[:2].astype(np.int32)
         n = rs.randint(0, min(8 * page_size, 20), size=2).astype(np.int32)

@@ -22,8 +22,16 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     torch.manual_seed(1)
-    cfg = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    cfg = transformers.Qwen3Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
     model = transformers.Qwen3ForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -36,8 +44,9 @@ def hf_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "timjax.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "timjax.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def tensors(d: Path) -> dict[str, bytes]:
@@ -84,7 +93,9 @@ def test_convert_dtype_and_overwrite(hf_dir, tmp_path, capsys):
     assert main(["convert", str(hf_dir), str(out), "--dtype", "float16", "--overwrite", "--no-progress"]) == 0
     assert json.loads((out / "timjax.json").read_text())["dtype"] == "float16"
     exp = tmp_path / "hf16"
-    assert main(["export", str(out), str(exp), "--dtype", "bfloat16", "--max-shard-gb", "0.00002", "--no-progress"]) == 0
+    assert (
+        main(["export", str(out), str(exp), "--dtype", "bfloat16", "--max-shard-gb", "0.00002", "--no-progress"]) == 0
+    )
     assert (exp / "model.safetensors.index.json").is_file()
     assert {v[0] for v in tensors(exp).values()} == {"bfloat16"}
     capsys.readouterr()
@@ -131,10 +142,12 @@ def test_cli_error_messages(hf_dir, tmp_path, capsys):
 
 def test_import_is_cheap():
     """timjax.cli itself adds no heavy imports (jax may come from the timjax package __init__)."""
-    code = ("import sys, timjax; before = set(sys.modules); import timjax.cli; "
-            "new = set(sys.modules) - before; "
-            "print(sorted(m for m in new if m.split('.')[0] in ('jax', 'orbax', 'torch', 'transformers', 'safetensors') "
-            "or m.startswith('timjax.convert')))")
+    code = (
+        "import sys, timjax; before = set(sys.modules); import timjax.cli; "
+        "new = set(sys.modules) - before; "
+        "print(sorted(m for m in new if m.split('.')[0] in ('jax', 'orbax', 'torch', 'transformers', 'safetensors') "
+        "or m.startswith('timjax.convert')))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 

@@ -50,9 +50,11 @@ def _compile_all(name, fn, args, *, must_be_clean=False):
         _FIGURES.append(dict(case=name, **res.row()))
         assert res.ok, f"{name} / {res.name}: {res.smem} bytes of shared memory > {SC.H100_SMEM_PER_BLOCK}"
         if must_be_clean:
-            assert res.clean, (f"{name} / {res.name}: tuned entry is not clean: {res.registers} registers, "
-                               f"spills {res.spill_stores}/{res.spill_loads} B, wgmma serialized "
-                               f"{res.wgmma_serialized}")
+            assert res.clean, (
+                f"{name} / {res.name}: tuned entry is not clean: {res.registers} registers, "
+                f"spills {res.spill_stores}/{res.spill_loads} B, wgmma serialized "
+                f"{res.wgmma_serialized}"
+            )
         results.append(res)
     return results
 
@@ -76,8 +78,16 @@ def test_tuned_table_covers_served_classes():
 def _tiny_cfg():
     from timjax.config import Qwen3Config
 
-    return Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1e6)
+    return Qwen3Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        rope_theta=1e6,
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 8])
@@ -94,8 +104,13 @@ def test_generate_step_lowers_and_compiles_for_cuda(chunk):
     params = jax.eval_shape(lambda: init_params(cfg, "bfloat16", jax.random.key(0)))
     cache = jax.eval_shape(lambda: create_cache(cfg, num_pages=64, page_size=16, max_seqs=max_seqs, max_seq_len=256))
     S = jax.ShapeDtypeStruct
-    sampling = SamplingParams(S((rows,), jnp.float32), S((rows,), jnp.int32), S((rows,), jnp.float32),
-                              S((rows,), jnp.uint32), S((rows,), jnp.int32))
+    sampling = SamplingParams(
+        S((rows,), jnp.float32),
+        S((rows,), jnp.int32),
+        S((rows,), jnp.float32),
+        S((rows,), jnp.uint32),
+        S((rows,), jnp.int32),
+    )
     fn = functools.partial(steps.generate_step, cfg=cfg, impl="pallas", kv_pages=8)
     args = (params, cache, S((rows,), jnp.int32), S((rows, chunk), jnp.int32), S((rows,), jnp.int32), sampling)
     results = _compile_all(f"generate_step chunk {chunk}", fn, args)
@@ -117,14 +132,26 @@ def test_ragged_generate_step_lowers_and_compiles_for_cuda(n_tokens, n_edits):
     params = jax.eval_shape(lambda: init_params(cfg, "bfloat16", jax.random.key(0)))
     cache = jax.eval_shape(lambda: create_cache(cfg, num_pages=64, page_size=ps, max_seqs=max_seqs, max_seq_len=256))
     S, i32 = jax.ShapeDtypeStruct, jnp.int32
-    packed = steps.Packed(tokens=S((n_tokens,), i32), token_row=S((n_tokens,), i32), rows=S((rows,), i32),
-                          q_len=S((rows,), i32), cu_q_lens=S((rows + 1,), i32))
-    edits = steps.Edits(lengths=S((max_seqs,), i32), slot=S((n_edits,), i32), start=S((n_edits,), i32),
-                        end=S((n_edits,), i32), length=S((n_edits,), i32))
-    sampling = SamplingParams(S((rows,), jnp.float32), S((rows,), i32), S((rows,), jnp.float32),
-                              S((rows,), jnp.uint32), S((rows,), i32))
-    fn = functools.partial(steps.ragged_generate_step, cfg=cfg, impl="pallas", kv_pages=8,
-                           max_new_pages=-(-n_tokens // ps) + 1)
+    packed = steps.Packed(
+        tokens=S((n_tokens,), i32),
+        token_row=S((n_tokens,), i32),
+        rows=S((rows,), i32),
+        q_len=S((rows,), i32),
+        cu_q_lens=S((rows + 1,), i32),
+    )
+    edits = steps.Edits(
+        lengths=S((max_seqs,), i32),
+        slot=S((n_edits,), i32),
+        start=S((n_edits,), i32),
+        end=S((n_edits,), i32),
+        length=S((n_edits,), i32),
+    )
+    sampling = SamplingParams(
+        S((rows,), jnp.float32), S((rows,), i32), S((rows,), jnp.float32), S((rows,), jnp.uint32), S((rows,), i32)
+    )
+    fn = functools.partial(
+        steps.ragged_generate_step, cfg=cfg, impl="pallas", kv_pages=8, max_new_pages=-(-n_tokens // ps) + 1
+    )
     results = _compile_all(f"ragged_generate_step N{n_tokens} E{n_edits}", fn, (params, cache, packed, edits, sampling))
     names = {r.name.split("_bm")[0] for r in results}
     assert any(n.startswith("ragged_paged_attention") for n in names), names
@@ -143,7 +170,13 @@ def test_flat_generate_step_lowers_and_compiles_for_cuda():
     cache = jax.eval_shape(lambda: create_cache(cfg, num_pages=64, page_size=ps, max_seqs=s, max_seq_len=256))
     ints = jax.ShapeDtypeStruct((2 * n + 6 * s + 1 + 4 * e,), jnp.int32)
     floats = jax.ShapeDtypeStruct((2 * s,), jnp.float32)
-    fn = functools.partial(steps.flat_generate_step, cfg=cfg, impl="pallas", kv_pages=8,
-                           max_new_pages=-(-n // ps) + 1, layout=steps.flat_layout(n, s, e))
+    fn = functools.partial(
+        steps.flat_generate_step,
+        cfg=cfg,
+        impl="pallas",
+        kv_pages=8,
+        max_new_pages=-(-n // ps) + 1,
+        layout=steps.flat_layout(n, s, e),
+    )
     results = _compile_all(f"flat_generate_step N{n} S{s} E{e}", fn, (params, cache, ints, floats))
     assert {r.name.split("_bm")[0] for r in results} >= {"ragged_paged_attention", "kv_compact"}

@@ -21,8 +21,17 @@ from timjax.errors import TimjaxError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+)
 
 
 def make_hf(path: Path, *, tied: bool, dtype: str, shard: str | None, seed: int = 0) -> Path:
@@ -103,8 +112,11 @@ def converted(hf_dirs, tmp_path_factory) -> dict[str, Path]:
 def test_fixture_has_a_layer_split_across_shards(hf_dirs):
     files = hf_files(hf_dirs["tied-bf16-sharded"])
     assert len(set(files.values())) >= 3
-    split = [i for i in range(TINY["num_hidden_layers"])
-             if len({f for n, f in files.items() if n.startswith(f"model.layers.{i}.")}) > 1]
+    split = [
+        i
+        for i in range(TINY["num_hidden_layers"])
+        if len({f for n, f in files.items() if n.startswith(f"model.layers.{i}.")}) > 1
+    ]
     assert split, "expected some layer's tensors to span two shards"
 
 
@@ -258,10 +270,16 @@ def test_missing_weights(hf_dirs, tmp_path):
 
 
 def test_missing_tensor(hf_dirs, tmp_path):
-    d = single_copy(hf_dirs["untied-f32-single"], tmp_path / "d",
-                    lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
-    expect_error(errors.TensorMissingError, d, tmp_path / "out", "model.layers.1.self_attn.k_norm.weight",
-                 str(d / "model.safetensors"))
+    d = single_copy(
+        hf_dirs["untied-f32-single"], tmp_path / "d", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight")
+    )
+    expect_error(
+        errors.TensorMissingError,
+        d,
+        tmp_path / "out",
+        "model.layers.1.self_attn.k_norm.weight",
+        str(d / "model.safetensors"),
+    )
 
 
 def test_missing_lm_head_untied(hf_dirs, tmp_path):
@@ -274,8 +292,15 @@ def test_wrong_shape(hf_dirs, tmp_path):
         t["model.layers.2.mlp.up_proj.weight"] = t["model.layers.2.mlp.up_proj.weight"][:-1]
 
     d = single_copy(hf_dirs["untied-f32-single"], tmp_path / "d", mutate)
-    expect_error(errors.TensorShapeError, d, tmp_path / "out", "model.layers.2.mlp.up_proj.weight",
-                 "(63, 32)", "(64, 32)", "model.safetensors")
+    expect_error(
+        errors.TensorShapeError,
+        d,
+        tmp_path / "out",
+        "model.layers.2.mlp.up_proj.weight",
+        "(63, 32)",
+        "(64, 32)",
+        "model.safetensors",
+    )
 
 
 def test_extra_tensor(hf_dirs, tmp_path):
@@ -283,8 +308,9 @@ def test_extra_tensor(hf_dirs, tmp_path):
         t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
 
     d = single_copy(hf_dirs["untied-f32-single"], tmp_path / "d", mutate)
-    expect_error(errors.UnexpectedTensorError, d, tmp_path / "out", "model.layers.0.self_attn.q_proj.bias",
-                 "model.safetensors")
+    expect_error(
+        errors.UnexpectedTensorError, d, tmp_path / "out", "model.layers.0.self_attn.q_proj.bias", "model.safetensors"
+    )
 
 
 def test_extra_layer(hf_dirs, tmp_path):
@@ -292,20 +318,29 @@ def test_extra_layer(hf_dirs, tmp_path):
         t["model.layers.3.input_layernorm.weight"] = np.ones(32, np.float32)
 
     d = single_copy(hf_dirs["untied-f32-single"], tmp_path / "d", mutate)
-    expect_error(errors.UnexpectedTensorError, d, tmp_path / "out", "model.layers.3.input_layernorm.weight",
-                 "num_hidden_layers=3")
+    expect_error(
+        errors.UnexpectedTensorError,
+        d,
+        tmp_path / "out",
+        "model.layers.3.input_layernorm.weight",
+        "num_hidden_layers=3",
+    )
 
 
 def test_inv_freq_buffers_are_skipped(hf_dirs, tmp_path):
-    d = single_copy(hf_dirs["untied-f32-single"], tmp_path / "d",
-                    lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32)))
+    d = single_copy(
+        hf_dirs["untied-f32-single"],
+        tmp_path / "d",
+        lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32)),
+    )
     convert_hf_to_timjax(d, tmp_path / "out", dtype="float32", progress=False)
 
 
 def test_tied_checkpoint_with_lm_head(hf_dirs, converted, tmp_path):
     src = hf_dirs["tied-bf16-sharded"]
-    same = single_copy(src, tmp_path / "same",
-                       lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    same = single_copy(
+        src, tmp_path / "same", lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy())
+    )
     out = convert_hf_to_timjax(same, tmp_path / "out_same", dtype="bfloat16", progress=False)
     _, a = read_params(out)
     _, b = read_params(converted["tied-bf16-sharded"])
@@ -316,13 +351,22 @@ def test_tied_checkpoint_with_lm_head(hf_dirs, converted, tmp_path):
         t["lm_head.weight"][0, 0] += 1
 
     diff = single_copy(src, tmp_path / "diff", differ)
-    expect_error(errors.UnexpectedTensorError, diff, tmp_path / "out_diff", "lm_head.weight",
-                 "tie_word_embeddings=true", "differs")
+    expect_error(
+        errors.UnexpectedTensorError,
+        diff,
+        tmp_path / "out_diff",
+        "lm_head.weight",
+        "tie_word_embeddings=true",
+        "differs",
+    )
 
 
 def test_unsupported_tensor_dtype(hf_dirs, tmp_path):
-    d = single_copy(hf_dirs["untied-f32-single"], tmp_path / "d",
-                    lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].astype(np.float64)))
+    d = single_copy(
+        hf_dirs["untied-f32-single"],
+        tmp_path / "d",
+        lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].astype(np.float64)),
+    )
     expect_error(errors.TensorDtypeError, d, tmp_path / "out", "model.norm.weight", "F64")
 
 
@@ -430,7 +474,9 @@ def test_export_errors(converted, tmp_path, hf_dirs):
     cfg, params = read_params(converted["untied-f32-single"])
     q = params["layers"]["q_proj"]
     params["layers"]["q_proj"] = q[:, :, :2]
-    with pytest.raises(errors.TensorShapeError, match=r"layers.q_proj has shape \(3, 32, 2, 16\), expected \(3, 32, 4, 16\)"):
+    with pytest.raises(
+        errors.TensorShapeError, match=r"layers.q_proj has shape \(3, 32, 2, 16\), expected \(3, 32, 4, 16\)"
+    ):
         export_timjax_to_hf((cfg, params), tmp_path / "y", progress=False)
     params["layers"]["q_proj"] = q
     del params["lm_head"]

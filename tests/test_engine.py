@@ -98,11 +98,12 @@ def test_parked_sequence_waits_while_the_others_decode(tiny_pair, prompts, alone
     parked = ParkingController(park_after=2, polls=4, inject=inject, log=log, max_new_tokens=N_NEW)
     plain = [PlainController(max_new_tokens=N_NEW) for _ in prompts[1:]]
     reqs = [Request(prompts[0], N_NEW, controller=parked)] + [
-        Request(p, N_NEW, controller=c) for p, c in zip(prompts[1:], plain)]
+        Request(p, N_NEW, controller=c) for p, c in zip(prompts[1:], plain)
+    ]
     results = Engine(model, **ENGINE).run(reqs, on_token=on_token)
     assert parked.parked_polls == 4 and all(r.finish_reason == "length" for r in results)
     polls = [i for i, e in enumerate(log) if e[0] == "poll"]
-    between = log[polls[0]:polls[-1]]
+    between = log[polls[0] : polls[-1]]
     assert ("token", 0) not in between and any(e[0] == "token" for e in between)  # the others went on
     # the same token stream without parking: the injected tokens written straight after the sampled one
     forced = ForcingController(park_after=2, inject=inject, max_new_tokens=N_NEW)
@@ -142,7 +143,8 @@ def test_long_lived_engine_does_not_recompile_across_calls(tiny_pair):
     rs = np.random.RandomState(3)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, d, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, d, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
     # the first calls compile the buckets they reach (packed tokens 8 and 16; 1 or 4 decode rows; 4 pages)
     first = timjax.generate(eng, [rs.randint(0, 256, n).tolist() for n in (5, 9, 2)], max_new_tokens=4, stop_ids=[])
     first.append(eng.generate(rs.randint(0, 256, 7).tolist(), max_new_tokens=4, stop_ids=[]))
@@ -225,8 +227,10 @@ def test_at_most_two_dispatches_per_iteration(tiny_pair, prompts, monkeypatch, r
 @pytest.mark.parametrize("method", ["fill_mask", "on_token", "poll", "finish"])
 def test_a_controller_exception_ends_only_its_sequence(tiny_pair, prompts, method):
     _, model = tiny_pair
-    reqs = [Request(p, N_NEW, controller=MaskedForcingPruner(max_new_tokens=N_NEW, fail=f))
-            for p, f in zip(prompts[:3], [None, method, None])]
+    reqs = [
+        Request(p, N_NEW, controller=MaskedForcingPruner(max_new_tokens=N_NEW, fail=f))
+        for p, f in zip(prompts[:3], [None, method, None])
+    ]
     results = _run(model, reqs)
     assert results[1].finish_reason == "error" and f"controller.{method} raised RuntimeError" in results[1].error
     ok = _run(model, [reqs[0].__class__(prompts[0], N_NEW, controller=MaskedForcingPruner(max_new_tokens=N_NEW))])[0]
@@ -245,14 +249,23 @@ def test_non_finite_logits_end_the_sequence_with_an_error(tiny_pair, prompts):
 
 
 # ---------------------------------------------------------------------------------------------- page-table invariants
-CFG = Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=8, max_position_embeddings=512)
+CFG = Qwen3Config(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=512,
+)
 
 
 @jax.jit
 def _prepare(cache, packed, edits):
-    cache, q_len = steps.prepare(cache, packed, edits, kv_pages=8, max_new_pages=cdiv(16, 4) + 1,
-                                 rope_theta=10000.0, impl="xla")
+    cache, q_len = steps.prepare(
+        cache, packed, edits, kv_pages=8, max_new_pages=cdiv(16, 4) + 1, rope_theta=10000.0, impl="xla"
+    )
     return cache.replace(lengths=cache.lengths.at[packed.rows].add(q_len))
 
 
@@ -266,21 +279,28 @@ class _FakeModel:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["admit", "step", "step", "step", "prune", "finish"]),
-                          st.integers(0, 10**6)), min_size=5, max_size=40),
-       st.sampled_from(["reencode", "shift"]))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["admit", "step", "step", "step", "prune", "finish"]), st.integers(0, 10**6)),
+        min_size=5,
+        max_size=40,
+    ),
+    st.sampled_from(["reencode", "shift"]),
+)
 def test_page_table_invariants_under_random_schedules(ops, reposition):
     """Admissions, steps (with preemption under a tight pool), prunes and finishes in random order: after
     every step the device allocator and the scheduler's page count agree, and every page is owned once."""
-    runner = Runner(_FakeModel(), max_batch=4, page_size=4, max_seq_len=32, num_pages=10, impl="xla",
-                    reposition=reposition)
+    runner = Runner(
+        _FakeModel(), max_batch=4, page_size=4, max_seq_len=32, num_pages=10, impl="xla", reposition=reposition
+    )
     sched = Scheduler(slots=4, max_batch=4, num_pages=10, page_size=4, max_step_tokens=16)
     seqs = []
     for op, x in ops:
         resident = sched.resident
         if op == "admit":
-            s = SeqState(len(seqs), Request([1] * (1 + x % 20), 8), PlainController(max_new_tokens=8),
-                         pending=[1] * (1 + x % 20))
+            s = SeqState(
+                len(seqs), Request([1] * (1 + x % 20), 8), PlainController(max_new_tokens=8), pending=[1] * (1 + x % 20)
+            )
             seqs.append(s)
             sched.add(s)
         elif op == "prune" and resident:
@@ -302,8 +322,8 @@ def test_page_table_invariants_under_random_schedules(ops, reposition):
             runner.cache = _prepare(runner.cache, packed, edits)
             assert not np.asarray(runner.cache.oom).any()
             for r in plan.rows:
-                r.seq.cached += r.seq.pending[:r.n]
-                r.seq.pending = r.seq.pending[r.n:] or ([3] if r.samples else [])
+                r.seq.cached += r.seq.pending[: r.n]
+                r.seq.pending = r.seq.pending[r.n :] or ([3] if r.samples else [])
             check_invariants(runner.cache)
             lengths = np.asarray(runner.cache.lengths)
             for slot, s in enumerate(sched.slots):

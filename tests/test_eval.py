@@ -25,9 +25,9 @@ from timjax.train.corpus import (
 
 def test_heldout_problems_are_heldout_and_grouped():
     probs = heldout_problems(2)
-    assert [(p.kind, p.depth) for p in probs] == [(k, d) for k, d in
-                                                 [("arith", 1), ("arith", 2), ("arith", 3), ("lookup", 2), ("lookup", 3)]
-                                                 for _ in range(2)]
+    assert [(p.kind, p.depth) for p in probs] == [
+        (k, d) for k, d in [("arith", 1), ("arith", 2), ("arith", 3), ("lookup", 2), ("lookup", 3)] for _ in range(2)
+    ]
     train_keys = {p.key for p in problems(CorpusSpec(), "train", 300)}
     assert not train_keys & {p.key for p in probs}
 
@@ -37,7 +37,9 @@ def test_jsonl_problems_round_trip_and_bad_lines_name_the_file(tmp_path):
     path = tmp_path / "p.jsonl"
     save_problems_jsonl(probs, str(path))
     back = load_problems_jsonl(str(path))
-    assert [(p.question, p.answer, p.kind, p.depth) for p in back] == [(p.question, p.answer, p.kind, p.depth) for p in probs]
+    assert [(p.question, p.answer, p.kind, p.depth) for p in back] == [
+        (p.question, p.answer, p.kind, p.depth) for p in probs
+    ]
     (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_problems_jsonl(str(tmp_path / "bad.jsonl"))

@@ -27,18 +27,27 @@ def hf_greedy(tiny_pair, prompts):
     for p in prompts:
         with torch.no_grad():
             ids = hf.generate(torch.tensor([p]), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
-        out.append(ids[0, len(p):].tolist())
+        out.append(ids[0, len(p) :].tolist())
     return out
 
 
-@pytest.mark.parametrize("impl,page_size", [("xla", 1), ("xla", 4), ("xla", 16),
-                                            ("pallas_interpret", 1), ("pallas_interpret", 4),
-                                            ("pallas_interpret", 16)])
+@pytest.mark.parametrize(
+    "impl,page_size",
+    [("xla", 1), ("xla", 4), ("xla", 16), ("pallas_interpret", 1), ("pallas_interpret", 4), ("pallas_interpret", 16)],
+)
 def test_greedy_matches_transformers(tiny_pair, prompts, hf_greedy, impl, page_size):
     _, model = tiny_pair
     # 3 slots for 4 prompts: the last prompt waits for a slot (continuous batching)
-    results = timjax.generate(model, prompts, max_new_tokens=N_NEW, page_size=page_size, max_batch=3, impl=impl,
-                              stop_ids=[], engine_options={"check_cache": True})
+    results = timjax.generate(
+        model,
+        prompts,
+        max_new_tokens=N_NEW,
+        page_size=page_size,
+        max_batch=3,
+        impl=impl,
+        stop_ids=[],
+        engine_options={"check_cache": True},
+    )
     for r, ref in zip(results, hf_greedy):
         assert r.finish_reason == "length" and r.error is None
         assert r.tokens == ref
@@ -49,10 +58,11 @@ def test_single_prompt_streaming_and_stop_id(tiny_pair, prompts, hf_greedy):
     _, model = tiny_pair
     seen = []
     stop = hf_greedy[1][4]
-    r = timjax.generate(model, prompts[1], max_new_tokens=N_NEW, stop_ids=[stop],
-                        on_token=lambda i, t: seen.append((i, t)))
+    r = timjax.generate(
+        model, prompts[1], max_new_tokens=N_NEW, stop_ids=[stop], on_token=lambda i, t: seen.append((i, t))
+    )
     k = hf_greedy[1].index(stop)
-    assert r.tokens == hf_greedy[1][:k + 1] and r.finish_reason == "stop"
+    assert r.tokens == hf_greedy[1][: k + 1] and r.finish_reason == "stop"
     assert seen == [(0, t) for t in r.tokens]
 
 
@@ -61,8 +71,7 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_pair):
     p = np.random.RandomState(3).randint(0, 256, 70).tolist()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([p]), max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, 70:].tolist()
-    r = timjax.generate(model, p, max_new_tokens=5, stop_ids=[], page_size=4,
-                        engine_options={"max_step_tokens": 16})
+    r = timjax.generate(model, p, max_new_tokens=5, stop_ids=[], page_size=4, engine_options={"max_step_tokens": 16})
     assert r.tokens == ref
 
 
@@ -70,8 +79,15 @@ def test_out_of_pages_preempts_and_both_finish_exactly(tiny_pair, prompts, hf_gr
     _, model = tiny_pair
     # 13 pages of 4 for sequences needing 4 and 11: both start, the pool runs out, the newer one is
     # preempted and resumes once the older one is done; both finish with transformers' tokens.
-    results = timjax.generate(model, [prompts[0], prompts[3]], max_new_tokens=N_NEW, page_size=4, kv_tokens=52,
-                              stop_ids=[], engine_options={"check_cache": True})
+    results = timjax.generate(
+        model,
+        [prompts[0], prompts[3]],
+        max_new_tokens=N_NEW,
+        page_size=4,
+        kv_tokens=52,
+        stop_ids=[],
+        engine_options={"check_cache": True},
+    )
     assert [r.tokens for r in results] == [hf_greedy[0], hf_greedy[3]]
     assert all(r.finish_reason == "length" for r in results)
     assert results[1].stats.preemptions >= 1 and results[0].stats.preemptions == 0
@@ -100,7 +116,7 @@ def _prefill(model, cache, prompts):
     T = 64
     tokens = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
+        tokens[i, : len(p)] = p
     q_len = np.array([len(p) for p in prompts], np.int32)
     rows = np.arange(len(prompts), dtype=np.int32)
     sp = SamplingParams(**jax.device_put(SamplingParams.host(len(prompts))))
@@ -129,8 +145,17 @@ def test_multi_step_decode_loop_matches_transformers(tiny_pair, prompts, hf_gree
     cache = create_cache(cfg, num_pages=64, page_size=4, max_seqs=4, max_seq_len=128, dtype=jnp.float32)
     nxt, cache, sp = _prefill(model, cache, prompts)
     out, cache, _, active = steps.decode_loop(
-        model.params(), cache, nxt, jnp.ones(4, bool), sp, jnp.array([-1], jnp.int32),
-        jnp.full(4, N_NEW - 1, jnp.int32), cfg=cfg, impl="xla", num_steps=N_NEW + 2)
+        model.params(),
+        cache,
+        nxt,
+        jnp.ones(4, bool),
+        sp,
+        jnp.array([-1], jnp.int32),
+        jnp.full(4, N_NEW - 1, jnp.int32),
+        cfg=cfg,
+        impl="xla",
+        num_steps=N_NEW + 2,
+    )
     out = np.asarray(out)
     for i, ref in enumerate(hf_greedy):
         got = [int(nxt[i])] + [t for t in out[:, i].tolist() if t >= 0]

@@ -40,8 +40,15 @@ def test_labels_of_real_tokens_match_the_replay():
 
 def test_one_grpo_step_runs_end_to_end_and_updates_the_policy(tmp_path):
     flip = itertools.cycle([1.0, 0.0])
-    cfg = GRPOConfig(model_dir=str(tiny_random_tim()), out_dir=str(tmp_path), steps=1, problems_per_step=1,
-                     group_size=2, max_new_tokens=40, lr=1e-2)
+    cfg = GRPOConfig(
+        model_dir=str(tiny_random_tim()),
+        out_dir=str(tmp_path),
+        steps=1,
+        problems_per_step=1,
+        group_size=2,
+        max_new_tokens=40,
+        lr=1e-2,
+    )
     import timjax
 
     before = timjax.load(cfg.model_dir, dtype="float32").params()
@@ -49,8 +56,10 @@ def test_one_grpo_step_runs_end_to_end_and_updates_the_policy(tmp_path):
     st = out["history"][0]
     assert st["rollouts"] == 2 and st["groups_with_signal"] == 1 and st["updated"]
     assert np.isfinite(st["loss"])
-    changed = [not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree.leaves(before), jax.tree.leaves(out["params"]))]
+    changed = [
+        not np.allclose(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(out["params"]))
+    ]
     assert any(changed)
     assert json.loads(open(tmp_path / "grpo_log.jsonl").readline())["step"] == 0
     timjax.load(out["hf_dir"], dtype="float32")

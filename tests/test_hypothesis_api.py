@@ -23,8 +23,16 @@ from timjax.config import ConfigError, Qwen3Config
 from timjax.errors import ParameterError
 
 I32, U32 = 2**31 - 1, 2**32 - 1
-CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, max_position_embeddings=128)
+CFG = Qwen3Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8]]
 NAN, INF = math.nan, math.inf
 NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*(cudart_stub|cuda_))")
@@ -66,6 +74,7 @@ VALID = {  # values that keep the engine's shapes fixed (one compile): 2 prompts
 @contextlib.contextmanager
 def time_limit(seconds: int):
     """A hang (the old max_batch=0 spin) fails the test instead of blocking CI."""
+
     def on_alarm(signum, frame):
         raise TimeoutError(f"no answer within {seconds} s")
 
@@ -94,8 +103,9 @@ def named(msg: str) -> str:
     return m.group(1)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_generate_random_parameters(model, data):
     bad = data.draw(st.sets(st.sampled_from(sorted(BAD)), max_size=2), label="bad")
@@ -123,7 +133,7 @@ def test_generate_random_parameters(model, data):
             assert r.tokens[-1] in stops
         if kw.get("temperature", 0.0) == 0.0:  # greedy: the reference run, cut by the budget or a stop id
             cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
-            assert r.tokens == ref[:min(n, cut)], (kw, r.tokens, ref)
+            assert r.tokens == ref[: min(n, cut)], (kw, r.tokens, ref)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -141,8 +151,11 @@ FLAGS = {  # flag -> predicate over the parsed value that says it is valid
     "--max-subtasks": (int, lambda v: 1 <= v <= I32),
 }
 NUMBER_TEXT = st.one_of(
-    st.integers(-5, 70).map(str), st.sampled_from(["4294967295", "4294967296", "2147483648", "1e400", "-0"]),
-    st.floats(allow_nan=True, allow_infinity=True).map(repr), st.sampled_from(["nan", "inf", "-inf", "x", "", "0x10"]))
+    st.integers(-5, 70).map(str),
+    st.sampled_from(["4294967295", "4294967296", "2147483648", "1e400", "-0"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", "inf", "-inf", "x", "", "0x10"]),
+)
 
 
 def parsed(kind, text):
@@ -182,15 +195,41 @@ def test_cli_random_flag_values(flags):
 
 # ------------------------------------------------------------------------------------ random bad configs
 
-BASE = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 64, "hidden_size": 32,
-        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 8, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128,
-        "tie_word_embeddings": False, "eos_token_id": 2}
-INT_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings"]
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=True),
-                        st.text(max_size=4), st.lists(st.integers(-2, 9), max_size=2),
-                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=1))
+BASE = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+INT_FIELDS = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+]
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**40),
+    st.floats(allow_nan=True),
+    st.text(max_size=4),
+    st.lists(st.integers(-2, 9), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=1),
+)
 
 
 def certainly_bad(field: str, value) -> bool:
@@ -199,8 +238,7 @@ def certainly_bad(field: str, value) -> bool:
     if field in INT_FIELDS:
         return not isinstance(value, int) or isinstance(value, bool) or value <= 0
     if field in ("rms_norm_eps", "rope_theta"):
-        return (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                or value <= 0)
+        return not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0
     if field == "tie_word_embeddings":
         return not isinstance(value, bool)
     return False
@@ -217,8 +255,14 @@ def assert_runnable(cfg: Qwen3Config) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(edits=st.dictionaries(st.sampled_from(sorted(BASE) + ["rope_parameters", "rope_scaling"]),
-                             st.one_of(st.just("<delete>"), JSON_VALUES), min_size=1, max_size=3))
+@given(
+    edits=st.dictionaries(
+        st.sampled_from(sorted(BASE) + ["rope_parameters", "rope_scaling"]),
+        st.one_of(st.just("<delete>"), JSON_VALUES),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_random_broken_configs(edits):
     raw = dict(BASE)
     for k, v in edits.items():

@@ -47,9 +47,16 @@ def make_batch(rng, rows, *, n_tokens, hkv, group, hd, ps, window, dtype, garbag
             v_pages[:, perm[b, s // ps], s % ps] = vd[b, s]
         pt[b, : -(-n // ps)] = perm[b, : -(-n // ps)]
     q = rng.standard_normal((n_tokens, hkv * group, hd)).astype(np.float32)
-    q[cu[-1]:] = garbage  # padding tokens may hold anything too
-    args = (jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype), jnp.asarray(pt),
-            jnp.asarray(q_start), jnp.asarray(q_len), jnp.asarray(cu))
+    q[cu[-1] :] = garbage  # padding tokens may hold anything too
+    args = (
+        jnp.asarray(q, dtype),
+        jnp.asarray(k_pages, dtype),
+        jnp.asarray(v_pages, dtype),
+        jnp.asarray(pt),
+        jnp.asarray(q_start),
+        jnp.asarray(q_len),
+        jnp.asarray(cu),
+    )
     return args, kd, vd
 
 
@@ -87,8 +94,9 @@ class TestRaggedReference:
         rows, ps, window = MIXED[name]
         rng = np.random.default_rng(len(rows) * 7 + group)
         n_tokens = sum(n for _, n in rows) + 3
-        args, kd, vd = make_batch(rng, rows, n_tokens=n_tokens, hkv=2, group=group, hd=16, ps=ps,
-                                  window=window, dtype=dtype)
+        args, kd, vd = make_batch(
+            rng, rows, n_tokens=n_tokens, hkv=2, group=group, hd=16, ps=ps, window=window, dtype=dtype
+        )
         out = reference(*args, block_q=block_q)
         assert out.shape == args[0].shape and out.dtype == dtype
         q, *_, q_start, q_len, cu = args
@@ -96,7 +104,7 @@ class TestRaggedReference:
         got = _f32(out)
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, **_tol(dtype))
-        assert np.all(got[int(cu[-1]):] == 0)
+        assert np.all(got[int(cu[-1]) :] == 0)
 
     @pytest.mark.parametrize("seed", range(6))
     def test_random_splits_vs_dense(self, seed):
@@ -110,8 +118,9 @@ class TestRaggedReference:
             rows.append((int(rng.integers(0, window * ps - n + 1)), n))
         n_tokens = sum(n for _, n in rows) + int(rng.integers(1, 6))
         group = int(rng.choice([1, 2, 4]))
-        args, kd, vd = make_batch(rng, rows, n_tokens=n_tokens, hkv=1, group=group, hd=8, ps=ps, window=window,
-                                  dtype=jnp.float32)
+        args, kd, vd = make_batch(
+            rng, rows, n_tokens=n_tokens, hkv=1, group=group, hd=8, ps=ps, window=window, dtype=jnp.float32
+        )
         block_q = [None, 1, 2, 8][seed % 4]
         q, *_, q_start, q_len, cu = args
         want = dense_ragged(_f32(q), kd, vd, _f32(q_start), _f32(q_len), _f32(cu), 8**-0.5)
@@ -121,8 +130,9 @@ class TestRaggedReference:
         """Rows of equal q_len packed flat == the padded [B, T] extend reference; ops dispatches."""
         rng = np.random.default_rng(1)
         rows = [(3, 4), (0, 4), (12, 4)]
-        args, *_ = make_batch(rng, rows, n_tokens=12, hkv=2, group=2, hd=16, ps=4, window=5,
-                              dtype=jnp.float32, garbage=0.25)
+        args, *_ = make_batch(
+            rng, rows, n_tokens=12, hkv=2, group=2, hd=16, ps=4, window=5, dtype=jnp.float32, garbage=0.25
+        )
         q, kp, vp, pt, qs, ql, cu = args
         ext = K.paged_extend_attention_reference(q.reshape(3, 4, 4, 16), kp, vp, qs, ql, pt, scale=0.3)
         rag = K.ragged_attention(q, kp, vp, pt, qs, ql, cu, scale=0.3, impl="xla")
@@ -144,8 +154,12 @@ class TestRaggedReference:
         rng = np.random.default_rng(3)
         rows = [(2, 1), (0, 6)]
         n_layers, window = 2, 3
-        per_layer = [make_batch(rng, rows, n_tokens=8, hkv=2, group=2, hd=16, ps=4, window=window,
-                                dtype=jnp.float32, extra_pages=0)[0] for _ in range(n_layers)]
+        per_layer = [
+            make_batch(
+                rng, rows, n_tokens=8, hkv=2, group=2, hd=16, ps=4, window=window, dtype=jnp.float32, extra_pages=0
+            )[0]
+            for _ in range(n_layers)
+        ]
         p = per_layer[0][1].shape[1]
         kp = jnp.concatenate([a[1] for a in per_layer], axis=1)
         vp = jnp.concatenate([a[2] for a in per_layer], axis=1)
@@ -157,6 +171,7 @@ class TestRaggedReference:
         def run(q, kp, vp, pts):
             def step(c, xs):
                 return c, K.ragged_attention(xs[0], kp, vp, xs[1], qs, ql, cu, impl="xla")
+
             return jax.lax.scan(step, 0, (q, pts))[1]
 
         out = run(q, kp, vp, pts)
@@ -200,8 +215,9 @@ class TestRaggedKernel:
         rows, ps, window = MIXED[name]
         rng = np.random.default_rng(group * 10 + ps)
         n_tokens = sum(n for _, n in rows) + 3
-        args, kd, vd = make_batch(rng, rows, n_tokens=n_tokens, hkv=2, group=group, hd=16, ps=ps, window=window,
-                                  dtype=dtype)
+        args, kd, vd = make_batch(
+            rng, rows, n_tokens=n_tokens, hkv=2, group=group, hd=16, ps=ps, window=window, dtype=dtype
+        )
         out = self._kernel(*args, **tuning)
         assert out.shape == args[0].shape and out.dtype == dtype
         got = _f32(out)
@@ -210,7 +226,7 @@ class TestRaggedKernel:
         want = dense_ragged(_f32(q), kd, vd, _f32(q_start), _f32(q_len), _f32(cu), 16**-0.5)
         np.testing.assert_allclose(got, want, **_tol(dtype))
         np.testing.assert_allclose(got, _f32(reference(*args)), **_tol(dtype))
-        assert np.all(got[int(cu[-1]):] == 0)
+        assert np.all(got[int(cu[-1]) :] == 0)
 
     @pytest.mark.parametrize("seed", range(2))
     def test_random_splits(self, seed):
@@ -219,13 +235,14 @@ class TestRaggedKernel:
         rows = [(int(rng.integers(0, 20)), int(rng.integers(0, 12))) for _ in range(int(rng.integers(2, 6)))]
         n_tokens = sum(n for _, n in rows) + int(rng.integers(1, 9))
         group = [2, 4][seed]
-        args, kd, vd = make_batch(rng, rows, n_tokens=n_tokens, hkv=1, group=group, hd=16, ps=4, window=8,
-                                  dtype=jnp.float32)
+        args, kd, vd = make_batch(
+            rng, rows, n_tokens=n_tokens, hkv=1, group=group, hd=16, ps=4, window=8, dtype=jnp.float32
+        )
         got = _f32(self._kernel(*args, block_m=16, block_k=16))
         q, *_, q_start, q_len, cu = args
         want = dense_ragged(_f32(q), kd, vd, _f32(q_start), _f32(q_len), _f32(cu), 16**-0.5)
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-        assert np.all(got[int(cu[-1]):] == 0)
+        assert np.all(got[int(cu[-1]) :] == 0)
 
     def test_decode_only_and_scale(self):
         rng = np.random.default_rng(5)
@@ -239,8 +256,9 @@ class TestRaggedKernel:
         """The engine zeroes q_len of a row that ran out of pages but keeps cu_q_lens: its tokens read 0 and the
         rows after it are unaffected (both paths)."""
         rng = np.random.default_rng(8)
-        args, *_ = make_batch(rng, [(2, 3), (0, 4), (7, 2)], n_tokens=12, hkv=2, group=2, hd=16, ps=4, window=3,
-                              dtype=jnp.float32)
+        args, *_ = make_batch(
+            rng, [(2, 3), (0, 4), (7, 2)], n_tokens=12, hkv=2, group=2, hd=16, ps=4, window=3, dtype=jnp.float32
+        )
         q, kp, vp, pt, qs, ql, cu = args
         ql0 = ql.at[1].set(0)
         got = _f32(self._kernel(q, kp, vp, pt, qs, ql0, cu))
@@ -252,15 +270,18 @@ class TestRaggedKernel:
 
     def test_all_rows_padding(self):
         rng = np.random.default_rng(6)
-        args, *_ = make_batch(rng, [(0, 0), (0, 0)], n_tokens=4, hkv=1, group=2, hd=16, ps=4, window=2,
-                              dtype=jnp.float32)
+        args, *_ = make_batch(
+            rng, [(0, 0), (0, 0)], n_tokens=4, hkv=1, group=2, hd=16, ps=4, window=2, dtype=jnp.float32
+        )
         assert np.all(_f32(self._kernel(*args)) == 0)
 
     def test_in_jit_scan_over_layers(self):
         rng = np.random.default_rng(7)
         rows = [(5, 1), (0, 4)]
-        layers = [make_batch(rng, rows, n_tokens=6, hkv=1, group=2, hd=16, ps=4, window=3, dtype=jnp.float32)[0]
-                  for _ in range(2)]
+        layers = [
+            make_batch(rng, rows, n_tokens=6, hkv=1, group=2, hd=16, ps=4, window=3, dtype=jnp.float32)[0]
+            for _ in range(2)
+        ]
         q = jnp.stack([a[0] for a in layers])
         kp = jnp.stack([a[1] for a in layers])
         vp = jnp.stack([a[2] for a in layers])
@@ -271,6 +292,7 @@ class TestRaggedKernel:
         def run(q, kp, vp, pts):
             def step(c, xs):
                 return c, self._kernel(xs[0], xs[1], xs[2], xs[3], qs, ql, cu)
+
             return jax.lax.scan(step, 0, (q, kp, vp, pts))[1]
 
         out = run(q, kp, vp, pts)
@@ -284,19 +306,34 @@ class TestRaggedKernelInterpret(TestRaggedKernel):
 
 class TestRaggedValidation:
     def _args(self, **over):
-        a = dict(q=jnp.zeros((8, 4, 16)), k_pages=jnp.zeros((2, 6, 4, 16)), v_pages=jnp.zeros((2, 6, 4, 16)),
-                 page_table=jnp.zeros((3, 2), jnp.int32), q_start=jnp.zeros((3,), jnp.int32),
-                 q_len=jnp.zeros((3,), jnp.int32), cu_q_lens=jnp.zeros((4,), jnp.int32))
+        a = dict(
+            q=jnp.zeros((8, 4, 16)),
+            k_pages=jnp.zeros((2, 6, 4, 16)),
+            v_pages=jnp.zeros((2, 6, 4, 16)),
+            page_table=jnp.zeros((3, 2), jnp.int32),
+            q_start=jnp.zeros((3,), jnp.int32),
+            q_len=jnp.zeros((3,), jnp.int32),
+            cu_q_lens=jnp.zeros((4,), jnp.int32),
+        )
         a.update(over)
         return a
 
-    @pytest.mark.parametrize("over,match", [
-        (dict(q=jnp.zeros((8, 4, 32))), r"q: head_dim 32 \(q \(8, 4, 32\)\) != head_dim 16 \(k_pages \(2, 6, 4, 16\)\)"),
-        (dict(q=jnp.zeros((8, 3, 16))), r"Hq 3 .* Hkv 2"),
-        (dict(v_pages=jnp.zeros((2, 6, 2, 16))), r"v_pages: shape \(2, 6, 2, 16\) differs from k_pages"),
-        (dict(cu_q_lens=jnp.zeros((3,), jnp.int32)), r"cu_q_lens: shape \(3,\), want \(4,\) for page_table \(3, 2\)"),
-        (dict(q_len=jnp.zeros((3,))), r"q_len: dtype float32"),
-    ])
+    @pytest.mark.parametrize(
+        "over,match",
+        [
+            (
+                dict(q=jnp.zeros((8, 4, 32))),
+                r"q: head_dim 32 \(q \(8, 4, 32\)\) != head_dim 16 \(k_pages \(2, 6, 4, 16\)\)",
+            ),
+            (dict(q=jnp.zeros((8, 3, 16))), r"Hq 3 .* Hkv 2"),
+            (dict(v_pages=jnp.zeros((2, 6, 2, 16))), r"v_pages: shape \(2, 6, 2, 16\) differs from k_pages"),
+            (
+                dict(cu_q_lens=jnp.zeros((3,), jnp.int32)),
+                r"cu_q_lens: shape \(3,\), want \(4,\) for page_table \(3, 2\)",
+            ),
+            (dict(q_len=jnp.zeros((3,))), r"q_len: dtype float32"),
+        ],
+    )
     def test_bad_shapes(self, over, match):
         with pytest.raises(ValueError, match=match):
             K.ragged_attention(**self._args(**over), impl="pallas_interpret")
@@ -314,8 +351,16 @@ def test_ragged_step_pallas_interpret_matches_xla():
     from timjax.config import Qwen3Config
     from timjax.model import init_params
 
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4)
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=1e4,
+    )
     params = init_params(cfg, "float32", jax.random.key(0), std=0.2)
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     no_edits = steps.Edits(lengths=i32([99] * 4), slot=i32([]), start=i32([]), end=i32([]), length=i32([]))
@@ -326,19 +371,22 @@ def test_ragged_step_pallas_interpret_matches_xla():
         toks = np.zeros(n, np.int32)
         rows = np.zeros(n, np.int32)
         for r, c in enumerate(chunks):
-            toks[cu[r]:cu[r + 1]] = c
-            rows[cu[r]:cu[r + 1]] = r
+            toks[cu[r] : cu[r + 1]] = c
+            rows[cu[r] : cu[r + 1]] = r
         return steps.Packed(i32(toks), i32(rows), i32(np.arange(len(chunks))), i32(q_len), i32(cu))
 
-    iters = [packed([[1, 2, 3, 4, 5], [6, 7, 8], [], [9]], 16),
-             packed([[10], [11, 12, 13, 14, 15, 16], [17, 18], [19]], 16)]
+    iters = [
+        packed([[1, 2, 3, 4, 5], [6, 7, 8], [], [9]], 16),
+        packed([[10], [11, 12, 13, 14, 15, 16], [17, 18], [19]], 16),
+    ]
     out = {}
     for impl in ("xla", "pallas_interpret"):
         cache = create_cache(cfg, num_pages=16, page_size=4, max_seqs=4, max_seq_len=32, dtype=jnp.float32)
         logits = []
         for p in iters:
-            lg, bad, cache = steps.ragged_logits_step(params, cache, p, no_edits, cfg=cfg, impl=impl, kv_pages=8,
-                                                      max_new_pages=5)
+            lg, bad, cache = steps.ragged_logits_step(
+                params, cache, p, no_edits, cfg=cfg, impl=impl, kv_pages=8, max_new_pages=5
+            )
             assert not np.any(np.asarray(bad)[np.asarray(p.q_len) > 0])
             logits.append(np.asarray(lg))
         out[impl] = (logits, np.asarray(cache.k), np.asarray(cache.lengths))
@@ -359,8 +407,12 @@ def test_q_block_row_search_covers_every_token_once(block_q):
 
     n_tokens, n_rows = 64, 8
     grid = V1.num_q_blocks(n_tokens, n_rows, block_q)
-    find = jax.jit(jax.vmap(jax.vmap(lambda cu, qb: V1._find_row(cu, qb, n_rows=n_rows, block_q=block_q),
-                                     in_axes=(None, 0)), in_axes=(0, None)))
+    find = jax.jit(
+        jax.vmap(
+            jax.vmap(lambda cu, qb: V1._find_row(cu, qb, n_rows=n_rows, block_q=block_q), in_axes=(None, 0)),
+            in_axes=(0, None),
+        )
+    )
     rng = np.random.default_rng(block_q)
     cus = []
     for _ in range(300):
@@ -379,4 +431,4 @@ def test_q_block_row_search_covers_every_token_once(block_q):
             t = local[qb] * block_q + np.arange(block_q)
             t = t[t < cu[r + 1] - cu[r]]
             seen[cu[r] + t] += 1
-        assert np.all(seen[: cu[-1]] == 1) and np.all(seen[cu[-1]:] == 0)
+        assert np.all(seen[: cu[-1]] == 1) and np.all(seen[cu[-1] :] == 0)

@@ -14,14 +14,22 @@ CONFIGS = {
     # untied, GQA 2, head_dim != hidden/heads (64/4 = 16 vs 24)
     "untied-gqa2-hd24": dict(head_dim=24, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
     # tied embeddings, GQA 4, other rope_theta
-    "tied-gqa4": dict(tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
-                      rope_theta=1_000_000.0),
+    "tied-gqa4": dict(
+        tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_theta=1_000_000.0
+    ),
     # multi-head (GQA 1), three layers
-    "mha-3layers": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32, num_hidden_layers=3,
-                        rope_theta=500.0),
+    "mha-3layers": dict(
+        num_attention_heads=4, num_key_value_heads=4, head_dim=32, num_hidden_layers=3, rope_theta=500.0
+    ),
     # GQA 4 with one kv head, wide head_dim, untied
-    "gqa4-onekv-hd48": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=48, hidden_size=96,
-                            intermediate_size=160, rope_theta=50000.0),
+    "gqa4-onekv-hd48": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=48,
+        hidden_size=96,
+        intermediate_size=160,
+        rope_theta=50000.0,
+    ),
 }
 
 
@@ -42,8 +50,14 @@ def test_float32_logits_match_transformers(name):
 def test_bfloat16_argmax_agrees():
     # Tied embeddings (as in Qwen3-0.6B) give the random model peaked predictions; with untied random
     # heads the top-2 logits are near ties and even transformers' bf16 disagrees with its own fp32.
-    kw = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=3, head_dim=32,
-              tie_word_embeddings=True)
+    kw = dict(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        head_dim=32,
+        tie_word_embeddings=True,
+    )
     hf32 = make_hf_model(seed=5, **kw)
     hf16 = make_hf_model(seed=5, dtype="bfloat16", **kw)
     ids = np.random.RandomState(2).randint(0, 1024, size=(8, 64))
@@ -89,15 +103,22 @@ def test_config_accepts_both_rope_spellings():
     assert cfg.rope_theta == 777.0 and cfg.head_dim == 16
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("model_type", "qwen3_moe", "model_type='qwen3_moe'"),
-    ("architectures", ["Qwen3MoeForCausalLM"], "architectures"),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}, "rope_parameters.rope_type='yarn'"),
-    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling.rope_type='linear'"),
-    ("use_sliding_window", True, "use_sliding_window=True"),
-    ("num_key_value_heads", 3, "num_key_value_heads=3"),
-    ("head_dim", None, "head_dim"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("model_type", "qwen3_moe", "model_type='qwen3_moe'"),
+        ("architectures", ["Qwen3MoeForCausalLM"], "architectures"),
+        (
+            "rope_parameters",
+            {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0},
+            "rope_parameters.rope_type='yarn'",
+        ),
+        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling.rope_type='linear'"),
+        ("use_sliding_window", True, "use_sliding_window=True"),
+        ("num_key_value_heads", 3, "num_key_value_heads=3"),
+        ("head_dim", None, "head_dim"),
+    ],
+)
 def test_config_refuses_unsupported(tmp_path, field, value, needle):
     raw = _hf_config(**{field: value})
     (tmp_path / "config.json").write_text(json.dumps(raw))

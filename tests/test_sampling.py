@@ -9,8 +9,13 @@ from timjax.steps import sample_step as sample  # jitted: one compile per shape
 
 def _params(b, temperature=0.0, top_k=0, top_p=1.0, seed=0, counter=0):
     full = lambda v, dt: jnp.full((b,), v, dt)
-    return SamplingParams(full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32),
-                          full(seed, jnp.uint32), full(counter, jnp.int32))
+    return SamplingParams(
+        full(temperature, jnp.float32),
+        full(top_k, jnp.int32),
+        full(top_p, jnp.float32),
+        full(seed, jnp.uint32),
+        full(counter, jnp.int32),
+    )
 
 
 def test_bitmask_layout_bit_j_of_word_i_is_token_32i_plus_j():
@@ -30,8 +35,9 @@ def _rows(b, **kw):
     """Per-row params where counter and seed may be arrays."""
     p = _params(b)
     fields = {k: jnp.broadcast_to(jnp.asarray(v, getattr(p, k).dtype), (b,)) for k, v in kw.items()}
-    return SamplingParams(**{**{k: getattr(p, k) for k in ("temperature", "top_k", "top_p", "seed", "counter")},
-                             **fields})
+    return SamplingParams(
+        **{**{k: getattr(p, k) for k in ("temperature", "top_k", "top_p", "seed", "counter")}, **fields}
+    )
 
 
 def test_mask_is_applied_before_greedy_and_sampling():
@@ -43,9 +49,13 @@ def test_mask_is_applied_before_greedy_and_sampling():
     greedy = np.asarray(sample(jnp.asarray(logits), _params(4), jnp.asarray(pack_bitmask(allowed))))
     assert all(allowed[i, greedy[i]] for i in range(4))
     n = 80  # 20 seeds x 4 rows in one call
-    drawn = np.asarray(sample(jnp.asarray(np.tile(logits, (20, 1))),
-                              _rows(n, temperature=1.5, seed=np.repeat(np.arange(20), 4)),
-                              jnp.asarray(pack_bitmask(np.tile(allowed, (20, 1))))))
+    drawn = np.asarray(
+        sample(
+            jnp.asarray(np.tile(logits, (20, 1))),
+            _rows(n, temperature=1.5, seed=np.repeat(np.arange(20), 4)),
+            jnp.asarray(pack_bitmask(np.tile(allowed, (20, 1)))),
+        )
+    )
     assert all(np.tile(allowed, (20, 1))[i, drawn[i]] for i in range(n))
     assert len(set(drawn[0::4].tolist())) == 2  # row 0 has two allowed tokens; both get drawn
 
@@ -72,5 +82,7 @@ def test_top_k_and_top_p_restrict_support():
     t = np.asarray(sample(logits, _rows(n, temperature=1.0, counter=counter)))
     assert abs(np.mean(t == 0) - 0.5) < 0.08 and set(t.tolist()) == {0, 1, 2, 3}
     # rows mix: a greedy row among sampled rows stays greedy
-    mixed = np.asarray(sample(logits[:4], _rows(4, temperature=np.array([0, 1, 1, 1], np.float32), counter=np.arange(4))))
+    mixed = np.asarray(
+        sample(logits[:4], _rows(4, temperature=np.array([0, 1, 1, 1], np.float32), counter=np.arange(4)))
+    )
     assert mixed[0] == 0

@@ -25,9 +25,19 @@ def report(tmp_path_factory):
     """Both halves of the worker, side by side (each is mostly single-threaded compilation)."""
     tmp = tmp_path_factory.mktemp("sharding")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    jobs = {part: (tmp / f"{part}.json", subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp / f"{part}.json"), part, *(MESHES if part == "meshes" else ())],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for part in ("meshes", "runtime")}
+    jobs = {
+        part: (
+            tmp / f"{part}.json",
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(tmp / f"{part}.json"), part, *(MESHES if part == "meshes" else ())],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for part in ("meshes", "runtime")
+    }
     out = {}
     for part, (path, proc) in jobs.items():
         _, err = proc.communicate(timeout=1800)
@@ -153,8 +163,15 @@ def test_mesh_errors_are_clear():
 
     with pytest.raises(ValueError, match="needs 64 devices"):
         make_mesh(tp=8, dp=8)
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=6, num_key_value_heads=3, head_dim=8)
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+    )
     with pytest.raises(ValueError, match="num_attention_heads=6 does not split over tp=4"):
         kv_repeat(cfg, 4)
     assert kv_repeat(cfg, 3) == 1 and kv_repeat(cfg, 6) == 2

@@ -22,11 +22,20 @@ def _free_port() -> int:
 
 def test_two_processes_in_lockstep_equal_one_device(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
-    subprocess.run([sys.executable, str(WORKER), "make", str(tmp_path)], env=env, check=True, timeout=600,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(WORKER), "make", str(tmp_path)], env=env, check=True, timeout=600, capture_output=True
+    )
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "run", str(tmp_path), str(i), port], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "run", str(tmp_path), str(i), port],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for p in procs:

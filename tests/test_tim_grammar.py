@@ -38,8 +38,12 @@ def test_qwen_vocab_matches_tiktoken(qwen3_tokenizer):
 
     from timjax.vocab import QWEN_PATTERN
 
-    enc = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(qwen_tiktoken_path())),
-                            special_tokens={c: QWEN3_N_RANKS + i for i, (c, _) in enumerate(QWEN3_ADDED_TOKENS)})
+    enc = tiktoken.Encoding(
+        "qwen",
+        pat_str=QWEN_PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(str(qwen_tiktoken_path())),
+        special_tokens={c: QWEN3_N_RANKS + i for i, (c, _) in enumerate(QWEN3_ADDED_TOKENS)},
+    )
     text = Ref(rand_doc(5)).data.decode() + " Hello, world! 12345 über\n\n  x"
     assert qwen3_tokenizer.encode(text, add_special_tokens=False) == enc.encode(text)
     assert len(qwen3_tokenizer) == QWEN3_N_RANKS + 26 == 151_669
@@ -176,7 +180,7 @@ def test_any_tokenization_and_rollback(qwen3_tokenizer):
     with pytest.raises(ValueError):
         g.rollback(g.n_consumed + 1)
     f = g.fork()
-    f.consume(qwen3_tokenizer.encode('thought', add_special_tokens=False))
+    f.consume(qwen3_tokenizer.encode("thought", add_special_tokens=False))
     assert f.n_consumed == g.n_consumed + 1 and not g.is_error()
 
 
@@ -203,8 +207,12 @@ def test_tiny_tokenizer():
     tok = _tiny_tokenizer()
     sch = tim_schema(max_depth=2)
     g = make_grammar(tok, sch.json_schema(), 320, eos_token=258)
-    text = dumps({"reasoning": [{"thought": "ü[x]", "subtasks": [{"thought": "a", "conclusion": "b"}],
-                                 "conclusion": "c"}], "answer": "done"})
+    text = dumps(
+        {
+            "reasoning": [{"thought": "ü[x]", "subtasks": [{"thought": "a", "conclusion": "b"}], "conclusion": "c"}],
+            "answer": "done",
+        }
+    )
     ids = tok.encode(text).ids
     assert 256 in ids and 257 in ids
     mask = np.full(mask_words(320), -1, np.int32)

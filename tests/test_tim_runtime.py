@@ -25,9 +25,18 @@ SCHEMA = tim_schema(max_depth=5)
 
 @pytest.fixture(scope="module")
 def tim_model(qwen3_tokenizer):
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      rope_theta=10000.0, eos_token_id=151645)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        eos_token_id=151645,
+    )
     return timjax.random_model(cfg, dtype="float32", seed=3, tokenizer=qwen3_tokenizer)
 
 
@@ -41,8 +50,14 @@ def _replay_requests(model, llt, docs, *, buffer, raw=None):
     prompt = model.tokenizer("Think it through.")["input_ids"]
     reqs = []
     for i, doc in enumerate(docs):
-        ctrl = TimController(model, SCHEMA, max_new_tokens=20_000, prompt_len=len(prompt), pruning_buffer=buffer,
-                             override=ReplayText(serialise(doc), llt))
+        ctrl = TimController(
+            model,
+            SCHEMA,
+            max_new_tokens=20_000,
+            prompt_len=len(prompt),
+            pruning_buffer=buffer,
+            override=ReplayText(serialise(doc), llt),
+        )
         if raw is not None:
             on_token, log = ctrl.on_token, raw.setdefault(i, [])
             ctrl.on_token = lambda token, seq, _f=on_token, _log=log: (_log.append(token), _f(token, seq))[1]
@@ -50,13 +65,13 @@ def _replay_requests(model, llt, docs, *, buffer, raw=None):
     return reqs
 
 
-def _replay(model, llt, doc, *, buffer, reposition="reencode", page_size=4, max_seq_len=256, on_step=None,
-            wrap=None):
-    req, = _replay_requests(model, llt, [doc], buffer=buffer)
+def _replay(model, llt, doc, *, buffer, reposition="reencode", page_size=4, max_seq_len=256, on_step=None, wrap=None):
+    (req,) = _replay_requests(model, llt, [doc], buffer=buffer)
     if wrap:
         wrap(req.controller)
-    engine = Engine(model, max_batch=1, page_size=page_size, max_seq_len=max_seq_len, reposition=reposition,
-                    check_cache=True)
+    engine = Engine(
+        model, max_batch=1, page_size=page_size, max_seq_len=max_seq_len, reposition=reposition, check_cache=True
+    )
     return engine.run([req], on_step=on_step)[0], req.controller
 
 
@@ -70,13 +85,15 @@ def test_preempted_tim_requests_sample_what_they_sample_alone(tim_model, llt, re
     alone = []
     for i, doc in enumerate(docs):
         raw: dict = {}
-        alone.append(Engine(tim_model, max_batch=1, **kw).run(_replay_requests(tim_model, llt, [doc], buffer=1,
-                                                                                  raw=raw))[0])
+        alone.append(
+            Engine(tim_model, max_batch=1, **kw).run(_replay_requests(tim_model, llt, [doc], buffer=1, raw=raw))[0]
+        )
         alone_raw[i] = raw[0]
     peak = max(r.stats.peak_working_tokens for r in alone)
     together_raw: dict = {}
     together = Engine(tim_model, max_batch=3, kv_tokens=peak * 3 // 2, **kw).run(
-        _replay_requests(tim_model, llt, docs, buffer=1, raw=together_raw))
+        _replay_requests(tim_model, llt, docs, buffer=1, raw=together_raw)
+    )
     assert all(r.finish_reason == "stop" for r in together), [r.error for r in together]
     assert sum(r.stats.preemptions for r in together) > 0
     assert together_raw == alone_raw
@@ -86,12 +103,20 @@ def test_preempted_tim_requests_sample_what_they_sample_alone(tim_model, llt, re
 def _fresh_kv(model, tokens, page_size):
     """K/V of a fresh prefill of ``tokens`` (one sequence), as [L, Hkv, T, hd]."""
     T = 1 << (len(tokens) - 1).bit_length()
-    cache = create_cache(model.config, num_pages=T // page_size + 1, page_size=page_size, max_seqs=1, max_seq_len=T,
-                         dtype=jnp.float32)
+    cache = create_cache(
+        model.config, num_pages=T // page_size + 1, page_size=page_size, max_seqs=1, max_seq_len=T, dtype=jnp.float32
+    )
     padded = np.zeros((1, T), np.int32)
-    padded[0, :len(tokens)] = tokens
-    _, cache = steps.logits_step(model.params(), cache, np.zeros(1, np.int32), padded,
-                                 np.array([len(tokens)], np.int32), cfg=model.config, impl="xla")
+    padded[0, : len(tokens)] = tokens
+    _, cache = steps.logits_step(
+        model.params(),
+        cache,
+        np.zeros(1, np.int32),
+        padded,
+        np.array([len(tokens)], np.int32),
+        cfg=model.config,
+        impl="xla",
+    )
     return gather_slots(cache, 0, len(tokens))
 
 
@@ -168,17 +193,20 @@ def test_shift_mode_keeps_the_same_working_memory(tim_model, llt, page_size):
 def test_compact_slot_moves_and_rotates_a_real_cache(tim_model, page_size):
     cfg = tim_model.config
     rs = np.random.RandomState(0)
-    cache = create_cache(cfg, num_pages=64 // page_size + 8, page_size=page_size, max_seqs=2, max_seq_len=64,
-                         dtype=jnp.float32)
+    cache = create_cache(
+        cfg, num_pages=64 // page_size + 8, page_size=page_size, max_seqs=2, max_seq_len=64, dtype=jnp.float32
+    )
     toks = rs.randint(0, 1000, size=(2, 32)).astype(np.int32)
-    _, cache = steps.logits_step(tim_model.params(), cache, np.arange(2, dtype=np.int32), toks,
-                                 np.array([30, 25], np.int32), cfg=cfg, impl="xla")
+    _, cache = steps.logits_step(
+        tim_model.params(), cache, np.arange(2, dtype=np.int32), toks, np.array([30, 25], np.int32), cfg=cfg, impl="xla"
+    )
     k0, v0 = gather_slots(cache, 1, 25)
     other = gather_slots(cache, 0, 30)
     free0 = int(cache.num_free)
     start, end = 6, 17
-    cache = compact_slot(cache, jnp.int32(1), jnp.int32(start), jnp.int32(end), jnp.int32(25),
-                         rope_theta=cfg.rope_theta, impl="xla")
+    cache = compact_slot(
+        cache, jnp.int32(1), jnp.int32(start), jnp.int32(end), jnp.int32(25), rope_theta=cfg.rope_theta, impl="xla"
+    )
     check_invariants(cache)
     assert int(cache.lengths[1]) == 25 - (end - start)
     k1, v1 = gather_slots(cache, 1, 14)
@@ -199,8 +227,16 @@ def test_compact_slot_moves_and_rotates_a_real_cache(tim_model, page_size):
 
 def test_sampled_tim_generation_stops_on_budget_with_partial_tree(tim_model):
     prompt = tim_model.tokenizer("Plan a trip.")["input_ids"]
-    results = timjax.generate(tim_model, [prompt, prompt], schema=SCHEMA, pruning_buffer=2, max_new_tokens=40,
-                              temperature=0.9, seed=1, max_seq_len=256)
+    results = timjax.generate(
+        tim_model,
+        [prompt, prompt],
+        schema=SCHEMA,
+        pruning_buffer=2,
+        max_new_tokens=40,
+        temperature=0.9,
+        seed=1,
+        max_seq_len=256,
+    )
     for r in results:
         # the budget bounds the tokens written, grammar-forced ones included; the peak is what the cache held
         assert r.finish_reason == "length" and len(r.tokens) == 40
@@ -217,8 +253,13 @@ def test_text_prompt_gets_the_tim_system_prompt(tim_model):
     from timjax.tim.prompt import tim_system_prompt
     from timjax.tim.schema import ToolSpec
 
-    tools = (ToolSpec(name="search", description="web search", input_schema={
-        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),)
+    tools = (
+        ToolSpec(
+            name="search",
+            description="web search",
+            input_schema={"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+        ),
+    )
     schema = tim_schema(tools, max_depth=3, max_subtasks=4)
     system = tim_system_prompt(schema)
     assert '"subtasks"' in system and "search(query: string): web search" in system and "3 levels" in system

@@ -28,9 +28,16 @@ class Answer(BaseModel):
 
 
 TOOLS = [
-    ToolSpec(name="search", description="web", input_schema={
-        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"],
-        "additionalProperties": False}),
+    ToolSpec(
+        name="search",
+        description="web",
+        input_schema={
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    ),
     ToolSpec(name="lookup", description="db", input_schema=LookupArgs.model_json_schema()),
 ]
 
@@ -43,7 +50,9 @@ def _valid(schema: dict) -> None:
 def test_default_schema_layout():
     s = tim_schema().json_schema()
     _valid(s)
-    assert s["x-guidance"] == JSON_OPTIONS == {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    assert (
+        s["x-guidance"] == JSON_OPTIONS == {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    )
     assert list(s["properties"]) == ["reasoning", "answer"] and s["required"] == ["reasoning", "answer"]
     task = s["$defs"]["Task"]
     assert list(task["properties"]) == ["thought", "subtasks", "conclusion"]  # no tools -> no tooluse
@@ -96,16 +105,26 @@ def test_answer_type_and_parse():
     s = sch.json_schema()
     _valid(s)
     assert s["properties"]["answer"]["properties"]["value"]["type"] == "number"
-    doc = {"reasoning": [{"thought": "t", "subtasks": [{"thought": "a", "conclusion": "b"}], "conclusion": "c"}],
-           "answer": {"value": 1.5, "unit": "m"}}
+    doc = {
+        "reasoning": [{"thought": "t", "subtasks": [{"thought": "a", "conclusion": "b"}], "conclusion": "c"}],
+        "answer": {"value": 1.5, "unit": "m"},
+    }
     r = sch.parse(dumps(doc))
     assert isinstance(r, Response) and r.answer == Answer(value=1.5, unit="m")
     assert [p for p, _ in iter_tasks(r)] == [(0,), (0, 0)]
     assert isinstance(r.reasoning[0].subtasks[0], Task)
     with pytest.raises(ValueError):  # answer must follow answer_type
         sch.parse(dumps({**doc, "answer": "x"}))
-    deep = {"reasoning": [{"thought": "t", "subtasks": [{"thought": "a", "subtasks": [
-        {"thought": "x", "conclusion": "y"}], "conclusion": "b"}], "conclusion": "c"}], "answer": {"value": 1, "unit": "s"}}
+    deep = {
+        "reasoning": [
+            {
+                "thought": "t",
+                "subtasks": [{"thought": "a", "subtasks": [{"thought": "x", "conclusion": "y"}], "conclusion": "b"}],
+                "conclusion": "c",
+            }
+        ],
+        "answer": {"value": 1, "unit": "s"},
+    }
     with pytest.raises(ValueError, match="deeper"):
         sch.parse(dumps(deep))
     with pytest.raises(ValueError):
@@ -114,8 +133,16 @@ def test_answer_type_and_parse():
 
 def test_parse_tools_and_limits():
     sch = tim_schema(TOOLS, max_subtasks=1)
-    doc = {"reasoning": [{"thought": "t", "tooluse": {"tool_name": "search", "parameters": {"query": "q"},
-                                                        "tool_result": "r"}, "conclusion": "c"}], "answer": "42"}
+    doc = {
+        "reasoning": [
+            {
+                "thought": "t",
+                "tooluse": {"tool_name": "search", "parameters": {"query": "q"}, "tool_result": "r"},
+                "conclusion": "c",
+            }
+        ],
+        "answer": "42",
+    }
     text = dumps(doc)
     assert text == json.dumps(doc, ensure_ascii=False)  # the grammar's layout is json.dumps' default
     r = sch.parse(text.encode())
@@ -124,7 +151,9 @@ def test_parse_tools_and_limits():
     bad["reasoning"][0]["tooluse"]["tool_name"] = "nope"
     with pytest.raises(ValueError, match="unknown tool"):
         sch.parse(dumps(bad))
-    two = {"reasoning": [{"thought": "t", "subtasks": [{"thought": "a", "conclusion": "b"}] * 2, "conclusion": "c"}],
-           "answer": "x"}
+    two = {
+        "reasoning": [{"thought": "t", "subtasks": [{"thought": "a", "conclusion": "b"}] * 2, "conclusion": "c"}],
+        "answer": "x",
+    }
     with pytest.raises(ValueError, match="subtasks"):
         sch.parse(dumps(two))

@@ -48,7 +48,10 @@ TOOLS = [
             "properties": {
                 "expr": {"type": "string"},
                 "vars": {"type": "array", "items": {"type": "number"}},
-                "opts": {"type": "object", "properties": {"exact": {"type": "boolean"}, "note": {"type": ["string", "null"]}}},
+                "opts": {
+                    "type": "object",
+                    "properties": {"exact": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
+                },
             },
             "required": ["expr", "vars", "opts"],
             "additionalProperties": False,
@@ -60,8 +63,8 @@ TRICKY = [
     "plain words",
     'quote " inside',
     "brackets [1, 2] and {x: y}",
-    "closing \"}]}] tail",
-    "back\\slash \\\" and \\n",
+    'closing "}]}] tail',
+    'back\\slash \\" and \\n',
     "new\nline\ttab",
     "ctrl \x01 char",
     "unicode über 日本語 … ✓",
@@ -85,22 +88,31 @@ def rand_task(rng: random.Random, depth: int, max_depth: int, breadth: int, titl
     t["thought"] = rand_text(rng)
     if tools and rng.random() < 0.4:
         if rng.random() < 0.5:
-            t["tooluse"] = {"tool_name": "search", "parameters": {"query": rand_text(rng), "k": rng.randint(0, 99)},
-                            "tool_result": rand_text(rng)}
+            t["tooluse"] = {
+                "tool_name": "search",
+                "parameters": {"query": rand_text(rng), "k": rng.randint(0, 99)},
+                "tool_result": rand_text(rng),
+            }
         else:
-            t["tooluse"] = {"tool_name": "calc",
-                            "parameters": {"expr": "[a]+{b}", "vars": [1.5, -2, 3e5], "opts": {"exact": True, "note": None}},
-                            "tool_result": rand_text(rng)}
+            t["tooluse"] = {
+                "tool_name": "calc",
+                "parameters": {"expr": "[a]+{b}", "vars": [1.5, -2, 3e5], "opts": {"exact": True, "note": None}},
+                "tool_result": rand_text(rng),
+            }
     if depth < max_depth and rng.random() < 0.75:
-        t["subtasks"] = [rand_task(rng, depth + 1, max_depth, breadth, title, tools) for _ in range(rng.randint(1, breadth))]
+        t["subtasks"] = [
+            rand_task(rng, depth + 1, max_depth, breadth, title, tools) for _ in range(rng.randint(1, breadth))
+        ]
     t["conclusion"] = rand_text(rng)
     return t
 
 
 def rand_doc(seed: int, max_depth: int = 4, breadth: int = 3, title: bool = False, tools: bool = True) -> dict:
     rng = random.Random(seed)
-    doc = {"reasoning": [rand_task(rng, 1, max_depth, breadth, title, tools) for _ in range(rng.randint(1, 3))],
-           "answer": rand_text(rng)}
+    doc = {
+        "reasoning": [rand_task(rng, 1, max_depth, breadth, title, tools) for _ in range(rng.randint(1, 3))],
+        "answer": rand_text(rng),
+    }
     # make sure every document nests to depth >= 4 (three nested subtask lists)
     t = doc["reasoning"][0]
     for d in range(1, min(4, max_depth)):

@@ -39,8 +39,11 @@ def count(qwen3_tokenizer):
 
 @pytest.fixture(scope="module")
 def inproc(count):
-    with ToolRunner([calculator.make_server(), kb.make_server(), faulty.make_server()],
-                    ToolLimits(timeout_s=1.0, max_calls=100, max_result_tokens=48), count_tokens=count) as r:
+    with ToolRunner(
+        [calculator.make_server(), kb.make_server(), faulty.make_server()],
+        ToolLimits(timeout_s=1.0, max_calls=100, max_result_tokens=48),
+        count_tokens=count,
+    ) as r:
         yield r
 
 
@@ -58,20 +61,24 @@ def test_calls_answer_like_the_pure_functions(inproc):
     k = kb.generate_kb(0)
     p = k.entities("person")[3]
     assert call(s, "lookup", {"entity": p, "relation": "employer"}).result == json.dumps(
-        {"result": k.facts[p]["employer"]})
+        {"result": k.facts[p]["employer"]}
+    )
     rec = call(s, "calculator", {"op": "div", "a": 1, "b": 0})
     assert (rec.status, rec.result) == ("tool_error", '{"error": "division by zero"}')
     assert [r.index for r in s.records] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("args,where", [
-    ({"text": "x", "n": "3"}, "at n: '3' is not of type 'integer'"),  # the SDK would coerce "3" to 3
-    ({"text": "x", "n": 2.0}, "at n: 2.0 is not of type 'integer'"),
-    ({"text": "x", "n": True}, "at n: True is not of type 'integer'"),
-    ({"text": "x", "extra": 1}, "Additional properties are not allowed ('extra' was unexpected)"),  # SDK drops it
-    ({"n": 1}, "'text' is a required property"),
-    ([1, 2], "is not of type 'object'"),
-])
+@pytest.mark.parametrize(
+    "args,where",
+    [
+        ({"text": "x", "n": "3"}, "at n: '3' is not of type 'integer'"),  # the SDK would coerce "3" to 3
+        ({"text": "x", "n": 2.0}, "at n: 2.0 is not of type 'integer'"),
+        ({"text": "x", "n": True}, "at n: True is not of type 'integer'"),
+        ({"text": "x", "extra": 1}, "Additional properties are not allowed ('extra' was unexpected)"),  # SDK drops it
+        ({"n": 1}, "'text' is a required property"),
+        ([1, 2], "is not of type 'object'"),
+    ],
+)
 def test_arguments_are_validated_strictly_before_the_call(inproc, args, where):
     rec = call(inproc.session(), "echo", args)
     assert rec.status == "invalid_arguments" and where in rec.error, rec.error
@@ -123,10 +130,14 @@ def test_allowlist_and_declared_tools():
 # -- stdio ------------------------------------------------------------------------------------------
 def test_stdio_servers_get_only_the_given_environment(monkeypatch):
     monkeypatch.setenv("TIMJAX_SECRET_TOKEN", "do-not-leak")
-    servers = [stdio_server(f"{PY} -m timjax.tools.servers.calculator"),
-               stdio_server(f"{PY} -m timjax.tools.servers.kb --seed 1"),
-               ToolServer(stdio_server([PY, "-m", "timjax.tools.servers.faulty"], env={"ONLY_THIS": "1"}),
-                          tools=["env", "crash", "echo"])]
+    servers = [
+        stdio_server(f"{PY} -m timjax.tools.servers.calculator"),
+        stdio_server(f"{PY} -m timjax.tools.servers.kb --seed 1"),
+        ToolServer(
+            stdio_server([PY, "-m", "timjax.tools.servers.faulty"], env={"ONLY_THIS": "1"}),
+            tools=["env", "crash", "echo"],
+        ),
+    ]
     with ToolRunner(servers, ToolLimits(timeout_s=30, connect_timeout_s=60)) as r:
         s = r.session()
         assert call(s, "calculator", {"op": "sub", "a": "1/2", "b": "1/3"}).result == '{"result": "1/6"}'
@@ -145,8 +156,15 @@ def test_stdio_garbage_on_stdout_and_a_server_that_never_starts():
     never = stdio_server(f"{PY} -m timjax.tools.servers.faulty --startup-delay 30")
     with pytest.raises(ToolConfigError, match=r"server 'faulty' did not start: no answer within 1 s"):
         ToolRunner([never], ToolLimits(connect_timeout_s=1))
-    declared = ToolServer(never, tools=[ToolSpec(name="echo", input_schema={
-        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]})])
+    declared = ToolServer(
+        never,
+        tools=[
+            ToolSpec(
+                name="echo",
+                input_schema={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+            )
+        ],
+    )
     garbage = ToolServer(stdio_server(f"{PY} -m timjax.tools.servers.faulty"), tools=["garbage", "slow"])
     with ToolRunner([declared, garbage], ToolLimits(timeout_s=2, connect_timeout_s=30)) as r:
         assert [t.name for t in r.specs] == ["echo", "garbage", "slow"] and not r.startup_errors

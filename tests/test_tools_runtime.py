@@ -23,9 +23,18 @@ EOS = 151645
 
 @pytest.fixture(scope="module")
 def model(qwen3_tokenizer):
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                      rope_theta=10000.0, eos_token_id=EOS)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        eos_token_id=EOS,
+    )
     return timjax.random_model(cfg, dtype="float32", seed=3, tokenizer=qwen3_tokenizer)
 
 
@@ -36,14 +45,23 @@ def llt(model):
 
 @pytest.fixture(scope="module")
 def runner():
-    with ToolRunner([calculator.make_server(), kb.make_server(), faulty.make_server()],
-                    ToolLimits(timeout_s=4.0, max_calls=40)) as r:
+    with ToolRunner(
+        [calculator.make_server(), kb.make_server(), faulty.make_server()], ToolLimits(timeout_s=4.0, max_calls=40)
+    ) as r:
         yield r
 
 
 def _controller(model, llt, runner, doc: str, *, buffer, prompt):
-    return TimController(model, tim_schema(runner.specs), max_new_tokens=20_000, prompt_len=len(prompt),
-                         pruning_buffer=buffer, stop_ids=[EOS], tools=runner, override=ReplayText(doc, llt))
+    return TimController(
+        model,
+        tim_schema(runner.specs),
+        max_new_tokens=20_000,
+        prompt_len=len(prompt),
+        pruning_buffer=buffer,
+        stop_ids=[EOS],
+        tools=runner,
+        override=ReplayText(doc, llt),
+    )
 
 
 def _tool_uses(doc: dict):
@@ -96,9 +114,20 @@ def _all_tasks(resp):
 
 
 def test_a_hanging_tool_parks_one_sequence_while_the_others_finish(model, llt):
-    hang = {"reasoning": [{"thought": "ask", "tooluse": {"tool_name": "hang", "parameters": {},
-                                                       "tool_result": {"error": "hang: no answer within 6 s"}},
-                           "conclusion": "it timed out"}], "answer": "none"}
+    hang = {
+        "reasoning": [
+            {
+                "thought": "ask",
+                "tooluse": {
+                    "tool_name": "hang",
+                    "parameters": {},
+                    "tool_result": {"error": "hang: no answer within 6 s"},
+                },
+                "conclusion": "it timed out",
+            }
+        ],
+        "answer": "none",
+    }
     docs = [dumps(hang), dumps(calculation_trace(2, seed=1, words=1)), dumps(calculation_trace(2, seed=2, words=1))]
     prompt = model.tokenizer("Go.")["input_ids"]
 
@@ -112,8 +141,9 @@ def test_a_hanging_tool_parks_one_sequence_while_the_others_finish(model, llt):
         engine = Engine(model, max_batch=3, page_size=64, max_seq_len=512)
         return engine.run([Request(prompt, 20_000, controller=c) for c in ctrls], on_step=on_step), trace
 
-    with ToolRunner([calculator.make_server(), kb.make_server(), faulty.make_server()],
-                    ToolLimits(timeout_s=6.0)) as runner:
+    with ToolRunner(
+        [calculator.make_server(), kb.make_server(), faulty.make_server()], ToolLimits(timeout_s=6.0)
+    ) as runner:
         run(runner)  # compiles this batch's step shapes, so the run below measures the scheduling only
         results, trace = run(runner)
     assert [r.finish_reason for r in results] == ["stop"] * 3, [r.error for r in results]
@@ -133,8 +163,11 @@ def test_generate_with_tools_starts_offers_and_closes_the_servers(model, llt, mo
     run inside the inference, and the runner is closed afterwards (replay via the controller's override)."""
     import timjax.tim_controller as tc
 
-    use = {"tool_name": "calculator", "parameters": {"op": "div", "a": 1, "b": 0},
-           "tool_result": {"error": "division by zero"}}
+    use = {
+        "tool_name": "calculator",
+        "parameters": {"op": "div", "a": 1, "b": 0},
+        "tool_result": {"error": "division by zero"},
+    }
     doc = dumps({"reasoning": [{"thought": "divide", "tooluse": use, "conclusion": "undefined"}], "answer": "none"})
     seen = {}
     init = tc.TimController.__init__
@@ -146,13 +179,23 @@ def test_generate_with_tools_starts_offers_and_closes_the_servers(model, llt, mo
 
     monkeypatch.setattr(tc.TimController, "__init__", patched)
     prompts = []
-    monkeypatch.setattr(timjax_api, "encode_prompt",
-                        lambda m, p, **kw: prompts.append(kw.get("system")) or m.tokenizer(p)["input_ids"])
-    r = timjax.generate(model, "What is 1/0?", tools=[calculator.make_server()], max_new_tokens=500,
-                        tool_limits=ToolLimits(timeout_s=5), stop_ids=[EOS], max_seq_len=1024)
-    assert seen["tools"] == ["calculator"] and "calculator(op: \"add\"|\"sub\"|\"mul\"|\"div\"" in prompts[0]
+    monkeypatch.setattr(
+        timjax_api, "encode_prompt", lambda m, p, **kw: prompts.append(kw.get("system")) or m.tokenizer(p)["input_ids"]
+    )
+    r = timjax.generate(
+        model,
+        "What is 1/0?",
+        tools=[calculator.make_server()],
+        max_new_tokens=500,
+        tool_limits=ToolLimits(timeout_s=5),
+        stop_ids=[EOS],
+        max_seq_len=1024,
+    )
+    assert seen["tools"] == ["calculator"] and 'calculator(op: "add"|"sub"|"mul"|"div"' in prompts[0]
     assert r.finish_reason == "stop" and r.text == doc
-    assert [(c.tool, c.status, c.result) for c in r.tool_calls] == [("calculator", "tool_error", '{"error": "division by zero"}')]
+    assert [(c.tool, c.status, c.result) for c in r.tool_calls] == [
+        ("calculator", "tool_error", '{"error": "division by zero"}')
+    ]
     assert r.response.reasoning[0].tooluse.tool_result == {"error": "division by zero"}
     assert seen["runner"]._portal is None  # closed by generate
 
@@ -161,11 +204,32 @@ def test_without_a_runner_the_model_writes_tool_result_itself(model, llt):
     """No tools given: tool_result is an ordinary JSON value of the grammar (nothing parks)."""
     with ToolRunner([calculator.make_server()]) as r:
         schema = tim_schema(r.specs)
-    doc = dumps({"reasoning": [{"thought": "t", "tooluse": {"tool_name": "calculator", "parameters": {
-        "op": "add", "a": 1, "b": 2}, "tool_result": {"made": ["up", 1]}}, "conclusion": "c"}], "answer": "a"})
+    doc = dumps(
+        {
+            "reasoning": [
+                {
+                    "thought": "t",
+                    "tooluse": {
+                        "tool_name": "calculator",
+                        "parameters": {"op": "add", "a": 1, "b": 2},
+                        "tool_result": {"made": ["up", 1]},
+                    },
+                    "conclusion": "c",
+                }
+            ],
+            "answer": "a",
+        }
+    )
     prompt = model.tokenizer("Go.")["input_ids"]
-    ctrl = TimController(model, schema, max_new_tokens=2000, prompt_len=len(prompt), pruning_buffer=None,
-                         stop_ids=[EOS], override=ReplayText(doc, llt))
+    ctrl = TimController(
+        model,
+        schema,
+        max_new_tokens=2000,
+        prompt_len=len(prompt),
+        pruning_buffer=None,
+        stop_ids=[EOS],
+        override=ReplayText(doc, llt),
+    )
     res = Engine(model, max_batch=1, page_size=16, max_seq_len=1024).run([Request(prompt, 2000, controller=ctrl)])[0]
     assert res.finish_reason == "stop" and res.text == doc and res.tool_calls == []
     assert json.loads(res.text)["reasoning"][0]["tooluse"]["tool_result"] == {"made": ["up", 1]}
@@ -186,23 +250,56 @@ def test_cli_tool_specs(tmp_path, model, qwen3_tokenizer_dir, capsys):
     assert s.target.args == ["-m", "timjax.tools.servers.kb", "--seed", "2"] and s.target.env == {"A": "1", "B": "x=y"}
     assert s.target.command.endswith("python") and s.label() == "kb"
     assert parse_tool_spec("http://127.0.0.1:9/mcp").target == "http://127.0.0.1:9/mcp"
-    for bad, msg in [("timjax.tools.servers.calculator:nope", "has no attribute 'nope'"),
-                     ("timjax.nope:make_server", "cannot import 'timjax.nope'"),
-                     ("timjax.tools.servers.calculator:OPS", "expected an MCPServer, got tuple")]:
+    for bad, msg in [
+        ("timjax.tools.servers.calculator:nope", "has no attribute 'nope'"),
+        ("timjax.nope:make_server", "cannot import 'timjax.nope'"),
+        ("timjax.tools.servers.calculator:OPS", "expected an MCPServer, got tuple"),
+    ]:
         with pytest.raises(ToolConfigError, match=msg):
             parse_tool_spec(bad)
     with pytest.raises(ToolConfigError, match="expected KEY=VALUE"):
         parse_env(["NOEQUALS"])
 
-    ckpt = export_timjax_to_hf((model.config, model.params()), tmp_path / "ckpt", dtype="float32",
-                               tokenizer_dir=qwen3_tokenizer_dir, progress=False)
-    rc = main(["generate", str(ckpt), "--prompt", "2+2?", "--dtype", "float32", "--max-new-tokens", "6",
-               "--tool", "timjax.tools.servers.calculator:make_server", "--tool", "timjax.tools.servers.kb:make_server",
-               "--tool-allow", "calculator"])
+    ckpt = export_timjax_to_hf(
+        (model.config, model.params()),
+        tmp_path / "ckpt",
+        dtype="float32",
+        tokenizer_dir=qwen3_tokenizer_dir,
+        progress=False,
+    )
+    rc = main(
+        [
+            "generate",
+            str(ckpt),
+            "--prompt",
+            "2+2?",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "6",
+            "--tool",
+            "timjax.tools.servers.calculator:make_server",
+            "--tool",
+            "timjax.tools.servers.kb:make_server",
+            "--tool-allow",
+            "calculator",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and "[length] " in err and "0 tool calls (0 failed)" in err, err
-    rc = main(["generate", str(ckpt), "--prompt", "x", "--tool", "timjax.tools.servers.kb:make_server",
-               "--tool-allow", "calculator"])
+    rc = main(
+        [
+            "generate",
+            str(ckpt),
+            "--prompt",
+            "x",
+            "--tool",
+            "timjax.tools.servers.kb:make_server",
+            "--tool-allow",
+            "calculator",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip() == ("timjax: error: allowed tools not offered by any server: calculator "
-                                       "(offered: lookup)")
+    assert rc == 2 and err.strip() == (
+        "timjax: error: allowed tools not offered by any server: calculator (offered: lookup)"
+    )

@@ -19,22 +19,38 @@ VOCAB = 151_936
 
 
 # -- calculator ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("op,a,b,want", [
-    ("add", 3, 4, 7), ("sub", 3, "10", -7), ("mul", "2/3", "3/4", "1/2"), ("div", 7, 2, "7/2"),
-    ("div", "-6/4", "3", "-1/2"), ("mul", 10**40, 10**40, 10**80), ("add", "1/3", "2/3", 1),
-])
+@pytest.mark.parametrize(
+    "op,a,b,want",
+    [
+        ("add", 3, 4, 7),
+        ("sub", 3, "10", -7),
+        ("mul", "2/3", "3/4", "1/2"),
+        ("div", 7, 2, "7/2"),
+        ("div", "-6/4", "3", "-1/2"),
+        ("mul", 10**40, 10**40, 10**80),
+        ("add", "1/3", "2/3", 1),
+    ],
+)
 def test_calculator_is_exact(op, a, b, want):
     assert calculator.calculate(op, a, b) == {"result": want}
     f = {"add": Fraction.__add__, "sub": Fraction.__sub__, "mul": Fraction.__mul__, "div": Fraction.__truediv__}[op]
     assert Fraction(want) == f(Fraction(a), Fraction(b))
 
 
-@pytest.mark.parametrize("op,a,b,msg", [
-    ("div", 1, 0, "division by zero"), ("div", 1, "0/5", "division by zero"), ("add", "1/0", 1, "zero denominator"),
-    ("add", "2+2", 1, "not an integer or a fraction"), ("add", "__import__('os')", 1, "not an integer"),
-    ("add", True, 1, "expected an integer"), ("add", 1.5, 1, "expected an integer"), ("pow", 2, 3, "unknown op"),
-    ("mul", "9" * 150, "9" * 150, "more than 200 digits"),
-])
+@pytest.mark.parametrize(
+    "op,a,b,msg",
+    [
+        ("div", 1, 0, "division by zero"),
+        ("div", 1, "0/5", "division by zero"),
+        ("add", "1/0", 1, "zero denominator"),
+        ("add", "2+2", 1, "not an integer or a fraction"),
+        ("add", "__import__('os')", 1, "not an integer"),
+        ("add", True, 1, "expected an integer"),
+        ("add", 1.5, 1, "expected an integer"),
+        ("pow", 2, 3, "unknown op"),
+        ("mul", "9" * 150, "9" * 150, "more than 200 digits"),
+    ],
+)
 def test_calculator_refuses(op, a, b, msg):
     with pytest.raises(calculator.CalculatorError, match=msg):
         calculator.calculate(op, a, b)
@@ -79,21 +95,39 @@ def _mcp_calls(server, calls):
 def test_servers_over_mcp_encode_like_the_pure_functions():
     k = kb.generate_kb(0)
     p = k.entities("person")[0]
-    tools, res = _mcp_calls(calculator.make_server(), [("calculator", {"op": "div", "a": 3, "b": "9/2"}),
-                                                       ("calculator", {"op": "div", "a": 3, "b": 0})])
+    tools, res = _mcp_calls(
+        calculator.make_server(),
+        [("calculator", {"op": "div", "a": 3, "b": "9/2"}), ("calculator", {"op": "div", "a": 3, "b": 0})],
+    )
     assert [t.name for t in tools] == ["calculator"]
     assert tools[0].input_schema["properties"]["op"]["enum"] == list(calculator.OPS)
     assert encode_result(res[0]) == encode_result(calculator.calculate("div", 3, "9/2")) == '{"result": "2/3"}'
-    assert res[1].is_error and encode_result(res[1]) == encode_error("division by zero") == '{"error": "division by zero"}'
-    tools, res = _mcp_calls(kb.make_server(k), [("lookup", {"entity": p, "relation": "friend"}),
-                                               ("lookup", {"entity": "Nobody", "relation": "age"})])
+    assert (
+        res[1].is_error and encode_result(res[1]) == encode_error("division by zero") == '{"error": "division by zero"}'
+    )
+    tools, res = _mcp_calls(
+        kb.make_server(k),
+        [("lookup", {"entity": p, "relation": "friend"}), ("lookup", {"entity": "Nobody", "relation": "age"})],
+    )
     assert encode_result(res[0]) == encode_value(kb.lookup(k, p, "friend")) == dumps({"result": k.facts[p]["friend"]})
     assert encode_result(res[1]) == encode_error("unknown entity 'Nobody'")
 
 
 # -- encoding --------------------------------------------------------------------------------------
-VALUES = [{"result": 7}, {"result": "7/3"}, 'text "quoted"\n\tünï 日本', [1, [2, {"a": None}], True], 1e20, -0.5,
-          12345678901234567890123, {"a": {"b": {"c": {"d": [[[[1]]]]}}}}, {"subtasks": [{"x": "]"}]}, "", {}, []]
+VALUES = [
+    {"result": 7},
+    {"result": "7/3"},
+    'text "quoted"\n\tünï 日本',
+    [1, [2, {"a": None}], True],
+    1e20,
+    -0.5,
+    12345678901234567890123,
+    {"a": {"b": {"c": {"d": [[[[1]]]]}}}},
+    {"subtasks": [{"x": "]"}]},
+    "",
+    {},
+    [],
+]
 
 
 @pytest.mark.parametrize("value", VALUES)
@@ -105,7 +139,10 @@ def test_encoding_round_trips(value):
 def test_encoding_of_results_and_errors():
     text = {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
     assert encode_result(text) == '"a\\nb"'
-    assert encode_result({"content": [{"type": "image", "data": "..."}]}) == '{"error": "unsupported result content: image"}'
+    assert (
+        encode_result({"content": [{"type": "image", "data": "..."}]})
+        == '{"error": "unsupported result content: image"}'
+    )
     assert encode_result({"structuredContent": {"x": float("nan")}}).startswith('{"error": "invalid result: nan')
     assert encode_result({"content": [{"type": "text", "text": "bad \udcff"}]}).startswith('{"error": "invalid result')
     assert encode_result({"content": [], "isError": True}) == '{"error": "the tool reported an error"}'
@@ -130,24 +167,34 @@ def test_grammar_accepts_every_encoding_as_tool_result(qwen3_tokenizer):
     """The TIM schema types tool_result as any JSON value; llguidance accepts each encoding after the key."""
     from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar
 
-    spec = ToolSpec(name="calculator", description="d", input_schema=_mcp_calls(calculator.make_server(), [])[0][0].input_schema)
+    spec = ToolSpec(
+        name="calculator", description="d", input_schema=_mcp_calls(calculator.make_server(), [])[0][0].input_schema
+    )
     schema = tim_schema([spec]).json_schema()
     llt = llg_tokenizer(qwen3_tokenizer, VOCAB, [151645])
     encodings = [encode_value(v) for v in VALUES] + [encode_error("boom"), encode_result({"content": []})]
     for enc in encodings:
-        doc = ('{"reasoning": [{"thought": "t", "tooluse": {"tool_name": "calculator", "parameters": {"op": "add", '
-               '"a": "2/3", "b": 1}, "tool_result": ' + enc + '}, "conclusion": "c"}], "answer": "a"}')
+        doc = (
+            '{"reasoning": [{"thought": "t", "tooluse": {"tool_name": "calculator", "parameters": {"op": "add", '
+            '"a": "2/3", "b": 1}, "tool_result": ' + enc + '}, "conclusion": "c"}], "answer": "a"}'
+        )
         g = make_grammar(qwen3_tokenizer, schema, VOCAB, eos_token=[151645])
         g.consume(llt.tokenize_bytes(doc.encode()))
         assert g.is_accepting(), enc
     # ... but not another layout, nor invented or mistyped arguments
-    for bad in ['"tool_result": {"result":7}', '"parameters": {"op": "add", "a": 1, "b": 2, "c": 3}',
-                '"parameters": {"op": "pow", "a": 1, "b": 2}', '"parameters": {"op": "add", "a": "1.5", "b": 2}']:
-        doc = ('{"reasoning": [{"thought": "t", "tooluse": {"tool_name": "calculator", "parameters": {"op": "add", '
-               '"a": 1, "b": 1}, "tool_result": 1}, "conclusion": "c"}], "answer": "a"}')
+    for bad in [
+        '"tool_result": {"result":7}',
+        '"parameters": {"op": "add", "a": 1, "b": 2, "c": 3}',
+        '"parameters": {"op": "pow", "a": 1, "b": 2}',
+        '"parameters": {"op": "add", "a": "1.5", "b": 2}',
+    ]:
+        doc = (
+            '{"reasoning": [{"thought": "t", "tooluse": {"tool_name": "calculator", "parameters": {"op": "add", '
+            '"a": 1, "b": 1}, "tool_result": 1}, "conclusion": "c"}], "answer": "a"}'
+        )
         key = bad.split(":")[0]
         start = doc.index(key)
-        end = doc.index(", \"tool_result\"") if key == '"parameters"' else doc.index("}, \"conclusion\"")
+        end = doc.index(', "tool_result"') if key == '"parameters"' else doc.index('}, "conclusion"')
         doc = doc[:start] + bad + doc[end:]
         g = make_grammar(qwen3_tokenizer, schema, VOCAB, eos_token=[151645])
         with pytest.raises(GrammarError):

@@ -45,8 +45,16 @@ def _run_controller(question, text, buffer):
     tok = tokenizer()
     model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=rp.vocab_size))
     prompt = rp.prompt_ids(question)
-    ctrl = TimController(model, rp.schema, max_new_tokens=10_000, prompt_len=len(prompt), pruning_buffer=buffer,
-                         stop_ids=[tok.eos_token_id], override=ReplayText(text, rp.llt), tools=_FakeToolSession())
+    ctrl = TimController(
+        model,
+        rp.schema,
+        max_new_tokens=10_000,
+        prompt_len=len(prompt),
+        pruning_buffer=buffer,
+        stop_ids=[tok.eos_token_id],
+        override=ReplayText(text, rp.llt),
+        tools=_FakeToolSession(),
+    )
     seq = SimpleNamespace(generated=[])
     action = ctrl.on_token(0, seq)
     while action.finish is None:
@@ -57,8 +65,9 @@ def _run_controller(question, text, buffer):
 
 @pytest.mark.parametrize("buffer", [None, 0, 1, 2])
 def test_controller_writes_the_same_tokens_and_keeps_the_same_working_memory(buffer):
-    probs = [p for p in small_problems() if p.kind == "arith" and p.depth == 3][:3] + \
-            [p for p in small_problems() if p.kind == "lookup"][:1]
+    probs = [p for p in small_problems() if p.kind == "arith" and p.depth == 3][:3] + [
+        p for p in small_problems() if p.kind == "lookup"
+    ][:1]
     for p in probs:
         text = document_text(p)
         doc = replayer().replay(p.question, text)
@@ -66,17 +75,17 @@ def test_controller_writes_the_same_tokens_and_keeps_the_same_working_memory(buf
         assert ctrl.tracker.token_ids == doc.tokens
         segs = pruned_segments(doc, buffer)
         final = segs[-1].ids.tolist()
-        assert final[len(doc.prompt):] == ctrl.memory.kept_tokens(include_prompt=False)
+        assert final[len(doc.prompt) :] == ctrl.memory.kept_tokens(include_prompt=False)
         ops = ctrl.memory.stats().prune_ops  # one sequence per stretch between prune events
         assert 1 <= len(segs) <= 1 + ops and (buffer is not None or len(segs) == 1)
-        assert final[:len(doc.prompt)] == doc.prompt
+        assert final[: len(doc.prompt)] == doc.prompt
 
 
 def test_buffer_zero_working_memory_is_the_document_with_every_list_emptied():
     p = next(p for p in small_problems() if p.kind == "arith" and p.depth == 3)
     text = document_text(p)
     doc = replayer().replay(p.question, text)
-    final = pruned_segments(doc, 0)[-1].ids[len(doc.prompt):]
+    final = pruned_segments(doc, 0)[-1].ids[len(doc.prompt) :]
     full = document(p)
     paths = []
 
@@ -109,7 +118,7 @@ def test_loss_mask_is_the_written_tokens_only():
         for key in ('"thought"', '"tool_name"', '"parameters"', '"reasoning"'):
             at = text.find(key)
             while at >= 0:
-                assert all(kind_at[c] != SAMPLED for c in range(at + 1, at + len(key) - 1)), (key, text[at:at + 20])
+                assert all(kind_at[c] != SAMPLED for c in range(at + 1, at + len(key) - 1)), (key, text[at : at + 20])
                 at = text.find(key, at + 1)
         at = text.find('"tool_result": ')
         while at >= 0:

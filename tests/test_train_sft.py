@@ -21,15 +21,36 @@ from timjax.train.sft import (
     train,
 )
 
-TINY_MODEL = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)
+TINY_MODEL = ModelSpec(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=1024,
+)
 
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
-    data = DataSpec(n_problems=24, tokenizer_dir=str(tokenizer_dir()), seq_lens=[384],
-                    mix=[("arith", 1, 1.0), ("arith", 2, 1.0), ("lookup", 2, 1.0)])
-    base = dict(out_dir=str(out_dir), model=TINY_MODEL, data=data, tokens_per_batch=1536, steps=4, lr=3e-3,
-                warmup_steps=2, save_every=2, log_every=1, export=False)
+    data = DataSpec(
+        n_problems=24,
+        tokenizer_dir=str(tokenizer_dir()),
+        seq_lens=[384],
+        mix=[("arith", 1, 1.0), ("arith", 2, 1.0), ("lookup", 2, 1.0)],
+    )
+    base = dict(
+        out_dir=str(out_dir),
+        model=TINY_MODEL,
+        data=data,
+        tokens_per_batch=1536,
+        steps=4,
+        lr=3e-3,
+        warmup_steps=2,
+        save_every=2,
+        log_every=1,
+        export=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -63,8 +84,10 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
     for x, y in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # and the interruption really happened: the first half differs from the end state
-    assert not all(np.array_equal(np.asarray(x), np.asarray(y))
-                   for x, y in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(full["params"])))
+    assert not all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(full["params"]))
+    )
 
 
 def test_export_loads_with_timjax_and_config_errors_name_the_file(tmp_path):

@@ -29,10 +29,27 @@ from timjax.errors import (
 README = Path(__file__).resolve().parents[1] / "README.md"
 # this machine's jax CUDA plugin logs these on import when no GPU is present; they are not ours
 NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*(cudart_stub|cuda_))")
-TINY_CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16, max_position_embeddings=128)
-HF_CFG = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+TINY_CFG = Qwen3Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+HF_CFG = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,49 +98,61 @@ def api_error(fn, *args, exc=ParameterError, **kw) -> str:
 # ------------------------------------------------------------------------------------------- the API
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(max_batch=0), "invalid max_batch=0: must be an integer in [1, "),
-    (dict(max_batch=-1), "invalid max_batch=-1:"),
-    (dict(page_size=0), "invalid page_size=0: must be an integer in [1, 64]"),
-    (dict(page_size=65), "invalid page_size=65:"),
-    (dict(seed=2**32), "invalid seed=4294967296: must be an integer in [0, 4294967295]"),
-    (dict(seed=-1), "invalid seed=-1:"),
-    (dict(temperature=math.inf), "invalid temperature=inf: expected a finite number"),
-    (dict(temperature=-0.5), "invalid temperature=-0.5:"),
-    (dict(top_p=0.0), "invalid top_p=0.0: must be a finite number in (0.0, 1.0]"),
-    (dict(top_p=math.nan), "invalid top_p=nan:"),
-    (dict(top_k=-1), "invalid top_k=-1:"),
-    (dict(top_k=2**31), "invalid top_k=2147483648:"),
-    (dict(max_new_tokens=0), "invalid max_new_tokens=0:"),
-    (dict(max_new_tokens="8"), "invalid max_new_tokens='8': expected an integer"),
-    (dict(max_new_tokens=True), "invalid max_new_tokens=True:"),
-    (dict(max_seq_len=0), "invalid max_seq_len=0:"),
-    (dict(kv_tokens=-5), "invalid kv_tokens=-5:"),
-    (dict(kv_memory_fraction=1.5), "invalid kv_memory_fraction=1.5:"),
-    (dict(impl="XLA"), "invalid impl='XLA': choose one of auto, xla, pallas, pallas_interpret (did you mean 'xla'?)"),
-    (dict(reposition="shfit"), "invalid reposition='shfit': choose one of reencode, shift (did you mean 'shift'?)"),
-    (dict(pruning_buffer=-1), "invalid pruning_buffer=-1:"),
-    (dict(stop=["ok", ""]), "invalid stop[1]='': expected a non-empty string"),
-    (dict(stop_ids=[1, 64]), "invalid stop_ids[1]=64: must be an integer in [0, 63]"),
-    (dict(chat="yes"), "invalid chat='yes': expected True or False"),
-    (dict(on_token=5), "invalid on_token=5: expected a function or None"),
-    (dict(schema={"type": "object"}), "invalid schema={'type': 'object'}: expected a timjax.tim.schema.TimSchema"),
-    (dict(engine_options={"check_cache": 1}), "invalid engine_options['check_cache']=1: expected True or False"),
-    (dict(engine_options={"max_batch": 2}), "invalid engine_options={'max_batch': 2}: 'max_batch' is an argument of "
-                                            "generate itself: pass max_batch=..."),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(max_batch=0), "invalid max_batch=0: must be an integer in [1, "),
+        (dict(max_batch=-1), "invalid max_batch=-1:"),
+        (dict(page_size=0), "invalid page_size=0: must be an integer in [1, 64]"),
+        (dict(page_size=65), "invalid page_size=65:"),
+        (dict(seed=2**32), "invalid seed=4294967296: must be an integer in [0, 4294967295]"),
+        (dict(seed=-1), "invalid seed=-1:"),
+        (dict(temperature=math.inf), "invalid temperature=inf: expected a finite number"),
+        (dict(temperature=-0.5), "invalid temperature=-0.5:"),
+        (dict(top_p=0.0), "invalid top_p=0.0: must be a finite number in (0.0, 1.0]"),
+        (dict(top_p=math.nan), "invalid top_p=nan:"),
+        (dict(top_k=-1), "invalid top_k=-1:"),
+        (dict(top_k=2**31), "invalid top_k=2147483648:"),
+        (dict(max_new_tokens=0), "invalid max_new_tokens=0:"),
+        (dict(max_new_tokens="8"), "invalid max_new_tokens='8': expected an integer"),
+        (dict(max_new_tokens=True), "invalid max_new_tokens=True:"),
+        (dict(max_seq_len=0), "invalid max_seq_len=0:"),
+        (dict(kv_tokens=-5), "invalid kv_tokens=-5:"),
+        (dict(kv_memory_fraction=1.5), "invalid kv_memory_fraction=1.5:"),
+        (
+            dict(impl="XLA"),
+            "invalid impl='XLA': choose one of auto, xla, pallas, pallas_interpret (did you mean 'xla'?)",
+        ),
+        (dict(reposition="shfit"), "invalid reposition='shfit': choose one of reencode, shift (did you mean 'shift'?)"),
+        (dict(pruning_buffer=-1), "invalid pruning_buffer=-1:"),
+        (dict(stop=["ok", ""]), "invalid stop[1]='': expected a non-empty string"),
+        (dict(stop_ids=[1, 64]), "invalid stop_ids[1]=64: must be an integer in [0, 63]"),
+        (dict(chat="yes"), "invalid chat='yes': expected True or False"),
+        (dict(on_token=5), "invalid on_token=5: expected a function or None"),
+        (dict(schema={"type": "object"}), "invalid schema={'type': 'object'}: expected a timjax.tim.schema.TimSchema"),
+        (dict(engine_options={"check_cache": 1}), "invalid engine_options['check_cache']=1: expected True or False"),
+        (
+            dict(engine_options={"max_batch": 2}),
+            "invalid engine_options={'max_batch': 2}: 'max_batch' is an argument of "
+            "generate itself: pass max_batch=...",
+        ),
+    ],
+)
 def test_generate_rejects_bad_parameters(tiny, kw, needle):
     assert needle in api_error(timjax.generate, tiny, [1, 2, 3], **kw)
 
 
-@pytest.mark.parametrize("prompt,needle", [
-    ([], "invalid prompt=[]: empty"),
-    (None, "invalid prompt=None: expected a string, a list of token ids, or a list of those"),
-    ([[1, 2], None], "invalid prompt[1]=None"),
-    ([1, 2.0], "invalid prompt[1]=2.0: token ids must be integers"),
-    (np.zeros((2, 3), np.int32), "an array prompt must be 1-D integer token ids, got shape (2, 3)"),
-    ("hi", "invalid prompt='hi': a text prompt needs a tokenizer"),
-])
+@pytest.mark.parametrize(
+    "prompt,needle",
+    [
+        ([], "invalid prompt=[]: empty"),
+        (None, "invalid prompt=None: expected a string, a list of token ids, or a list of those"),
+        ([[1, 2], None], "invalid prompt[1]=None"),
+        ([1, 2.0], "invalid prompt[1]=2.0: token ids must be integers"),
+        (np.zeros((2, 3), np.int32), "an array prompt must be 1-D integer token ids, got shape (2, 3)"),
+        ("hi", "invalid prompt='hi': a text prompt needs a tokenizer"),
+    ],
+)
 def test_generate_rejects_bad_prompts(tiny, prompt, needle):
     assert needle in api_error(timjax.generate, tiny, prompt)
 
@@ -166,7 +195,9 @@ def test_load_logits_convert_export_parameters(tiny, hf_dir, converted, tmp_path
     assert "invalid dtype='f64'" in api_error(convert_hf_to_timjax, hf_dir, tmp_path / "o", dtype="f64")
     assert "invalid overwrite=1" in api_error(convert_hf_to_timjax, hf_dir, tmp_path / "o", overwrite=1)
     assert "invalid max_shard_bytes=0" in api_error(export_timjax_to_hf, converted, tmp_path / "o", max_shard_bytes=0)
-    assert "invalid max_shard_bytes=1.5" in api_error(export_timjax_to_hf, converted, tmp_path / "o", max_shard_bytes=1.5)
+    assert "invalid max_shard_bytes=1.5" in api_error(
+        export_timjax_to_hf, converted, tmp_path / "o", max_shard_bytes=1.5
+    )
     assert "invalid dtype='float8'" in api_error(read_params, converted, dtype="float8")
     assert not (tmp_path / "o").exists()
     (tmp_path / "file").write_text("x")
@@ -180,28 +211,48 @@ def test_load_logits_convert_export_parameters(tiny, hf_dir, converted, tmp_path
 # ------------------------------------------------------------------------------------------- the CLI
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--max-batch", "0"], "timjax: error: invalid --max-batch=0: must be an integer in [1, 2147483647]"),
-    (["--max-batch", "-1"], "timjax: error: invalid --max-batch=-1:"),
-    (["--page-size", "0"], "timjax: error: invalid --page-size=0:"),
-    (["--seed", "-3"], "timjax: error: invalid --seed=-3:"),
-    (["--temperature", "nan"], "timjax: error: invalid --temperature=nan: expected a finite number >= 0.0"),
-    (["--top-p", "inf"], "timjax: error: invalid --top-p=inf:"),
-    (["--max-new-tokens", "0"], "timjax: error: invalid --max-new-tokens=0:"),
-    (["--pruning-buffer", "-2"], "timjax: error: invalid --pruning-buffer=-2: must be an integer in [-1, "),
-    (["--max-depth", "0"], "timjax: error: invalid --max-depth=0:"),
-    (["--stop", ""], "timjax: error: invalid --stop[0]='': expected a non-empty string"),
-    (["--max-batch", "x"], "timjax generate: error: argument --max-batch: invalid int value: 'x'"),
-    (["--dtype", "bf16"], "timjax generate: error: argument --dtype: invalid choice: 'bf16'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--max-batch", "0"], "timjax: error: invalid --max-batch=0: must be an integer in [1, 2147483647]"),
+        (["--max-batch", "-1"], "timjax: error: invalid --max-batch=-1:"),
+        (["--page-size", "0"], "timjax: error: invalid --page-size=0:"),
+        (["--seed", "-3"], "timjax: error: invalid --seed=-3:"),
+        (["--temperature", "nan"], "timjax: error: invalid --temperature=nan: expected a finite number >= 0.0"),
+        (["--top-p", "inf"], "timjax: error: invalid --top-p=inf:"),
+        (["--max-new-tokens", "0"], "timjax: error: invalid --max-new-tokens=0:"),
+        (["--pruning-buffer", "-2"], "timjax: error: invalid --pruning-buffer=-2: must be an integer in [-1, "),
+        (["--max-depth", "0"], "timjax: error: invalid --max-depth=0:"),
+        (["--stop", ""], "timjax: error: invalid --stop[0]='': expected a non-empty string"),
+        (["--max-batch", "x"], "timjax generate: error: argument --max-batch: invalid int value: 'x'"),
+        (["--dtype", "bf16"], "timjax generate: error: argument --dtype: invalid choice: 'bf16'"),
+    ],
+)
 def test_cli_generate_rejects_bad_flags_before_loading(capsys, tmp_path, argv, needle):
     rc, err = cli(capsys, "generate", tmp_path / "no-model", "--prompt", "hi", *argv)
     assert rc == 2 and one_line(err).startswith(needle), err
 
 
 def test_cli_valid_flags_reach_the_model_loader(capsys, tmp_path):
-    rc, err = cli(capsys, "generate", tmp_path / "no-model", "--prompt", "a", "--prompt", "b", "--seed", "4294967294",
-                  "--max-batch", "1", "--temperature", "0.5", "--top-p", "1", "--pruning-buffer", "-1")
+    rc, err = cli(
+        capsys,
+        "generate",
+        tmp_path / "no-model",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--seed",
+        "4294967294",
+        "--max-batch",
+        "1",
+        "--temperature",
+        "0.5",
+        "--top-p",
+        "1",
+        "--pruning-buffer",
+        "-1",
+    )
     assert rc == 2 and one_line(err) == f"timjax: error: {tmp_path / 'no-model'}: no such directory"
     rc, err = cli(capsys, "generate", tmp_path / "no-model", "--prompt", "a", "--prompt", "b", "--seed", "4294967295")
     assert rc == 2 and "for 2 prompts (prompt i uses seed + i, a uint32)" in one_line(err)
@@ -232,23 +283,28 @@ def write_config(d: Path, hf_dir: Path, **edit) -> Path:
     return d
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (dict(rope_theta=-1), "field rope_theta=-1: Input should be greater than 0"),
-    (dict(rope_theta=0.0), "field rope_theta=0.0: Input should be greater than 0"),
-    (dict(rms_norm_eps=-1e-6), "field rms_norm_eps=-1e-06: Input should be greater than 0"),
-    (dict(max_position_embeddings=0), "field max_position_embeddings=0: Input should be greater than 0"),
-    (dict(num_attention_heads=0), "field num_attention_heads=0: Input should be greater than 0"),
-    (dict(num_key_value_heads=0), "field num_key_value_heads=0: Input should be greater than 0"),
-    (dict(num_key_value_heads=3), "num_key_value_heads=3 must divide num_attention_heads=4"),
-    (dict(head_dim=7), "head_dim=7 must be even"),
-    (dict(hidden_size="32"), "field hidden_size='32': Input should be a valid integer"),
-    (dict(vocab_size=96.0), "field vocab_size=96.0: Input should be a valid integer"),
-    (dict(tie_word_embeddings="false"), "field tie_word_embeddings='false': Input should be a valid boolean"),
-    (dict(eos_token_id=[1, "2"]), "field eos_token_id="),
-    (dict(rope_parameters=[10000.0]), "field rope_parameters=[10000.0]: expected an object"),
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": "1e4"}),
-     "field rope_parameters.rope_theta='1e4': Input should be a valid number"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (dict(rope_theta=-1), "field rope_theta=-1: Input should be greater than 0"),
+        (dict(rope_theta=0.0), "field rope_theta=0.0: Input should be greater than 0"),
+        (dict(rms_norm_eps=-1e-6), "field rms_norm_eps=-1e-06: Input should be greater than 0"),
+        (dict(max_position_embeddings=0), "field max_position_embeddings=0: Input should be greater than 0"),
+        (dict(num_attention_heads=0), "field num_attention_heads=0: Input should be greater than 0"),
+        (dict(num_key_value_heads=0), "field num_key_value_heads=0: Input should be greater than 0"),
+        (dict(num_key_value_heads=3), "num_key_value_heads=3 must divide num_attention_heads=4"),
+        (dict(head_dim=7), "head_dim=7 must be even"),
+        (dict(hidden_size="32"), "field hidden_size='32': Input should be a valid integer"),
+        (dict(vocab_size=96.0), "field vocab_size=96.0: Input should be a valid integer"),
+        (dict(tie_word_embeddings="false"), "field tie_word_embeddings='false': Input should be a valid boolean"),
+        (dict(eos_token_id=[1, "2"]), "field eos_token_id="),
+        (dict(rope_parameters=[10000.0]), "field rope_parameters=[10000.0]: expected an object"),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": "1e4"}),
+            "field rope_parameters.rope_theta='1e4': Input should be a valid number",
+        ),
+    ],
+)
 def test_config_fields_the_runtime_relies_on(hf_dir, tmp_path, capsys, edit, needle):
     d = write_config(tmp_path / "c", hf_dir, **edit)
     rc, err = cli(capsys, "convert", d, tmp_path / "o", "--no-progress")
@@ -282,10 +338,17 @@ def drop_file_permissions_argv() -> list[str] | None:
 def run_cli_subprocess(*argv, prefix=(), max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
     code = "import sys; from timjax.cli import main; sys.exit(main(sys.argv[1:]))"
     if max_file_bytes is not None:  # set in the child itself: no preexec_fn (fork) from a process running JAX
-        code = (f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, "
-                f"resource.getrlimit(resource.RLIMIT_FSIZE)[1])); " + code)
-    return subprocess.run([*prefix, sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        code = (
+            f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, "
+            f"resource.getrlimit(resource.RLIMIT_FSIZE)[1])); " + code
+        )
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", code, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def clean(stderr: str) -> str:
@@ -326,8 +389,13 @@ def file_messages(hf_dir, converted, tmp_path_factory) -> dict[str, str]:
     """The subprocess cases, run once per module: an unreadable file, a full disk in convert and export."""
     a, b = tmp_path_factory.mktemp("noread"), tmp_path_factory.mktemp("full")
     conv, exp = full_disk_messages(hf_dir, converted, b)
-    return {"unreadable": unreadable_message(hf_dir, a), "unreadable_path": str(a / "noread" / "model.safetensors"),
-            "full_convert": conv, "full_export": exp, "full_dir": str(b)}
+    return {
+        "unreadable": unreadable_message(hf_dir, a),
+        "unreadable_path": str(a / "noread" / "model.safetensors"),
+        "full_convert": conv,
+        "full_export": exp,
+        "full_dir": str(b),
+    }
 
 
 def test_unreadable_file_is_not_reported_missing(file_messages):
@@ -349,10 +417,15 @@ def full_disk_messages(hf_dir: Path, converted: Path, tmp_path: Path) -> tuple[s
 
 def test_full_disk_is_one_line_naming_the_output(file_messages):
     conv, exp, tmp_path = file_messages["full_convert"], file_messages["full_export"], Path(file_messages["full_dir"])
-    assert re.fullmatch(re.escape(str(tmp_path / "full-convert" / "params")) + r"/\w+: cannot write \(File too large "
-                        r"\[errno 27\]\); the output directory is left as it was", conv), conv
-    assert exp == (f"{tmp_path / 'full-export' / 'model.safetensors'}: cannot write (File too large [errno 27]); "
-                   f"the output directory is left as it was")
+    assert re.fullmatch(
+        re.escape(str(tmp_path / "full-convert" / "params")) + r"/\w+: cannot write \(File too large "
+        r"\[errno 27\]\); the output directory is left as it was",
+        conv,
+    ), conv
+    assert exp == (
+        f"{tmp_path / 'full-export' / 'model.safetensors'}: cannot write (File too large [errno 27]); "
+        f"the output directory is left as it was"
+    )
 
 
 class _InterruptingCheckpointer:
@@ -430,7 +503,7 @@ def readme_rows() -> dict[str, str]:
     """First column -> the message shape: the first `code` span of the last column when the column starts
     with one, else the whole column."""
     text = README.read_text()
-    table = text[text.index("<!-- bad-input-table"):]
+    table = text[text.index("<!-- bad-input-table") :]
     rows = {}
     for line in table.splitlines()[3:]:
         if not line.startswith("|"):
@@ -487,16 +560,26 @@ def test_readme_bad_input_table(tiny, hf_dir, converted, file_messages, tmp_path
         "config field of the wrong type": lambda: config_error("c2", hidden_size="32"),
         "config heads that do not divide": lambda: config_error("c3", num_key_value_heads=3),
         "config.json not an object": not_an_object,
-        "NaN or inf weights": lambda: cli_line("convert", nan_checkpoint(hf_dir, tmp_path / "nan", "lm_head.weight",
-                                                                         float("inf")), tmp_path / "o", "--no-progress"),
-        "a cast that overflows": lambda: cli_line("convert", nan_checkpoint(hf_dir, tmp_path / "big", "lm_head.weight",
-                                                                            1e6), tmp_path / "o", "--dtype", "float16",
-                                                  "--no-progress"),
+        "NaN or inf weights": lambda: cli_line(
+            "convert",
+            nan_checkpoint(hf_dir, tmp_path / "nan", "lm_head.weight", float("inf")),
+            tmp_path / "o",
+            "--no-progress",
+        ),
+        "a cast that overflows": lambda: cli_line(
+            "convert",
+            nan_checkpoint(hf_dir, tmp_path / "big", "lm_head.weight", 1e6),
+            tmp_path / "o",
+            "--dtype",
+            "float16",
+            "--no-progress",
+        ),
         "unreadable file": lambda: file_messages["unreadable"],
         "full disk while converting": lambda: file_messages["full_convert"],
         "full disk while exporting": lambda: file_messages["full_export"],
-        "Ctrl-C during convert or export": lambda: interrupt_messages(hf_dir, converted, tmp_path / "y", capsys,
-                                                                       monkeypatch)[0],
+        "Ctrl-C during convert or export": lambda: interrupt_messages(
+            hf_dir, converted, tmp_path / "y", capsys, monkeypatch
+        )[0],
         "bad prompt inside a batch": batch_row,
     }
     (tmp_path / "y").mkdir()
@@ -530,9 +613,11 @@ def test_nan_weights_are_refused_at_conversion(hf_dir, tmp_path, capsys):
 
     d = nan_checkpoint(hf_dir, tmp_path / "nan", "model.layers.1.mlp.down_proj.weight", float("nan"))
     rc, err = cli(capsys, "convert", d, tmp_path / "o", "--no-progress")
-    assert rc == 2 and one_line(err) == (f"timjax: error: {d / 'model.safetensors'}: tensor "
-                                         f"model.layers.1.mlp.down_proj.weight has 1 non-finite values (NaN or inf) "
-                                         f"of {48 * 32}")
+    assert rc == 2 and one_line(err) == (
+        f"timjax: error: {d / 'model.safetensors'}: tensor "
+        f"model.layers.1.mlp.down_proj.weight has 1 non-finite values (NaN or inf) "
+        f"of {48 * 32}"
+    )
     assert not (tmp_path / "o").exists()
     with pytest.raises(NonFiniteTensorError, match="model.layers.1.mlp.down_proj.weight"):
         read_params(d)  # loading an HF dir directly takes the same path
@@ -541,8 +626,10 @@ def test_nan_weights_are_refused_at_conversion(hf_dir, tmp_path, capsys):
 def test_float16_overflow_is_named(hf_dir, tmp_path, converted, capsys):
     d = nan_checkpoint(hf_dir, tmp_path / "big", "model.embed_tokens.weight", 1e6)
     rc, err = cli(capsys, "convert", d, tmp_path / "o", "--dtype", "float16", "--no-progress")
-    assert rc == 2 and one_line(err).endswith("tensor model.embed_tokens.weight overflows float16 (values beyond its "
-                                              "range become inf); use bfloat16 or float32")
+    assert rc == 2 and one_line(err).endswith(
+        "tensor model.embed_tokens.weight overflows float16 (values beyond its "
+        "range become inf); use bfloat16 or float32"
+    )
     assert cli(capsys, "convert", d, tmp_path / "o", "--dtype", "bfloat16", "--no-progress")[0] == 0
     rc, err = cli(capsys, "export", tmp_path / "o", tmp_path / "e", "--dtype", "float16", "--no-progress")
     assert rc == 2 and "tensor embed overflows float16" in one_line(err) and not (tmp_path / "e").exists()
@@ -555,12 +642,18 @@ def test_finite_scan_agrees_with_isfinite():
     from hypothesis import strategies as st
     from timjax.convert.safetensors_io import _all_finite
 
-    kinds = {"bfloat16": (np.dtype(ml_dtypes.bfloat16), np.uint16), "float16": (np.dtype(np.float16), np.uint16),
-             "float32": (np.dtype(np.float32), np.uint32)}
+    kinds = {
+        "bfloat16": (np.dtype(ml_dtypes.bfloat16), np.uint16),
+        "float16": (np.dtype(np.float16), np.uint16),
+        "float32": (np.dtype(np.float32), np.uint32),
+    }
 
     @settings(max_examples=200, deadline=None)
-    @given(kind=st.sampled_from(sorted(kinds)), words=st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=40),
-           big=st.booleans())
+    @given(
+        kind=st.sampled_from(sorted(kinds)),
+        words=st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=40),
+        big=st.booleans(),
+    )
     def check(kind, words, big):
         dt, ut = kinds[kind]
         bits = np.array(words, np.uint64).astype(ut)
@@ -585,8 +678,10 @@ def test_other_write_failures_name_the_output(hf_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(hf_to_timjax, "copy_side_files", full)
     out = tmp_path / "o"
     msg = api_error(convert_hf_to_timjax, hf_dir, out, progress=False, exc=OutputWriteError)
-    assert msg == (f"{out.absolute() / 'tokenizer.json'}: cannot write (No space left on device [errno 28]); "
-                   f"the output directory is left as it was")
+    assert msg == (
+        f"{out.absolute() / 'tokenizer.json'}: cannot write (No space left on device [errno 28]); "
+        f"the output directory is left as it was"
+    )
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
     def unreadable(src, dst):

@@ -7,10 +7,15 @@ Attributes are imported on first use, so ``import timjax.cli`` (and ``timjax --h
 from importlib import import_module
 
 _EXPORTS = {
-    "load": "timjax.api", "generate": "timjax.api",
-    "logits": "timjax.model", "Qwen3": "timjax.model", "random_model": "timjax.model",
-    "Qwen3Config": "timjax.config", "Engine": "timjax.engine",
-    "GenerationResult": "timjax.results", "GenerationStats": "timjax.results",
+    "load": "timjax.api",
+    "generate": "timjax.api",
+    "logits": "timjax.model",
+    "Qwen3": "timjax.model",
+    "random_model": "timjax.model",
+    "Qwen3Config": "timjax.config",
+    "Engine": "timjax.engine",
+    "GenerationResult": "timjax.results",
+    "GenerationStats": "timjax.results",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

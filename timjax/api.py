@@ -53,11 +53,13 @@ def encode_prompt(model: Qwen3, prompt: Prompt, *, chat: bool = False, system: s
     if isinstance(prompt, str):
         tok = model.tokenizer
         if tok is None:
-            raise ValueError("a text prompt needs a tokenizer: load a checkpoint with tokenizer files, "
-                             "or pass token ids")
+            raise ValueError(
+                "a text prompt needs a tokenizer: load a checkpoint with tokenizer files, or pass token ids"
+            )
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
+                {"role": "user", "content": prompt}
+            ]
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return list(tok(text, add_special_tokens=False)["input_ids"])
         return list(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -66,20 +68,44 @@ def encode_prompt(model: Qwen3, prompt: Prompt, *, chat: bool = False, system: s
 
 
 def _is_batch(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int,)) and \
-        not hasattr(prompt[0], "__index__")
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and not isinstance(prompt[0], (int,))
+        and not hasattr(prompt[0], "__index__")
+    )
 
 
-def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
-             max_batch: int = 8, page_size: int = 16, max_seq_len: int | None = None,
-             kv_tokens: int | None = None, kv_memory_fraction: float | None = None, impl: str = "auto",
-             chat: bool = False, system: str | None = None,
-             on_token: Callable[[int, int], None] | None = None, progress: bool = False,
-             schema: Any = None, pruning_buffer: int | None = None, reposition: str = "reencode",
-             engine_options: dict | None = None, tools: Any = None, tool_limits: Any = None,
-             mesh=None, _runner: Any = None):
+def generate(
+    model: Qwen3 | Any,
+    prompt: Prompt | Sequence[Prompt],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    stop_ids: Sequence[int] | None = None,
+    max_batch: int = 8,
+    page_size: int = 16,
+    max_seq_len: int | None = None,
+    kv_tokens: int | None = None,
+    kv_memory_fraction: float | None = None,
+    impl: str = "auto",
+    chat: bool = False,
+    system: str | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    progress: bool = False,
+    schema: Any = None,
+    pruning_buffer: int | None = None,
+    reposition: str = "reencode",
+    engine_options: dict | None = None,
+    tools: Any = None,
+    tool_limits: Any = None,
+    mesh=None,
+    _runner: Any = None,
+):
     """Generate from one prompt (a string or token ids) or a batch of them.
 
     Returns a ``GenerationResult`` for one prompt, a list of them for a batch. ``schema`` (a
@@ -113,8 +139,7 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
 
         runner, close_runner = open_runner(tools, tool_limits)
         try:
-            return generate(**{**args, "schema": with_tools(schema, runner.specs), "tools": None,
-                               "_runner": runner})
+            return generate(**{**args, "schema": with_tools(schema, runner.specs), "tools": None, "_runner": runner})
         finally:
             if close_runner:
                 runner.close()
@@ -148,19 +173,35 @@ def generate(model: Qwen3 | Any, prompt: Prompt | Sequence[Prompt], *, max_new_t
         if schema is not None:
             from timjax.tim_controller import TimController
 
-            ctrl = TimController(model, schema, max_new_tokens=max_new_tokens, prompt_len=len(p),
-                                 pruning_buffer=pruning_buffer, stop_ids=stop_ids, tools=_runner)
+            ctrl = TimController(
+                model,
+                schema,
+                max_new_tokens=max_new_tokens,
+                prompt_len=len(p),
+                pruning_buffer=pruning_buffer,
+                stop_ids=stop_ids,
+                tools=_runner,
+            )
         else:
-            ctrl = PlainController(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop,
-                                   tokenizer=model.tokenizer)
+            ctrl = PlainController(
+                max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop, tokenizer=model.tokenizer
+            )
         requests.append(Request(p, max_new_tokens, temperature, top_k, top_p, seed + i, ctrl))
 
     if engine is None:
         if max_seq_len is None and schema is None:
             max_seq_len = min(model.config.max_position_embeddings, max(map(len, ids)) + max_new_tokens)
-        engine = Engine(model, max_batch=min(max_batch, len(requests)), page_size=page_size,
-                        max_seq_len=max_seq_len, kv_tokens=kv_tokens, kv_memory_fraction=kv_memory_fraction,
-                        impl=impl, reposition=reposition, **(engine_options or {}))
+        engine = Engine(
+            model,
+            max_batch=min(max_batch, len(requests)),
+            page_size=page_size,
+            max_seq_len=max_seq_len,
+            kv_tokens=kv_tokens,
+            kv_memory_fraction=kv_memory_fraction,
+            impl=impl,
+            reposition=reposition,
+            **(engine_options or {}),
+        )
     bar = None
     if progress:
         from tqdm.auto import tqdm

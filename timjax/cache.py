@@ -30,9 +30,11 @@ from timjax.config import Qwen3Config
 POOL_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
-@partial(jax.tree_util.register_dataclass,
-         data_fields=["k", "v", "page_table", "lengths", "pages_owned", "free_stack", "num_free", "oom"],
-         meta_fields=["page_size", "num_layers"])
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "page_table", "lengths", "pages_owned", "free_stack", "num_free", "oom"],
+    meta_fields=["page_size", "num_layers"],
+)
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     k: jax.Array  # [Hkv, L * P, ps, hd]
@@ -71,8 +73,15 @@ def kv_bytes_per_token(cfg: Qwen3Config, dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def pages_for_budget(cfg: Qwen3Config, dtype, page_size: int, *, tokens: int | None = None,
-                     memory_fraction: float | None = None, device=None) -> int:
+def pages_for_budget(
+    cfg: Qwen3Config,
+    dtype,
+    page_size: int,
+    *,
+    tokens: int | None = None,
+    memory_fraction: float | None = None,
+    device=None,
+) -> int:
     """Pool size in pages from a token budget, or from a fraction of the device's free memory."""
     if tokens is not None:
         return max(1, cdiv(tokens, page_size))
@@ -84,14 +93,16 @@ def pages_for_budget(cfg: Qwen3Config, dtype, page_size: int, *, tokens: int | N
     return max(1, int(free * memory_fraction) // (kv_bytes_per_token(cfg, dtype) * page_size))
 
 
-def create_cache(cfg: Qwen3Config, *, num_pages: int, page_size: int, max_seqs: int, max_seq_len: int,
-                 dtype=jnp.bfloat16) -> KVCache:
+def create_cache(
+    cfg: Qwen3Config, *, num_pages: int, page_size: int, max_seqs: int, max_seq_len: int, dtype=jnp.bfloat16
+) -> KVCache:
     if not 1 <= page_size <= 64:
         raise ValueError(f"page_size must be in [1, 64], got {page_size}")
     max_pages = cdiv(max_seq_len, page_size)
     shape = (cfg.num_key_value_heads, cfg.num_hidden_layers * num_pages, page_size, cfg.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
         page_table=jnp.zeros((max_seqs, max_pages), jnp.int32),
         lengths=jnp.zeros((max_seqs,), jnp.int32),
         pages_owned=jnp.zeros((max_seqs,), jnp.int32),
@@ -133,7 +144,7 @@ def reserve(cache: KVCache, rows: jax.Array, new_tokens: jax.Array, *, max_new_p
     need = jnp.clip(needed_total - owned, 0, max_new_pages)
 
     def grant(carry, req):
-        free, = carry
+        (free,) = carry
         n, bad = req
         ok = (n <= free) & ~bad
         return (free - jnp.where(ok, n, 0),), ok
@@ -195,8 +206,16 @@ def truncate_slot(cache: KVCache, slot: jax.Array, new_length: jax.Array) -> KVC
 
 
 @partial(jax.jit, static_argnames=("rope_theta", "impl"), donate_argnums=0)
-def compact_slot(cache: KVCache, slot: jax.Array, start: jax.Array, end: jax.Array, length: jax.Array, *,
-                 rope_theta: float, impl: str = "auto") -> KVCache:
+def compact_slot(
+    cache: KVCache,
+    slot: jax.Array,
+    start: jax.Array,
+    end: jax.Array,
+    length: jax.Array,
+    *,
+    rope_theta: float,
+    impl: str = "auto",
+) -> KVCache:
     """Remove slots [start, end) of one sequence with no recompute: the suffix K/V move down and the
     moved keys are re-rotated by -(end - start) positions; pages past the new length are freed.
     With page size 1 only the page table moves and the moved keys are rotated in place."""
@@ -212,13 +231,15 @@ def compact_slot(cache: KVCache, slot: jax.Array, start: jax.Array, end: jax.Arr
         src = jnp.where(j < length, src, j)
         page_table = cache.page_table.at[slot].set(row[src])
         per_layer = layer_pages(page_table[slot][None, :], jnp.arange(L)[:, None], P)  # [L, maxp]
-        k = kernels.rotate_slots(cache.k, per_layer, rows(start), rows(length - end), rows(-n),
-                                 rope_theta=rope_theta, impl=impl)
+        k = kernels.rotate_slots(
+            cache.k, per_layer, rows(start), rows(length - end), rows(-n), rope_theta=rope_theta, impl=impl
+        )
         cache = cache.replace(k=k, page_table=page_table)
     else:
         per_layer = layer_pages(cache.page_table[slot][None, :], jnp.arange(L)[:, None], P)
-        k, v = kernels.compact(cache.k, cache.v, per_layer, rows(start), rows(end), rows(length),
-                               rope_theta=rope_theta, impl=impl)
+        k, v = kernels.compact(
+            cache.k, cache.v, per_layer, rows(start), rows(end), rows(length), rope_theta=rope_theta, impl=impl
+        )
         cache = cache.replace(k=k, v=v)
     return shrink(cache, cache.lengths.at[slot].set(length - n))
 
@@ -229,7 +250,7 @@ def check_invariants(cache: KVCache) -> None:
     owned = np.asarray(cache.pages_owned)
     n_free = int(cache.num_free)
     free = np.asarray(cache.free_stack)[:n_free]
-    held = np.concatenate([pt[s, :owned[s]] for s in range(pt.shape[0])] + [np.zeros(0, np.int32)])
+    held = np.concatenate([pt[s, : owned[s]] for s in range(pt.shape[0])] + [np.zeros(0, np.int32)])
     all_pages = np.concatenate([held, free])
     assert all_pages.size == cache.num_pages, f"{all_pages.size} pages accounted for, pool has {cache.num_pages}"
     assert np.unique(all_pages).size == cache.num_pages, "a page is owned twice or both owned and free"

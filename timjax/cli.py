@@ -23,20 +23,28 @@ DTYPES = ("bfloat16", "float16", "float32")
 def _cmd_convert(args: argparse.Namespace) -> int:
     from timjax.convert import convert_hf_to_timjax
 
-    out = convert_hf_to_timjax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                               progress=not args.no_progress)
+    out = convert_hf_to_timjax(
+        args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(f"timjax: wrote {out}", file=sys.stderr)
     return 0
 
 
 def add_convert_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert a Hugging Face Qwen3 safetensors checkpoint to the timjax format",
+        "convert",
+        help="convert a Hugging Face Qwen3 safetensors checkpoint to the timjax format",
         description="Convert a Hugging Face Qwen3 checkpoint directory (config.json + model.safetensors or a "
-                    "sharded set with model.safetensors.index.json) into a timjax checkpoint directory.")
+        "sharded set with model.safetensors.index.json) into a timjax checkpoint directory.",
+    )
     p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face checkpoint directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="timjax checkpoint directory to create")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the weights (norms stay float32); default bfloat16")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="dtype of the weights (norms stay float32); default bfloat16",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
@@ -48,17 +56,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.max_shard_gb is not None:
         kwargs["max_shard_bytes"] = int(args.max_shard_gb * 2**30)
-    out = export_timjax_to_hf(args.timjax_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                              progress=not args.no_progress, **kwargs)
+    out = export_timjax_to_hf(
+        args.timjax_dir,
+        args.out_dir,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        **kwargs,
+    )
     print(f"timjax: wrote {out}", file=sys.stderr)
     return 0
 
 
 def add_export_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export a timjax checkpoint to Hugging Face safetensors",
+        "export",
+        help="export a timjax checkpoint to Hugging Face safetensors",
         description="Write a Hugging Face Qwen3 checkpoint (safetensors, config.json, tokenizer files) that "
-                    "transformers' Qwen3ForCausalLM.from_pretrained loads.")
+        "transformers' Qwen3ForCausalLM.from_pretrained loads.",
+    )
     p.add_argument("timjax_dir", metavar="TIMJAX_DIR", help="timjax checkpoint directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="Hugging Face checkpoint directory to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the exported tensors; default: as stored")
@@ -100,11 +116,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stream = lambda i, t: print(model.tokenizer.decode([t]), end="", flush=True)
     try:
         results = timjax.generate(
-            model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed, stop=args.stop or (), max_batch=args.max_batch, page_size=args.page_size,
-            impl=args.impl, chat=args.chat, on_token=stream, progress=len(prompts) > 1, schema=schema,
-            pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer, reposition=args.reposition,
-            tools=tools)
+            model,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop or (),
+            max_batch=args.max_batch,
+            page_size=args.page_size,
+            impl=args.impl,
+            chat=args.chat,
+            on_token=stream,
+            progress=len(prompts) > 1,
+            schema=schema,
+            pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer,
+            reposition=args.reposition,
+            tools=tools,
+        )
     finally:
         if tools is not None:
             tools.close()
@@ -127,16 +157,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         extra = f", peak working memory {s.peak_working_tokens}, KV pruned {s.pruned_share:.0%}" if args.tim else ""
         if tools is not None:
             extra += f", {s.tool_calls} tool calls ({s.tool_errors} failed)"
-        print(f"[{r.finish_reason}{': ' + r.error if r.error else ''}] {s.generated_tokens} tokens, "
-              f"{s.tokens_per_s:.1f} tok/s{extra}", file=sys.stderr)
+        print(
+            f"[{r.finish_reason}{': ' + r.error if r.error else ''}] {s.generated_tokens} tokens, "
+            f"{s.tokens_per_s:.1f} tok/s{extra}",
+            file=sys.stderr,
+        )
     return 0 if all(r.finish_reason != "error" for r in results) else 1
 
 
 def add_generate_command(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text (or a TIM reasoning tree) from a checkpoint",
-                              description="Generate from a timjax or Hugging Face Qwen3 checkpoint directory.")
-    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help="timjax or Hugging Face checkpoint directory (default: the shipped tiny TIM, with its tools)")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text (or a TIM reasoning tree) from a checkpoint",
+        description="Generate from a timjax or Hugging Face Qwen3 checkpoint directory.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default=None,
+        help="timjax or Hugging Face checkpoint directory (default: the shipped tiny TIM, with its tools)",
+    )
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -148,10 +189,20 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto",
-                   help="attention kernels: auto = Pallas on GPU, XLA on CPU")
-    p.add_argument("--tim", nargs="?", const=True, default=False, metavar="PROMPT",
-                   help="TIM structured reasoning with subtask pruning (optionally the prompt itself)")
+    p.add_argument(
+        "--impl",
+        choices=("auto", "xla", "pallas", "pallas_interpret"),
+        default="auto",
+        help="attention kernels: auto = Pallas on GPU, XLA on CPU",
+    )
+    p.add_argument(
+        "--tim",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PROMPT",
+        help="TIM structured reasoning with subtask pruning (optionally the prompt itself)",
+    )
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer size; -1 turns pruning off")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
     p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth")
@@ -176,11 +227,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo_command(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the built-in end-to-end job: the shipped tiny TIM solves a problem (offline)",
-                              description="The shipped tiny TIM solves an arithmetic problem with calculator calls over "
-                                          "MCP and subtask pruning; prints the tree, the stats and the checked answer. "
-                                          "--random-qwen3: write, convert and load a random Qwen3 with the real Qwen3 "
-                                          "vocabulary, generate, and replay a TIM reasoning tree with subtask pruning.")
+    p = subparsers.add_parser(
+        "demo",
+        help="the built-in end-to-end job: the shipped tiny TIM solves a problem (offline)",
+        description="The shipped tiny TIM solves an arithmetic problem with calculator calls over "
+        "MCP and subtask pruning; prints the tree, the stats and the checked answer. "
+        "--random-qwen3: write, convert and load a random Qwen3 with the real Qwen3 "
+        "vocabulary, generate, and replay a TIM reasoning tree with subtask pruning.",
+    )
     p.add_argument("--question", default=None, help="an arithmetic question (default: the built-in one)")
     p.add_argument("--random-qwen3", action="store_true", help="the runtime job on a random Qwen3 instead")
     p.add_argument("--work-dir", default=None, help="keep the checkpoints here (default: a temporary directory)")
@@ -193,8 +247,14 @@ def add_demo_command(subparsers) -> None:
 from timjax.eval.cli import add_eval_command  # noqa: E402
 from timjax.train.cli import add_train_command  # noqa: E402
 
-COMMANDS: list[Callable] = [add_demo_command, add_convert_command, add_export_command, add_generate_command,
-                            add_train_command, add_eval_command]
+COMMANDS: list[Callable] = [
+    add_demo_command,
+    add_convert_command,
+    add_export_command,
+    add_generate_command,
+    add_train_command,
+    add_eval_command,
+]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -68,8 +68,10 @@ class Qwen3Config(BaseModel):
     @model_validator(mode="after")
     def _runnable(self) -> "Qwen3Config":
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
-                             f"num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (rotate-half RoPE)")
         for t in self.eos_token_ids:
@@ -139,8 +141,14 @@ class Qwen3Config(BaseModel):
         if theta is None:
             raise ConfigError(f"{source}: missing field rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
 
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "head_dim"]
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+        ]
         for name in required:
             if raw.get(name) is None:
                 raise ConfigError(f"{source}: missing field {name}")
@@ -152,7 +160,8 @@ class Qwen3Config(BaseModel):
             intermediate_size=raw["intermediate_size"],
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=raw["num_attention_heads"],
-            num_key_value_heads=raw["num_attention_heads"] if raw.get("num_key_value_heads") is None
+            num_key_value_heads=raw["num_attention_heads"]
+            if raw.get("num_key_value_heads") is None
             else raw["num_key_value_heads"],
             head_dim=raw["head_dim"],
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),

@@ -29,8 +29,14 @@ import numpy as np
 DEMO_QUESTION = "Calculate -(7 * (7 - 12))."
 
 
-def run_demo(question: str = DEMO_QUESTION, *, model_dir: str | None = None, pruning_buffer: int | None = 1,
-             reposition: str = "reencode", impl: str = "auto") -> dict:
+def run_demo(
+    question: str = DEMO_QUESTION,
+    *,
+    model_dir: str | None = None,
+    pruning_buffer: int | None = 1,
+    reposition: str = "reencode",
+    impl: str = "auto",
+) -> dict:
     """The tiny TIM solves ``question`` with the calculator over MCP; returns a summary (``ok``: the answer is
     right and the tree is complete)."""
     import jax
@@ -47,36 +53,58 @@ def run_demo(question: str = DEMO_QUESTION, *, model_dir: str | None = None, pru
     path = model_dir or default_model_path()
     model = timjax.load(path, dtype="float32")
     n_params = model.config.num_params()
-    say(f"timjax demo on {jax.devices()[0].platform} (jax {jax.__version__}): the tiny TIM "
-        f"({n_params / 1e6:.2f}M parameters, {model.config.vocab_size}-token vocabulary) from {path}")
+    say(
+        f"timjax demo on {jax.devices()[0].platform} (jax {jax.__version__}): the tiny TIM "
+        f"({n_params / 1e6:.2f}M parameters, {model.config.vocab_size}-token vocabulary) from {path}"
+    )
     expr = question.split(" ", 1)[1].rstrip(".?")
     expected = fmt_int(value(parse_expression(expr)))
     say(f"question: {question}   (exact answer: {expected})")
     say(f"tools over MCP: calculator, lookup; prune buffer {pruning_buffer} ({reposition}); greedy decoding")
     t0 = time.perf_counter()
-    r = timjax.generate(model, question, schema=tim_schema(), tools=tool_servers(), pruning_buffer=pruning_buffer,
-                        reposition=reposition, max_new_tokens=1024, impl=impl)
+    r = timjax.generate(
+        model,
+        question,
+        schema=tim_schema(),
+        tools=tool_servers(),
+        pruning_buffer=pruning_buffer,
+        reposition=reposition,
+        max_new_tokens=1024,
+        impl=impl,
+    )
     wall = time.perf_counter() - t0
     tree = r.response if r.response is not None else r.partial_response
     if tree is not None:
         say("the reasoning tree (subtask lists pruned from working memory marked):")
         say("\n".join("  " + line for line in format_tree(tree, r.pruned_paths, width=80).splitlines()))
     st = r.stats
-    say(f"{r.finish_reason}{': ' + r.error if r.error else ''}: {st.generated_tokens} tokens written "
+    say(
+        f"{r.finish_reason}{': ' + r.error if r.error else ''}: {st.generated_tokens} tokens written "
         f"({st.tool_calls} calculator calls), peak working memory {st.peak_working_tokens} tokens, "
         f"KV pruned {st.pruned_share:.0%} in {st.prune_events} prune events, {st.tokens_per_s:.0f} tok/s, "
-        f"{wall:.1f}s")
+        f"{wall:.1f}s"
+    )
     answer = None if r.response is None else r.response.answer
     ok = r.finish_reason == "stop" and answer is not None and check_answer(expected, answer)
     say(f"answer: {answer!r}; expected {expected}: {'correct' if ok else 'WRONG'}")
     say(f"demo {'OK' if ok else 'FAILED'} in {time.perf_counter() - t_start:.1f}s")
-    return {"ok": ok, "answer": answer, "expected": expected, "finish_reason": r.finish_reason,
-            "tokens": st.generated_tokens, "tool_calls": st.tool_calls, "peak_working_tokens": st.peak_working_tokens,
-            "pruned_share": st.pruned_share, "pruned_paths": r.pruned_paths, "wall_s": wall}
+    return {
+        "ok": ok,
+        "answer": answer,
+        "expected": expected,
+        "finish_reason": r.finish_reason,
+        "tokens": st.generated_tokens,
+        "tool_calls": st.tool_calls,
+        "peak_working_tokens": st.peak_working_tokens,
+        "pruned_share": st.pruned_share,
+        "pruned_paths": r.pruned_paths,
+        "wall_s": wall,
+    }
 
 
-def run_random_demo(work_dir: str | None = None, *, page_size: int = 16, depth: int = 4, breadth: int = 3,
-                    impl: str = "auto") -> dict:
+def run_random_demo(
+    work_dir: str | None = None, *, page_size: int = 16, depth: int = 4, breadth: int = 3, impl: str = "auto"
+) -> dict:
     """The runtime on a random Qwen3 with the real vocabulary (``timjax demo --random-qwen3``)."""
     import jax
 
@@ -99,10 +127,20 @@ def run_random_demo(work_dir: str | None = None, *, page_size: int = 16, depth: 
     say = lambda *a: print(*a, flush=True)
 
     say(f"timjax demo on {jax.devices()[0].platform} (jax {jax.__version__}); work dir {root}")
-    cfg = Qwen3Config(vocab_size=QWEN3_MODEL_VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                      rope_theta=1_000_000.0, tie_word_embeddings=True, eos_token_id=IM_END_ID,
-                      torch_dtype="float32")
+    cfg = Qwen3Config(
+        vocab_size=QWEN3_MODEL_VOCAB,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        eos_token_id=IM_END_ID,
+        torch_dtype="float32",
+    )
     tok_dir = build_qwen3_tokenizer(root / "tokenizer")
     hf_dir = root / "hf-random-qwen3"
     params = init_params(cfg, "float32", jax.random.key(0))
@@ -118,19 +156,28 @@ def run_random_demo(work_dir: str | None = None, *, page_size: int = 16, depth: 
     engine = Engine(model, max_batch=1, page_size=page_size, max_seq_len=64, impl=impl)
     from timjax import steps
 
-    logits, _ = steps.logits_step(model.params(), engine.cache, np.zeros(1, np.int32),
-                                  np.array([ids + [0] * (16 - len(ids))], np.int32), np.array([len(ids)], np.int32),
-                                  cfg=cfg, impl=engine.impl)
+    logits, _ = steps.logits_step(
+        model.params(),
+        engine.cache,
+        np.zeros(1, np.int32),
+        np.array([ids + [0] * (16 - len(ids))], np.int32),
+        np.array([len(ids)], np.int32),
+        cfg=cfg,
+        impl=engine.impl,
+    )
     err = float(np.abs(np.asarray(logits)[0] - ref[-1]).max())
     say(f"3. reference forward vs paged prefill: max |logit diff| = {err:.2e}")
     summary["prefill_max_abs_diff"] = err
 
     prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
     t0 = time.perf_counter()
-    results = timjax.generate(model, prompts, max_new_tokens=24, temperature=0.8, top_p=0.95, seed=0,
-                              page_size=page_size, impl=impl)
-    say(f"4. generated {sum(r.stats.generated_tokens for r in results)} tokens for {len(prompts)} prompts in "
-        f"{time.perf_counter() - t0:.1f}s (random weights, so the text is noise):")
+    results = timjax.generate(
+        model, prompts, max_new_tokens=24, temperature=0.8, top_p=0.95, seed=0, page_size=page_size, impl=impl
+    )
+    say(
+        f"4. generated {sum(r.stats.generated_tokens for r in results)} tokens for {len(prompts)} prompts in "
+        f"{time.perf_counter() - t0:.1f}s (random weights, so the text is noise):"
+    )
     for p, r in zip(prompts, results):
         say(f"   {p!r} -> {r.text[:60]!r} [{r.finish_reason}]")
 
@@ -139,28 +186,42 @@ def run_random_demo(work_dir: str | None = None, *, page_size: int = 16, depth: 
     schema = tim_schema(max_depth=depth + 1)
     llt = llg_tokenizer(model.tokenizer, cfg.vocab_size, [IM_END_ID])
     prompt = model.tokenizer("Solve the problem step by step.")["input_ids"]
-    say(f"5. TIM: replaying a synthetic reasoning tree (depth {depth}, breadth {breadth}, "
+    say(
+        f"5. TIM: replaying a synthetic reasoning tree (depth {depth}, breadth {breadth}, "
         f"{len(model.tokenizer(text)['input_ids'])} tokens) through the runtime; position limit "
-        f"{cfg.max_position_embeddings}")
+        f"{cfg.max_position_embeddings}"
+    )
     runs = {}
     for buffer in (None, 2):
-        ctrl = TimController(model, schema, max_new_tokens=100_000, prompt_len=len(prompt), pruning_buffer=buffer,
-                             override=ReplayText(text, llt))
+        ctrl = TimController(
+            model,
+            schema,
+            max_new_tokens=100_000,
+            prompt_len=len(prompt),
+            pruning_buffer=buffer,
+            override=ReplayText(text, llt),
+        )
         eng = Engine(model, max_batch=1, page_size=page_size, max_seq_len=cfg.max_position_embeddings, impl=impl)
         r = eng.run([Request(prompt, 100_000, controller=ctrl)])[0]
         runs[buffer] = r
         st = r.stats
-        say(f"   pruning {'off' if buffer is None else f'buffer {buffer}'}: {r.finish_reason}"
+        say(
+            f"   pruning {'off' if buffer is None else f'buffer {buffer}'}: {r.finish_reason}"
             f"{' (' + r.error + ')' if r.error else ''}; {st.generated_tokens} tokens written, peak working memory "
             f"{st.peak_working_tokens}, KV pruned {st.pruned_share:.0%} in {st.prune_events} events, "
-            f"{st.tokens_per_s:.0f} tok/s")
+            f"{st.tokens_per_s:.0f} tok/s"
+        )
     best = runs[2]
     if best.response is not None:
         say("   the complete tree (pruned subtask lists marked):")
         say("\n".join("     " + line for line in format_tree(best.response, best.pruned_paths, width=70).splitlines()))
-    summary.update(tim_finish=best.finish_reason, tim_tokens=len(best.tokens),
-                   tim_peak_working=best.stats.peak_working_tokens, tim_pruned_share=best.stats.pruned_share,
-                   no_pruning_finish=runs[None].finish_reason)
+    summary.update(
+        tim_finish=best.finish_reason,
+        tim_tokens=len(best.tokens),
+        tim_peak_working=best.stats.peak_working_tokens,
+        tim_pruned_share=best.stats.pruned_share,
+        no_pruning_finish=runs[None].finish_reason,
+    )
     if tmp is not None:
         tmp.cleanup()
     ok = err < 1e-3 and best.finish_reason == "stop" and runs[None].finish_reason == "length"

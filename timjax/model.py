@@ -81,8 +81,9 @@ def causal_attention(q, k, v, layer, cache, *, lengths: jax.Array | None = None)
     return out.reshape(B, T, Hq, hd).astype(q.dtype), cache
 
 
-def forward_hidden(params: Params, cfg: Qwen3Config, tokens: jax.Array, positions: jax.Array,
-                   attend: Attend, cache: Any = None) -> tuple[jax.Array, Any]:
+def forward_hidden(
+    params: Params, cfg: Qwen3Config, tokens: jax.Array, positions: jax.Array, attend: Attend, cache: Any = None
+) -> tuple[jax.Array, Any]:
     """Embeddings through every layer to the final norm. tokens, positions: int32 [B, T]."""
     x = params["embed"][tokens]  # [B, T, D]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -115,8 +116,14 @@ def lm_head(params: Params, x: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
 
 
-def forward(params: Params, cfg: Qwen3Config, tokens: jax.Array, positions: jax.Array,
-            attend: Attend = causal_attention, cache: Any = None) -> tuple[jax.Array, Any]:
+def forward(
+    params: Params,
+    cfg: Qwen3Config,
+    tokens: jax.Array,
+    positions: jax.Array,
+    attend: Attend = causal_attention,
+    cache: Any = None,
+) -> tuple[jax.Array, Any]:
     x, cache = forward_hidden(params, cfg, tokens, positions, attend, cache)
     return lm_head(params, x), cache
 
@@ -140,8 +147,16 @@ class Qwen3(nnx.Module):
     """Qwen3ForCausalLM. Build with random weights (``rngs``) or from a params dict (``params``).
     ``mesh``: the device mesh the params are sharded over (``timjax.sharding``), None on one device."""
 
-    def __init__(self, config: Qwen3Config, *, dtype="bfloat16", rngs: nnx.Rngs | None = None,
-                 params: Params | None = None, tokenizer: Any = None, mesh: Any = None):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype="bfloat16",
+        rngs: nnx.Rngs | None = None,
+        params: Params | None = None,
+        tokenizer: Any = None,
+        mesh: Any = None,
+    ):
         self.config = config
         self.mesh = mesh
         self.dtype = as_dtype(dtype)

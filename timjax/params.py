@@ -29,7 +29,15 @@ class ParamSpec:
 
 # Logical axis names. Tensor parallelism splits q_heads / kv_heads / mlp (column-parallel q, k, v, gate, up;
 # row-parallel o, down) and vocab; "layers", "embed" and "head_dim" stay whole on every device.
-VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS = "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "layers"
+VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS = (
+    "vocab",
+    "embed",
+    "q_heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "layers",
+)
 
 
 def param_specs(cfg: Qwen3Config) -> dict[str, ParamSpec]:
@@ -166,8 +174,9 @@ def expected_hf_names(cfg: Qwen3Config) -> list[str]:
 def params_from_hf_tensors(cfg: Qwen3Config, tensors: dict[str, np.ndarray]) -> dict:
     """Stack a complete dict of HF tensors (name -> array) into the timjax params layout (numpy)."""
     shapes = param_shapes(cfg)
-    out: dict = {"layers": {p.split(".", 1)[1]: [None] * cfg.num_hidden_layers
-                            for p in shapes if p.startswith("layers.")}}
+    out: dict = {
+        "layers": {p.split(".", 1)[1]: [None] * cfg.num_hidden_layers for p in shapes if p.startswith("layers.")}
+    }
     for name, arr in tensors.items():
         hit = match_hf_name(name)
         if hit is None:

@@ -30,8 +30,17 @@ class GenerationStats(BaseModel):
     tool_time_s: float = 0.0
 
 
-ToolCallStatus = Literal["ok", "tool_error", "timeout", "server_error", "invalid_arguments", "unknown_tool",
-                         "call_cap", "invalid_result", "truncated"]
+ToolCallStatus = Literal[
+    "ok",
+    "tool_error",
+    "timeout",
+    "server_error",
+    "invalid_arguments",
+    "unknown_tool",
+    "call_cap",
+    "invalid_result",
+    "truncated",
+]
 
 
 class ToolCallRecord(BaseModel):

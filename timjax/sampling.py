@@ -13,8 +13,9 @@ import numpy as np
 from timjax.buckets import cdiv
 
 
-@partial(jax.tree_util.register_dataclass,
-         data_fields=["temperature", "top_k", "top_p", "seed", "counter"], meta_fields=[])
+@partial(
+    jax.tree_util.register_dataclass, data_fields=["temperature", "top_k", "top_p", "seed", "counter"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-row sampling settings (arrays of shape [B]). temperature 0 = greedy; top_k 0 and top_p 1 = off.
@@ -29,9 +30,13 @@ class SamplingParams:
     @staticmethod
     def host(rows: int) -> dict[str, np.ndarray]:
         """Zeroed host-side buffers to fill per row before a step."""
-        return {"temperature": np.zeros(rows, np.float32), "top_k": np.zeros(rows, np.int32),
-                "top_p": np.ones(rows, np.float32), "seed": np.zeros(rows, np.uint32),
-                "counter": np.zeros(rows, np.int32)}
+        return {
+            "temperature": np.zeros(rows, np.float32),
+            "top_k": np.zeros(rows, np.int32),
+            "top_p": np.ones(rows, np.float32),
+            "seed": np.zeros(rows, np.uint32),
+            "counter": np.zeros(rows, np.int32),
+        }
 
 
 def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
@@ -80,8 +85,7 @@ def sample(logits: jax.Array, params: SamplingParams, bitmask: jax.Array | None 
         temp = jnp.where(params.temperature > 0, params.temperature, 1.0)
         scaled = logits / temp[:, None]
         needs_filter = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
-        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda l, k, p: l, scaled, params.top_k,
-                              params.top_p)
+        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda l, k, p: l, scaled, params.top_k, params.top_p)
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(params.seed, params.counter)
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         return jnp.where(params.temperature > 0, drawn, greedy)

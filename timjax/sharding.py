@@ -85,15 +85,22 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Iterable[Any] | None = None)
         raise ValueError(f"mesh sizes must be >= 1, got tp={tp}, dp={dp}")
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < tp * dp:
-        raise ValueError(f"a tp={tp} x dp={dp} mesh needs {tp * dp} devices, found {len(devices)} "
-                         f"({devices[0].platform if devices else 'none'}); on the CPU set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={tp * dp} before jax starts")
-    return jax.make_mesh((dp, tp), (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=devices[:tp * dp])
+        raise ValueError(
+            f"a tp={tp} x dp={dp} mesh needs {tp * dp} devices, found {len(devices)} "
+            f"({devices[0].platform if devices else 'none'}); on the CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={tp * dp} before jax starts"
+        )
+    return jax.make_mesh((dp, tp), (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[: tp * dp])
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                    rules: ShardingRules = RULES, *, name: str = "array") -> P:
+def logical_to_spec(
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: ShardingRules = RULES,
+    *,
+    name: str = "array",
+) -> P:
     """The PartitionSpec of an array with logical ``axes``; each mesh axis is used at most once."""
     spec, used = [], set()
     for axis, size in zip(axes, shape):
@@ -137,8 +144,10 @@ def runtime_config(cfg: Qwen3Config, mesh: Mesh) -> Qwen3Config:
 
 def param_shardings(cfg: Qwen3Config, mesh: Mesh, rules: ShardingRules = RULES) -> dict[str, NamedSharding]:
     """NamedSharding of every parameter (flat dotted paths) of a model running with ``cfg``."""
-    return {path: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules, name=f"parameter {path}"))
-            for path, s in param_specs(cfg).items()}
+    return {
+        path: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules, name=f"parameter {path}"))
+        for path, s in param_specs(cfg).items()
+    }
 
 
 def layer_shardings(cfg: Qwen3Config, mesh: Mesh, rules: ShardingRules = RULES) -> dict[str, NamedSharding]:
@@ -146,7 +155,7 @@ def layer_shardings(cfg: Qwen3Config, mesh: Mesh, rules: ShardingRules = RULES) 
     out = {}
     for path, sh in param_shardings(cfg, mesh, rules).items():
         if path.startswith("layers."):
-            out[path[len("layers."):]] = NamedSharding(mesh, P(*tuple(sh.spec)[1:]))
+            out[path[len("layers.") :]] = NamedSharding(mesh, P(*tuple(sh.spec)[1:]))
     return out
 
 
@@ -154,15 +163,14 @@ def repeat_kv_layer(layer: Mapping[str, Any], rep: int) -> dict[str, Any]:
     """One layer's (or a stack's) k_proj / v_proj with each kv head repeated ``rep`` times (axis -2)."""
     if rep == 1:
         return dict(layer)
-    return {k: (np.repeat(np.asarray(x), rep, axis=-2) if k in ("k_proj", "v_proj") else x)
-            for k, x in layer.items()}
+    return {k: (np.repeat(np.asarray(x), rep, axis=-2) if k in ("k_proj", "v_proj") else x) for k, x in layer.items()}
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": {}}
     for path, x in flat.items():
         if path.startswith("layers."):
-            out["layers"][path[len("layers."):]] = x
+            out["layers"][path[len("layers.") :]] = x
         else:
             out[path] = x
     return out
@@ -199,8 +207,9 @@ def shard_model(model, mesh: Mesh):
 @partial(jax.jit, donate_argnums=0)
 def _put_layer(stacked: dict, layer: dict, i: jax.Array) -> dict:
     # Donated: the stacked buffers are updated in place, layer by layer; shardings follow the inputs.
-    return {k: jax.lax.dynamic_update_index_in_dim(stacked[k], layer[k].astype(stacked[k].dtype), i, 0)
-            for k in stacked}
+    return {
+        k: jax.lax.dynamic_update_index_in_dim(stacked[k], layer[k].astype(stacked[k].dtype), i, 0) for k in stacked
+    }
 
 
 def _zeros(shape, dtype, sharding: NamedSharding) -> jax.Array:
@@ -215,8 +224,11 @@ def _assemble(cfg: Qwen3Config, mesh: Mesh, dtype, items: Iterable[tuple[int | N
     shardings = param_shardings(cfg, mesh)
     layer_sh = layer_shardings(cfg, mesh)
     specs = param_specs(cfg)
-    stacked = {p[len("layers."):]: _zeros(s.shape, param_dtype(p, dtype), shardings[p])
-               for p, s in specs.items() if p.startswith("layers.")}
+    stacked = {
+        p[len("layers.") :]: _zeros(s.shape, param_dtype(p, dtype), shardings[p])
+        for p, s in specs.items()
+        if p.startswith("layers.")
+    }
     flat: dict[str, Any] = {}
     for layer, tree in items:
         if layer is None:
@@ -274,8 +286,9 @@ def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict
         run_cfg, rep = runtime_config(cfg, mesh), kv_repeat(cfg, mesh.shape[TP])
         return cfg, run_cfg, _assemble(run_cfg, mesh, target, _timjax_items(ckpt, mesh, target, run_cfg, rep))
     if not (path / CONFIG_FILE).is_file():
-        raise MissingFileError(f"{path}: neither {META_FILE} nor {CONFIG_FILE} found "
-                               f"(not a timjax or Hugging Face checkpoint)")
+        raise MissingFileError(
+            f"{path}: neither {META_FILE} nor {CONFIG_FILE} found (not a timjax or Hugging Face checkpoint)"
+        )
     plan = scan_hf_checkpoint(path)
     cfg, target = plan.cfg, _hf_dtype(plan.cfg, dtype)
     run_cfg, rep = runtime_config(cfg, mesh), kv_repeat(cfg, mesh.shape[TP])
@@ -349,33 +362,40 @@ def _sharded_ops(mesh: Mesh, inner: str) -> dict[str, Callable]:
         r = _rows(mesh, q.shape[0])
         f = partial(kernels.decode_attention, scale=scale, impl=inner, **tuning)
         return smap(f, in_specs=(P(r, TP), pool, pool, P(r), P(r)), out_specs=P(r, TP))(
-            q, k_pages, v_pages, lengths, page_table)
+            q, k_pages, v_pages, lengths, page_table
+        )
 
     def extend_attention(q, k_pages, v_pages, q_start, q_len, page_table, *, scale=None, **tuning):
         r = _rows(mesh, q.shape[0])
         f = partial(kernels.extend_attention, scale=scale, impl=inner, **tuning)
         return smap(f, in_specs=(P(r, None, TP), pool, pool, P(r), P(r), P(r)), out_specs=P(r, None, TP))(
-            q, k_pages, v_pages, q_start, q_len, page_table)
+            q, k_pages, v_pages, q_start, q_len, page_table
+        )
 
     def ragged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *, scale=None, **tuning):
         # Packed tokens of all rows: every shard sees every token and its own heads.
         f = partial(kernels.ragged_attention, scale=scale, impl=inner, **tuning)
         return smap(f, in_specs=(P(None, TP), pool, pool, P(), P(), P(), P()), out_specs=P(None, TP))(
-            q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens)
+            q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens
+        )
 
     # Cache edits touch the pool, which dp replicates: every replica applies every row's edit.
     def compact(k_pages, v_pages, page_table, start, end, length, *, rope_theta, **tuning):
         f = partial(kernels.compact, rope_theta=rope_theta, impl=inner, **tuning)
         return smap(f, in_specs=(pool, pool, P(), P(), P(), P()), out_specs=(pool, pool))(
-            k_pages, v_pages, page_table, start, end, length)
+            k_pages, v_pages, page_table, start, end, length
+        )
 
     def rotate_slots(k_pages, page_table, start, count, delta, *, rope_theta, **tuning):
         f = partial(kernels.rotate_slots, rope_theta=rope_theta, impl=inner, **tuning)
-        return smap(f, in_specs=(pool, P(), P(), P(), P()), out_specs=pool)(
-            k_pages, page_table, start, count, delta)
+        return smap(f, in_specs=(pool, P(), P(), P(), P()), out_specs=pool)(k_pages, page_table, start, count, delta)
 
-    ops = {"decode_attention": decode_attention, "extend_attention": extend_attention, "compact": compact,
-               "rotate_slots": rotate_slots}
+    ops = {
+        "decode_attention": decode_attention,
+        "extend_attention": extend_attention,
+        "compact": compact,
+        "rotate_slots": rotate_slots,
+    }
     if hasattr(kernels, "ragged_attention"):
         ops["ragged_attention"] = ragged_attention
     return ops
@@ -432,11 +452,14 @@ def device_bytes(tree) -> dict[Any, int]:
 
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.+?)\s+(?P<op>" + "|".join(_COLLECTIVES)
-                    + r")(?:-start)?\(")
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.+?)\s+(?P<op>" + "|".join(_COLLECTIVES) + r")(?:-start)?\("
+)
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-_GROUPS = re.compile(r"replica_groups=(\{\{[\d,{}]*\}\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?"
-                     r"|mesh\[(?P<mesh>[^\]]*)\][^{]*\{(?P<axes>[^}]*)\})")
+_GROUPS = re.compile(
+    r"replica_groups=(\{\{[\d,{}]*\}\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?"
+    r"|mesh\[(?P<mesh>[^\]]*)\][^{]*\{(?P<axes>[^}]*)\})"
+)
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")  # computations start at column 0
 _CALLS = re.compile(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 
@@ -451,8 +474,7 @@ class Collective:
 
     @property
     def bytes(self) -> int:
-        return sum(int(np.prod(d, dtype=np.int64)) * np.dtype(_HLO_DTYPES.get(t, t)).itemsize
-                   for t, d in self.shapes)
+        return sum(int(np.prod(d, dtype=np.int64)) * np.dtype(_HLO_DTYPES.get(t, t)).itemsize for t, d in self.shapes)
 
     @property
     def sent_per_device(self) -> float:
@@ -464,8 +486,18 @@ class Collective:
         return {"all-reduce": 2 * share, "collective-permute": 1.0}.get(self.op, share) * self.bytes
 
 
-_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "u32": "uint32",
-               "pred": "bool", "s8": "int8", "u8": "uint8", "s64": "int64", "f64": "float64"}
+_HLO_DTYPES = {
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "f16": "float16",
+    "s32": "int32",
+    "u32": "uint32",
+    "pred": "bool",
+    "s8": "int8",
+    "u8": "uint8",
+    "s64": "int64",
+    "f64": "float64",
+}
 
 
 def _group_size(line: str, default: int) -> int:
@@ -495,8 +527,10 @@ def hlo_collectives(hlo: str, num_devices: int) -> list[Collective]:
             comps[current].append(line)
     # Multiplicity of each computation: product of the trip counts of the while loops around it.
     times: dict[str, int] = {}
-    entry = next((m.group("name") for line in hlo.splitlines() if line.startswith("ENTRY")
-                  for m in [_COMP.match(line)] if m), None)
+    entry = next(
+        (m.group("name") for line in hlo.splitlines() if line.startswith("ENTRY") for m in [_COMP.match(line)] if m),
+        None,
+    )
 
     def visit(name: str, mult: int) -> None:
         if name not in comps or times.get(name, 0) >= mult:
@@ -548,8 +582,10 @@ def communication_per_step(hlo: str, num_devices: int) -> dict[str, float]:
 
 def submeshes(mesh: Mesh) -> list[Mesh]:
     """One (1, tp) mesh per dp replica (a row of ``mesh``)."""
-    return [Mesh(mesh.devices[d:d + 1], (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto))
-            for d in range(mesh.shape[DP])]
+    return [
+        Mesh(mesh.devices[d : d + 1], (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto))
+        for d in range(mesh.shape[DP])
+    ]
 
 
 def _restrict(x: jax.Array, sub: Mesh) -> jax.Array:
@@ -584,8 +620,15 @@ def on_mesh(model, mesh: Mesh | None):
     return shard_model(model, mesh)
 
 
-def generate_data_parallel(generate: Callable, model, prompts: list, *, seed: int = 0,
-                           on_token: Callable[[int, int], None] | None = None, **kwargs) -> list:
+def generate_data_parallel(
+    generate: Callable,
+    model,
+    prompts: list,
+    *,
+    seed: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
+    **kwargs,
+) -> list:
     """``generate`` over dp replicas: contiguous blocks of prompts, one engine per replica, each in its own
     host thread (JAX releases the GIL while a step runs). Request i keeps seed ``seed + i`` and its
     ``on_token`` index, so results equal a one-replica run's."""
@@ -618,8 +661,9 @@ def generate_data_parallel(generate: Callable, model, prompts: list, *, seed: in
 # and requests, and nothing crosses hosts at all (jax.distributed is not even needed).
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """``jax.distributed.initialize`` from arguments, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID, else from the cluster's own environment (SLURM, Open MPI, ... as jax detects)."""
     env = os.environ
@@ -636,10 +680,10 @@ def mesh_from_args(args) -> Mesh | None:
     if args.distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.dp > 1 and jax.process_count() > 1:
-            raise ValueError("--dp with --distributed: run one timjax process per host instead (each is its own "
-                             "data-parallel replica, with --tp over its local devices)")
+            raise ValueError(
+                "--dp with --distributed: run one timjax process per host instead (each is its own "
+                "data-parallel replica, with --tp over its local devices)"
+            )
     if args.tp == 1 and args.dp == 1 and not args.distributed:
         return None
     return make_mesh(tp=args.tp, dp=args.dp)
-
-

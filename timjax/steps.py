@@ -47,9 +47,18 @@ def _paged_attend(q, k, v, layer, kv, *, page_table, q_start, q_len, page_size, 
     return out.astype(q.dtype), (k_pool, v_pool)
 
 
-def forward_step(params: Params, cache: KVCache, rows: jax.Array, tokens: jax.Array, q_len: jax.Array, *,
-                 cfg: Qwen3Config, impl: str = "auto", max_new_pages: int,
-                 kv_pages: int | None = None) -> tuple[jax.Array, KVCache]:
+def forward_step(
+    params: Params,
+    cache: KVCache,
+    rows: jax.Array,
+    tokens: jax.Array,
+    q_len: jax.Array,
+    *,
+    cfg: Qwen3Config,
+    impl: str = "auto",
+    max_new_pages: int,
+    kv_pages: int | None = None,
+) -> tuple[jax.Array, KVCache]:
     """Feed ``tokens[i, :q_len[i]]`` to slot ``rows[i]``; return logits [R, V] at each row's last token.
 
     Rows with ``q_len == 0`` (padding) or whose slot is out of pages (``cache.oom``) write nothing and
@@ -61,8 +70,15 @@ def forward_step(params: Params, cache: KVCache, rows: jax.Array, tokens: jax.Ar
     q_len = jnp.where(cache.oom[rows], 0, q_len)
     q_start = cache.lengths[rows]
     positions = q_start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    attend = partial(_paged_attend, page_table=cache.page_table[rows][:, :kv_pages], q_start=q_start, q_len=q_len,
-                     page_size=cache.page_size, num_pages=cache.num_pages, impl=impl)
+    attend = partial(
+        _paged_attend,
+        page_table=cache.page_table[rows][:, :kv_pages],
+        q_start=q_start,
+        q_len=q_len,
+        page_size=cache.page_size,
+        num_pages=cache.num_pages,
+        impl=impl,
+    )
     x, (k, v) = forward_hidden(params, cfg, tokens, positions, attend, (cache.k, cache.v))
     last = jnp.take_along_axis(x, jnp.maximum(q_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
     return lm_head(params, last), cache.replace(k=k, v=v, lengths=cache.lengths.at[rows].add(q_len))
@@ -75,8 +91,17 @@ def _max_new_pages(chunk: int, page_size: int) -> int:
 @partial(jax.jit, static_argnames=("cfg", "impl", "kv_pages"), donate_argnames=("cache",))
 def logits_step(params, cache, rows, tokens, q_len, *, cfg, impl="auto", kv_pages=None):
     """forward_step alone, for callers that fill a token mask on the host while the device runs."""
-    return forward_step(params, cache, rows, tokens, q_len, cfg=cfg, impl=impl, kv_pages=kv_pages,
-                        max_new_pages=_max_new_pages(tokens.shape[1], cache.page_size))
+    return forward_step(
+        params,
+        cache,
+        rows,
+        tokens,
+        q_len,
+        cfg=cfg,
+        impl=impl,
+        kv_pages=kv_pages,
+        max_new_pages=_max_new_pages(tokens.shape[1], cache.page_size),
+    )
 
 
 @jax.jit
@@ -87,8 +112,17 @@ def sample_step(logits: jax.Array, sampling: SamplingParams, bitmask: jax.Array 
 @partial(jax.jit, static_argnames=("cfg", "impl", "kv_pages"), donate_argnames=("cache",))
 def generate_step(params, cache, rows, tokens, q_len, sampling, bitmask=None, *, cfg, impl="auto", kv_pages=None):
     """Forward and sample in one dispatch: int32 [R] next tokens and the updated cache."""
-    logits, cache = forward_step(params, cache, rows, tokens, q_len, cfg=cfg, impl=impl, kv_pages=kv_pages,
-                                 max_new_pages=_max_new_pages(tokens.shape[1], cache.page_size))
+    logits, cache = forward_step(
+        params,
+        cache,
+        rows,
+        tokens,
+        q_len,
+        cfg=cfg,
+        impl=impl,
+        kv_pages=kv_pages,
+        max_new_pages=_max_new_pages(tokens.shape[1], cache.page_size),
+    )
     return sample(logits, sampling, bitmask), cache
 
 
@@ -105,11 +139,13 @@ def decode_loop(params, cache, tokens, active, sampling, stop_ids, budget, *, cf
 
     def body(carry, _):
         cache, tokens, active, counter, budget = carry
-        logits, cache = forward_step(params, cache, rows, tokens[:, None], active.astype(jnp.int32), cfg=cfg,
-                                     impl=impl, max_new_pages=1)
+        logits, cache = forward_step(
+            params, cache, rows, tokens[:, None], active.astype(jnp.int32), cfg=cfg, impl=impl, max_new_pages=1
+        )
         active = active & ~cache.oom
-        nxt = sample(logits, SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
-                                            sampling.seed, counter), None)
+        nxt = sample(
+            logits, SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, counter), None
+        )
         out = jnp.where(active, nxt, -1)
         budget = budget - active
         stopped = jnp.isin(nxt, stop_ids) | (budget <= 0)
@@ -118,13 +154,15 @@ def decode_loop(params, cache, tokens, active, sampling, stop_ids, budget, *, cf
         return (cache, tokens, active & ~stopped, counter, budget), out
 
     (cache, tokens, active, _, _), sampled = jax.lax.scan(
-        body, (cache, tokens, active, sampling.counter, budget), None, length=num_steps)
+        body, (cache, tokens, active, sampling.counter, budget), None, length=num_steps
+    )
     return sampled, cache, tokens, active
 
 
 # ---------------------------------------------------------------------------------------------- the ragged step
-@partial(jax.tree_util.register_dataclass, data_fields=["tokens", "token_row", "rows", "q_len", "cu_q_lens"],
-         meta_fields=[])
+@partial(
+    jax.tree_util.register_dataclass, data_fields=["tokens", "token_row", "rows", "q_len", "cu_q_lens"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class Packed:
     """One iteration's tokens, every row's chunk back to back (dimension letters: N packed tokens, R rows).
@@ -140,8 +178,7 @@ class Packed:
     cu_q_lens: jax.Array
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["lengths", "slot", "start", "end", "length"],
-         meta_fields=[])
+@partial(jax.tree_util.register_dataclass, data_fields=["lengths", "slot", "start", "end", "length"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class Edits:
     """Cache edits applied at the start of a step, for every affected slot at once (dimension E: edit rows).
@@ -168,8 +205,9 @@ def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: flo
             pt = cache.page_table[edits.slot][:, :kv_pages]  # [E, W]
             per_layer = (pt[:, None, :] + (jnp.arange(L, dtype=jnp.int32) * P)[None, :, None]).reshape(-1, pt.shape[1])
             rep = lambda x: jnp.repeat(x, L)
-            return kernels.compact(*kv, per_layer, rep(edits.start), rep(edits.end), rep(edits.length),
-                                   rope_theta=rope_theta, impl=impl)
+            return kernels.compact(
+                *kv, per_layer, rep(edits.start), rep(edits.end), rep(edits.length), rope_theta=rope_theta, impl=impl
+            )
 
         k, v = jax.lax.cond(jnp.any(edits.end > edits.start), compact, lambda kv: kv, (cache.k, cache.v))
         cache = cache.replace(k=k, v=v)
@@ -177,8 +215,9 @@ def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: flo
     return cache.replace(oom=jnp.zeros_like(cache.oom))  # the host read last step's flags in its sync
 
 
-def prepare(cache: KVCache, packed: Packed, edits: Edits, *, kv_pages: int, max_new_pages: int, rope_theta: float,
-            impl: str) -> tuple[KVCache, jax.Array]:
+def prepare(
+    cache: KVCache, packed: Packed, edits: Edits, *, kv_pages: int, max_new_pages: int, rope_theta: float, impl: str
+) -> tuple[KVCache, jax.Array]:
     """The allocator's part of a step: edits, then pages for every row's chunk. Returns the cache and the
     rows' q_len with rows that got no pages zeroed (they write nothing)."""
     cache = _apply_edits(cache, edits, kv_pages=kv_pages, rope_theta=rope_theta, impl=impl)
@@ -199,21 +238,39 @@ def _ragged_attend(q, k, v, layer, kv, *, packed, page_table, q_start, slot, val
     return out[None].astype(q.dtype), (k_pool, v_pool)
 
 
-def ragged_forward(params: Params, cache: KVCache, packed: Packed, edits: Edits, *, cfg: Qwen3Config, impl: str,
-                   kv_pages: int, max_new_pages: int) -> tuple[jax.Array, jax.Array, KVCache]:
+def ragged_forward(
+    params: Params,
+    cache: KVCache,
+    packed: Packed,
+    edits: Edits,
+    *,
+    cfg: Qwen3Config,
+    impl: str,
+    kv_pages: int,
+    max_new_pages: int,
+) -> tuple[jax.Array, jax.Array, KVCache]:
     """Apply ``edits``, then feed every row's chunk; return float32 logits [R, V] at each row's last token,
     a non-finite flag per row (bool [R]), and the cache. Rows whose pages do not fit (``cache.oom``; the
     scheduler's accounting makes it an internal error) write nothing."""
-    cache, q_len = prepare(cache, packed, edits, kv_pages=kv_pages, max_new_pages=max_new_pages,
-                           rope_theta=cfg.rope_theta, impl=impl)
+    cache, q_len = prepare(
+        cache, packed, edits, kv_pages=kv_pages, max_new_pages=max_new_pages, rope_theta=cfg.rope_theta, impl=impl
+    )
     q_start = cache.lengths[packed.rows]  # [R]
     n = jnp.arange(packed.tokens.shape[0], dtype=jnp.int32)
     slot = q_start[packed.token_row] + n - packed.cu_q_lens[packed.token_row]  # [N] == RoPE position
     valid = (n < packed.cu_q_lens[-1]) & (n - packed.cu_q_lens[packed.token_row] < q_len[packed.token_row])
     packed = dataclasses.replace(packed, q_len=q_len)
-    attend = partial(_ragged_attend, packed=packed, page_table=cache.page_table[packed.rows][:, :kv_pages],
-                     q_start=q_start, slot=slot, valid=valid, page_size=cache.page_size,
-                     num_pages=cache.num_pages, impl=impl)
+    attend = partial(
+        _ragged_attend,
+        packed=packed,
+        page_table=cache.page_table[packed.rows][:, :kv_pages],
+        q_start=q_start,
+        slot=slot,
+        valid=valid,
+        page_size=cache.page_size,
+        num_pages=cache.num_pages,
+        impl=impl,
+    )
     x, (k, v) = forward_hidden(params, cfg, packed.tokens[None], slot[None], attend, (cache.k, cache.v))
     last = jnp.clip(packed.cu_q_lens[1:] - 1, 0, packed.tokens.shape[0] - 1)  # [R]
     logits = sharding.whole_logits(lm_head(params, x[0, last]), impl)  # replicated for sampling (sharded runs)
@@ -227,15 +284,17 @@ _RAGGED_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages")
 @partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
 def ragged_logits_step(params, cache, packed, edits, *, cfg, impl="auto", kv_pages, max_new_pages):
     """The ragged forward alone: for iterations with grammar-masked rows (the host fills masks meanwhile)."""
-    return ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
-                          max_new_pages=max_new_pages)
+    return ragged_forward(
+        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
+    )
 
 
 @partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
 def ragged_generate_step(params, cache, packed, edits, sampling, *, cfg, impl="auto", kv_pages, max_new_pages):
     """Edits, forward and sample in one dispatch: (int32 [R] next tokens, bool [R] non-finite, cache)."""
-    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
-                                        max_new_pages=max_new_pages)
+    logits, bad, cache = ragged_forward(
+        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
+    )
     return sample(logits, sampling), bad, cache
 
 
@@ -248,9 +307,22 @@ def flat_layout(n_tokens: int, n_slots: int, n_edits: int) -> tuple[int, int, in
 def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """Host side: every per-step input in one int32 and one float32 array, so a step costs two small
     transfers instead of fifteen (the host loop's share of a small decode step is mostly transfers)."""
-    ints = np.concatenate([packed.tokens, packed.token_row, packed.q_len, packed.cu_q_lens, edits.lengths,
-                           edits.slot, edits.start, edits.end, edits.length, sampling.top_k,
-                           np.asarray(sampling.seed, np.uint32).view(np.int32), sampling.counter]).astype(np.int32)
+    ints = np.concatenate(
+        [
+            packed.tokens,
+            packed.token_row,
+            packed.q_len,
+            packed.cu_q_lens,
+            edits.lengths,
+            edits.slot,
+            edits.start,
+            edits.end,
+            edits.length,
+            sampling.top_k,
+            np.asarray(sampling.seed, np.uint32).view(np.int32),
+            sampling.counter,
+        ]
+    ).astype(np.int32)
     floats = np.concatenate([sampling.temperature, sampling.top_p]).astype(np.float32)
     return ints, floats
 
@@ -260,7 +332,7 @@ def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, int,
     sizes = [N, N, S, S + 1, S, E, E, E, E, S, S, S]
     parts, at = [], 0
     for n in sizes:
-        parts.append(ints[at:at + n])
+        parts.append(ints[at : at + n])
         at += n
     tokens, token_row, q_len, cu, lengths, slot, start, end, length, top_k, seed, counter = parts
     packed = Packed(tokens, token_row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
@@ -275,8 +347,9 @@ _FLAT_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages", "layout")
 def flat_logits_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
     """``ragged_logits_step`` over ``flatten_inputs``; also returns the sampling settings for ``sample_step``."""
     packed, edits, sampling = unflatten_inputs(ints, floats, layout)
-    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
-                                        max_new_pages=max_new_pages)
+    logits, bad, cache = ragged_forward(
+        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
+    )
     return logits, bad, sampling, cache
 
 
@@ -284,6 +357,7 @@ def flat_logits_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages,
 def flat_generate_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
     """``ragged_generate_step`` over ``flatten_inputs``."""
     packed, edits, sampling = unflatten_inputs(ints, floats, layout)
-    logits, bad, cache = ragged_forward(params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages,
-                                        max_new_pages=max_new_pages)
+    logits, bad, cache = ragged_forward(
+        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
+    )
     return sample(logits, sampling), bad, cache

@@ -37,9 +37,18 @@ class TimController:
 
     wants_mask = True
 
-    def __init__(self, model, schema: TimSchema, *, max_new_tokens: int, prompt_len: int,
-                 pruning_buffer: int | None = 2, stop_ids: Sequence[int] = (),
-                 override: Callable[[bytes], int] | None = None, tools=None):
+    def __init__(
+        self,
+        model,
+        schema: TimSchema,
+        *,
+        max_new_tokens: int,
+        prompt_len: int,
+        pruning_buffer: int | None = 2,
+        stop_ids: Sequence[int] = (),
+        override: Callable[[bytes], int] | None = None,
+        tools=None,
+    ):
         tok = model.tokenizer
         if tok is None:
             raise ValueError("TIM generation needs the model's tokenizer (load a checkpoint with tokenizer files)")
@@ -165,7 +174,8 @@ class TimController:
         text = bytes(self.tracker.buf).decode("utf-8", errors="replace")
         result.text = text
         result.working_memory_text = b"".join(self._bytes(t) for t in result.working_memory).decode(
-            "utf-8", errors="replace")
+            "utf-8", errors="replace"
+        )
         if self.tracker.done:
             try:
                 result.response = full_response(self.schema, self.tracker)
@@ -186,5 +196,5 @@ class ReplayText:
     def __call__(self, written: bytes) -> int:
         if not self.data.startswith(written):
             raise ValueError("replay diverged from the document")
-        rest = self.data[len(written):len(written) + 64]
+        rest = self.data[len(written) : len(written) + 64]
         return self.llt.tokenize_bytes(rest)[0]

@@ -24,8 +24,15 @@ from timjax.errors import ParameterError
 U32_MAX = 2**32 - 1  # seeds are uint32 on the device
 I32_MAX = 2**31 - 1  # counts, ids and sizes are int32 on the device
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
-                 "fp32": "float32", "f32": "float32", "float": "float32"}
+DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+}
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 REPOSITIONS = ("reencode", "shift")
 
@@ -66,7 +73,9 @@ class Int:
         if v is None and self.none:
             return
         if not _is_int(v):
-            raise fail(name, v, f"expected an integer {_range_text(self.lo, self.hi)}" + (" or None" if self.none else ""))
+            raise fail(
+                name, v, f"expected an integer {_range_text(self.lo, self.hi)}" + (" or None" if self.none else "")
+            )
         if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
             raise fail(name, v, f"must be an integer {_range_text(self.lo, self.hi)}")
 
@@ -97,7 +106,7 @@ class Choice:
 
     def _normal(self, v: str) -> str:
         v = v.lower()
-        return v[len("torch."):] if v.startswith("torch.") else v
+        return v[len("torch.") :] if v.startswith("torch.") else v
 
     def __call__(self, name: str, v: Any) -> None:
         if isinstance(v, str):
@@ -111,8 +120,11 @@ class Choice:
         if isinstance(v, str):
             aliases = self.aliases or {}
             n = self._normal(v)
-            close = [aliases[n]] if n in aliases else (
-                [n] if n in self.choices else difflib.get_close_matches(n, list(self.choices), n=1))
+            close = (
+                [aliases[n]]
+                if n in aliases
+                else ([n] if n in self.choices else difflib.get_close_matches(n, list(self.choices), n=1))
+            )
             if close:
                 hint = f" (did you mean {close[0]!r}?)"
         raise fail(name, v, f"choose one of {', '.join(self.choices)}{hint}")
@@ -211,8 +223,12 @@ def _prompts(model: Any, prompt: Any) -> int:
 
     if isinstance(prompt, np.ndarray):
         if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
-            raise fail("prompt", prompt, f"an array prompt must be 1-D integer token ids, got shape {prompt.shape} "
-                                         f"dtype {prompt.dtype}; pass a list of prompts for a batch")
+            raise fail(
+                "prompt",
+                prompt,
+                f"an array prompt must be 1-D integer token ids, got shape {prompt.shape} "
+                f"dtype {prompt.dtype}; pass a list of prompts for a batch",
+            )
         return 1
     if isinstance(prompt, str):
         items, batch = [prompt], False
@@ -227,8 +243,11 @@ def _prompts(model: Any, prompt: Any) -> int:
         where = f"prompt[{i}]" if batch else "prompt"
         if isinstance(p, str):
             if getattr(model, "tokenizer", None) is None:
-                raise fail(where, p, "a text prompt needs a tokenizer: load a checkpoint with tokenizer files, "
-                                     "or pass token ids")
+                raise fail(
+                    where,
+                    p,
+                    "a text prompt needs a tokenizer: load a checkpoint with tokenizer files, or pass token ids",
+                )
         elif isinstance(p, np.ndarray) and p.ndim == 1 and np.issubdtype(p.dtype, np.integer):
             continue
         elif isinstance(p, (list, tuple)):
@@ -252,8 +271,11 @@ def check_generate(args: Mapping[str, Any]) -> None:
             check(name, args[name])
     seed = args.get("seed", 0)
     if n > 1 and seed + n - 1 > U32_MAX:
-        raise fail("seed", seed, f"must be in [0, {U32_MAX - n + 1}] for a batch of {n} prompts "
-                                 f"(prompt i uses seed + i, a uint32)")
+        raise fail(
+            "seed",
+            seed,
+            f"must be in [0, {U32_MAX - n + 1}] for a batch of {n} prompts (prompt i uses seed + i, a uint32)",
+        )
     stop_ids = args.get("stop_ids")
     if stop_ids is not None:
         if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Sequence):
@@ -267,8 +289,9 @@ def check_generate(args: Mapping[str, Any]) -> None:
         if not callable(getattr(schema, "json_schema", None)):
             raise fail("schema", schema, "expected a timjax.tim.schema.TimSchema (tim_schema(...)) or None")
         if getattr(model, "tokenizer", None) is None:
-            raise fail("schema", schema, "TIM generation needs the model's tokenizer "
-                                         "(load a checkpoint with tokenizer files)")
+            raise fail(
+                "schema", schema, "TIM generation needs the model's tokenizer (load a checkpoint with tokenizer files)"
+            )
     _engine_options(args.get("engine_options"))
 
 
@@ -284,26 +307,46 @@ def _engine_options(options: Any) -> None:
     from timjax.engine import Engine
 
     params = inspect.signature(Engine.__init__).parameters
-    known = [p for p in params if p not in ("self", "model") and p not in GENERATE
-             and params[p].kind == params[p].KEYWORD_ONLY]
+    known = [
+        p
+        for p in params
+        if p not in ("self", "model") and p not in GENERATE and params[p].kind == params[p].KEYWORD_ONLY
+    ]
     for key, value in options.items():
         if key in GENERATE:  # generate passes these itself: a second value would be a TypeError in Engine()
             raise fail("engine_options", {key: value}, f"{key!r} is an argument of generate itself: pass {key}=...")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise fail("engine_options", {key: value}, f"unknown Engine option {key!r}{hint}; known: {', '.join(known)}")
+            raise fail(
+                "engine_options", {key: value}, f"unknown Engine option {key!r}{hint}; known: {', '.join(known)}"
+            )
         if key in ("max_chunk", "max_step_tokens"):
             Int(1)(f"engine_options[{key!r}]", value)
         elif key == "check_cache":
             check_bool(f"engine_options[{key!r}]", value)
 
 
-def check_engine(*, max_batch: Any, page_size: Any, max_seq_len: Any = None, kv_tokens: Any = None,
-                 kv_memory_fraction: Any = None, impl: Any = "auto", reposition: Any = "reencode") -> None:
+def check_engine(
+    *,
+    max_batch: Any,
+    page_size: Any,
+    max_seq_len: Any = None,
+    kv_tokens: Any = None,
+    kv_memory_fraction: Any = None,
+    impl: Any = "auto",
+    reposition: Any = "reencode",
+) -> None:
     """The ``Engine`` constructor's arguments (for the engine to call first)."""
-    for name, value in dict(max_batch=max_batch, page_size=page_size, max_seq_len=max_seq_len, kv_tokens=kv_tokens,
-                            kv_memory_fraction=kv_memory_fraction, impl=impl, reposition=reposition).items():
+    for name, value in dict(
+        max_batch=max_batch,
+        page_size=page_size,
+        max_seq_len=max_seq_len,
+        kv_tokens=kv_tokens,
+        kv_memory_fraction=kv_memory_fraction,
+        impl=impl,
+        reposition=reposition,
+    ).items():
         GENERATE[name](name, value)
 
 
@@ -334,15 +377,19 @@ def check_logits(model: Any, token_ids: Any) -> None:
     try:
         ids = np.asarray(token_ids)
     except (ValueError, TypeError, OverflowError):
-        raise fail("token_ids", token_ids, "expected a [T] or [B, T] list or array of integers "
-                                           "(rows of a batch must have the same length)") from None
+        raise fail(
+            "token_ids",
+            token_ids,
+            "expected a [T] or [B, T] list or array of integers (rows of a batch must have the same length)",
+        ) from None
     if ids.ndim not in (1, 2) or ids.size == 0:
         raise fail("token_ids", token_ids, f"expected a non-empty [T] or [B, T] array, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise fail("token_ids", token_ids, f"token ids must be integers, got dtype {ids.dtype}")
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise fail("token_ids", token_ids, f"token id out of range [0, {cfg.vocab_size}): min {ids.min()}, "
-                                           f"max {ids.max()}")
+        raise fail(
+            "token_ids", token_ids, f"token id out of range [0, {cfg.vocab_size}): min {ids.min()}, max {ids.max()}"
+        )
 
 
 def check_convert(hf_dir: Any, out_dir: Any, dtype_: Any, overwrite: Any, progress: Any) -> None:
@@ -353,8 +400,9 @@ def check_convert(hf_dir: Any, out_dir: Any, dtype_: Any, overwrite: Any, progre
     check_bool("progress", progress)
 
 
-def check_export(src: Any, out_dir: Any, dtype_: Any, max_shard_bytes: Any, overwrite: Any,
-                 tokenizer_dir: Any, progress: Any) -> None:
+def check_export(
+    src: Any, out_dir: Any, dtype_: Any, max_shard_bytes: Any, overwrite: Any, tokenizer_dir: Any, progress: Any
+) -> None:
     if not isinstance(src, tuple):
         path_like("src", src)
     path_like("out_dir", out_dir)
@@ -392,8 +440,12 @@ def check_cli(args: Any) -> None:
     prompts = values.get("prompt") or []
     seed = values.get("seed")
     if seed is not None and len(prompts) > 1 and seed + len(prompts) - 1 > U32_MAX:
-        raise fail("--seed", seed, f"must be in [0, {U32_MAX - len(prompts) + 1}] for {len(prompts)} prompts "
-                                   f"(prompt i uses seed + i, a uint32)")
+        raise fail(
+            "--seed",
+            seed,
+            f"must be in [0, {U32_MAX - len(prompts) + 1}] for {len(prompts)} prompts "
+            f"(prompt i uses seed + i, a uint32)",
+        )
     gb = values.get("max_shard_gb")
     if gb is not None and int(gb * 2**30) < 1:
         raise fail("--max-shard-gb", gb, "must be at least one byte (2**-30 GiB)")

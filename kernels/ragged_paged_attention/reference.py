@@ -59,8 +59,9 @@ def tile_rows(q_len, n_tiles: int, block_q: int):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q"))
-def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *,
-                                     scale=None, block_q=None):
+def ragged_paged_attention_reference(
+    q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *, scale=None, block_q=None
+):
     """q [N, Hq, hd]; k/v_pages [Hkv, P, ps, hd]; page_table int32 [R, W]; q_start, q_len int32 [R];
     cu_q_lens int32 [R + 1] -> [N, Hq, hd] in q.dtype (padding tokens -> 0)."""
     n, hq, hd = q.shape

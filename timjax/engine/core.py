@@ -39,9 +39,20 @@ class Engine:
     budget (long prompts are chunked against it).
     """
 
-    def __init__(self, model: Qwen3, *, max_batch: int = 8, page_size: int = 16, max_seq_len: int | None = None,
-                 kv_tokens: int | None = None, kv_memory_fraction: float | None = None, impl: str = "auto",
-                 max_step_tokens: int = 512, reposition: str = "reencode", check_cache: bool = False):
+    def __init__(
+        self,
+        model: Qwen3,
+        *,
+        max_batch: int = 8,
+        page_size: int = 16,
+        max_seq_len: int | None = None,
+        kv_tokens: int | None = None,
+        kv_memory_fraction: float | None = None,
+        impl: str = "auto",
+        max_step_tokens: int = 512,
+        reposition: str = "reencode",
+        check_cache: bool = False,
+    ):
         for name, value in (("max_batch", max_batch), ("page_size", page_size), ("max_step_tokens", max_step_tokens)):
             _positive(name, value)
         if reposition not in ("reencode", "shift"):
@@ -57,13 +68,19 @@ class Engine:
         if kv_tokens is None and kv_memory_fraction is None:
             num_pages = bucket(max_batch * cdiv(self.max_seq_len, page_size))
         else:
-            num_pages = pages_for_budget(self.cfg, model.dtype, page_size, tokens=kv_tokens,
-                                         memory_fraction=kv_memory_fraction)
+            num_pages = pages_for_budget(
+                self.cfg, model.dtype, page_size, tokens=kv_tokens, memory_fraction=kv_memory_fraction
+            )
             if kv_tokens is None and getattr(model, "mesh", None) is not None:
                 num_pages *= model.mesh.shape["tp"]  # a device holds 1/tp of every page (its kv heads)
-        self.runner = Runner(model, max_batch=pow2(max_batch), page_size=page_size,
-                             max_seq_len=pow2(cdiv(self.max_seq_len, page_size)) * page_size,
-                             num_pages=num_pages, impl=impl)
+        self.runner = Runner(
+            model,
+            max_batch=pow2(max_batch),
+            page_size=page_size,
+            max_seq_len=pow2(cdiv(self.max_seq_len, page_size)) * page_size,
+            num_pages=num_pages,
+            impl=impl,
+        )
         self.stats = {"iterations": 0, "dispatches": 0, "tokens": 0, "computed": 0, "preemptions": 0}
 
     # -- what tests and benchmarks look at --------------------------------------------------------
@@ -82,9 +99,15 @@ class Engine:
         return generate(self, prompt, **kwargs)
 
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self, requests: list[Request], *, on_token: Callable[[int, int], None] | None = None,
-            progress: Any = None, on_step: Callable[[Engine, list[SeqState]], None] | None = None,
-            reposition: str | None = None) -> list[GenerationResult]:
+    def run(
+        self,
+        requests: list[Request],
+        *,
+        on_token: Callable[[int, int], None] | None = None,
+        progress: Any = None,
+        on_step: Callable[[Engine, list[SeqState]], None] | None = None,
+        reposition: str | None = None,
+    ) -> list[GenerationResult]:
         """Serve every request; ``on_step(engine, running)`` is called after each iteration (tests and
         tracing: the cache and every resident sequence are consistent then)."""
         run = _Run(self, requests, on_token, progress, reposition or self.reposition)
@@ -108,8 +131,13 @@ class _Run:
         self.runner.reposition = reposition
         self.results: list[GenerationResult | None] = [None] * len(requests)
         cache = self.runner.cache
-        self.sched = Scheduler(slots=cache.max_seqs, max_batch=engine.max_batch, num_pages=cache.num_pages,
-                               page_size=cache.page_size, max_step_tokens=engine.max_step_tokens)
+        self.sched = Scheduler(
+            slots=cache.max_seqs,
+            max_batch=engine.max_batch,
+            num_pages=cache.num_pages,
+            page_size=cache.page_size,
+            max_step_tokens=engine.max_step_tokens,
+        )
         vocab = engine.cfg.vocab_size
         for i, req in enumerate(requests):
             ctrl = req.controller or PlainController(max_new_tokens=req.max_new_tokens)
@@ -117,8 +145,9 @@ class _Run:
             if not req.prompt:
                 self.finish(seq, "error", "empty prompt")
             elif len(req.prompt) >= engine.max_seq_len:
-                self.finish(seq, "error", f"prompt of {len(req.prompt)} tokens does not fit "
-                                          f"max_seq_len={engine.max_seq_len}")
+                self.finish(
+                    seq, "error", f"prompt of {len(req.prompt)} tokens does not fit max_seq_len={engine.max_seq_len}"
+                )
             elif max(req.prompt) >= vocab or min(req.prompt) < 0:
                 self.finish(seq, "error", f"prompt token id out of range [0, {vocab})")
             else:
@@ -146,8 +175,14 @@ class _Run:
         st["tokens"] += step.tokens
         st["computed"] += step.computed
         for row in plan.rows:
-            self.after_step(row, int(tokens[row.seq.slot]), bool(bad[row.seq.slot]), bool(oom[row.seq.slot]),
-                            mask_errors.get(row.seq.index), elapsed)
+            self.after_step(
+                row,
+                int(tokens[row.seq.slot]),
+                bool(bad[row.seq.slot]),
+                bool(oom[row.seq.slot]),
+                mask_errors.get(row.seq.index),
+                elapsed,
+            )
 
     def fill_masks(self, rows: list[Row], mask: np.ndarray) -> dict[int, str]:
         """Runs while the device computes the forward. A failing fill leaves its row unmasked; that
@@ -165,8 +200,8 @@ class _Run:
         s = row.seq
         if oom:  # the scheduler's page count rules this out: an internal error, reported, not hidden
             return self.finish(s, "error", "internal: the KV allocator refused pages the scheduler counted as free")
-        s.cached += s.pending[:row.n]
-        s.pending = s.pending[row.n:]
+        s.cached += s.pending[: row.n]
+        s.pending = s.pending[row.n :]
         s.peak_cached = max(s.peak_cached, len(s.cached))
         if row.n > 1:
             s.extend_time_s += elapsed
@@ -175,8 +210,12 @@ class _Run:
         if mask_error:
             return self.finish(s, "error", mask_error)
         if bad:
-            return self.finish(s, "error", f"non-finite logits (NaN or inf) after {len(s.cached)} cached tokens: "
-                                           "the model's weights or activations are not finite")
+            return self.finish(
+                s,
+                "error",
+                f"non-finite logits (NaN or inf) after {len(s.cached)} cached tokens: "
+                "the model's weights or activations are not finite",
+            )
         s.sampled += 1
         if s.first_token_s is None:
             s.first_token_s = time.perf_counter() - s.started
@@ -230,15 +269,25 @@ class _Run:
     def finish(self, s: SeqState, reason: FinishReason, error: str | None = None) -> None:
         self.sched.remove(s)
         elapsed = time.perf_counter() - s.started
-        tokens = s.generated[:s.request.max_new_tokens]
+        tokens = s.generated[: s.request.max_new_tokens]
         tok = self.engine.model.tokenizer
         result = GenerationResult(
-            tokens=tokens, text=tok.decode(tokens) if tok is not None else None, finish_reason=reason, error=error,
-            stats=GenerationStats(prompt_tokens=len(s.request.prompt), generated_tokens=len(tokens), time_s=elapsed,
-                                  tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
-                                  first_token_s=s.first_token_s, reencoded_tokens=s.reencoded,
-                                  extend_time_s=s.extend_time_s, peak_working_tokens=s.peak_cached,
-                                  preemptions=s.preemptions))
+            tokens=tokens,
+            text=tok.decode(tokens) if tok is not None else None,
+            finish_reason=reason,
+            error=error,
+            stats=GenerationStats(
+                prompt_tokens=len(s.request.prompt),
+                generated_tokens=len(tokens),
+                time_s=elapsed,
+                tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
+                first_token_s=s.first_token_s,
+                reencoded_tokens=s.reencoded,
+                extend_time_s=s.extend_time_s,
+                peak_working_tokens=s.peak_cached,
+                preemptions=s.preemptions,
+            ),
+        )
         try:
             s.controller.finish(s, result)
         except Exception as e:  # noqa: BLE001

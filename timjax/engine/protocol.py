@@ -95,8 +95,7 @@ class PlainController:
 
     wants_mask = False
 
-    def __init__(self, *, max_new_tokens: int, stop_ids: Seq[int] = (), stop: Seq[str] = (),
-                 tokenizer: Any = None):
+    def __init__(self, *, max_new_tokens: int, stop_ids: Seq[int] = (), stop: Seq[str] = (), tokenizer: Any = None):
         self.max_new_tokens = max_new_tokens
         self.stop_ids = set(stop_ids)
         self.stop = list(stop)

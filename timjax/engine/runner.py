@@ -40,17 +40,29 @@ class Launched:
 
 
 class Runner:
-    def __init__(self, model, *, max_batch: int, page_size: int, max_seq_len: int, num_pages: int, impl: str,
-                 reposition: str = "reencode"):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int,
+        page_size: int,
+        max_seq_len: int,
+        num_pages: int,
+        impl: str,
+        reposition: str = "reencode",
+    ):
         self.cfg = model.config
         self.params = model.params()
         self.mesh = getattr(model, "mesh", None)  # sharded model: sharded pool, kernels under shard_map
         self.impl = impl if self.mesh is None else sharding.sharded_impl(self.mesh, impl)
         self.host_inputs = sharding.replicated(self.mesh)  # where per-step host arrays go (None: default device)
         self.reposition = reposition
-        kw = dict(num_pages=num_pages, page_size=page_size, max_seqs=max_batch, max_seq_len=max_seq_len,
-                  dtype=model.dtype)
-        self.cache = create_cache(self.cfg, **kw) if self.mesh is None else sharding.create_cache(self.cfg, self.mesh, **kw)
+        kw = dict(
+            num_pages=num_pages, page_size=page_size, max_seqs=max_batch, max_seq_len=max_seq_len, dtype=model.dtype
+        )
+        self.cache = (
+            create_cache(self.cfg, **kw) if self.mesh is None else sharding.create_cache(self.cfg, self.mesh, **kw)
+        )
         self.words = cdiv(self.cfg.vocab_size, 32)
         # slot -> (sequence, start, end, length) for the next step; dropped if the slot changed hands meanwhile
         self.compactions: dict[int, tuple[SeqState, int, int, int]] = {}
@@ -69,18 +81,22 @@ class Runner:
         logical = seq.cached + seq.pending
         order = list(range(len(logical)))
         for op in ops:
-            del order[op.start:op.end]
+            del order[op.start : op.end]
         kept = [logical[i] for i in order]
         gone = sorted(set(range(n)) - set(order))
         if not gone:
             seq.pending = kept[n:]
             return
         lo, hi = gone[0], gone[-1] + 1
-        can_shift = (self.reposition == "shift" and hi - lo == len(gone) and seq.slot not in self.compactions
-                     and len(self.compactions) < MAX_COMPACTIONS)
+        can_shift = (
+            self.reposition == "shift"
+            and hi - lo == len(gone)
+            and seq.slot not in self.compactions
+            and len(self.compactions) < MAX_COMPACTIONS
+        )
         if can_shift:
             self.compactions[seq.slot] = (seq, lo, hi, n)
-            seq.cached, seq.pending = kept[:n - len(gone)], kept[n - len(gone):]
+            seq.cached, seq.pending = kept[: n - len(gone)], kept[n - len(gone) :]
         else:  # cut the cache at the first pruned slot; the kept suffix is written again at compacted positions
             seq.reencoded += n - lo - len(gone)
             seq.cached, seq.pending = kept[:lo], kept[lo:]
@@ -112,9 +128,13 @@ class Runner:
         ints, floats = steps.flatten_inputs(packed, edits, self._sampling(rows))
         if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
             ints, floats = jax.device_put((ints, floats), self.host_inputs)
-        kw = dict(cfg=self.cfg, impl=self.impl, kv_pages=self._kv_pages(rows, edits),
-                  max_new_pages=cdiv(N, self.cache.page_size) + 1,
-                  layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]))
+        kw = dict(
+            cfg=self.cfg,
+            impl=self.impl,
+            kv_pages=self._kv_pages(rows, edits),
+            max_new_pages=cdiv(N, self.cache.page_size) + 1,
+            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]),
+        )
         if any(r.samples and r.seq.controller.wants_mask for r in rows):
             logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)
             out, mask = (logits, bad, sampling), np.full((self.slots, self.words), -1, np.int32)
@@ -152,7 +172,7 @@ def pack_rows(rows: list[Row], num_slots: int, min_tokens: int = 1) -> tuple[ste
     chunks: list[list[int]] = [[] for _ in range(num_slots)]
     for r in rows:
         q_len[r.seq.slot] = r.n
-        chunks[r.seq.slot] = r.seq.pending[:r.n]
+        chunks[r.seq.slot] = r.seq.pending[: r.n]
     total = int(q_len.sum())
     N = bucket(max(total, min_tokens))
     tokens = np.zeros(N, np.int32)

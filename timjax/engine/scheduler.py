@@ -102,8 +102,10 @@ class Scheduler:
     def too_big(self, seq: SeqState) -> str | None:
         need = cdiv(seq.working_tokens, self.page_size)
         if need > self.num_pages:
-            return (f"its working memory of {seq.working_tokens} tokens needs {need} KV pages, more than the whole "
-                    f"pool of {self.num_pages} pages of {self.page_size} tokens (raise kv_tokens)")
+            return (
+                f"its working memory of {seq.working_tokens} tokens needs {need} KV pages, more than the whole "
+                f"pool of {self.num_pages} pages of {self.page_size} tokens (raise kv_tokens)"
+            )
         return None
 
     # -- one step ---------------------------------------------------------------------------------

@@ -25,14 +25,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.problems:
         probs = load_problems_jsonl(args.problems)
         if args.limit:
-            probs = probs[:args.limit]
+            probs = probs[: args.limit]
     else:
         probs = heldout_problems(args.n)
     settings = settings_from_labels(args.settings.split(",")) if args.settings else None
     say = lambda *a: print(*a, file=sys.stderr, flush=True)
     kw = {"settings": settings} if settings else {}
-    report = evaluate(model, probs, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                      progress=not args.no_progress, model_label=path, say=say, json_path=args.json, **kw)
+    report = evaluate(
+        model,
+        probs,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+        progress=not args.no_progress,
+        model_label=path,
+        say=say,
+        json_path=args.json,
+        **kw,
+    )
     report.command = "timjax " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report.machine = f"{platform.machine()}, {platform.system()}, python {platform.python_version()}"
     print(report.table())
@@ -44,16 +53,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_eval_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="accuracy and pruning figures of a TIM over pruning settings",
-        description="Solve held-out corpus problems (or a JSON-lines file of {\"question\", \"answer\"}) with "
-                    "pruning off and prune buffers 0/1/2 in both repositioning modes, tools on, greedy; print a "
-                    "table and optionally write JSON.")
-    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help="timjax or Hugging Face checkpoint directory (default: the shipped tiny TIM)")
-    p.add_argument("--problems", default=None, help="JSON-lines file of {\"question\", \"answer\"} (optional kind, depth)")
+        "eval",
+        help="accuracy and pruning figures of a TIM over pruning settings",
+        description='Solve held-out corpus problems (or a JSON-lines file of {"question", "answer"}) with '
+        "pruning off and prune buffers 0/1/2 in both repositioning modes, tools on, greedy; print a "
+        "table and optionally write JSON.",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default=None,
+        help="timjax or Hugging Face checkpoint directory (default: the shipped tiny TIM)",
+    )
+    p.add_argument("--problems", default=None, help='JSON-lines file of {"question", "answer"} (optional kind, depth)')
     p.add_argument("--n", type=int, default=20, help="held-out problems per group (arith-1/2/3, lookup-2/3)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N problems of --problems")
-    p.add_argument("--settings", default=None, help="comma-separated subset of: off,buf0,buf1,buf2,buf0-shift,buf1-shift,buf2-shift")
+    p.add_argument(
+        "--settings",
+        default=None,
+        help="comma-separated subset of: off,buf0,buf1,buf2,buf0-shift,buf1-shift,buf2-shift",
+    )
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32")

@@ -32,8 +32,12 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("off", None),
-    Setting("buf0", 0), Setting("buf1", 1), Setting("buf2", 2),
-    Setting("buf0-shift", 0, "shift"), Setting("buf1-shift", 1, "shift"), Setting("buf2-shift", 2, "shift"),
+    Setting("buf0", 0),
+    Setting("buf1", 1),
+    Setting("buf2", 2),
+    Setting("buf0-shift", 0, "shift"),
+    Setting("buf1-shift", 1, "shift"),
+    Setting("buf2-shift", 2, "shift"),
 )
 
 GROUPS = (("arith", 1), ("arith", 2), ("arith", 3), ("lookup", 2), ("lookup", 3))
@@ -70,17 +74,36 @@ class EvalReport(BaseModel):
 
     def table(self) -> str:
         groups = [g for g in self.settings[0].groups] if self.settings else []
-        head = (["setting", "acc"] + [f"acc {g}" for g in groups]
-                + ["peak WM", "KV pruned", f"pruned {groups[-1] if groups else ''}", "tools/prob", "invalid",
-                   "unfinished", "tok/s"])
+        head = (
+            ["setting", "acc"]
+            + [f"acc {g}" for g in groups]
+            + [
+                "peak WM",
+                "KV pruned",
+                f"pruned {groups[-1] if groups else ''}",
+                "tools/prob",
+                "invalid",
+                "unfinished",
+                "tok/s",
+            ]
+        )
         deep = _deepest_arith(groups)
         rows = []
         for s in self.settings:
             o = s.overall
-            rows.append([s.label, f"{o.accuracy:.1%}"] + [f"{s.groups[g].accuracy:.1%}" for g in groups]
-                        + [f"{o.peak_working_tokens:.0f}", f"{o.pruned_share:.0%}",
-                           f"{s.groups[deep].pruned_share:.0%}" if deep else "-", f"{o.tool_calls:.1f}",
-                           str(o.invalid), str(o.unfinished), f"{s.tokens_per_s:.0f}"])
+            rows.append(
+                [s.label, f"{o.accuracy:.1%}"]
+                + [f"{s.groups[g].accuracy:.1%}" for g in groups]
+                + [
+                    f"{o.peak_working_tokens:.0f}",
+                    f"{o.pruned_share:.0%}",
+                    f"{s.groups[deep].pruned_share:.0%}" if deep else "-",
+                    f"{o.tool_calls:.1f}",
+                    str(o.invalid),
+                    str(o.unfinished),
+                    f"{s.tokens_per_s:.0f}",
+                ]
+            )
         head[len(groups) + 4] = f"KV pruned {deep}" if deep else "KV pruned (deepest)"
         widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
         line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
@@ -96,8 +119,9 @@ def group_name(p: Problem) -> str:
     return f"{p.kind}-{p.depth}"
 
 
-def heldout_problems(n_per_group: int, *, spec: CorpusSpec | None = None,
-                     groups: Sequence[tuple[str, int]] = GROUPS) -> list[Problem]:
+def heldout_problems(
+    n_per_group: int, *, spec: CorpusSpec | None = None, groups: Sequence[tuple[str, int]] = GROUPS
+) -> list[Problem]:
     """``n_per_group`` held-out problems of each (kind, depth), from a stream independent of training's."""
     spec = spec or CorpusSpec()
     out: list[Problem] = []
@@ -109,8 +133,16 @@ def heldout_problems(n_per_group: int, *, spec: CorpusSpec | None = None,
 def _group_stats(items: list[tuple[Problem, Any, bool]]) -> GroupStats:
     n = len(items)
     if not n:
-        return GroupStats(n=0, accuracy=0.0, peak_working_tokens=0.0, pruned_share=0.0, tool_calls=0.0,
-                          invalid=0, unfinished=0, generated_tokens=0.0)
+        return GroupStats(
+            n=0,
+            accuracy=0.0,
+            peak_working_tokens=0.0,
+            pruned_share=0.0,
+            tool_calls=0.0,
+            invalid=0,
+            unfinished=0,
+            generated_tokens=0.0,
+        )
     mean = lambda xs: sum(xs) / n
     return GroupStats(
         n=n,
@@ -118,8 +150,10 @@ def _group_stats(items: list[tuple[Problem, Any, bool]]) -> GroupStats:
         peak_working_tokens=mean([r.stats.peak_working_tokens or 0 for _, r, _ in items]),
         pruned_share=mean([r.stats.pruned_share for _, r, _ in items]),
         tool_calls=mean([r.stats.tool_calls for _, r, _ in items]),
-        invalid=sum(r.finish_reason in ("grammar", "error") or (r.finish_reason == "stop" and r.response is None)
-                    for _, r, _ in items),
+        invalid=sum(
+            r.finish_reason in ("grammar", "error") or (r.finish_reason == "stop" and r.response is None)
+            for _, r, _ in items
+        ),
         unfinished=sum(r.finish_reason == "length" for _, r, _ in items),
         generated_tokens=mean([r.stats.generated_tokens for _, r, _ in items]),
     )
@@ -129,9 +163,20 @@ def is_correct(p: Problem, r) -> bool:
     return r.finish_reason == "stop" and r.response is not None and check_answer(p.answer, r.response.answer)
 
 
-def evaluate(model, probs: Sequence[Problem], settings: Sequence[Setting] = SETTINGS, *, tools: Any = None,
-             max_new_tokens: int = 1024, max_batch: int = 16, page_size: int = 16, progress: bool = True,
-             model_label: str = "", say=print, json_path: str | None = None) -> EvalReport:
+def evaluate(
+    model,
+    probs: Sequence[Problem],
+    settings: Sequence[Setting] = SETTINGS,
+    *,
+    tools: Any = None,
+    max_new_tokens: int = 1024,
+    max_batch: int = 16,
+    page_size: int = 16,
+    progress: bool = True,
+    model_label: str = "",
+    say=print,
+    json_path: str | None = None,
+) -> EvalReport:
     """Run every problem under every setting (greedy) and collect the figures (see the module docstring).
     ``tools``: MCP servers for ``timjax.generate(tools=...)``; default: the corpus's calculator and lookup.
     ``json_path``: the report so far is written there after each setting (a long run keeps what it measured)."""
@@ -145,10 +190,18 @@ def evaluate(model, probs: Sequence[Problem], settings: Sequence[Setting] = SETT
     try:
         for s in settings:
             t0 = time.perf_counter()
-            results = timjax.generate(model, [p.question for p in probs], schema=tim_schema(), tools=runner,
-                                      pruning_buffer=s.buffer, reposition=s.reposition,
-                                      max_new_tokens=max_new_tokens, max_batch=max_batch, page_size=page_size,
-                                      progress=progress)
+            results = timjax.generate(
+                model,
+                [p.question for p in probs],
+                schema=tim_schema(),
+                tools=runner,
+                pruning_buffer=s.buffer,
+                reposition=s.reposition,
+                max_new_tokens=max_new_tokens,
+                max_batch=max_batch,
+                page_size=page_size,
+                progress=progress,
+            )
             wall = time.perf_counter() - t0
             by_group: dict[str, list] = defaultdict(list)
             items = []
@@ -157,13 +210,27 @@ def evaluate(model, probs: Sequence[Problem], settings: Sequence[Setting] = SETT
                 items.append(it)
                 by_group[group_name(p)].append(it)
             gen = sum(r.stats.generated_tokens for r in results)
-            fails = [{"question": p.question, "expected": p.answer, "finish": r.finish_reason, "error": r.error,
-                      "answer": None if r.response is None else r.response.answer}
-                     for p, r, ok in items if not ok][:5]
-            rep = SettingReport(label=s.label, buffer=s.buffer, reposition=s.reposition,
-                                overall=_group_stats(items),
-                                groups={g: _group_stats(v) for g, v in sorted(by_group.items())},
-                                tokens_per_s=gen / wall if wall else 0.0, wall_s=wall, failures=fails)
+            fails = [
+                {
+                    "question": p.question,
+                    "expected": p.answer,
+                    "finish": r.finish_reason,
+                    "error": r.error,
+                    "answer": None if r.response is None else r.response.answer,
+                }
+                for p, r, ok in items
+                if not ok
+            ][:5]
+            rep = SettingReport(
+                label=s.label,
+                buffer=s.buffer,
+                reposition=s.reposition,
+                overall=_group_stats(items),
+                groups={g: _group_stats(v) for g, v in sorted(by_group.items())},
+                tokens_per_s=gen / wall if wall else 0.0,
+                wall_s=wall,
+                failures=fails,
+            )
             reports.append(rep)
             say(f"{s.label}: accuracy {rep.overall.accuracy:.1%} ({len(probs)} problems, {wall:.0f}s)")
             if json_path:

@@ -27,8 +27,10 @@ def format_tree(response: Any, pruned_paths: Iterable[tuple[int, ...]] = (), *, 
             lines.append(f"{pad}  thought: {_short(t['thought'], width)}")
         if t.get("tooluse"):
             tu = t["tooluse"]
-            lines.append(f"{pad}  tool: {tu.get('tool_name')}({_short(tu.get('parameters'), width // 2)})"
-                         f" -> {_short(tu.get('tool_result'), width // 2)}")
+            lines.append(
+                f"{pad}  tool: {tu.get('tool_name')}({_short(tu.get('parameters'), width // 2)})"
+                f" -> {_short(tu.get('tool_result'), width // 2)}"
+            )
         subs = t.get("subtasks")
         if subs:
             mark = "  [pruned from working memory]" if path in pruned else ""

@@ -31,7 +31,15 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["GrammarError", "LLGuidanceGrammar", "TokenGrammar", "llg_tokenizer", "make_grammar", "mask_words", "tokenizer_size"]
+__all__ = [
+    "GrammarError",
+    "LLGuidanceGrammar",
+    "TokenGrammar",
+    "llg_tokenizer",
+    "make_grammar",
+    "mask_words",
+    "tokenizer_size",
+]
 
 
 class GrammarError(RuntimeError):
@@ -206,7 +214,10 @@ def make_grammar(
 ) -> LLGuidanceGrammar:
     """A fresh grammar for one sequence (the compiled tokenizer is cached)."""
     return LLGuidanceGrammar.from_json_schema(
-        llg_tokenizer(hf_tokenizer, vocab_size, eos_token), json_schema, vocab_size, n_tokens=tokenizer_size(hf_tokenizer)
+        llg_tokenizer(hf_tokenizer, vocab_size, eos_token),
+        json_schema,
+        vocab_size,
+        n_tokens=tokenizer_size(hf_tokenizer),
     )
 
 

@@ -31,8 +31,14 @@ __all__ = ["close_partial_json"]
 _NOTHING = object()  # "no usable value": the cut fell before this value was certain
 _WS = " \t\n\r"
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_LITERALS = (("true", True), ("false", False), ("null", None),
-             ("NaN", float("nan")), ("Infinity", float("inf")), ("-Infinity", float("-inf")))
+_LITERALS = (
+    ("true", True),
+    ("false", False),
+    ("null", None),
+    ("NaN", float("nan")),
+    ("Infinity", float("inf")),
+    ("-Infinity", float("-inf")),
+)
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _PLAIN = re.compile(r'[^"\\]*')
 _HEX4 = re.compile(r"[0-9a-fA-F]{4}")
@@ -156,14 +162,14 @@ class _Parser:
             return _ESCAPES[c]
         if c != "u" or not _HEX4.fullmatch(s, i + 2, i + 6):
             return None
-        code = int(s[i + 2:i + 6], 16)
+        code = int(s[i + 2 : i + 6], 16)
         self.i = i + 6
         if 0xD800 <= code < 0xDC00:  # a high surrogate: json pairs it with a following low one
             j = self.i
             if _CUT_U_ESCAPE.fullmatch(s, j):
                 return None  # the text ends where the low half may follow: wait for it
             if s.startswith("\\u", j) and _HEX4.fullmatch(s, j + 2, j + 6):
-                low = int(s[j + 2:j + 6], 16)
+                low = int(s[j + 2 : j + 6], 16)
                 if 0xDC00 <= low < 0xE000:
                     self.i = j + 6
                     return chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00))
@@ -187,7 +193,7 @@ def _decode(data: bytes) -> str:
     """UTF-8 text of ``data`` without a trailing incomplete character (a cut, not an error)."""
     for cut in range(4):
         try:
-            return data[:len(data) - cut].decode("utf-8")
+            return data[: len(data) - cut].decode("utf-8")
         except UnicodeDecodeError:
             continue
     return data.decode("utf-8", errors="replace")

@@ -29,9 +29,11 @@ def tim_system_prompt(schema: TimSchema, *, extra: str | None = None) -> str:
         "limits": f" ({', '.join(limits)})" if limits else "",
     }
     if schema.tools:
-        text += ('\n\nToolUse is {"tool_name": str, "parameters": {...}, "tool_result": ...}. Write the tool name and '
-                 'its parameters; the runtime calls the tool and writes tool_result: the result as JSON, or '
-                 '{"error": "..."}. Tools:')
+        text += (
+            '\n\nToolUse is {"tool_name": str, "parameters": {...}, "tool_result": ...}. Write the tool name and '
+            "its parameters; the runtime calls the tool and writes tool_result: the result as JSON, or "
+            '{"error": "..."}. Tools:'
+        )
         for t in schema.tools:
             text += f"\n- {tool_signature(t.name, t.input_schema)}: {t.description}"
     if schema.answer_type is not None:
@@ -58,7 +60,9 @@ def _type_text(s: dict, defs: dict, depth: int = 0) -> str:
     if t == "array":
         return f"[{_type_text(s.get('items', {}), defs, depth + 1)}]"
     if t == "object" or "properties" in s:
-        return "{" + ", ".join(f"{k}: {_type_text(v, defs, depth + 1)}" for k, v in s.get("properties", {}).items()) + "}"
+        return (
+            "{" + ", ".join(f"{k}: {_type_text(v, defs, depth + 1)}" for k, v in s.get("properties", {}).items()) + "}"
+        )
     if isinstance(t, list):
         return "|".join(t)
     return t or "any"
@@ -69,6 +73,8 @@ def tool_signature(name: str, input_schema: dict) -> str:
     (``?`` marks optional ones). Cheaper for a small model to read than the JSON schema."""
     defs = {**input_schema.get("definitions", {}), **input_schema.get("$defs", {})}
     required = set(input_schema.get("required", ()))
-    params = [f"{k}{'' if k in required else '?'}: {_type_text(v, defs)}"
-              for k, v in input_schema.get("properties", {}).items()]
+    params = [
+        f"{k}{'' if k in required else '?'}: {_type_text(v, defs)}"
+        for k, v in input_schema.get("properties", {}).items()
+    ]
     return f"{name}({', '.join(params)})"

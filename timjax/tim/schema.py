@@ -220,7 +220,7 @@ def tim_schema(
             "properties": {
                 "tool_name": {"const": t.name},
                 "parameters": params,
-                "tool_result": {"description": "written by the runtime: the result as JSON, or {\"error\": ...}"},
+                "tool_result": {"description": 'written by the runtime: the result as JSON, or {"error": ...}'},
             },
             "required": ["tool_name", "parameters", "tool_result"],
             "additionalProperties": False,
@@ -286,5 +286,10 @@ def with_tools(schema: Optional[TimSchema], tools: Sequence[ToolSpec]) -> TimSch
         return tim_schema(tools)
     if tuple(schema.tools) == tuple(tools):
         return schema
-    return tim_schema(tools, max_depth=schema.max_depth, max_subtasks=schema.max_subtasks, title=schema.title,
-                      answer_type=schema.answer_type)
+    return tim_schema(
+        tools,
+        max_depth=schema.max_depth,
+        max_subtasks=schema.max_subtasks,
+        title=schema.title,
+        answer_type=schema.answer_type,
+    )

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import random
 
-WORDS = ("check the earlier step then plan next compute the sum of both parts verify result against "
-         "bound split into cases recall definition carry digit prime factor area angle rate solve").split()
+WORDS = (
+    "check the earlier step then plan next compute the sum of both parts verify result against "
+    "bound split into cases recall definition carry digit prime factor area angle rate solve"
+).split()
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -26,8 +28,7 @@ def synthetic_task(rng: random.Random, depth: int, breadth: int, words: int) -> 
 def synthetic_document(*, depth: int, breadth: int, roots: int = 1, words: int = 12, seed: int = 0) -> dict:
     """A full tree: ``roots`` top-level tasks, each ``depth`` levels deep with ``breadth`` subtasks per list."""
     rng = random.Random(seed)
-    return {"reasoning": [synthetic_task(rng, depth, breadth, words) for _ in range(roots)],
-            "answer": _text(rng, 4)}
+    return {"reasoning": [synthetic_task(rng, depth, breadth, words) for _ in range(roots)], "answer": _text(rng, 4)}
 
 
 def serialise(doc: dict) -> str:

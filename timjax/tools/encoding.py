@@ -30,6 +30,7 @@ MAX_ERROR_CHARS = 300  # an error message is cut here (a tiny model needs the gi
 
 def encode_value(value: Any) -> str:
     """A JSON value in the grammar's layout. Raises ``ValueError`` for what JSON cannot hold."""
+
     def check(v):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{v!r} is not a JSON number")
@@ -43,6 +44,7 @@ def encode_value(value: Any) -> str:
                 check(x)
         elif not (v is None or isinstance(v, (str, int, float, bool))):
             raise ValueError(f"{type(v).__name__} is not a JSON value")
+
     check(value)
     text = dumps(value)
     text.encode("utf-8")  # lone surrogates cannot be written: raises UnicodeEncodeError (a ValueError)
@@ -53,7 +55,7 @@ def encode_error(message: str) -> str:
     """``{"error": "<message>"}`` (the message cut to ``MAX_ERROR_CHARS``, lone surrogates replaced)."""
     message = str(message).encode("utf-8", errors="replace").decode("utf-8")
     if len(message) > MAX_ERROR_CHARS:
-        message = message[:MAX_ERROR_CHARS - 1] + "…"
+        message = message[: MAX_ERROR_CHARS - 1] + "…"
     return dumps({"error": message})
 
 
@@ -90,8 +92,9 @@ def encode_result(result: Any, *, is_error: bool | None = None) -> str:
 def classify_result(result: Any, *, is_error: bool | None = None) -> tuple[str, str]:
     """``(encode_result(result), status)`` with status ``"ok"``, ``"tool_error"`` (the tool said isError)
     or ``"invalid_result"`` (the answer cannot be written as JSON)."""
-    if isinstance(result, dict) and not ({"content", "structuredContent", "structured_content", "isError",
-                                          "is_error"} & result.keys()):
+    if isinstance(result, dict) and not (
+        {"content", "structuredContent", "structured_content", "isError", "is_error"} & result.keys()
+    ):
         structured, content, err = result, None, False
     else:
         structured = _field(result, "structured_content", "structuredContent")
@@ -121,8 +124,9 @@ def truncate_encoded(encoded: str, max_tokens: int, count_tokens: Callable[[str]
         return encoded, n
 
     def wrap(k: int) -> str:
-        return dumps({"error": f"result truncated: {n} tokens over the cap of {max_tokens}",
-                      "partial": encoded[:k] + "…"})
+        return dumps(
+            {"error": f"result truncated: {n} tokens over the cap of {max_tokens}", "partial": encoded[:k] + "…"}
+        )
 
     lo, hi = 0, min(len(encoded), 32 * max_tokens)  # no token is longer than 32 characters in practice
     while lo < hi:  # the longest prefix whose wrapped form fits

@@ -86,8 +86,7 @@ class ToolServer:
         return getattr(t, "name", None) or type(t).__name__
 
 
-def stdio_server(command: str | Sequence[str], *, env: dict[str, str] | None = None,
-                 cwd: str | None = None):
+def stdio_server(command: str | Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None):
     """``StdioServerParameters`` for a command line (no shell: ``command`` is split with ``shlex``). The
     executable is resolved on the caller's PATH now, so the server itself can run with an empty env."""
     import shlex
@@ -227,10 +226,12 @@ class _Outcome:
 def _strict_types(cls):
     """The validator class with JSON Schema's types as the grammar writes them: ``1.0`` is not an
     ``integer`` and ``true`` is not a number (the spec's looser reading would let a coercion through)."""
-    checker = cls.TYPE_CHECKER.redefine_many({
-        "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
-        "number": lambda _, x: isinstance(x, (int, float)) and not isinstance(x, bool),
-    })
+    checker = cls.TYPE_CHECKER.redefine_many(
+        {
+            "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+            "number": lambda _, x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        }
+    )
     import jsonschema
 
     return jsonschema.validators.extend(cls, type_checker=checker)
@@ -246,8 +247,14 @@ class _Tool:
 class ToolRunner:
     """MCP clients for one run (see the module docstring). Use as a context manager, or ``close()``."""
 
-    def __init__(self, servers: Sequence[Any], limits: ToolLimits | None = None, *,
-                 count_tokens: Callable[[str], int] | None = None, allow: Sequence[str] | None = None):
+    def __init__(
+        self,
+        servers: Sequence[Any],
+        limits: ToolLimits | None = None,
+        *,
+        count_tokens: Callable[[str], int] | None = None,
+        allow: Sequence[str] | None = None,
+    ):
         """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None).
         ``allow``: tool names to keep over all servers (each must exist), on top of per-server lists."""
         self.limits = limits or ToolLimits()
@@ -285,8 +292,10 @@ class ToolRunner:
         if self.allow is not None:
             missing = [n for n in self.allow if n not in self.tools]
             if missing:
-                raise ToolConfigError(f"allowed tools not offered by any server: {', '.join(missing)} "
-                                      f"(offered: {', '.join(self.tools) or 'nothing'})")
+                raise ToolConfigError(
+                    f"allowed tools not offered by any server: {', '.join(missing)} "
+                    f"(offered: {', '.join(self.tools) or 'nothing'})"
+                )
             self.tools = {n: t for n, t in self.tools.items() if n in self.allow}
 
     def _list(self, conn: _Connection) -> list[ToolSpec] | None:
@@ -296,13 +305,19 @@ class ToolRunner:
             client = await conn.ensure(self.limits.connect_timeout_s)
             with anyio.fail_after(self.limits.connect_timeout_s):
                 listed = await client.list_tools()
-            return [ToolSpec(name=t.name, description=t.description or "", input_schema=t.input_schema)
-                    for t in listed.tools]
+            return [
+                ToolSpec(name=t.name, description=t.description or "", input_schema=t.input_schema)
+                for t in listed.tools
+            ]
 
         try:
             return self._portal.call(go)
         except Exception as e:  # noqa: BLE001 - any failure to list is reported by name
-            msg = str(e) if isinstance(e, _ServerDown) else f"server {conn.label!r} could not list its tools: {_describe(e)}"
+            msg = (
+                str(e)
+                if isinstance(e, _ServerDown)
+                else f"server {conn.label!r} could not list its tools: {_describe(e)}"
+            )
             self.startup_errors.append(msg)
             conn.reset()
             return None
@@ -325,18 +340,24 @@ class ToolRunner:
                 elif w in by_name:
                     specs.append(by_name[w])
                 else:
-                    raise ToolConfigError(f"tool {w!r} is not offered by server {conn.label!r} "
-                                          f"(it lists: {', '.join(by_name) or 'nothing'})")
+                    raise ToolConfigError(
+                        f"tool {w!r} is not offered by server {conn.label!r} "
+                        f"(it lists: {', '.join(by_name) or 'nothing'})"
+                    )
         for spec in specs:
             if spec.name in self.tools:
-                raise ToolConfigError(f"tool {spec.name!r} is offered by two servers "
-                                      f"({self.tools[spec.name].conn.label!r} and {conn.label!r}); allow one")
+                raise ToolConfigError(
+                    f"tool {spec.name!r} is offered by two servers "
+                    f"({self.tools[spec.name].conn.label!r} and {conn.label!r}); allow one"
+                )
             schema = strict_input_schema(spec.input_schema)
             try:
                 cls = _strict_types(jsonschema.validators.validator_for(schema))
                 cls.check_schema(schema)
             except jsonschema.SchemaError as e:
-                raise ToolConfigError(f"tool {spec.name!r} of {conn.label!r}: invalid input schema: {e.message}") from None
+                raise ToolConfigError(
+                    f"tool {spec.name!r} of {conn.label!r}: invalid input schema: {e.message}"
+                ) from None
             self.tools[spec.name] = _Tool(spec.model_copy(update={"input_schema": schema}), conn, cls(schema))
 
     @property
@@ -397,8 +418,9 @@ class ToolRunner:
                     res = await client.call_tool(name, arguments, read_timeout_seconds=timeout)
                 return _Outcome("ok", res, latency_s=time.perf_counter() - t0)
             except TimeoutError:
-                return _Outcome("timeout", error=f"{name}: no answer within {timeout:g} s",
-                                latency_s=time.perf_counter() - t0)
+                return _Outcome(
+                    "timeout", error=f"{name}: no answer within {timeout:g} s", latency_s=time.perf_counter() - t0
+                )
             except _ServerDown as e:
                 return _Outcome("server_error", error=str(e), latency_s=time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - every fault becomes an answer for the model
@@ -407,12 +429,16 @@ class ToolRunner:
 
                 code = getattr(getattr(e, "error", None), "code", None) if isinstance(e, MCPError) else None
                 if code == REQUEST_TIMEOUT:
-                    return _Outcome("timeout", error=f"{name}: no answer within {timeout:g} s",
-                                    latency_s=time.perf_counter() - t0)
+                    return _Outcome(
+                        "timeout", error=f"{name}: no answer within {timeout:g} s", latency_s=time.perf_counter() - t0
+                    )
                 if code is None or code == CONNECTION_CLOSED:  # the transport broke: reconnect at the next call
                     tool.conn.reset()
-                return _Outcome("server_error", error=f"server {tool.conn.label!r} failed: {_describe(e)}",
-                                latency_s=time.perf_counter() - t0)
+                return _Outcome(
+                    "server_error",
+                    error=f"server {tool.conn.label!r} failed: {_describe(e)}",
+                    latency_s=time.perf_counter() - t0,
+                )
 
         return self._portal.start_task_soon(go)
 
@@ -472,14 +498,15 @@ class ToolSession:
         p.record = self._record(p, status, text, json.loads(text)["error"] if status != "ok" else None, out.latency_s)
         return p.record
 
-    def _record(self, p: _Pending, status: str, text: str, error: str | None,
-                latency_s: float | None = None) -> ToolCallRecord:
+    def _record(
+        self, p: _Pending, status: str, text: str, error: str | None, latency_s: float | None = None
+    ) -> ToolCallRecord:
         """``latency_s``: measured on the loop (submission to answer); else the host's clock up to now."""
         cap = self.limits.max_result_tokens
         if error is not None and status != "ok":  # an error object: shorten its message, keep its status
             n = self.count_tokens(text)
             while n > cap and len(error) > 8:
-                error = error[:len(error) * 3 // 4] + "…"
+                error = error[: len(error) * 3 // 4] + "…"
                 text = encode_error(error)
                 n = self.count_tokens(text)
         else:
@@ -487,9 +514,16 @@ class ToolSession:
             if n > cap:
                 status, error = "truncated", json.loads(text)["error"]
                 n = self.count_tokens(text)
-        rec = ToolCallRecord(index=p.index, task_path=p.task_path, tool=p.tool, arguments=p.arguments, result=text,
-                             status=status, error=error,
-                             latency_s=latency_s if latency_s is not None else time.perf_counter() - p.t0,
-                             result_tokens=n)
+        rec = ToolCallRecord(
+            index=p.index,
+            task_path=p.task_path,
+            tool=p.tool,
+            arguments=p.arguments,
+            result=text,
+            status=status,
+            error=error,
+            latency_s=latency_s if latency_s is not None else time.perf_counter() - p.t0,
+            result_tokens=n,
+        )
         self.records.append(rec)
         return rec

@@ -34,8 +34,7 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def parse_tool_spec(spec: str, *, env: dict[str, str] | None = None,
-                    allow: Sequence[str] | None = None):
+def parse_tool_spec(spec: str, *, env: dict[str, str] | None = None, allow: Sequence[str] | None = None):
     """A ``ToolServer`` for one SPEC (see the module docstring); ``allow``: tool names to keep (None = all)."""
     from timjax.tools.runner import ToolConfigError, ToolServer, stdio_server
 
@@ -66,17 +65,29 @@ def parse_tool_spec(spec: str, *, env: dict[str, str] | None = None,
 
 def add_tool_arguments(p) -> None:
     """The ``--tool*`` options of ``timjax generate`` (argparse only: importing this module stays light)."""
-    p.add_argument("--tool", action="append", metavar="SPEC",
-                   help="an MCP server the model may call (implies --tim; repeatable): module:attr (an MCPServer "
-                        "or a factory, e.g. timjax.tools.servers.calculator:make_server), an http(s):// URL, or a "
-                        "stdio command line (run without a shell)")
-    p.add_argument("--tool-env", action="append", metavar="KEY=VALUE",
-                   help="the environment of stdio tool servers (they get nothing else; repeatable)")
+    p.add_argument(
+        "--tool",
+        action="append",
+        metavar="SPEC",
+        help="an MCP server the model may call (implies --tim; repeatable): module:attr (an MCPServer "
+        "or a factory, e.g. timjax.tools.servers.calculator:make_server), an http(s):// URL, or a "
+        "stdio command line (run without a shell)",
+    )
+    p.add_argument(
+        "--tool-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the environment of stdio tool servers (they get nothing else; repeatable)",
+    )
     p.add_argument("--tool-allow", action="append", metavar="NAME", help="offer only these tools (repeatable)")
     p.add_argument("--tool-timeout", type=float, default=10.0, help="seconds per tool call (default 10)")
     p.add_argument("--max-tool-calls", type=int, default=32, help="tool calls per inference (default 32)")
-    p.add_argument("--max-tool-result-tokens", type=int, default=256,
-                   help="longer tool results are truncated with a marker (default 256)")
+    p.add_argument(
+        "--max-tool-result-tokens",
+        type=int,
+        default=256,
+        help="longer tool results are truncated with a marker (default 256)",
+    )
 
 
 def runner_from_args(args):
@@ -84,6 +95,7 @@ def runner_from_args(args):
     from timjax.tools.runner import ToolLimits, ToolRunner
 
     env = parse_env(args.tool_env or [])
-    limits = ToolLimits(timeout_s=args.tool_timeout, max_calls=args.max_tool_calls,
-                        max_result_tokens=args.max_tool_result_tokens)
+    limits = ToolLimits(
+        timeout_s=args.tool_timeout, max_calls=args.max_tool_calls, max_result_tokens=args.max_tool_result_tokens
+    )
     return ToolRunner([parse_tool_spec(spec, env=env) for spec in args.tool], limits, allow=args.tool_allow)

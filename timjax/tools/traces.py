@@ -40,8 +40,9 @@ def tool_call(name: str, params: dict, kb_: kb.KnowledgeBase | None = None) -> t
     return {"tool_name": name, "parameters": params, "tool_result": value}, value
 
 
-def calculation_trace(n_calls: int, *, n_steps: int | None = None, group: int = 3, seed: int = 0,
-                      kb_seed: int = 0, words: int = 3) -> dict:
+def calculation_trace(
+    n_calls: int, *, n_steps: int | None = None, group: int = 3, seed: int = 0, kb_seed: int = 0, words: int = 3
+) -> dict:
     """A TIM document (a dict) of ``n_steps`` steps (default ``n_calls``, at least 1) of which the first
     ``n_calls`` call a tool; the other steps do their arithmetic in the thought (same shape, no tooluse),
     so documents with 0..N calls have about the same length (the benchmark's baseline)."""
@@ -79,8 +80,17 @@ def calculation_trace(n_calls: int, *, n_steps: int | None = None, group: int = 
             del step["tooluse"]
         calls.append(step)
         if len(calls) == group or i == n - 1:
-            groups.append({"thought": text(f"step group {len(groups) + 1}"), "subtasks": calls,
-                           "conclusion": f"total is {total}"})
+            groups.append(
+                {"thought": text(f"step group {len(groups) + 1}"), "subtasks": calls, "conclusion": f"total is {total}"}
+            )
             calls = []
-    return {"reasoning": [{"thought": "compute the running total with the tools", "subtasks": groups,
-                           "conclusion": f"the total is {total}"}], "answer": str(total)}
+    return {
+        "reasoning": [
+            {
+                "thought": "compute the running total with the tools",
+                "subtasks": groups,
+                "conclusion": f"the total is {total}",
+            }
+        ],
+        "answer": str(total),
+    }

@@ -17,16 +17,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"steps": args.steps})
     say = lambda *a: print(*a, file=sys.stderr, flush=True)
     summary = train(cfg, progress=not args.no_progress, say=say)
-    keep = {k: v for k, v in summary.items() if k in ("step", "n_params", "tokens", "elapsed_s", "hf_dir", "tokenizer_dir")}
+    keep = {
+        k: v for k, v in summary.items() if k in ("step", "n_params", "tokens", "elapsed_s", "hf_dir", "tokenizer_dir")
+    }
     print(json.dumps(keep, indent=2))
     return 0
 
 
 def add_train_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="supervised fine-tuning of a TIM on the synthetic corpus (optax, orbax checkpoints)",
+        "train",
+        help="supervised fine-tuning of a TIM on the synthetic corpus (optax, orbax checkpoints)",
         description="Train (or fine-tune, with init_from) a TIM as described by a JSON or YAML config "
-                    "(fields: timjax.train.sft.TrainConfig). Resumes from the latest checkpoint in out_dir.")
+        "(fields: timjax.train.sft.TrainConfig). Resumes from the latest checkpoint in out_dir.",
+    )
     p.add_argument("config", metavar="CONFIG", help="training config (.json, .yaml)")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")
     p.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")

@@ -295,15 +295,21 @@ class CorpusSpec:
     """What to draw. ``mix``: (kind, depth-or-hops, weight) triples."""
 
     seed: int = 0
-    mix: tuple[tuple[str, int, float], ...] = (("arith", 1, 1.0), ("arith", 2, 2.0), ("arith", 3, 3.0),
-                                             ("lookup", 2, 1.5), ("lookup", 3, 1.5))
+    mix: tuple[tuple[str, int, float], ...] = (
+        ("arith", 1, 1.0),
+        ("arith", 2, 2.0),
+        ("arith", 3, 3.0),
+        ("lookup", 2, 1.5),
+        ("lookup", 3, 1.5),
+    )
     breadth: int = 3
     max_literal: int = 20
     heldout_fraction: float = 0.05
 
 
-def iter_problems(spec: CorpusSpec, split: Split, tools: ToolBackend | None = None,
-                  *, stream: int = 0) -> Iterator[Problem]:
+def iter_problems(
+    spec: CorpusSpec, split: Split, tools: ToolBackend | None = None, *, stream: int = 0
+) -> Iterator[Problem]:
     """An endless deterministic stream of distinct problems of one split (``stream`` picks an independent
     stream of the same distribution, e.g. to draw evaluation problems separately from training ones)."""
     tools = tools or default_backend()
@@ -322,12 +328,26 @@ def iter_problems(spec: CorpusSpec, split: Split, tools: ToolBackend | None = No
         yield prob
 
 
-def problems(spec: CorpusSpec, split: Split, n: int, *, kind: str | None = None, depth: int | None = None,
-             tools: ToolBackend | None = None, stream: int = 0) -> list[Problem]:
+def problems(
+    spec: CorpusSpec,
+    split: Split,
+    n: int,
+    *,
+    kind: str | None = None,
+    depth: int | None = None,
+    tools: ToolBackend | None = None,
+    stream: int = 0,
+) -> list[Problem]:
     """The first ``n`` problems of a split (optionally of one kind and depth)."""
     if kind is not None or depth is not None:
-        spec = CorpusSpec(**{**asdict(spec), "mix": tuple(
-            m for m in spec.mix if (kind is None or m[0] == kind) and (depth is None or m[1] == depth))})
+        spec = CorpusSpec(
+            **{
+                **asdict(spec),
+                "mix": tuple(
+                    m for m in spec.mix if (kind is None or m[0] == kind) and (depth is None or m[1] == depth)
+                ),
+            }
+        )
         if not spec.mix:
             raise ValueError(f"no problems of kind={kind!r} depth={depth!r} in the corpus mix")
     out = []
@@ -456,8 +476,13 @@ def save_problems_jsonl(probs: Sequence[Problem], path: str) -> None:
 
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth},
-                               ensure_ascii=False) + "\n" for p in probs)
+        f.writelines(
+            json.dumps(
+                {"question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth}, ensure_ascii=False
+            )
+            + "\n"
+            for p in probs
+        )
     os.replace(tmp, path)
 
 

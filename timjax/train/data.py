@@ -33,8 +33,14 @@ class Packed:
         import os
 
         tmp = f"{path}.tmp.npz"
-        np.savez_compressed(tmp, tokens=self.tokens, positions=self.positions, segments=self.segments,
-                            loss=self.loss, dropped=np.int64(self.dropped))
+        np.savez_compressed(
+            tmp,
+            tokens=self.tokens,
+            positions=self.positions,
+            segments=self.segments,
+            loss=self.loss,
+            dropped=np.int64(self.dropped),
+        )
         os.replace(tmp, path)
 
     @classmethod
@@ -47,8 +53,15 @@ class Packed:
         return self.tokens.shape[0]
 
 
-def build_segments(probs: Sequence[Problem], replayer: Replayer, tools: ToolBackend,
-                   buffers: Sequence[tuple[int | None, float]], seed: int, *, progress: bool = True) -> list[Segment]:
+def build_segments(
+    probs: Sequence[Problem],
+    replayer: Replayer,
+    tools: ToolBackend,
+    buffers: Sequence[tuple[int | None, float]],
+    seed: int,
+    *,
+    progress: bool = True,
+) -> list[Segment]:
     """Training sequences for ``probs``: each document with pruning off, plus the pruned views of one
     buffer drawn from ``buffers`` ((buffer, probability) pairs; the rest of the mass: none)."""
     rng = random.Random(f"segments:{seed}")
@@ -96,8 +109,10 @@ class Batches:
         self.seed = seed
         self._plan: tuple[int, list] | None = None
         if not any(b.n_rows >= s for b, s in zip(self.buckets, self.sizes)):
-            raise ValueError(f"no bucket has enough rows for one batch (rows {[b.n_rows for b in self.buckets]}, "
-                             f"batch rows {self.sizes})")
+            raise ValueError(
+                f"no bucket has enough rows for one batch (rows {[b.n_rows for b in self.buckets]}, "
+                f"batch rows {self.sizes})"
+            )
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         if self._plan is None or self._plan[0] != epoch:
@@ -105,7 +120,7 @@ class Batches:
             batches = []
             for k, (b, size) in enumerate(zip(self.buckets, self.sizes)):
                 perm = rng.permutation(b.n_rows)
-                batches += [(k, np.sort(perm[i * size:(i + 1) * size])) for i in range(b.n_rows // size)]
+                batches += [(k, np.sort(perm[i * size : (i + 1) * size])) for i in range(b.n_rows // size)]
             order = rng.permutation(len(batches))
             self._plan = (epoch, [batches[i] for i in order])
         return self._plan[1]
@@ -126,8 +141,15 @@ def save_buckets(buckets: Sequence[Packed], path: str) -> None:
 
     arrays = {}
     for i, b in enumerate(buckets):
-        arrays.update({f"tokens_{i}": b.tokens, f"positions_{i}": b.positions, f"segments_{i}": b.segments,
-                       f"loss_{i}": b.loss, f"dropped_{i}": np.int64(b.dropped)})
+        arrays.update(
+            {
+                f"tokens_{i}": b.tokens,
+                f"positions_{i}": b.positions,
+                f"segments_{i}": b.segments,
+                f"loss_{i}": b.loss,
+                f"dropped_{i}": np.int64(b.dropped),
+            }
+        )
     tmp = f"{path}.tmp.npz"
     np.savez_compressed(tmp, n=np.int64(len(buckets)), **arrays)
     os.replace(tmp, path)
@@ -135,8 +157,10 @@ def save_buckets(buckets: Sequence[Packed], path: str) -> None:
 
 def load_buckets(path: str) -> list[Packed]:
     z = np.load(path)
-    return [Packed(z[f"tokens_{i}"], z[f"positions_{i}"], z[f"segments_{i}"], z[f"loss_{i}"], int(z[f"dropped_{i}"]))
-            for i in range(int(z["n"]))]
+    return [
+        Packed(z[f"tokens_{i}"], z[f"positions_{i}"], z[f"segments_{i}"], z[f"loss_{i}"], int(z[f"dropped_{i}"]))
+        for i in range(int(z["n"]))
+    ]
 
 
 def pack(segments: Iterable[Segment], seq_len: int, seed: int, *, pad_id: int = 0, window: int = 16) -> Packed:
@@ -171,9 +195,9 @@ def pack(segments: Iterable[Segment], seq_len: int, seed: int, *, pad_id: int = 
         at = 0
         for k, s in enumerate(row, 1):
             n = len(s.ids)
-            tokens[r, at:at + n] = s.ids
-            positions[r, at:at + n] = np.arange(n)
-            segments_[r, at:at + n] = k
-            loss[r, at:at + n] = s.loss
+            tokens[r, at : at + n] = s.ids
+            positions[r, at : at + n] = np.arange(n)
+            segments_[r, at : at + n] = k
+            loss[r, at : at + n] = s.loss
             at += n
     return Packed(tokens, positions, segments_, loss, dropped)

@@ -61,8 +61,9 @@ def rollout_segments(replayer, prompt_ids: list[int], result, advantage: float, 
     """The training sequences of one rollout, weighted by its advantage on the sampled tokens."""
     from timjax.train.runtime_view import pruned_segments, runtime_doc_from_tokens
 
-    doc = runtime_doc_from_tokens(replayer, prompt_ids, result.tokens,
-                                  [c.result_tokens for c in (result.tool_calls or [])])
+    doc = runtime_doc_from_tokens(
+        replayer, prompt_ids, result.tokens, [c.result_tokens for c in (result.tool_calls or [])]
+    )
     segs = pruned_segments(doc, buffer)
     for s in segs:
         s.loss = s.loss * np.float32(advantage)
@@ -87,8 +88,19 @@ def pg_loss(params, mcfg, batch, n_tokens):
     return -(lp * weights).sum() / n_tokens
 
 
-def grpo_step(model, params, opt, opt_state, probs, cfg: GRPOConfig, runner, replayer, *, step: int,
-              reward_fn: Callable[[Any, Any], float] = verifier_reward) -> tuple[Any, Any, dict]:
+def grpo_step(
+    model,
+    params,
+    opt,
+    opt_state,
+    probs,
+    cfg: GRPOConfig,
+    runner,
+    replayer,
+    *,
+    step: int,
+    reward_fn: Callable[[Any, Any], float] = verifier_reward,
+) -> tuple[Any, Any, dict]:
     """Rollouts, rewards, advantages, one optimizer update. Returns (params, opt_state, stats)."""
     import jax
 
@@ -100,10 +112,18 @@ def grpo_step(model, params, opt, opt_state, probs, cfg: GRPOConfig, runner, rep
     policy = Qwen3(model.config, dtype="float32", params=params, tokenizer=model.tokenizer)
     questions = [p.question for p in probs for _ in range(cfg.group_size)]
     t0 = time.perf_counter()
-    results = timjax.generate(policy, questions, schema=tim_schema(), tools=runner,
-                              pruning_buffer=cfg.pruning_buffer, reposition=cfg.reposition,
-                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              seed=cfg.seed * 100_003 + step * 1_009, max_batch=len(questions))
+    results = timjax.generate(
+        policy,
+        questions,
+        schema=tim_schema(),
+        tools=runner,
+        pruning_buffer=cfg.pruning_buffer,
+        reposition=cfg.reposition,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed * 100_003 + step * 1_009,
+        max_batch=len(questions),
+    )
     rollout_s = time.perf_counter() - t0
     group_probs = [p for p in probs for _ in range(cfg.group_size)]
     rewards = [reward_fn(p, r) for p, r in zip(group_probs, results)]
@@ -116,10 +136,16 @@ def grpo_step(model, params, opt, opt_state, probs, cfg: GRPOConfig, runner, rep
         n_sampled += sum(k == 0 for k in doc.kinds)
         if a != 0:
             segs += s
-    stats = {"step": step, "reward": float(np.mean(rewards)), "rollouts": len(results),
-             "groups_with_signal": int(sum(np.any(adv.reshape(-1, cfg.group_size) != 0, axis=1))),
-             "tokens": int(sum(r.stats.generated_tokens for r in results)), "rollout_s": rollout_s,
-             "loss": 0.0, "updated": False}
+    stats = {
+        "step": step,
+        "reward": float(np.mean(rewards)),
+        "rollouts": len(results),
+        "groups_with_signal": int(sum(np.any(adv.reshape(-1, cfg.group_size) != 0, axis=1))),
+        "tokens": int(sum(r.stats.generated_tokens for r in results)),
+        "rollout_s": rollout_s,
+        "loss": 0.0,
+        "updated": False,
+    }
     if not segs:
         return params, opt_state, stats
     seq_lens = sorted({max(64, 1 << int(np.ceil(np.log2(len(s.ids))))) for s in segs})
@@ -141,8 +167,9 @@ def grpo_step(model, params, opt, opt_state, probs, cfg: GRPOConfig, runner, rep
     return params, opt_state, stats
 
 
-def run_grpo(cfg: GRPOConfig, *, say=print, reward_fn: Callable[[Any, Any], float] = verifier_reward,
-             tools: Any = None) -> dict:
+def run_grpo(
+    cfg: GRPOConfig, *, say=print, reward_fn: Callable[[Any, Any], float] = verifier_reward, tools: Any = None
+) -> dict:
     """``cfg.steps`` GRPO steps from ``cfg.model_dir``; logs ``out_dir/grpo_log.jsonl`` and exports ``out_dir/hf``."""
     import jax
     import optax
@@ -168,14 +195,17 @@ def run_grpo(cfg: GRPOConfig, *, say=print, reward_fn: Callable[[Any, Any], floa
     try:
         with open(out / "grpo_log.jsonl", "a", encoding="utf-8") as log:
             for step in range(cfg.steps):
-                probs = pool[step * cfg.problems_per_step:(step + 1) * cfg.problems_per_step]
-                params, opt_state, st = grpo_step(model, params, opt, opt_state, probs, cfg, runner, replayer,
-                                                  step=step, reward_fn=reward_fn)
+                probs = pool[step * cfg.problems_per_step : (step + 1) * cfg.problems_per_step]
+                params, opt_state, st = grpo_step(
+                    model, params, opt, opt_state, probs, cfg, runner, replayer, step=step, reward_fn=reward_fn
+                )
                 history.append(st)
                 log.write(json.dumps(st) + "\n")
                 log.flush()
-                say(f"grpo step {step}: reward {st['reward']:.2f}, groups with signal {st['groups_with_signal']}, "
-                    f"loss {st['loss']:.4f}, rollouts {st['rollout_s']:.0f}s")
+                say(
+                    f"grpo step {step}: reward {st['reward']:.2f}, groups with signal {st['groups_with_signal']}, "
+                    f"loss {st['loss']:.4f}, rollouts {st['rollout_s']:.0f}s"
+                )
     finally:
         runner.close()
     hf = export_hf(model.config, jax.tree.map(np.asarray, params), cfg.model_dir, out / "hf")

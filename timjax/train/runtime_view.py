@@ -69,8 +69,9 @@ class Replayer:
 
     def prompt_ids(self, question: str) -> list[int]:
         """The question in the chat template, as ``timjax.generate`` renders it for a TIM request."""
-        text = self.tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                            add_generation_prompt=True)
+        text = self.tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def tool_result_tokens(self, text: bytes) -> list[int]:
@@ -105,7 +106,9 @@ class Replayer:
                         # reach past the key's closing quote, see timjax.train.tokenizer)
                         written = len(tracker.buf)
                         if not data[:written].endswith(b'"tool_result"'):
-                            raise ValueError(f"a token reaches past the tool_result key: {data[written - 20:written + 5]!r}")
+                            raise ValueError(
+                                f"a token reaches past the tool_result key: {data[written - 20 : written + 5]!r}"
+                            )
                         _, end = dec.raw_decode(data.decode("utf-8"), written + 2)
                         queue[:] = [(x, TOOL) for x in self.tool_result_tokens(data[written:end])]
                 if not queue and not tracker.done:
@@ -115,7 +118,7 @@ class Replayer:
             written = len(tracker.buf)
             if not data.startswith(bytes(tracker.buf)):
                 raise ValueError(f"replay diverged from the document at byte {written}: {doc_text[:80]!r}...")
-            nxt = self.llt.tokenize_bytes(data[written:written + 64])[0]
+            nxt = self.llt.tokenize_bytes(data[written : written + 64])[0]
             run([(nxt, SAMPLED)])
         if bytes(tracker.buf) != data:
             raise ValueError("replay did not reproduce the document")
@@ -142,7 +145,7 @@ def pruned_segments(doc: RuntimeDoc, buffer: int | None) -> list[Segment]:
             for old in pbuf.push(lst):
                 pruned += wm.prune(old).n_pruned
         if pruned or i == n - 1:
-            segments.append(_segment(context, doc.tokens[start:i + 1], doc.kinds[start:i + 1]))
+            segments.append(_segment(context, doc.tokens[start : i + 1], doc.kinds[start : i + 1]))
             context = wm.kept_tokens()
             start = i + 1
     return segments
@@ -157,8 +160,9 @@ def _segment(context: list[int], new: list[int], kinds: list[int]) -> Segment:
     return Segment(ids, loss)
 
 
-def runtime_doc_from_tokens(replayer: Replayer, prompt: Sequence[int], tokens: Sequence[int],
-                            tool_result_tokens: Sequence[int]) -> RuntimeDoc:
+def runtime_doc_from_tokens(
+    replayer: Replayer, prompt: Sequence[int], tokens: Sequence[int], tool_result_tokens: Sequence[int]
+) -> RuntimeDoc:
     """Label the tokens a generation really wrote (``GenerationResult.tokens``): replays the grammar and
     the tracker over them, as the controller did. After each ``ToolCallReady`` the next
     ``tool_result_tokens[k]`` tokens are the runtime's (``ToolCallRecord.result_tokens``); a token equal

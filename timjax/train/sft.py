@@ -48,8 +48,13 @@ class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
     n_problems: int = 20_000
-    mix: list[tuple[str, int, float]] = [("arith", 1, 1.0), ("arith", 2, 2.0), ("arith", 3, 3.0),
-                                         ("lookup", 2, 1.5), ("lookup", 3, 1.5)]
+    mix: list[tuple[str, int, float]] = [
+        ("arith", 1, 1.0),
+        ("arith", 2, 2.0),
+        ("arith", 3, 3.0),
+        ("lookup", 2, 1.5),
+        ("lookup", 3, 1.5),
+    ]
     breadth: int = 3
     max_literal: int = 20
     heldout_fraction: float = 0.05
@@ -117,8 +122,13 @@ def tim_tools(data: DataSpec):
 def corpus_spec(data: DataSpec):
     from timjax.train.corpus import CorpusSpec
 
-    return CorpusSpec(seed=data.seed, mix=tuple(tuple(m) for m in data.mix), breadth=data.breadth,
-                      max_literal=data.max_literal, heldout_fraction=data.heldout_fraction)
+    return CorpusSpec(
+        seed=data.seed,
+        mix=tuple(tuple(m) for m in data.mix),
+        breadth=data.breadth,
+        max_literal=data.max_literal,
+        heldout_fraction=data.heldout_fraction,
+    )
 
 
 def training_schema(tools):
@@ -175,9 +185,11 @@ def prepare_data(cfg: TrainConfig, say=print):
     segs = build_segments(probs, replayer, tools, [tuple(b) for b in cfg.data.buffers], cfg.data.seed)
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
     rows = ", ".join(f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()):.0%} filled)" for b in buckets)
-    say(f"{len(probs)} problems -> {len(segs)} sequences -> rows {rows}; "
+    say(
+        f"{len(probs)} problems -> {len(segs)} sequences -> rows {rows}; "
         f"{int(sum(b.loss.sum() for b in buckets))} loss tokens; {buckets[-1].dropped} sequences longer than "
-        f"{max(cfg.data.seq_lens)} left out")
+        f"{max(cfg.data.seq_lens)} left out"
+    )
     save_buckets(buckets, str(cache))
     return tok, tok_dir, buckets
 
@@ -188,12 +200,20 @@ def model_config(cfg: TrainConfig, tok):
 
     m = cfg.model
     n = tokenizer_size(tok)
-    return Qwen3Config(vocab_size=int(math.ceil(n / 64) * 64), hidden_size=m.hidden_size,
-                       intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-                       num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
-                       head_dim=m.head_dim, max_position_embeddings=m.max_position_embeddings,
-                       rope_theta=m.rope_theta, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                       torch_dtype="float32")
+    return Qwen3Config(
+        vocab_size=int(math.ceil(n / 64) * 64),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
 
 
 def initial_params(cfg: TrainConfig, tok):
@@ -250,10 +270,15 @@ def make_optimizer(cfg: TrainConfig):
     import optax
 
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=max(1, cfg.warmup_steps),
-        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=max(1, cfg.warmup_steps),
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay)
+    )
     return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum), schedule
 
 
@@ -265,8 +290,16 @@ def _opt_key(cfg: TrainConfig) -> tuple:
 def _optimizer_and_step(mcfg, key: tuple):
     """(optimizer, schedule, jitted step), cached so that runs in one process share compiled steps."""
     lr, warmup, steps, min_ratio, wd, clip, accum = key
-    cfg = TrainConfig(out_dir="", lr=lr, warmup_steps=warmup, steps=steps, min_lr_ratio=min_ratio, weight_decay=wd,
-                      clip_norm=clip, grad_accum=accum)
+    cfg = TrainConfig(
+        out_dir="",
+        lr=lr,
+        warmup_steps=warmup,
+        steps=steps,
+        min_lr_ratio=min_ratio,
+        weight_decay=wd,
+        clip_norm=clip,
+        grad_accum=accum,
+    )
     opt, schedule = make_optimizer(cfg)
     return opt, schedule, make_train_step(mcfg, opt)
 
@@ -292,8 +325,9 @@ def make_train_step(mcfg, opt):
 def _manager(out_dir: Path, keep: int):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(out_dir.resolve() / "checkpoints",
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    return ocp.CheckpointManager(
+        out_dir.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    )
 
 
 def save_state(mgr, step: int, params, opt_state) -> None:
@@ -311,8 +345,9 @@ def restore_state(mgr, params, opt_state):
     if step is None:
         return 0, params, opt_state
     target = {"params": params, "opt_state": opt_state}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                            if hasattr(x, "shape") else x, target)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) if hasattr(x, "shape") else x, target
+    )
     got = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
     return step, got["params"], got["opt_state"]
 
@@ -361,8 +396,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
                     vals = [float(x) for x in losses]
                     losses = []
                     el = time.perf_counter() - t0
-                    rec = {"step": step, "loss": float(np.mean(vals)), "lr": float(schedule(step - 1)),
-                           "tokens": tokens_seen, "tokens_per_s": tokens_seen / el, "elapsed_s": el}
+                    rec = {
+                        "step": step,
+                        "loss": float(np.mean(vals)),
+                        "lr": float(schedule(step - 1)),
+                        "tokens": tokens_seen,
+                        "tokens_per_s": tokens_seen / el,
+                        "elapsed_s": el,
+                    }
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -376,8 +417,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
     finally:
         bar.close()
         mgr.close()
-    summary = {"step": step, "n_params": n_params, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t0,
-               "params": params, "model_config": mcfg, "tokenizer_dir": str(tok_dir)}
+    summary = {
+        "step": step,
+        "n_params": n_params,
+        "tokens": tokens_seen,
+        "elapsed_s": time.perf_counter() - t0,
+        "params": params,
+        "model_config": mcfg,
+        "tokenizer_dir": str(tok_dir),
+    }
     if cfg.export and step >= cfg.steps or (cfg.export and cfg.time_limit_s is not None and stop_after is None):
         summary["hf_dir"] = str(export_hf(mcfg, params, tok_dir, out / "hf"))
         plot_curve(log_path, out / "curve.png")
@@ -390,8 +438,9 @@ def export_hf(mcfg, params, tok_dir, out_dir) -> Path:
     from timjax.convert import export_timjax_to_hf
 
     host = jax.tree.map(np.asarray, params)
-    return export_timjax_to_hf((mcfg, host), out_dir, dtype="float32", overwrite=True, progress=False,
-                               tokenizer_dir=tok_dir)
+    return export_timjax_to_hf(
+        (mcfg, host), out_dir, dtype="float32", overwrite=True, progress=False, tokenizer_dir=tok_dir
+    )
 
 
 def plot_curve(log_path: Path, png: Path) -> None:

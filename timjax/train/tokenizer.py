@@ -43,14 +43,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, *, min_frequen
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -71,12 +77,23 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 4
         "add_eos_token": False,
         "chat_template": CHAT_TEMPLATE,
         "added_tokens_decoder": {
-            str(tok.token_to_id(t)): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
-                                      "single_word": False, "special": True} for t in SPECIAL_TOKENS},
+            str(tok.token_to_id(t)): {
+                "content": t,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+                "special": True,
+            }
+            for t in SPECIAL_TOKENS
+        },
     }
     special_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    files = {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2),
-             "special_tokens_map.json": json.dumps(special_map, indent=2)}
+    files = {
+        "tokenizer.json": tok.to_str(),
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "special_tokens_map.json": json.dumps(special_map, indent=2),
+    }
     for name, text in files.items():
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -21,10 +21,18 @@ OP_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 
 # relation -> (phrase in questions, kind of entity it leads to or None for a value)
 RELATIONS: dict[str, tuple[str, str | None]] = {
-    "born_in": ("birthplace", "city"), "lives_in": ("home city", "city"), "age": ("age", None),
-    "occupation": ("occupation", None), "friend": ("friend", "person"), "employer": ("employer", "company"),
-    "country": ("country", "country"), "population": ("population", None), "capital": ("capital", "city"),
-    "continent": ("continent", None), "area": ("area", None), "based_in": ("base city", "city"),
+    "born_in": ("birthplace", "city"),
+    "lives_in": ("home city", "city"),
+    "age": ("age", None),
+    "occupation": ("occupation", None),
+    "friend": ("friend", "person"),
+    "employer": ("employer", "company"),
+    "country": ("country", "country"),
+    "population": ("population", None),
+    "capital": ("capital", "city"),
+    "continent": ("continent", None),
+    "area": ("area", None),
+    "based_in": ("base city", "city"),
     "founded": ("founding year", None),
 }
 

@@ -63,13 +63,11 @@ def _precision(x):
 
 
 def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
 
 
 def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
 
 
 def _load_rows(ref, rows, cols, mask):
@@ -79,12 +77,31 @@ def _load_rows(ref, rows, cols, mask):
     return plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=mask[:, None], other=0)
 
 
-def _kernel(cu_ref, q_start_ref, q_len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, n_rows: int, window: int,
-            n_tokens: int, group: int, n_heads: int, block_m: int, block_k: int, page_size: int, n_pool_rows: int,
-            split_len: int, k_splits: int, scale: float):
+def _kernel(
+    cu_ref,
+    q_start_ref,
+    q_len_ref,
+    pt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *refs,
+    n_rows: int,
+    window: int,
+    n_tokens: int,
+    group: int,
+    n_heads: int,
+    block_m: int,
+    block_k: int,
+    page_size: int,
+    n_pool_rows: int,
+    split_len: int,
+    k_splits: int,
+    scale: float,
+):
     from jax.experimental.pallas import triton as plgpu
 
-    out_refs = refs[len(refs) // 2:]  # the first half are the aliased zero inputs
+    out_refs = refs[len(refs) // 2 :]  # the first half are the aliased zero inputs
     qb, h, ks = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     hd = k_ref.shape[-1]
     block_q = block_m // group  # tokens per q block; rows past block_q * G are idle
@@ -155,10 +172,26 @@ def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_m", "block_k", "k_splits", "num_warps", "num_stages",
-                                             "interpret"))
-def _ragged_pallas(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *, scale, block_m, block_k, k_splits,
-                   num_warps, num_stages, interpret):
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_m", "block_k", "k_splits", "num_warps", "num_stages", "interpret")
+)
+def _ragged_pallas(
+    q,
+    k_pages,
+    v_pages,
+    page_table,
+    q_start,
+    q_len,
+    cu_q_lens,
+    *,
+    scale,
+    block_m,
+    block_k,
+    k_splits,
+    num_warps,
+    num_stages,
+    interpret,
+):
     n, hq, hd = q.shape
     hkv, n_pages, ps, _ = k_pages.shape
     r, w = page_table.shape
@@ -176,18 +209,34 @@ def _ragged_pallas(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *
         out_shape = [jax.ShapeDtypeStruct((rows, hd), q.dtype)]
         out_specs = [full((rows, hd))]
     else:  # partial (o, m, l) per split, combined below
-        out_shape = [jax.ShapeDtypeStruct((k_splits, rows, hd), jnp.float32),
-                     jax.ShapeDtypeStruct((k_splits, rows), jnp.float32),
-                     jax.ShapeDtypeStruct((k_splits, rows), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, rows, hd), lambda i, h, s: (s, 0, 0)),
-                     pl.BlockSpec((None, rows), lambda i, h, s: (s, 0)),
-                     pl.BlockSpec((None, rows), lambda i, h, s: (s, 0))]
+        out_shape = [
+            jax.ShapeDtypeStruct((k_splits, rows, hd), jnp.float32),
+            jax.ShapeDtypeStruct((k_splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((k_splits, rows), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, rows, hd), lambda i, h, s: (s, 0, 0)),
+            pl.BlockSpec((None, rows), lambda i, h, s: (s, 0)),
+            pl.BlockSpec((None, rows), lambda i, h, s: (s, 0)),
+        ]
     # Programs store only their rows' tokens: outputs start as zeros (aliased), so padding reads 0.
     zeros = [jnp.zeros(o.shape, o.dtype) for o in out_shape]
     n_in = 7
     kernel = functools.partial(
-        _kernel, n_rows=r, window=w, n_tokens=n, group=group, n_heads=hq, block_m=block_m, block_k=block_k, page_size=ps,
-        n_pool_rows=pool_rows, split_len=split_len, k_splits=k_splits, scale=scale)
+        _kernel,
+        n_rows=r,
+        window=w,
+        n_tokens=n,
+        group=group,
+        n_heads=hq,
+        block_m=block_m,
+        block_k=block_k,
+        page_size=ps,
+        n_pool_rows=pool_rows,
+        split_len=split_len,
+        k_splits=k_splits,
+        scale=scale,
+    )
     outs = pl.pallas_call(
         kernel,
         grid=(grid_q, hkv, k_splits),
@@ -198,9 +247,16 @@ def _ragged_pallas(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *
         interpret=interpret,
         compiler_params=_compiler_params(interpret, num_warps, num_stages),
         name=f"ragged_paged_attention_bm{block_m}_bk{block_k}_ks{k_splits}",
-    )(cu_q_lens.astype(jnp.int32), q_start.astype(jnp.int32), q_len.astype(jnp.int32),
-      page_table.astype(jnp.int32).reshape(-1), q.reshape(n * hq, hd), k_pages.reshape(hkv, pool_rows, hd),
-      v_pages.reshape(hkv, pool_rows, hd), *zeros)
+    )(
+        cu_q_lens.astype(jnp.int32),
+        q_start.astype(jnp.int32),
+        q_len.astype(jnp.int32),
+        page_table.astype(jnp.int32).reshape(-1),
+        q.reshape(n * hq, hd),
+        k_pages.reshape(hkv, pool_rows, hd),
+        v_pages.reshape(hkv, pool_rows, hd),
+        *zeros,
+    )
     if k_splits == 1:
         return outs[0][:-1].reshape(n, hq, hd)
     o_p, m_p, l_p = (x[:, :-1] for x in outs)
@@ -221,12 +277,17 @@ def validate(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens):
     """Shape checks with both shapes in the message (everything static; values are the caller's)."""
     _check("q", q.ndim == 3, f"expected [N, Hq, hd], got {q.shape}")
     _check("k_pages", k_pages.ndim == 4, f"expected [Hkv, P, ps, hd], got {k_pages.shape}")
-    _check("v_pages", v_pages.shape == k_pages.shape,
-           f"shape {v_pages.shape} differs from k_pages {k_pages.shape}")
-    _check("q", q.shape[2] == k_pages.shape[3],
-           f"head_dim {q.shape[2]} (q {q.shape}) != head_dim {k_pages.shape[3]} (k_pages {k_pages.shape})")
-    _check("q", q.shape[1] % k_pages.shape[0] == 0,
-           f"Hq {q.shape[1]} (q {q.shape}) is not a multiple of Hkv {k_pages.shape[0]} (k_pages {k_pages.shape})")
+    _check("v_pages", v_pages.shape == k_pages.shape, f"shape {v_pages.shape} differs from k_pages {k_pages.shape}")
+    _check(
+        "q",
+        q.shape[2] == k_pages.shape[3],
+        f"head_dim {q.shape[2]} (q {q.shape}) != head_dim {k_pages.shape[3]} (k_pages {k_pages.shape})",
+    )
+    _check(
+        "q",
+        q.shape[1] % k_pages.shape[0] == 0,
+        f"Hq {q.shape[1]} (q {q.shape}) is not a multiple of Hkv {k_pages.shape[0]} (k_pages {k_pages.shape})",
+    )
     _check("page_table", page_table.ndim == 2, f"expected [R, W], got {page_table.shape}")
     r = page_table.shape[0]
     for name, x, want in (("q_start", q_start, (r,)), ("q_len", q_len, (r,)), ("cu_q_lens", cu_q_lens, (r + 1,))):
@@ -235,8 +296,23 @@ def validate(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens):
     _check("page_table", jnp.issubdtype(page_table.dtype, jnp.integer), f"dtype {page_table.dtype} is not integer")
 
 
-def ragged_paged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, *, scale=None, block_m=None,
-                           block_k=None, k_splits=None, num_warps=None, num_stages=None, interpret=False):
+def ragged_paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    page_table,
+    q_start,
+    q_len,
+    cu_q_lens,
+    *,
+    scale=None,
+    block_m=None,
+    block_k=None,
+    k_splits=None,
+    num_warps=None,
+    num_stages=None,
+    interpret=False,
+):
     """Ragged paged attention (Pallas). Shapes as in ``ragged_paged_attention_reference``.
 
     Tuning (keyword-only, static): ``block_m`` rows per program (tokens x G query heads, a power of two
@@ -252,8 +328,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q
     block_k = tuned.block_k if block_k is None else int(block_k)
     num_warps = tuned.num_warps if num_warps is None else int(num_warps)
     num_stages = tuned.num_stages if num_stages is None else int(num_stages)
-    _check("block_m", _is_pow2(block_m) and block_m >= max(16, group),
-           f"{block_m} must be a power of two >= max(16, G={group})")
+    _check(
+        "block_m",
+        _is_pow2(block_m) and block_m >= max(16, group),
+        f"{block_m} must be a power of two >= max(16, G={group})",
+    )
     _check("block_k", _is_pow2(block_k) and block_k >= 16, f"{block_k} must be a power of two >= 16")
     _check("q", _is_pow2(hd) and hd >= 16, f"head_dim {hd} must be a power of two >= 16 (q {q.shape})")
     if k_splits is None:
@@ -262,6 +341,19 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_start, q_len, cu_q
         k_splits = auto_k_splits(programs=programs, slots=w * ps, block_k=block_k)
     _check("k_splits", int(k_splits) >= 1, f"{k_splits} must be >= 1")
     scale = float(hd**-0.5 if scale is None else scale)
-    return _ragged_pallas(q, k_pages, v_pages, page_table, q_start, q_len, cu_q_lens, scale=scale, block_m=block_m,
-                          block_k=block_k, k_splits=int(k_splits), num_warps=num_warps, num_stages=num_stages,
-                          interpret=bool(interpret))
+    return _ragged_pallas(
+        q,
+        k_pages,
+        v_pages,
+        page_table,
+        q_start,
+        q_len,
+        cu_q_lens,
+        scale=scale,
+        block_m=block_m,
+        block_k=block_k,
+        k_splits=int(k_splits),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=bool(interpret),
+    )

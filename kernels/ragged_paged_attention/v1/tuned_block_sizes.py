@@ -35,8 +35,12 @@ def get_tuned(*, head_dim: int, group: int, page_size: int, dtype=None) -> Tunin
     cores, and far more registers) gets the small blocks that compile clean for it: 16 rows x 16 slots at
     head_dim 128 (every larger block spills), 16 x 32 at head_dim <= 64 (kernels/TUNING.md, CI cases)."""
     if dtype is not None and str(dtype) == "float32":
-        return Tuning(block_m=max(16, 1 << (max(group, 1) - 1).bit_length()),
-                      block_k=16 if head_dim >= 128 else 32, num_warps=4, num_stages=1)
+        return Tuning(
+            block_m=max(16, 1 << (max(group, 1) - 1).bit_length()),
+            block_k=16 if head_dim >= 128 else 32,
+            num_warps=4,
+            num_stages=1,
+        )
     hit = TUNED.get((head_dim, group, page_size))
     if hit is not None:
         return hit
@@ -44,6 +48,7 @@ def get_tuned(*, head_dim: int, group: int, page_size: int, dtype=None) -> Tunin
     if block_m <= 32:
         return Tuning(block_m=block_m, block_k=64, num_warps=4, num_stages=1)
     return Tuning(block_m=block_m, block_k=16, num_warps=8, num_stages=1)
+
 
 H100_SMS = 132
 

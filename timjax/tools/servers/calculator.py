@@ -40,7 +40,7 @@ class CalculatorError(ValueError):
 def parse_number(x, name: str = "number") -> Fraction:
     """An integer, or a string ``"n"``, ``"p/q"``, ``"-p/q"``, as an exact Fraction."""
     if isinstance(x, bool) or not isinstance(x, (int, str)):
-        raise CalculatorError(f"{name}: expected an integer or a string like \"3/4\", got {x!r}")
+        raise CalculatorError(f'{name}: expected an integer or a string like "3/4", got {x!r}')
     if isinstance(x, str):
         if not _NUMBER.match(x):
             raise CalculatorError(f"{name}: {x!r} is not an integer or a fraction p/q")
@@ -80,8 +80,10 @@ def calculate(op: str, a, b) -> CalcResult:
     return {"result": format_number(r)}
 
 
-DESCRIPTION = ("Exact arithmetic, one operation per call: a op b with op add, sub, mul or div. Numbers are "
-               "integers or fractions written as strings \"p/q\"; the result is an integer or a \"p/q\" string.")
+DESCRIPTION = (
+    "Exact arithmetic, one operation per call: a op b with op add, sub, mul or div. Numbers are "
+    'integers or fractions written as strings "p/q"; the result is an integer or a "p/q" string.'
+)
 
 
 def make_server(name: str = "calculator"):

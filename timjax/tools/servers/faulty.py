@@ -56,8 +56,9 @@ def make_server(name: str = "faulty"):
 
     @server.tool(description="echo the arguments")
     def echo(text: str, n: int = 1) -> CallToolResult:
-        return CallToolResult(content=[TextContent(type="text", text=text * n)],
-                              structured_content={"text": text, "n": n})
+        return CallToolResult(
+            content=[TextContent(type="text", text=text * n)], structured_content={"text": text, "n": n}
+        )
 
     @server.tool(description="the environment variables this process sees")
     def env() -> CallToolResult:

@@ -69,8 +69,9 @@ def _unique(rng: random.Random, used: set, make) -> str:
             return name
 
 
-def generate_kb(seed: int = 0, *, n_people: int = 60, n_cities: int = 16, n_countries: int = 6,
-                n_companies: int = 10) -> KnowledgeBase:
+def generate_kb(
+    seed: int = 0, *, n_people: int = 60, n_cities: int = 16, n_countries: int = 6, n_companies: int = 10
+) -> KnowledgeBase:
     """A deterministic KB: the same seed and sizes give the same facts, on any machine."""
     if min(n_people, n_cities, n_countries, n_companies) < 1 or n_cities < n_countries:
         raise ValueError("generate_kb needs at least one of each kind and n_cities >= n_countries")
@@ -88,18 +89,31 @@ def generate_kb(seed: int = 0, *, n_people: int = 60, n_cities: int = 16, n_coun
     for c in cities:
         add("city", c, {"country": city_country[c], "population": rng.randint(2, 900) * 1000})
     for i, k in enumerate(countries):
-        add("country", k, {"capital": cities[i], "continent": rng.choice(_CONTINENTS),
-                           "area": rng.randint(10, 2000) * 100})
-    companies = [_unique(rng, used, lambda: f"{_word(rng, 2)} {rng.choice(_COMPANY_SUFFIX)}")
-                 for _ in range(n_companies)]
+        add(
+            "country",
+            k,
+            {"capital": cities[i], "continent": rng.choice(_CONTINENTS), "area": rng.randint(10, 2000) * 100},
+        )
+    companies = [
+        _unique(rng, used, lambda: f"{_word(rng, 2)} {rng.choice(_COMPANY_SUFFIX)}") for _ in range(n_companies)
+    ]
     for c in companies:
         add("company", c, {"based_in": rng.choice(cities), "founded": rng.randint(1850, 2020)})
     people = [_unique(rng, used, lambda: f"{_word(rng, rng.randint(1, 2))} {_word(rng, 2)}") for _ in range(n_people)]
     for p in people:
         friend = rng.choice([q for q in people if q != p]) if n_people > 1 else p
-        add("person", p, {"born_in": rng.choice(cities), "lives_in": rng.choice(cities), "age": rng.randint(18, 90),
-                          "occupation": rng.choice(_OCCUPATIONS), "friend": friend,
-                          "employer": rng.choice(companies)})
+        add(
+            "person",
+            p,
+            {
+                "born_in": rng.choice(cities),
+                "lives_in": rng.choice(cities),
+                "age": rng.randint(18, 90),
+                "occupation": rng.choice(_OCCUPATIONS),
+                "friend": friend,
+                "employer": rng.choice(companies),
+            },
+        )
     return kb
 
 
@@ -119,9 +133,11 @@ def lookup(kb: KnowledgeBase, entity: str, relation: str) -> LookupResult:
     return {"result": facts[relation]}
 
 
-DESCRIPTION = ("Look up one fact in the knowledge base: the value of a relation of an entity (a person, city, "
-               "country or company). People: born_in, lives_in, age, occupation, friend, employer. Cities: "
-               "country, population. Countries: capital, continent, area. Companies: based_in, founded.")
+DESCRIPTION = (
+    "Look up one fact in the knowledge base: the value of a relation of an entity (a person, city, "
+    "country or company). People: born_in, lives_in, age, occupation, friend, employer. Cities: "
+    "country, population. Countries: capital, continent, area. Companies: based_in, founded."
+)
 
 
 def make_server(kb: KnowledgeBase | None = None, *, seed: int = 0, name: str = "kb"):
@@ -130,6 +146,7 @@ def make_server(kb: KnowledgeBase | None = None, *, seed: int = 0, name: str = "
 
     kb = kb if kb is not None else generate_kb(seed)
     server = MCPServer(name, log_level="WARNING")
+
     @server.tool(name="lookup", description=DESCRIPTION)
     def lookup_tool(entity: str, relation: Relation) -> CallToolResult:
         return answer(lambda: lookup(kb, entity, relation), LookupError_)
