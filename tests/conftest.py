@@ -7,8 +7,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import re
+
 import numpy as np
 import pytest
+
+from timjax.config import Qwen3Config as TimjaxConfig
 
 
 def make_hf_model(seed: int = 0, dtype: str = "float32", **overrides):
@@ -82,3 +86,20 @@ def qwen3_tokenizer(qwen3_tokenizer_dir):
     from timjax.vocab import load_qwen3_tokenizer
 
     return load_qwen3_tokenizer(str(qwen3_tokenizer_dir))
+
+
+# the smallest timjax config the validation tests use (no device work before the checks fail)
+TINY_CFG = TimjaxConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+# the jax CUDA plugin (test extra) logs these on import when no GPU is present; they are not ours
+PLUGIN_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*(cudart_stub|cuda_))"
+)

@@ -22,20 +22,12 @@ from timjax.cli import main
 from timjax.config import ConfigError, Qwen3Config
 from timjax.errors import ParameterError
 
+from conftest import PLUGIN_NOISE as NOISE, TINY_CFG  # noqa: E402
+
 I32, U32 = 2**31 - 1, 2**32 - 1
-CFG = Qwen3Config(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    max_position_embeddings=128,
-)
+CFG = TINY_CFG
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8]]
 NAN, INF = math.nan, math.inf
-NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*(cudart_stub|cuda_))")
 
 BAD = {  # values each parameter must refuse
     "max_new_tokens": [0, -1, 1.5, "8", True, 2**31, None, NAN],

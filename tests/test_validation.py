@@ -26,19 +26,9 @@ from timjax.errors import (
     UnreadableFileError,
 )
 
+from conftest import PLUGIN_NOISE as NOISE, TINY_CFG  # noqa: E402
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-# this machine's jax CUDA plugin logs these on import when no GPU is present; they are not ours
-NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*(cudart_stub|cuda_))")
-TINY_CFG = Qwen3Config(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    max_position_embeddings=128,
-)
 HF_CFG = dict(
     vocab_size=96,
     hidden_size=32,
