@@ -103,3 +103,22 @@ TINY_CFG = TimjaxConfig(
 PLUGIN_NOISE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} .*(cudart_stub|cuda_))"
 )
+
+
+def random_tim_model(tokenizer, *, max_position_embeddings: int):
+    """A tiny random float32 Qwen3 over the real Qwen3 vocabulary, for TIM runtime tests (replayed traces)."""
+    import timjax
+
+    cfg = TimjaxConfig(
+        vocab_size=151_936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        eos_token_id=151645,
+    )
+    return timjax.random_model(cfg, dtype="float32", seed=3, tokenizer=tokenizer)

@@ -3,15 +3,14 @@ reuse, checked against fresh prefills and the reference forward."""
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_tim_model
 
 import timjax
 from timjax import steps
 from timjax.cache import check_invariants, compact_slot, create_cache, gather_slots
-from timjax.config import Qwen3Config
 from timjax.engine import Engine, Request
 from timjax.model import apply_rope, rope_cos_sin
 from timjax.tim.grammar import llg_tokenizer
@@ -25,19 +24,7 @@ SCHEMA = tim_schema(max_depth=5)
 
 @pytest.fixture(scope="module")
 def tim_model(qwen3_tokenizer):
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        eos_token_id=151645,
-    )
-    return timjax.random_model(cfg, dtype="float32", seed=3, tokenizer=qwen3_tokenizer)
+    return random_tim_model(qwen3_tokenizer, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

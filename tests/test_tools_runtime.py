@@ -5,10 +5,10 @@ results come from the real servers)."""
 import json
 
 import pytest
+from conftest import random_tim_model
 
 import timjax
 import timjax.api as timjax_api
-from timjax.config import Qwen3Config
 from timjax.engine import Engine, Request
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import dumps, tim_schema
@@ -23,19 +23,7 @@ EOS = 151645
 
 @pytest.fixture(scope="module")
 def model(qwen3_tokenizer):
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        eos_token_id=EOS,
-    )
-    return timjax.random_model(cfg, dtype="float32", seed=3, tokenizer=qwen3_tokenizer)
+    return random_tim_model(qwen3_tokenizer, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")
