@@ -220,7 +220,9 @@ def _jsonable(x: Any) -> Any:
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # then rename: an interrupted run never leaves half a file
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    tmp.replace(path)
     print(f"wrote {path}", flush=True)
 
 

@@ -65,3 +65,14 @@ def test_eval_on_a_tiny_model_reports_every_setting(tmp_path):
     assert "buf0-shift" in table and "acc arith-1" in table
     write_report(rep, str(tmp_path / "r.json"))
     assert json.load(open(tmp_path / "r.json"))["n_problems"] == 2
+
+
+def test_groups_parse_and_bad_groups_name_the_entry():
+    from timjax.eval.run import parse_groups
+
+    assert parse_groups("arith-4, lookup-2") == (("arith", 4), ("lookup", 2))
+    probs = heldout_problems(2, groups=parse_groups("arith-4"))
+    assert [(p.kind, p.depth) for p in probs] == [("arith", 4), ("arith", 4)]
+    for bad in ("arith-0", "arith-7", "lookup-5", "maths-2", "arith"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_groups(bad)

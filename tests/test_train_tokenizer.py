@@ -56,3 +56,24 @@ def test_llguidance_accepts_the_tokenizer_and_every_document():
         g.consume(ids)  # raises GrammarError on a rejected token
         assert g.is_accepting()
     assert np.all(np.diff(sorted(set(allowed))) > 0)
+
+
+def test_a_copied_name_or_subexpression_is_the_same_tokens_wherever_it_appears():
+    """The model copies names and sub-expressions between the question, tool calls and thoughts; copying
+    is only learnable in general if the copied text is the same token ids in every context."""
+    tok = tokenizer()
+
+    def ids(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    def contains(hay, needle):
+        return any(hay[i : i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
+
+    p = next(p for p in small_problems() if p.kind == "lookup")
+    name = p.data["start"]
+    core = ids(name)
+    for context in (p.question, f'"entity": "{name}"', f"Find the country of {name}.", f"Start from {name}: x."):
+        assert contains(ids(context), core), (context, core)
+    sub = ids("(8 + 14)")
+    for context in ("Calculate -((8 + 14) + 15).", '"Compute (8 + 14) + 15."', "(3 * (8 + 14))"):
+        assert contains(ids(context), sub), context

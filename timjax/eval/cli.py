@@ -15,6 +15,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from timjax.eval.run import (
         evaluate,
         heldout_problems,
+        parse_groups,
         settings_from_labels,
         write_report,
     )
@@ -27,7 +28,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.limit:
             probs = probs[: args.limit]
     else:
-        probs = heldout_problems(args.n)
+        probs = heldout_problems(args.n, groups=parse_groups(args.groups))
     settings = settings_from_labels(args.settings.split(",")) if args.settings else None
     say = lambda *a: print(*a, file=sys.stderr, flush=True)
     kw = {"settings": settings} if settings else {}
@@ -68,6 +69,12 @@ def add_eval_command(subparsers) -> None:
     )
     p.add_argument("--problems", default=None, help='JSON-lines file of {"question", "answer"} (optional kind, depth)')
     p.add_argument("--n", type=int, default=20, help="held-out problems per group (arith-1/2/3, lookup-2/3)")
+    p.add_argument(
+        "--groups",
+        default="arith-1,arith-2,arith-3,lookup-2,lookup-3",
+        help="comma-separated held-out groups KIND-DEPTH (arith-1..arith-6, lookup-1..lookup-4); deeper "
+        "arithmetic (arith-4, arith-5) is where prune buffers 1 and 2 remove most KV",
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N problems of --problems")
     p.add_argument(
         "--settings",

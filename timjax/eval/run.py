@@ -11,6 +11,7 @@ the corpus's held-out split or from a JSON-lines file of ``{"question", "answer"
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -119,6 +120,21 @@ def group_name(p: Problem) -> str:
     return f"{p.kind}-{p.depth}"
 
 
+def parse_groups(text: str | Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``"arith-3,lookup-2"`` -> ``(("arith", 3), ("lookup", 2))``; a bad entry raises naming it."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in (i.strip() for i in items):
+        kind, _, depth = item.partition("-")
+        top = {"arith": 6, "lookup": 4}.get(kind)
+        if top is None or not depth.isdigit() or not 1 <= int(depth) <= top:
+            raise ValueError(f"--groups: {item!r} is not arith-1..arith-6 or lookup-1..lookup-4")
+        out.append((kind, int(depth)))
+    if not out:
+        raise ValueError("--groups: no group given")
+    return tuple(out)
+
+
 def heldout_problems(
     n_per_group: int, *, spec: CorpusSpec | None = None, groups: Sequence[tuple[str, int]] = GROUPS
 ) -> list[Problem]:
@@ -126,7 +142,9 @@ def heldout_problems(
     spec = spec or CorpusSpec()
     out: list[Problem] = []
     for kind, depth in groups:
-        out += problems(spec, "heldout", n_per_group, kind=kind, depth=depth, stream=1)
+        # one group per draw; a group outside the training mix (arith-4) is drawn the same way
+        one = dataclasses.replace(spec, mix=((kind, depth, 1.0),))
+        out += problems(one, "heldout", n_per_group, stream=1)
     return out
 
 

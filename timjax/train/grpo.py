@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,25 @@ def pg_loss(params, mcfg, batch, n_tokens):
     return -(lp * weights).sum() / n_tokens
 
 
+def _pow2_rows(b):
+    """A bucket's arrays with the row count padded to a power of two (padding rows: segment 0, weight 0),
+    so that the jitted gradient compiles once per (rows, length) class instead of once per step."""
+    rows = 1 << int(np.ceil(np.log2(max(b.n_rows, 1))))
+    pad = ((0, rows - b.n_rows), (0, 0))
+    return tuple(np.pad(a, pad) for a in (b.tokens, b.positions, b.segments, b.loss))
+
+
+@lru_cache(maxsize=1)
+def _pg_grad_fn():
+    import jax
+
+    return jax.jit(jax.value_and_grad(pg_loss), static_argnums=1)
+
+
+def _pg_grad(params, mcfg, batch, n_tokens):
+    return _pg_grad_fn()(params, mcfg, batch, n_tokens)
+
+
 def grpo_step(
     model,
     params,
@@ -150,13 +170,12 @@ def grpo_step(
         return params, opt_state, stats
     seq_lens = sorted({max(64, 1 << int(np.ceil(np.log2(len(s.ids))))) for s in segs})
     buckets = bucketed(segs, seq_lens, cfg.seed + step, pad_id=model.tokenizer.pad_token_id or 0)
-    grad_fn = jax.value_and_grad(pg_loss)
     total, grads = 0.0, None
     for b in buckets:
         if b.n_rows == 0:
             continue
-        batch = (b.tokens, b.positions, b.segments, b.loss)
-        loss, g = grad_fn(params, model.config, batch, float(max(n_sampled, 1)))
+        batch = _pow2_rows(b)
+        loss, g = _pg_grad(params, model.config, batch, np.float32(max(n_sampled, 1)))
         total += float(loss)
         grads = g if grads is None else jax.tree.map(lambda x, y: x + y, grads, g)
     import optax

@@ -12,8 +12,14 @@ Pre-tokenization (a regex split before the byte-level BPE) decides what a token 
   what it was trained on);
 * the ``"tool_result"`` key ends a token (``_result"``): the runtime writes everything after the key
   (``": "`` and the encoded result), so no token the model would sample may reach past it;
-* a word with its leading space is one piece (`` Stone``), and so is each run of punctuation and spaces,
-  so the schema's separators and key quotes (``", "``, ``": {"``) become single tokens.
+* ``(`` and ``)`` are their own tokens, so a sub-expression is the same tokens in the question
+  (``-((8 + 14)``) and in the thought that copies it (``Compute (8 + 14)``);
+* a word never carries the space before it: a name is the same tokens in the question (``of Bonel``),
+  in a tool's arguments and result (``"Bonel``) and in a thought (``of Bonel.``). With the leading space
+  attached (the first tiny TIM's tokenizer), those were different tokens, and the model had to learn the
+  pair for every name instead of copying it (a likely cause of its failed lookups);
+* each run of other punctuation and spaces is one piece, so the schema's separators and key quotes
+  (``", "``, ``": {"``) become single tokens.
 
 Saved as a Hugging Face tokenizer directory (``tokenizer.json``, ``tokenizer_config.json`` with a ChatML
 chat template, ``special_tokens_map.json``) that ``transformers.AutoTokenizer`` loads offline.
@@ -28,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-PRETOKENIZE_PATTERN = r'_result"|\d|-|[\[\]]| ?\p{L}+|[^\p{L}\p{N}\[\]\-]+'
+PRETOKENIZE_PATTERN = r'_result"|\d|-|[\[\]()]|\p{L}+|[^\p{L}\p{N}\[\]()\-]+'
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}{%- if message['role'] != 'system' %}"
