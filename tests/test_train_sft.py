@@ -103,3 +103,44 @@ def test_export_loads_with_timjax_and_config_errors_name_the_file(tmp_path):
 
     with pytest.raises(TimjaxError, match="bad.json.*steps"):
         load_config(bad)
+
+
+def test_until_step_stops_and_exports_with_the_full_schedule_and_data_only_builds_the_cache(tmp_path):
+    quiet = dict(progress=False, say=lambda *a: None)
+    d = train(tiny_config(tmp_path / "d"), data_only=True, **quiet)
+    assert d["step"] == 0 and (tmp_path / "d" / "data.npz").is_file()
+    assert not (tmp_path / "d" / "checkpoints").exists()
+    s = train(tiny_config(tmp_path / "d", steps=6, export=True), until_step=3, **quiet)
+    logged = [json.loads(l) for l in open(tmp_path / "d" / "log.jsonl")]
+    assert s["step"] == 3 and [r["step"] for r in logged] == [1, 2, 3]
+    # the learning rate at step 3 is the 6-step schedule's (a 3-step schedule would have decayed by then)
+    from timjax.train.sft import make_optimizer
+
+    _, sched6 = make_optimizer(tiny_config(tmp_path, steps=6))
+    assert logged[-1]["lr"] == pytest.approx(float(sched6(2)))
+    assert (tmp_path / "d" / "hf" / "config.json").is_file()
+
+
+def test_retokenize_carries_embedding_rows_over_by_token_string(tmp_path):
+    import timjax
+    from timjax.api import load_tokenizer
+    from timjax.train.sft import transfer_embeddings
+
+    quiet = dict(progress=False, say=lambda *a: None)
+    src = train(tiny_config(tmp_path / "a", steps=1, export=True), **quiet)
+    cfg = tiny_config(tmp_path / "b", steps=1, export=True, init_from=src["hf_dir"], retokenize=True).model_copy(
+        update={"data": DataSpec(n_problems=24, seq_lens=[384, 768], vocab_size=400, mix=[("lookup", 2, 1.0)])}
+    )
+    out = train(cfg, **quiet)
+    old_tok, new_tok = load_tokenizer(src["hf_dir"]), load_tokenizer(out["tokenizer_dir"])
+    old = timjax.load(src["hf_dir"], dtype="float32").params()["embed"]
+    new_vocab = new_tok.get_vocab()
+    # the tokenizer trained here spells the KB's names, so it differs from the source's
+    assert new_vocab != old_tok.get_vocab()
+    params = transfer_embeddings({"embed": old}, old_tok, new_tok, 448, jax.random.key(0))
+    shared = [(t, i) for t, i in new_vocab.items() if t in old_tok.get_vocab() and i < 448]
+    assert len(shared) > 50
+    for t, i in shared:
+        np.testing.assert_array_equal(np.asarray(params["embed"][i]), np.asarray(old[old_tok.get_vocab()[t]]))
+    assert params["embed"].shape == (448, old.shape[1])
+    assert timjax.load(out["hf_dir"], dtype="float32").config.vocab_size % 64 == 0

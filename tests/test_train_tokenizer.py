@@ -77,3 +77,26 @@ def test_a_copied_name_or_subexpression_is_the_same_tokens_wherever_it_appears()
     sub = ids("(8 + 14)")
     for context in ("Calculate -((8 + 14) + 15).", '"Compute (8 + 14) + 15."', "(3 * (8 + 14))"):
         assert contains(ids(context), sub), context
+
+
+def test_spelled_names_are_letters_and_template_words_stay_whole():
+    from timjax.train.sft import name_words
+    from timjax.train.tokenizer import train_tokenizer
+    from timjax.train.tools_adapter import default_backend
+
+    tools = default_backend()
+    probs = small_problems()
+    texts = [p.question for p in probs] + [document_text(p, tools) for p in probs]
+    tok = train_tokenizer(texts, 700, spell=name_words(tools))
+    p = next(p for p in probs if p.kind == "lookup")
+    name = p.data["start"]
+    pieces = [tok.decode([i]) for i in tok.encode(name).ids]
+    assert pieces == [c for c in name], pieces  # letter by letter (the space between words included)
+    for word in ("Compute", "thought", "subtasks", "birthplace", "friend", "Find"):
+        if word in " ".join(texts):
+            assert len(tok.encode(word).ids) == 1, word
+    # the name is the same ids in the question, a tool call and a thought
+    core = tok.encode(name).ids
+    for context in (p.question, f'"entity": "{name}"', f"Find the country of {name}."):
+        ids = tok.encode(context).ids
+        assert any(ids[i : i + len(core)] == core for i in range(len(ids))), context

@@ -16,9 +16,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = cfg.model_copy(update={"steps": args.steps})
     say = lambda *a: print(*a, file=sys.stderr, flush=True)
-    summary = train(cfg, progress=not args.no_progress, say=say)
+    summary = train(cfg, progress=not args.no_progress, say=say, until_step=args.until_step, data_only=args.data_only)
     keep = {
-        k: v for k, v in summary.items() if k in ("step", "n_params", "tokens", "elapsed_s", "hf_dir", "tokenizer_dir")
+        k: v
+        for k, v in summary.items()
+        if k in ("step", "n_params", "tokens", "elapsed_s", "hf_dir", "tokenizer_dir", "data")
     }
     print(json.dumps(keep, indent=2))
     return 0
@@ -34,5 +36,14 @@ def add_train_command(subparsers) -> None:
     p.add_argument("config", metavar="CONFIG", help="training config (.json, .yaml)")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")
     p.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")
+    p.add_argument(
+        "--until-step",
+        type=int,
+        default=None,
+        help="stop at this step (checkpointed, exported to out_dir/hf); the schedule stays the one of --steps",
+    )
+    p.add_argument(
+        "--data-only", action="store_true", help="build the tokenizer and the data cache (out_dir/data.npz), then stop"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

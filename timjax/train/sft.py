@@ -64,6 +64,9 @@ class DataSpec(BaseModel):
     seq_lens: list[int] = [320, 768]  # buckets (rows of each length; a sequence goes to the shortest that fits)
     vocab_size: int = 2048  # BPE size when the tokenizer is trained here
     tokenizer_dir: str | None = None  # reuse a tokenizer instead of training one
+    # the knowledge base's names are spelled letter by letter by a tokenizer trained here (see
+    # timjax.train.tokenizer: a tiny model copies letters far more readily than a token per name)
+    spell_names: bool = True
 
 
 class TrainConfig(BaseModel):
@@ -71,7 +74,10 @@ class TrainConfig(BaseModel):
     out_dir: str
     seed: int = 0
     model: ModelSpec = Field(default_factory=ModelSpec)
-    init_from: str | None = None  # a converted (or HF) checkpoint to fine-tune; its tokenizer is kept
+    init_from: str | None = None  # a converted (or HF) checkpoint to fine-tune; its tokenizer is kept...
+    # ...unless retokenize: then the tokenizer is trained here (or data.tokenizer_dir) and every embedding
+    # row whose token string the checkpoint's vocabulary also has is carried over (transfer_embeddings)
+    retokenize: bool = False
     data: DataSpec = Field(default_factory=DataSpec)
     tokens_per_batch: int = 6144  # per micro-batch: rows = tokens_per_batch // bucket length
     grad_accum: int = 1
@@ -142,7 +148,7 @@ def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
     from timjax.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     out = Path(cfg.out_dir)
-    if cfg.init_from:
+    if cfg.init_from and not cfg.retokenize:
         from timjax.api import load_tokenizer as load_ckpt_tokenizer
 
         tok = load_ckpt_tokenizer(cfg.init_from)
@@ -157,9 +163,15 @@ def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
 
         texts = [p.question for p in probs] + [document_text(p, tools) for p in probs]
         texts.append(tim_system_prompt(training_schema(tools)))
-        say(f"training a {cfg.data.vocab_size}-token BPE on {len(texts)} texts")
-        save_tokenizer(train_tokenizer(texts, cfg.data.vocab_size), tok_dir)
+        spell = sorted(name_words(tools)) if cfg.data.spell_names else []
+        say(f"training a {cfg.data.vocab_size}-token BPE on {len(texts)} texts ({len(spell)} name words spelled)")
+        save_tokenizer(train_tokenizer(texts, cfg.data.vocab_size, spell=spell), tok_dir)
     return load_tokenizer(tok_dir), tok_dir
+
+
+def name_words(tools) -> set[str]:
+    """The words of the knowledge base's entity names (the words the tokenizer spells)."""
+    return {w for e in tools.kb.entities() for w in e.split()}
 
 
 def prepare_data(cfg: TrainConfig, say=print):
@@ -177,14 +189,17 @@ def prepare_data(cfg: TrainConfig, say=print):
     if cache.is_file():
         return tok, tok_dir, load_buckets(str(cache))
     vocab = None
-    if cfg.init_from:
+    if cfg.init_from and not cfg.retokenize:
         from timjax.convert import read_params
 
         vocab = read_params(cfg.init_from)[0].vocab_size
     replayer = Replayer(tok, training_schema(tools), vocab)
     segs = build_segments(probs, replayer, tools, [tuple(b) for b in cfg.data.buffers], cfg.data.seed)
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
-    rows = ", ".join(f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()):.0%} filled)" for b in buckets)
+    rows = ", ".join(
+        f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()) if b.n_rows else 0.0:.0%} filled)"
+        for b in buckets
+    )
     say(
         f"{len(probs)} problems -> {len(segs)} sequences -> rows {rows}; "
         f"{int(sum(b.loss.sum() for b in buckets))} loss tokens; {buckets[-1].dropped} sequences longer than "
@@ -225,9 +240,48 @@ def initial_params(cfg: TrainConfig, tok):
         from timjax.convert import read_params
 
         mcfg, params = read_params(cfg.init_from)
-        return mcfg, cast_params(params, "float32")
+        params = cast_params(params, "float32")
+        if cfg.retokenize:
+            from timjax.api import load_tokenizer as load_ckpt_tokenizer
+
+            old_tok = load_ckpt_tokenizer(cfg.init_from)
+            if old_tok is None:
+                raise TimjaxError(f"{cfg.init_from}: retokenize needs the checkpoint's tokenizer files")
+            new_cfg = mcfg.model_copy(
+                update={"vocab_size": model_config(cfg, tok).vocab_size, "eos_token_id": tok.eos_token_id}
+            )
+            params = transfer_embeddings(params, old_tok, tok, new_cfg.vocab_size, jax.random.key(cfg.seed))
+            return new_cfg, params
+        return mcfg, params
     mcfg = model_config(cfg, tok)
     return mcfg, init_params(mcfg, "float32", jax.random.key(cfg.seed))
+
+
+def transfer_embeddings(params, old_tok, new_tok, vocab_size: int, key):
+    """``params`` with the embedding (and an untied ``lm_head``) re-indexed for ``new_tok``: a token whose
+    string the old vocabulary has keeps its row; any other row is drawn like a fresh one (normal, the
+    std of the old rows)."""
+    import jax
+    import jax.numpy as jnp
+
+    old_vocab = old_tok.get_vocab()
+    new_ids = new_tok.get_vocab()
+    src = np.full(vocab_size, -1, np.int64)
+    for token, i in new_ids.items():
+        if i < vocab_size and token in old_vocab:
+            src[i] = old_vocab[token]
+
+    def remap(table, axis):
+        t = np.moveaxis(np.asarray(table), axis, 0)
+        fresh = np.asarray(jax.random.normal(key, (vocab_size,) + t.shape[1:], jnp.float32)) * float(t.std())
+        out = np.where((src >= 0)[:, None], t[np.maximum(src, 0)], fresh).astype(t.dtype)
+        return jnp.asarray(np.moveaxis(out, 0, axis))
+
+    out = dict(params)
+    out["embed"] = remap(params["embed"], 0)
+    if "lm_head" in params:
+        out["lm_head"] = remap(params["lm_head"], 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- the step
@@ -355,8 +409,18 @@ def restore_state(mgr, params, opt_state):
 # ----------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary. ``stop_after``: stop after that many optimizer
+def train(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    say=print,
+    stop_after: int | None = None,
+    until_step: int | None = None,
+    data_only: bool = False,
+) -> dict:
+    """Run (or resume) a training run; returns a summary. ``until_step``: stop (checkpointed and exported)
+    at that step, the learning-rate schedule still the one of ``cfg.steps``; ``data_only``: build the
+    tokenizer and the data cache, then return. ``stop_after``: stop after that many optimizer
     steps in this call (tests use it to simulate an interruption)."""
     import jax
     from tqdm.auto import tqdm
@@ -367,6 +431,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
     from timjax.train.data import Batches
 
     tok, tok_dir, buckets = prepare_data(cfg, say)
+    if data_only:
+        return {"step": 0, "tokenizer_dir": str(tok_dir), "data": str(out / "data.npz")}
     batches = Batches(buckets, cfg.tokens_per_batch, cfg.seed)
     mcfg, params = initial_params(cfg, tok)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -381,6 +447,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
     t0 = time.perf_counter()
     tokens_seen = 0
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    if until_step is not None:
+        end = min(end, until_step)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
     losses: list[float] = []
     step = start
@@ -426,7 +494,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, say=print, stop_after: int
         "model_config": mcfg,
         "tokenizer_dir": str(tok_dir),
     }
-    if cfg.export and step >= cfg.steps or (cfg.export and cfg.time_limit_s is not None and stop_after is None):
+    stopped = until_step is not None or (cfg.time_limit_s is not None and stop_after is None)
+    if cfg.export and (step >= cfg.steps or stopped):
         summary["hf_dir"] = str(export_hf(mcfg, params, tok_dir, out / "hf"))
         plot_curve(log_path, out / "curve.png")
     return summary

@@ -19,7 +19,12 @@ Pre-tokenization (a regex split before the byte-level BPE) decides what a token 
   attached (the first tiny TIM's tokenizer), those were different tokens, and the model had to learn the
   pair for every name instead of copying it (a likely cause of its failed lookups);
 * each run of other punctuation and spaces is one piece, so the schema's separators and key quotes
-  (``", "``, ``": {"``) become single tokens.
+  (``", "``, ``": {"``) become single tokens;
+* with ``spell`` (the tiny TIM spells the knowledge base's names), those words are written letter by
+  letter and every other word of the training texts is a whole piece. Copying a name is then copying a
+  few of 52 letters, each seen everywhere, the way digits are copied, instead of learning a copy for each
+  of a few hundred name tokens: a 0.9M model trained with names as whole tokens copied digits but wrote a
+  frequent name in place of the question's (0 of 40 held-out lookups right after 10M tokens).
 
 Saved as a Hugging Face tokenizer directory (``tokenizer.json``, ``tokenizer_config.json`` with a ChatML
 chat template, ``special_tokens_map.json``) that ``transformers.AutoTokenizer`` loads offline.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,14 +50,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, *, min_frequency: int = 2):
-    """A ``tokenizers.Tokenizer`` (byte-level BPE, the pre-tokenizer above) trained on ``texts``."""
+def pretokenize_pattern(whole_words: Iterable[str] = ()) -> str:
+    """The split regex. With ``whole_words``, only those words are pieces; any other letter is its own
+    piece (a word outside the list is spelled)."""
+    words = sorted(set(whole_words), key=lambda w: (-len(w), w))
+    if not words:
+        return PRETOKENIZE_PATTERN
+    if not all(w.isalpha() for w in words):
+        raise ValueError("whole words must be letters only")
+    alt = "|".join(words)
+    return r'_result"|\d|-|[\[\]()]|(?<!\p{L})(?:' + alt + r")(?!\p{L})|\p{L}|[^\p{L}\p{N}\[\]()\-]+"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, *, min_frequency: int = 2, spell: Iterable[str] = ()):
+    """A ``tokenizers.Tokenizer`` (byte-level BPE, the pre-tokenizer above) trained on ``texts``.
+    ``spell``: words written letter by letter (every other word of ``texts`` stays whole)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    texts = list(texts)
+    spell = set(spell)
+    whole: set[str] = set()
+    if spell:
+        for t in texts:
+            whole.update(re.findall(r"[^\W\d_]+", t))
+        whole -= spell
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pretokenize_pattern(whole)), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
