@@ -48,11 +48,19 @@ def test_one_grpo_step_runs_end_to_end_and_updates_the_policy(tmp_path):
         group_size=2,
         max_new_tokens=40,
         lr=1e-2,
+        groups="arith-2",
     )
     import timjax
 
     before = timjax.load(cfg.model_dir, dtype="float32").params()
-    out = run_grpo(cfg, say=lambda *a: None, reward_fn=lambda p, r: next(flip))
+    seen = []
+
+    def reward(p, r):
+        seen.append((p.kind, p.depth))
+        return next(flip)
+
+    out = run_grpo(cfg, say=lambda *a: None, reward_fn=reward)
+    assert set(seen) == {("arith", 2)}  # `groups` picks the problems
     st = out["history"][0]
     assert st["rollouts"] == 2 and st["groups_with_signal"] == 1 and st["updated"]
     assert np.isfinite(st["loss"])

@@ -42,6 +42,7 @@ class GRPOConfig(BaseModel):
     seed: int = 0
     tokens_per_batch: int = 4096
     corpus_seed: int = 0
+    groups: str | None = None  # e.g. "arith-2,arith-3": draw problems only from these (default: the corpus mix)
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-6) -> np.ndarray:
@@ -208,7 +209,12 @@ def run_grpo(
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.lr))
     opt_state = opt.init(params)
     replayer = Replayer(model.tokenizer, _schema(), model.config.vocab_size)
-    pool = problems(CorpusSpec(seed=cfg.corpus_seed), "train", cfg.steps * cfg.problems_per_step, stream=7)
+    spec = CorpusSpec(seed=cfg.corpus_seed)
+    if cfg.groups:
+        from timjax.eval.run import parse_groups
+
+        spec = CorpusSpec(seed=cfg.corpus_seed, mix=tuple((k, d, 1.0) for k, d in parse_groups(cfg.groups)))
+    pool = problems(spec, "train", cfg.steps * cfg.problems_per_step, stream=7)
     runner = ToolRunner(list(tools) if tools is not None else tool_servers(default_backend().kb_seed))
     history = []
     try:

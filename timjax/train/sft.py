@@ -523,7 +523,12 @@ def plot_curve(log_path: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    stages = sorted({r.get("stage", "") for r in rows})  # a log joined from staged runs carries "stage"
+    for stage in stages:
+        part = [r for r in rows if r.get("stage", "") == stage]
+        ax.plot([r["step"] for r in part], [r["loss"] for r in part], label=stage or None)
+    if len(stages) > 1:
+        ax.legend(fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss on written tokens (nats)")
