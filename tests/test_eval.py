@@ -63,8 +63,8 @@ def test_eval_on_a_tiny_model_reports_every_setting(tmp_path):
     assert rep.settings[0].overall.pruned_share == 0
     table = rep.table()
     assert "buf0-shift" in table and "acc arith-1" in table
-    write_report(rep, str(tmp_path / "r.json"))
-    assert json.load(open(tmp_path / "r.json"))["n_problems"] == 2
+    write_report(rep, str(tmp_path / "new" / "r.json"))  # a missing --json folder is created
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["n_problems"] == 2
 
 
 def test_groups_parse_and_bad_groups_name_the_entry():

@@ -261,6 +261,7 @@ def evaluate(
 def write_report(report: EvalReport, path: str) -> None:
     import os
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a new --json folder is made, not an error
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(report.model_dump_json(indent=2))
