@@ -151,6 +151,7 @@ def quiet_orbax():
     full disk) and then raises it in the caller; we report the raised error as one line, so the log
     records are dropped while our call runs."""
     _install_unraisable_filter()
+    _install_late_future_filter()
     logger, flt = logging.getLogger("absl"), _DropOrbaxErrors()
     logger.addFilter(flt)
     try:
@@ -167,6 +168,21 @@ def _late_loop_callback(unraisable) -> bool:
         return False
     names = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
     return "call_soon_threadsafe" in names
+
+
+class _DropOrbaxLateFutures(logging.Filter):
+    """asyncio's "Future exception was never retrieved" for an orbax write that failed (a full disk): the
+    garbage collector reports it, possibly after our call returned, for an error we already raised."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Future exception was never retrieved") and "orbax-checkpoint-tmp" in text)
+
+
+def _install_late_future_filter() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxLateFutures) for f in logger.filters):
+        logger.addFilter(_DropOrbaxLateFutures())
 
 
 def _install_unraisable_filter() -> None:
