@@ -26,21 +26,21 @@ BUFFERS = [0, 1, 2]
 
 
 def share_and_peak(doc, buffer: int) -> tuple[float, int]:
-    """(pruned share of the generated KV, peak working tokens) of one replayed document."""
+    """(pruned share of the generated KV, peak working tokens) of one replayed document, from the
+    runtime's own ``WorkingMemory`` bookkeeping."""
     from timjax.tim.pruning import PruneBuffer, WorkingMemory
 
     ends: dict[int, list] = {}
     for i, lst in doc.lists:
         ends.setdefault(i, []).append(lst)
     pbuf, wm = PruneBuffer(buffer), WorkingMemory(doc.prompt)
-    pruned, peak = 0, 0
     for i, t in enumerate(doc.tokens):
         wm.append(t)
-        peak = max(peak, len(wm.kept_tokens()))
         for lst in ends.get(i, ()):
             for old in pbuf.push(lst):
-                pruned += wm.prune(old).n_pruned
-    return pruned / len(doc.tokens), peak
+                wm.prune(old)
+    st = wm.stats()
+    return st.pruned_tokens / len(doc.tokens), st.peak_working_len
 
 
 def measure(n: int, model_dir: str) -> list[dict]:
