@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from _train_helpers import replayer, small_problems, tokenizer
 
@@ -137,3 +138,46 @@ def test_loss_mask_is_the_written_tokens_only():
             for s in segs:
                 assert s.loss[-1] == 0
     assert FORCED != SAMPLED != TOOL
+
+
+def test_replay_writes_a_spelled_name_letter_by_letter_wherever_it_sits(tmp_path):
+    """The replay takes the next token from the document with its left context: a spelled name's inner
+    letters that happen to form a whole word (``in`` inside ``Bopin``) are still letters, as they are in
+    the question and the tool results (a window starting mid-name lost the letter to the left, so the
+    whole-word piece matched and the model was taught two spellings of one name)."""
+    from timjax.tim.grammar import llg_tokenizer, token_at, tokenizer_size
+    from timjax.train.runtime_view import Replayer
+    from timjax.train.sft import name_words, training_schema
+    from timjax.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    tools = default_backend()
+    probs = small_problems()
+    texts = [p.question for p in probs] + [document_text(p, tools) for p in probs]
+    tok = load_tokenizer(save_tokenizer(train_tokenizer(texts, 700, spell=name_words(tools)), tmp_path))
+    llt = llg_tokenizer(tok, tokenizer_size(tok), [tok.eos_token_id])
+    whole = {tok.decode([i]) for i in range(tokenizer_size(tok)) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 1}
+    # names with a whole-word piece inside: the case a window without left context got wrong
+    inner = [n for n in sorted(name_words(tools)) if any(w in n[1:] for w in whole)]
+    assert inner, "no name holds a whole word: the test would not exercise the lookbehind"
+    for name in inner:
+        data = f'"entity": "{name}"'.encode()
+        at, got = 0, []
+        while at < len(data):
+            got.append(token_at(llt, data, at))
+            at += len(llt.decode_bytes([got[-1]]))
+        assert got == tok(data.decode(), add_special_tokens=False)["input_ids"], name
+    rp = Replayer(tok, training_schema(tools))
+    checked = 0
+    for p in [p for p in probs if p.kind == "lookup"][:30]:
+        doc = rp.replay(p.question, document_text(p, tools))
+        pieces = [tok.decode([t]) for t in doc.tokens]
+        starts = np.cumsum([0] + [len(s) for s in pieces]).tolist()
+        text = "".join(pieces)
+        for n in (n for n in inner if n in text):
+            at = text.find(n)
+            while at >= 0:  # every occurrence (question copies, calls, thoughts) is one token per letter
+                k = starts.index(at)
+                assert pieces[k : k + len(n)] == list(n), (n, pieces[k : k + len(n)])
+                checked += 1
+                at = text.find(n, at + 1)
+    assert checked

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from timjax.engine import Action, PruneOp
-from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar
+from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar, token_at
 from timjax.tim.partial_json import close_partial_json  # noqa: F401  (re-exported: its old home)
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
 from timjax.tim.schema import KEY_SEPARATOR, TimSchema
@@ -196,5 +196,5 @@ class ReplayText:
     def __call__(self, written: bytes) -> int:
         if not self.data.startswith(written):
             raise ValueError("replay diverged from the document")
-        rest = self.data[len(written) : len(written) + 64]
-        return self.llt.tokenize_bytes(rest)[0]
+        return token_at(self.llt, self.data, len(written))
+

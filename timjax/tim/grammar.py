@@ -226,3 +226,20 @@ def tokenizer_size(hf_tokenizer) -> int:
     if hasattr(hf_tokenizer, "backend_tokenizer"):
         return max(len(hf_tokenizer), hf_tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True))
     return hf_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def token_at(llg_tok, data: bytes, pos: int, *, context: int = 16, ahead: int = 64) -> int:
+    """The token that starts at byte ``pos`` when ``data`` is tokenized as a whole, found from a window
+    with ``context`` bytes on the left. The left context matters: a pre-tokenizer with a lookbehind (a
+    spelled name's letters, ``timjax.train.tokenizer``) splits ``in`` inside ``Bopin`` differently from
+    ``in`` at the start of a string. Where no window token starts at ``pos`` (the text so far ends inside
+    a token), the first token of the remaining bytes."""
+    lo = max(0, pos - context)
+    at = lo
+    for t in llg_tok.tokenize_bytes(data[lo : pos + ahead]):
+        if at == pos:
+            return t
+        at += len(llg_tok.decode_bytes([t]))
+        if at > pos:
+            break
+    return llg_tok.tokenize_bytes(data[pos : pos + ahead])[0]

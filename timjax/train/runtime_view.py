@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from timjax.tim.grammar import llg_tokenizer, make_grammar, tokenizer_size
+from timjax.tim.grammar import llg_tokenizer, make_grammar, token_at, tokenizer_size
 from timjax.tim.pruning import PruneBuffer, WorkingMemory
 from timjax.tim.schema import TimSchema
 from timjax.tim.tree import ListCompleted, Split, ToolCallReady, TreeTracker
@@ -118,7 +118,7 @@ class Replayer:
             written = len(tracker.buf)
             if not data.startswith(bytes(tracker.buf)):
                 raise ValueError(f"replay diverged from the document at byte {written}: {doc_text[:80]!r}...")
-            nxt = self.llt.tokenize_bytes(data[written : written + 64])[0]
+            nxt = token_at(self.llt, data, written)
             run([(nxt, SAMPLED)])
         if bytes(tracker.buf) != data:
             raise ValueError("replay did not reproduce the document")
