@@ -28,14 +28,14 @@ final log-sum-exp combine runs in the wrapper.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from . import online_softmax
+from .online_softmax import MASK_VALUE, dot_nn, dot_nt
 
 __all__ = [
     "paged_decode_attention",
@@ -132,20 +132,6 @@ def paged_decode_attention_reference(q, k_pages, v_pages, lengths, page_table, *
 # --------------------------------------------------------------------------------------
 
 
-def _precision(x):
-    # Triton's default for float32 operands is TF32: a float32 cache asks for float32 math.
-    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-
-
-def _dot_nt(a, b):
-    """a [M, K] @ b[N, K]^T -> [M, N] float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
-
-
 def _attn_kernel(
     q_start_ref,
     q_len_ref,
@@ -185,7 +171,6 @@ def _attn_kernel(
         q32 = q.astype(jnp.float32)
 
     def body(i, carry):
-        o_prev, m_prev, l_prev = carry
         slot = p_start + i * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_range = slot < p_end
         page_col = jnp.minimum(slot // page_size, max_pages - 1)
@@ -195,33 +180,23 @@ def _attn_kernel(
         # Slots past the sequence may hold anything (even NaN): zero V there (p is 0 too).
         v = jnp.where(in_range[:, None], v_ref[flat, :], jnp.zeros((), v_ref.dtype))
         if use_dot:
-            s = _dot_nt(q, k)
+            s = dot_nt(q, k)
         else:
             s = jnp.sum(q32[:, None, :] * k.astype(jnp.float32)[None, :, :], axis=-1)
-        s = s * scale
         mask = in_range[None, :] & (slot[None, :] <= row_limit[:, None]) & row_valid[:, None]
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-        corr = jnp.exp(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
-        l_next = corr * l_prev + jnp.sum(p, axis=-1)
-        if use_dot:
-            pv = _dot_nn(p.astype(v.dtype), v)
-        else:
-            pv = jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
-        o_next = corr[:, None] * o_prev + pv
-        return o_next, m_next, l_next
 
-    o0 = jnp.zeros((block_m, hd), jnp.float32)
-    m0 = jnp.full((block_m,), MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((block_m,), jnp.float32)
-    o, m, l = lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+        def pv(p):
+            if use_dot:
+                return dot_nn(p.astype(v.dtype), v)
+            return jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
+
+        return online_softmax.update(carry, s * scale, mask, pv)
+
+    o, m, l = lax.fori_loop(0, n_steps, body, online_softmax.initial_state(block_m, hd))
 
     if k_splits == 1:
         (o_ref,) = out_refs
-        ok = row_valid & (l > 0.0)
-        out = o / jnp.where(ok, l, 1.0)[:, None]
-        o_ref[...] = jnp.where(ok[:, None], out, 0.0).astype(o_ref.dtype)
+        o_ref[...] = online_softmax.normalized(o, l, row_valid).astype(o_ref.dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = o

@@ -155,7 +155,9 @@ def test_replay_writes_a_spelled_name_letter_by_letter_wherever_it_sits(tmp_path
     texts = [p.question for p in probs] + [document_text(p, tools) for p in probs]
     tok = load_tokenizer(save_tokenizer(train_tokenizer(texts, 700, spell=name_words(tools)), tmp_path))
     llt = llg_tokenizer(tok, tokenizer_size(tok), [tok.eos_token_id])
-    whole = {tok.decode([i]) for i in range(tokenizer_size(tok)) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 1}
+    whole = {
+        tok.decode([i]) for i in range(tokenizer_size(tok)) if tok.decode([i]).isalpha() and len(tok.decode([i])) > 1
+    }
     # names with a whole-word piece inside: the case a window without left context got wrong
     inner = [n for n in sorted(name_words(tools)) if any(w in n[1:] for w in whole)]
     assert inner, "no name holds a whole word: the test would not exercise the lookbehind"

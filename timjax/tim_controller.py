@@ -197,4 +197,3 @@ class ReplayText:
         if not self.data.startswith(written):
             raise ValueError("replay diverged from the document")
         return token_at(self.llt, self.data, len(written))
-

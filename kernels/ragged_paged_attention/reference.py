@@ -22,7 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..paged_attention import MASK_VALUE, sanitize_page_table
+from ..online_softmax import MASK_VALUE
+from ..paged_attention import sanitize_page_table
 
 __all__ = ["default_block_q", "num_tiles", "ragged_paged_attention_reference", "tile_rows"]
 

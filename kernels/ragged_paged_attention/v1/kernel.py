@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ...paged_attention import MASK_VALUE
+from ... import online_softmax
+from ...online_softmax import dot_nn, dot_nt
 
 __all__ = ["num_q_blocks", "ragged_paged_attention"]
 
@@ -55,19 +56,6 @@ def _find_row(cu_ref, qb, *, n_rows: int, block_q: int):
     steps = max(1, math.ceil(math.log2(max(n_rows, 2))) + 1)
     lo, _ = lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(n_rows - 1)))
     return lo
-
-
-def _precision(x):
-    # Triton's default for float32 operands is TF32 (10-bit mantissa): a float32 cache asks for float32 math.
-    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-
-
-def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
 
 
 def _load_rows(ref, rows, cols, mask):
@@ -129,7 +117,6 @@ def _kernel(
     n_steps = jnp.maximum(p_end - p_start + block_k - 1, 0) // block_k
 
     def body(j, carry):
-        o_prev, m_prev, l_prev = carry
         slot = p_start + j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_range = slot < p_end
         col = jnp.minimum(slot // page_size, window - 1)
@@ -137,25 +124,14 @@ def _kernel(
         flat = jnp.where(in_range, jnp.clip(page * page_size + slot % page_size, 0, n_pool_rows - 1), 0)
         k = _load_rows(k_ref, flat, cols, in_range)
         v = _load_rows(v_ref, flat, cols, in_range)  # zero past the end: no 0 * NaN
-        s = _dot_nt(q, k) * scale
         mask = in_range[None, :] & (slot[None, :] <= limit[:, None]) & valid[:, None]
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-        corr = jnp.exp(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
-        l_next = corr * l_prev + jnp.sum(p, axis=-1)
-        o_next = corr[:, None] * o_prev + _dot_nn(p.astype(v.dtype), v)
-        return o_next, m_next, l_next
+        return online_softmax.update(carry, dot_nt(q, k) * scale, mask, lambda p: dot_nn(p.astype(v.dtype), v))
 
-    o0 = jnp.zeros((block_m, hd), jnp.float32)
-    m0 = jnp.full((block_m,), MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((block_m,), jnp.float32)
-    o, m, l = lax.fori_loop(0, n_steps, body, (o0, m0, l0))
+    o, m, l = lax.fori_loop(0, n_steps, body, online_softmax.initial_state(block_m, hd))
 
     if k_splits == 1:
         (o_ref,) = out_refs
-        ok = valid & (l > 0.0)
-        out = jnp.where(ok[:, None], o / jnp.where(ok, l, 1.0)[:, None], 0.0)
+        out = online_softmax.normalized(o, l, valid)
         plgpu.store(o_ref.at[o_rows[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=valid[:, None])
     else:
         o_ref, m_ref, l_ref = out_refs
