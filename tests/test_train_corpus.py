@@ -119,3 +119,18 @@ def test_document_tree_shape_for_a_known_expression():
     assert [t["thought"] for t in root["subtasks"]] == ["Compute 3 + 4.", "Compute 7 * 5."]
     assert root["subtasks"][1]["tooluse"]["parameters"] == {"op": "mul", "a": 7, "b": 5}
     assert root["conclusion"] == "35" and doc["answer"] == "35"
+
+
+def test_asking_for_more_problems_than_a_group_has_is_an_error_naming_it():
+    """The knowledge base holds few distinct 2-hop questions: asking for more held-out ones than exist
+    names the group and the count instead of drawing forever."""
+    import re
+
+    from timjax.errors import ParameterError
+
+    spec = CorpusSpec(seed=0, mix=(("lookup", 2, 1.0),))
+    with pytest.raises(ParameterError, match=r"only \d+ distinct heldout problems of lookup-2") as err:
+        problems(spec, "heldout", 10_000)
+    n = int(re.search(r"only (\d+)", str(err.value)).group(1))
+    got = problems(spec, "heldout", n)  # exactly that many exist, all distinct and held out
+    assert len({p.key for p in got}) == n and all(split_of(p.key, spec.heldout_fraction) == "heldout" for p in got)

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Literal, Union
 
+from timjax.errors import ParameterError
 from timjax.train.tools_adapter import ToolBackend, default_backend
 
 Split = Literal["train", "heldout"]
@@ -307,6 +308,11 @@ class CorpusSpec:
     heldout_fraction: float = 0.05
 
 
+# consecutive draws without a new problem after which the stream counts as used up: a live group of a
+# 5% split hits about every 20 draws, so 20,000 misses in a row never happen by chance
+MAX_MISSES = 20_000
+
+
 def iter_problems(
     spec: CorpusSpec, split: Split, tools: ToolBackend | None = None, *, stream: int = 0
 ) -> Iterator[Problem]:
@@ -316,6 +322,7 @@ def iter_problems(
     rng = random.Random(f"{spec.seed}:{stream}")
     weights = [w for _, _, w in spec.mix]
     seen: set[str] = set()
+    misses = 0
     while True:
         kind, d, _ = rng.choices(spec.mix, weights)[0]
         if kind == "arith":
@@ -323,7 +330,15 @@ def iter_problems(
         else:
             prob = lookup_problem(rng, tools, d)
         if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:
+            misses += 1
+            if misses >= MAX_MISSES:  # every group of the mix is used up (a small KB has few lookups)
+                groups = ", ".join(f"{k}-{depth}" for k, depth, _ in spec.mix)
+                raise ParameterError(
+                    f"corpus: only {len(seen)} distinct {split} problems of {groups} exist "
+                    f"(no new one in {MAX_MISSES:,} draws); ask for fewer"
+                )
             continue
+        misses = 0
         seen.add(prob.key)
         yield prob
 

@@ -176,6 +176,8 @@ def name_words(tools) -> set[str]:
 
 def prepare_data(cfg: TrainConfig, say=print):
     """(tokenizer, tokenizer dir, packed rows); the rows are cached in ``out_dir/data.npz``."""
+    from collections import Counter
+
     from timjax.train.corpus import problems
     from timjax.train.data import bucketed, build_segments, load_buckets, save_buckets
     from timjax.train.runtime_view import Replayer
@@ -200,8 +202,12 @@ def prepare_data(cfg: TrainConfig, say=print):
         f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()) if b.n_rows else 0.0:.0%} filled)"
         for b in buckets
     )
+    # a group whose distinct problems run out (a small KB has few lookups) stops drawing and the others
+    # fill its share: the counts say what the mix really was
+    per_group = Counter(f"{p.kind}-{p.depth}" for p in probs)
+    groups = ", ".join(f"{g} {n}" for g, n in sorted(per_group.items()))
     say(
-        f"{len(probs)} problems -> {len(segs)} sequences -> rows {rows}; "
+        f"{len(probs)} problems ({groups}) -> {len(segs)} sequences -> rows {rows}; "
         f"{int(sum(b.loss.sum() for b in buckets))} loss tokens; {buckets[-1].dropped} sequences longer than "
         f"{max(cfg.data.seq_lens)} left out"
     )
