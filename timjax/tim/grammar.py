@@ -235,6 +235,8 @@ def token_at(llg_tok, data: bytes, pos: int, *, context: int = 16, ahead: int = 
     ``in`` at the start of a string. Where no window token starts at ``pos`` (the text so far ends inside
     a token), the first token of the remaining bytes."""
     lo = max(0, pos - context)
+    while lo < pos and data[lo] & 0xC0 == 0x80:  # start the window on a character, not inside one
+        lo += 1
     at = lo
     for t in llg_tok.tokenize_bytes(data[lo : pos + ahead]):
         if at == pos:
