@@ -49,7 +49,15 @@ def update(carry, s, mask, pv):
     return corr[:, None] * o_prev + pv(p), m_next, l_next
 
 
-def normalized(o, l, valid):
-    """``o / l`` for valid rows that saw at least one slot; 0 elsewhere (no 0/0)."""
+def normalized(o, l, valid=True):
+    """``o / l`` for valid rows that saw at least one slot; 0 elsewhere (no 0/0). ``o [..., hd]``, ``l [...]``."""
     ok = valid & (l > 0.0)
-    return jnp.where(ok[:, None], o / jnp.where(ok, l, 1.0)[:, None], 0.0)
+    return jnp.where(ok[..., None], o / jnp.where(ok, l, 1.0)[..., None], 0.0)
+
+
+def combine_splits(o_p, m_p, l_p):
+    """The normalised output from the per-split partial states of ``k_splits > 1`` (flash-decoding):
+    ``o_p [S, ..., hd]``, ``m_p`` and ``l_p [S, ...]``, rescaled to the common max (log-sum-exp)."""
+    m_all = jnp.max(m_p, axis=0)
+    corr = jnp.exp(m_p - m_all[None])
+    return normalized(jnp.sum(o_p * corr[..., None], axis=0), jnp.sum(l_p * corr, axis=0))

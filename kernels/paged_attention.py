@@ -343,13 +343,7 @@ def paged_extend_attention(
     if k_splits == 1:
         o = outs[0]
     else:
-        o_p, m_p, l_p = outs
-        m_all = jnp.max(m_p, axis=0)
-        corr = jnp.exp(m_p - m_all[None])
-        l_all = jnp.sum(l_p * corr, axis=0)
-        o = jnp.sum(o_p * corr[..., None], axis=0)
-        o = jnp.where((l_all > 0)[..., None], o / jnp.where(l_all > 0, l_all, 1.0)[..., None], 0.0)
-        o = o.astype(q.dtype)
+        o = online_softmax.combine_splits(*outs).astype(q.dtype)
     o = o.reshape(b, hkv, tp, gp, hd)[:, :, :t, :g]
     o = o.transpose(0, 2, 1, 3, 4).reshape(b, t, hq, hd)
     # Padded query rows are zero already inside the kernel; enforce for the combine path.

@@ -235,12 +235,7 @@ def _ragged_pallas(
     )
     if k_splits == 1:
         return outs[0][:-1].reshape(n, hq, hd)
-    o_p, m_p, l_p = (x[:, :-1] for x in outs)
-    m_all = jnp.max(m_p, axis=0)
-    corr = jnp.exp(m_p - m_all[None])
-    l_all = jnp.sum(l_p * corr, axis=0)
-    o = jnp.sum(o_p * corr[..., None], axis=0)
-    o = jnp.where((l_all > 0)[:, None], o / jnp.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
+    o = online_softmax.combine_splits(*(x[:, :-1] for x in outs))
     return o.astype(q.dtype).reshape(n, hq, hd)
 
 
