@@ -60,6 +60,9 @@ def test_eval_on_a_tiny_model_reports_every_setting(tmp_path):
         assert o.n == 2 and sum(g.n for g in s.groups.values()) == 2
         assert o.invalid + o.unfinished <= 2 and 0 <= o.accuracy <= 1
         assert o.peak_working_tokens > 0 and s.tokens_per_s > 0
+        # every wrong answer is listed with its group (a random model gets at least one wrong)
+        assert len(s.failures) == round(o.n * (1 - o.accuracy)) >= 1
+        assert {f["group"] for f in s.failures} <= {"arith-1", "lookup-2"}
     assert rep.settings[0].overall.pruned_share == 0
     table = rep.table()
     assert "buf0-shift" in table and "acc arith-1" in table

@@ -134,3 +134,30 @@ def test_asking_for_more_problems_than_a_group_has_is_an_error_naming_it():
     n = int(re.search(r"only (\d+)", str(err.value)).group(1))
     got = problems(spec, "heldout", n)  # exactly that many exist, all distinct and held out
     assert len({p.key for p in got}) == n and all(split_of(p.key, spec.heldout_fraction) == "heldout" for p in got)
+
+
+def _widest_chain(e) -> int:
+    from timjax.train.corpus import Chain, Neg
+
+    if isinstance(e, Neg):
+        return _widest_chain(e.child)
+    if isinstance(e, Chain):
+        return max([len(e.operands)] + [_widest_chain(o) for o in e.operands])
+    return 0
+
+
+def test_p_binary_sets_the_share_of_wide_chains_and_the_split_does_not_move():
+    def wide_share(p_binary: float) -> tuple[float, list]:
+        spec = CorpusSpec(seed=5, mix=(("arith", 2, 1.0),), p_binary=p_binary)
+        probs = problems(spec, "train", 300)
+        wide = sum(_widest_chain(parse_expression(p.data["expr"])) >= 3 for p in probs)
+        return wide / len(probs), probs
+
+    narrow, _ = wide_share(1.0)
+    default, _ = wide_share(CorpusSpec().p_binary)
+    wide, probs = wide_share(0.3)
+    assert narrow == 0.0
+    assert default + 0.15 < wide  # more three-operand chains when asked for
+    # the same problem lands in the same split whatever the distribution that drew it
+    assert all(split_of(p.key, SPEC.heldout_fraction) == "train" for p in probs)
+    assert CorpusSpec().p_binary == ArithParams().p_binary  # held-out evaluation draws as before

@@ -183,3 +183,21 @@ def test_replay_writes_a_spelled_name_letter_by_letter_wherever_it_sits(tmp_path
                 checked += 1
                 at = text.find(n, at + 1)
     assert checked
+
+
+def test_corpus_built_in_worker_processes_equals_the_sequential_build():
+    from _train_helpers import tokenizer_dir
+
+    from timjax.train.data import ReplaySetup, build_segments
+
+    probs = small_problems()[:24]
+    buffers = [(0, 0.3), (1, 0.3), (2, 0.3)]
+    args = (probs, replayer(), default_backend(), buffers, 7)
+    one = build_segments(*args, progress=False)
+    setup = ReplaySetup(str(tokenizer_dir()), None, 0)
+    two = build_segments(*args, progress=False, workers=2, setup=setup)
+    assert len(one) > len(probs)  # pruned views are in it
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.loss, b.loss)

@@ -63,7 +63,7 @@ class SettingReport(BaseModel):
     groups: dict[str, GroupStats]
     tokens_per_s: float
     wall_s: float
-    failures: list[dict[str, Any]] = []  # a few wrong answers, for inspection
+    failures: list[dict[str, Any]] = []  # every wrong answer, for inspection
 
 
 class EvalReport(BaseModel):
@@ -231,14 +231,16 @@ def evaluate(
             fails = [
                 {
                     "question": p.question,
+                    "group": group_name(p),
                     "expected": p.answer,
                     "finish": r.finish_reason,
                     "error": r.error,
                     "answer": None if r.response is None else r.response.answer,
+                    "tool_calls": r.stats.tool_calls,
                 }
                 for p, r, ok in items
                 if not ok
-            ][:5]
+            ]
             rep = SettingReport(
                 label=s.label,
                 buffer=s.buffer,

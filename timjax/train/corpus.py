@@ -306,6 +306,10 @@ class CorpusSpec:
     breadth: int = 3
     max_literal: int = 20
     heldout_fraction: float = 0.05
+    # share of operator chains with two operands (the rest have 3 .. breadth). Training may lower it: the
+    # tiny TIM's depth-3 errors were all in chains of three operands, where the next operand is picked
+    # between literals and subtask values. The split does not depend on it (it hashes the problem).
+    p_binary: float = ArithParams.p_binary
 
 
 # consecutive draws without a new problem after which the stream counts as used up: a live group of a
@@ -326,7 +330,9 @@ def iter_problems(
     while True:
         kind, d, _ = rng.choices(spec.mix, weights)[0]
         if kind == "arith":
-            prob = arith_problem(rng, ArithParams(depth=d, breadth=spec.breadth, max_literal=spec.max_literal))
+            prob = arith_problem(
+                rng, ArithParams(depth=d, breadth=spec.breadth, max_literal=spec.max_literal, p_binary=spec.p_binary)
+            )
         else:
             prob = lookup_problem(rng, tools, d)
         if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:

@@ -53,6 +53,63 @@ class Packed:
         return self.tokens.shape[0]
 
 
+@dataclass(frozen=True)
+class ReplaySetup:
+    """What a worker process needs to rebuild the replayer and the tools: both hold native objects
+    (llguidance, the tokenizer's Rust side) that do not pickle, so each worker makes its own."""
+
+    tokenizer_dir: str
+    vocab_size: int | None
+    kb_seed: int
+
+    def make(self) -> tuple[Replayer, ToolBackend]:
+        from timjax.train.sft import training_schema
+        from timjax.train.tokenizer import load_tokenizer
+        from timjax.train.tools_adapter import default_backend
+
+        tools = default_backend(self.kb_seed)
+        return Replayer(load_tokenizer(self.tokenizer_dir), training_schema(tools), self.vocab_size), tools
+
+
+def _buffer_choices(n: int, buffers: Sequence[tuple[int | None, float]], seed: int) -> list[int | None | bool]:
+    """Per problem, the buffer whose pruned views it also gets (False: none). One draw per problem, in
+    order, so the data do not depend on how many workers build them."""
+    rng = random.Random(f"segments:{seed}")
+    out: list[int | None | bool] = []
+    for _ in range(n):
+        r, acc, pick = rng.random(), 0.0, False
+        for buf, prob in buffers:
+            acc += prob
+            if r < acc:
+                pick = buf
+                break
+        out.append(pick)
+    return out
+
+
+def _problem_segments(p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend) -> list[Segment]:
+    doc = replayer.replay(p.question, document_text(p, tools))
+    out = pruned_segments(doc, None)
+    if buf is not False:
+        segs = pruned_segments(doc, buf)
+        if len(segs) > 1:  # a buffer that never prunes this document gives the same sequence again
+            out.extend(segs)
+    return out
+
+
+_WORKER: tuple[Replayer, ToolBackend] | None = None
+
+
+def _init_worker(setup: ReplaySetup) -> None:
+    global _WORKER
+    _WORKER = setup.make()
+
+
+def _chunk_segments(chunk: list[tuple[Problem, int | None | bool]]) -> list[Segment]:
+    replayer, tools = _WORKER
+    return [s for p, buf in chunk for s in _problem_segments(p, buf, replayer, tools)]
+
+
 def build_segments(
     probs: Sequence[Problem],
     replayer: Replayer,
@@ -61,22 +118,34 @@ def build_segments(
     seed: int,
     *,
     progress: bool = True,
+    workers: int = 1,
+    setup: ReplaySetup | None = None,
 ) -> list[Segment]:
     """Training sequences for ``probs``: each document with pruning off, plus the pruned views of one
-    buffer drawn from ``buffers`` ((buffer, probability) pairs; the rest of the mass: none)."""
-    rng = random.Random(f"segments:{seed}")
+    buffer drawn from ``buffers`` ((buffer, probability) pairs; the rest of the mass: none).
+
+    ``workers > 1`` (with ``setup``, which rebuilds ``replayer`` and ``tools`` in each process) replays
+    the documents in that many processes; the sequences are the same, in the same order."""
+    choices = _buffer_choices(len(probs), buffers, seed)
+    bar = tqdm(total=len(probs), desc="corpus", unit="doc", disable=not progress, mininterval=2.0)
     out: list[Segment] = []
-    for p in tqdm(probs, desc="corpus", unit="doc", disable=not progress, mininterval=2.0):
-        doc = replayer.replay(p.question, document_text(p, tools))
-        out.extend(pruned_segments(doc, None))
-        r, acc = rng.random(), 0.0
-        for buf, prob in buffers:
-            acc += prob
-            if r < acc:
-                segs = pruned_segments(doc, buf)
-                if len(segs) > 1:  # a buffer that never prunes this document gives the same sequence again
-                    out.extend(segs)
-                break
+    if workers <= 1 or setup is None or len(probs) < 2 * workers:
+        for p, buf in zip(probs, choices):
+            out.extend(_problem_segments(p, buf, replayer, tools))
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        size = max(1, min(64, len(probs) // (4 * workers)))  # several chunks a worker: an even load
+        chunks = [list(zip(probs[i : i + size], choices[i : i + size])) for i in range(0, len(probs), size)]
+        # spawn, not fork: the parent has JAX's threads running
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(setup,)) as pool:
+            for chunk, segs in zip(chunks, pool.map(_chunk_segments, chunks)):
+                out.extend(segs)
+                bar.update(len(chunk))
+    bar.close()
     return out
 
 

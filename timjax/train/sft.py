@@ -58,6 +58,7 @@ class DataSpec(BaseModel):
     breadth: int = 3
     max_literal: int = 20
     heldout_fraction: float = 0.05
+    p_binary: float = Field(0.7, ge=0.0, le=1.0)  # share of two-operand chains (corpus.CorpusSpec.p_binary)
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -67,6 +68,8 @@ class DataSpec(BaseModel):
     # the knowledge base's names are spelled letter by letter by a tokenizer trained here (see
     # timjax.train.tokenizer: a tiny model copies letters far more readily than a token per name)
     spell_names: bool = True
+    # processes that replay the corpus (the sequences do not depend on it); default: every core
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
 
 class TrainConfig(BaseModel):
@@ -134,6 +137,7 @@ def corpus_spec(data: DataSpec):
         breadth=data.breadth,
         max_literal=data.max_literal,
         heldout_fraction=data.heldout_fraction,
+        p_binary=data.p_binary,
     )
 
 
@@ -179,7 +183,7 @@ def prepare_data(cfg: TrainConfig, say=print):
     from collections import Counter
 
     from timjax.train.corpus import problems
-    from timjax.train.data import bucketed, build_segments, load_buckets, save_buckets
+    from timjax.train.data import ReplaySetup, bucketed, build_segments, load_buckets, save_buckets
     from timjax.train.runtime_view import Replayer
 
     out = Path(cfg.out_dir)
@@ -196,7 +200,9 @@ def prepare_data(cfg: TrainConfig, say=print):
 
         vocab = read_params(cfg.init_from)[0].vocab_size
     replayer = Replayer(tok, training_schema(tools), vocab)
-    segs = build_segments(probs, replayer, tools, [tuple(b) for b in cfg.data.buffers], cfg.data.seed)
+    setup = ReplaySetup(str(tok_dir), vocab, cfg.data.kb_seed)
+    buffers = [tuple(b) for b in cfg.data.buffers]
+    segs = build_segments(probs, replayer, tools, buffers, cfg.data.seed, workers=cfg.data.workers, setup=setup)
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
     rows = ", ".join(
         f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()) if b.n_rows else 0.0:.0%} filled)"
