@@ -20,20 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/eval_breakdown.py` from the repo root
 
 
-def widest_chain(e) -> int:
-    from timjax.train.corpus import Chain, Neg
-
-    if isinstance(e, Neg):
-        return widest_chain(e.child)
-    if isinstance(e, Chain):
-        return max([len(e.operands)] + [widest_chain(o) for o in e.operands])
-    return 0
-
-
 def breakdown(report: dict, setting: str) -> list[tuple[str, int, int, int]]:
     """(group, widest chain, problems, wrong) rows for the arithmetic groups of one setting."""
     from timjax.eval.run import heldout_problems, parse_groups
-    from timjax.train.corpus import parse_expression
+    from timjax.train.corpus import parse_expression, widest_chain
 
     rep = next((s for s in report["settings"] if s["label"] == setting), None)
     if rep is None:

@@ -23,6 +23,7 @@ from timjax.train.corpus import (
     render,
     split_of,
     value,
+    widest_chain,
 )
 from timjax.train.sft import training_schema
 from timjax.train.tools_adapter import default_backend, tool_servers
@@ -136,23 +137,19 @@ def test_asking_for_more_problems_than_a_group_has_is_an_error_naming_it():
     assert len({p.key for p in got}) == n and all(split_of(p.key, spec.heldout_fraction) == "heldout" for p in got)
 
 
-def _widest_chain(e) -> int:
-    from timjax.train.corpus import Chain, Neg
-
-    if isinstance(e, Neg):
-        return _widest_chain(e.child)
-    if isinstance(e, Chain):
-        return max([len(e.operands)] + [_widest_chain(o) for o in e.operands])
-    return 0
-
-
 def test_p_binary_sets_the_share_of_wide_chains_and_the_split_does_not_move():
     def wide_share(p_binary: float) -> tuple[float, list]:
         spec = CorpusSpec(seed=5, mix=(("arith", 2, 1.0),), p_binary=p_binary)
         probs = problems(spec, "train", 300)
-        wide = sum(_widest_chain(parse_expression(p.data["expr"])) >= 3 for p in probs)
+        wide = sum(widest_chain(parse_expression(p.data["expr"])) >= 3 for p in probs)
         return wide / len(probs), probs
 
+    assert [widest_chain(parse_expression(t)) for t in ("7", "3 + 4", "2 * (3 + 4 - 5)", "-(1 - 2 - 3 - 4)")] == [
+        0,
+        2,
+        3,
+        4,
+    ]
     narrow, _ = wide_share(1.0)
     default, _ = wide_share(CorpusSpec().p_binary)
     wide, probs = wide_share(0.3)

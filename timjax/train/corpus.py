@@ -78,6 +78,15 @@ def depth(e: Expr) -> int:
     return 1 + max(depth(o) for o in e.operands)
 
 
+def widest_chain(e: Expr) -> int:
+    """The most operands of one chain in ``e`` (``3 + 4`` has 2, ``3 + 4 - 5`` 3; a literal 0)."""
+    if isinstance(e, Neg):
+        return widest_chain(e.child)
+    if isinstance(e, Chain):
+        return max([len(e.operands)] + [widest_chain(o) for o in e.operands])
+    return 0
+
+
 def value(e: Expr) -> Fraction:
     if isinstance(e, Num):
         return Fraction(e.value)
