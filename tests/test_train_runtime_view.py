@@ -201,3 +201,29 @@ def test_corpus_built_in_worker_processes_equals_the_sequential_build():
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.loss, b.loss)
+
+
+def test_a_script_without_a_main_guard_can_build_the_corpus_in_workers(tmp_path):
+    # a spawned worker re-imports the caller's script; before JAX starts a backend the pool forks instead,
+    # so a plain top-level script works (it used to die with "bootstrapping phase" errors)
+    import subprocess
+    import sys
+
+    from _train_helpers import tokenizer_dir
+
+    script = tmp_path / "build.py"
+    script.write_text(
+        "from timjax.train.corpus import CorpusSpec, problems\n"
+        "from timjax.train.data import ReplaySetup, build_segments\n"
+        f"setup = ReplaySetup({str(tokenizer_dir())!r}, None, 0)\n"
+        "replayer, tools = setup.make()\n"
+        "probs = problems(CorpusSpec(seed=0), 'train', 12)\n"
+        "args = (probs, replayer, tools, [(1, 0.5)], 3)\n"
+        "one = build_segments(*args, progress=False)\n"
+        "two = build_segments(*args, progress=False, workers=2, setup=setup)\n"
+        "assert [s.ids.tolist() for s in one] == [s.ids.tolist() for s in two]\n"
+        "print('segments', len(two))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "segments" in out.stdout and "bootstrapping" not in out.stderr

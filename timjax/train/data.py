@@ -110,6 +110,21 @@ def _chunk_segments(chunk: list[tuple[Problem, int | None | bool]]) -> list[Segm
     return [s for p, buf in chunk for s in _problem_segments(p, buf, replayer, tools)]
 
 
+def _pool_context():
+    """fork while JAX has started no backend (no XLA threads to break, and a caller's script needs no
+    ``if __name__ == "__main__":`` guard); spawn once it has (a fork could deadlock on their locks)."""
+    import multiprocessing
+    import sys
+
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a jax without the check: assume started
+        started = True
+    return multiprocessing.get_context("fork" if sys.platform == "linux" and not started else "spawn")
+
+
 def build_segments(
     probs: Sequence[Problem],
     replayer: Replayer,
@@ -134,13 +149,11 @@ def build_segments(
             out.extend(_problem_segments(p, buf, replayer, tools))
             bar.update(1)
     else:
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         size = max(1, min(64, len(probs) // (4 * workers)))  # several chunks a worker: an even load
         chunks = [list(zip(probs[i : i + size], choices[i : i + size])) for i in range(0, len(probs), size)]
-        # spawn, not fork: the parent has JAX's threads running
-        ctx = multiprocessing.get_context("spawn")
+        ctx = _pool_context()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(setup,)) as pool:
             for chunk, segs in zip(chunks, pool.map(_chunk_segments, chunks)):
                 out.extend(segs)
