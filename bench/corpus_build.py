@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/co
 def main(argv=None) -> None:
     from timjax.train.corpus import problems
     from timjax.train.data import ReplaySetup, build_segments
-    from timjax.train.sft import corpus_spec, load_config, tim_tools
+    from timjax.train.sft import corpus_spec, load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=600)
@@ -28,10 +28,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default="timjax/tiny_tim")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    tools = tim_tools(cfg.data)
-    probs = problems(corpus_spec(cfg.data), "train", args.n, tools=tools)
     setup = ReplaySetup(args.tokenizer, None, cfg.data.kb_seed)
     replayer, tools = setup.make()
+    probs = problems(corpus_spec(cfg.data), "train", args.n, tools=tools)
     buffers = [tuple(b) for b in cfg.data.buffers]
     times: dict[int, list[float]] = {1: [], args.workers: []}
     for _ in range(args.repeats):

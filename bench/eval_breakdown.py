@@ -6,7 +6,7 @@ each arithmetic group by its widest chain (``3 + 4`` has two operands, ``3 + 4 -
 three operands makes the model pick the next operand among literals and subtask values; that is where
 the tiny TIM's depth-3 errors were (bench/RESULTS.md, issue 9, round 4). No model is run.
 
-    python bench/eval_breakdown.py bench/eval_tiny_tim_n40.json [--setting buf2]
+    python bench/eval_breakdown.py bench/eval_tiny_tim4_n40.json [--setting buf2]
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def breakdown(report: dict, setting: str) -> list[tuple[str, int, int, int]]:
     rep = next((s for s in report["settings"] if s["label"] == setting), None)
     if rep is None:
         raise SystemExit(f"the report has no setting {setting!r}: {[s['label'] for s in report['settings']]}")
+    n_wrong = round(sum(g["n"] * (1 - g["accuracy"]) for g in rep["groups"].values()))
+    if len(rep["failures"]) != n_wrong:  # reports written before every failure was listed kept five
+        raise SystemExit(f"the report lists {len(rep['failures'])} of its {n_wrong} wrong answers: run the eval again")
     wrong_questions = {f["question"] for f in rep["failures"]}
     total, wrong = Counter(), Counter()
     for group, stats in rep["groups"].items():

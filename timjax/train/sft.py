@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from timjax.errors import TimjaxError
+from timjax.train.corpus import CorpusSpec
 
 
 class ModelSpec(BaseModel):
@@ -58,7 +59,7 @@ class DataSpec(BaseModel):
     breadth: int = 3
     max_literal: int = 20
     heldout_fraction: float = 0.05
-    p_binary: float = Field(0.7, ge=0.0, le=1.0)  # share of two-operand chains (corpus.CorpusSpec.p_binary)
+    p_binary: float = Field(CorpusSpec.p_binary, ge=0.0, le=1.0)  # share of two-operand chains
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -184,7 +185,6 @@ def prepare_data(cfg: TrainConfig, say=print):
 
     from timjax.train.corpus import problems
     from timjax.train.data import ReplaySetup, bucketed, build_segments, load_buckets, save_buckets
-    from timjax.train.runtime_view import Replayer
 
     out = Path(cfg.out_dir)
     tools = tim_tools(cfg.data)
@@ -199,8 +199,8 @@ def prepare_data(cfg: TrainConfig, say=print):
         from timjax.convert import read_params
 
         vocab = read_params(cfg.init_from)[0].vocab_size
-    replayer = Replayer(tok, training_schema(tools), vocab)
     setup = ReplaySetup(str(tok_dir), vocab, cfg.data.kb_seed)
+    replayer, _ = setup.make()  # built as every worker builds its own
     buffers = [tuple(b) for b in cfg.data.buffers]
     segs = build_segments(probs, replayer, tools, buffers, cfg.data.seed, workers=cfg.data.workers, setup=setup)
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
