@@ -9,7 +9,7 @@ written for generated tokens. No model and no timing: the figures are exact for 
 It explains which goals the tree shape allows: with buffer 2, a tree only loses KV once it has closed
 three subtask lists, and a depth-3 arithmetic tree of this corpus has 2.5 on average.
 
-    python bench/prune_share.py [--n 100] [--model timjax/tiny_tim] [--json bench/out/prune_share.json]
+    python bench/prune_share.py [--n 100] [--model timjax/tiny_tim] [--restate] [--json bench/out/prune_share.json]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def share_and_peak(doc, buffer: int) -> tuple[float, int]:
     return st.pruned_tokens / len(doc.tokens), st.peak_working_len
 
 
-def measure(n: int, model_dir: str) -> list[dict]:
+def measure(n: int, model_dir: str, restate: bool = False) -> list[dict]:
     from timjax.train.corpus import CorpusSpec, document_text, problems
     from timjax.train.runtime_view import Replayer
     from timjax.train.sft import training_schema
@@ -56,7 +56,7 @@ def measure(n: int, model_dir: str) -> list[dict]:
     rows = []
     for kind, depth in GROUPS:
         docs = [
-            replayer.replay(p.question, document_text(p, tools))
+            replayer.replay(p.question, document_text(p, tools, restate=restate))
             for p in problems(spec, "heldout", n, kind=kind, depth=depth, tools=tools)
         ]
         row = {
@@ -96,13 +96,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100, help="held-out reference trees per group")
     ap.add_argument("--model", default=None, help="checkpoint whose tokenizer to use (default: the shipped tiny TIM)")
+    ap.add_argument(
+        "--restate",
+        action="store_true",
+        help="trees whose wide chains restate their solved operands (data.restate_operands)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.model is None:
         from timjax.api import default_model_path
 
         args.model = str(default_model_path())
-    rows = measure(args.n, args.model)
+    rows = measure(args.n, args.model, args.restate)
     print(table(rows))
     if args.json:
         write_json(args.json, {"environment": environment(), "rows": rows})

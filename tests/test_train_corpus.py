@@ -158,3 +158,60 @@ def test_p_binary_sets_the_share_of_wide_chains_and_the_split_does_not_move():
     # the same problem lands in the same split whatever the distribution that drew it
     assert all(split_of(p.key, SPEC.heldout_fraction) == "train" for p in probs)
     assert CorpusSpec().p_binary == ArithParams().p_binary  # held-out evaluation draws as before
+
+
+def _walk(task: dict):
+    yield task
+    for t in task.get("subtasks", ()):
+        yield from _walk(t)
+
+
+def test_restated_chain_solves_its_operands_then_combines_them_in_one_thought():
+    from timjax.train.corpus import Problem
+
+    expr = "(9 + 8 * 7) * 5 * -(20 / 10)"
+    p = Problem("arith", f"Calculate {expr}.", "-650", f"arith:{expr}", 3, {"expr": expr})
+    root = document(p, restate=True)["reasoning"][0]
+    assert [t["thought"] for t in root["subtasks"]] == [
+        "Compute 9 + 8 * 7.",  # two operands: solved as before, its step beside the value
+        "Compute -(20 / 10).",
+        "Compute 65 * 5 * -2.",  # the literal 5 sits between the two solved values, as in the question
+    ]
+    combine = root["subtasks"][2]
+    assert [t["thought"] for t in combine["subtasks"]] == ["Compute 65 * 5.", "Compute 325 * -2."]
+    assert combine["conclusion"] == root["conclusion"] == "-650"
+    # without restating, the steps hang off the root and pick 5 out of the question themselves
+    plain = document(p)["reasoning"][0]
+    assert [t["thought"] for t in plain["subtasks"][2:]] == ["Compute 65 * 5.", "Compute 325 * -2."]
+
+
+def test_restated_documents_chain_steps_only_over_literals_and_keep_every_answer():
+    """With ``restate``, every chain of three or more operands runs its calculator steps over literals only
+    (a compound one first restates itself with the solved values, so each next operand is in the thought
+    above its step), the steps reproduce its value, answers never change, and trees whose chains all have
+    two operands are the same text as before."""
+    from timjax.train.corpus import Chain, Num
+
+    tools = default_backend()
+    probs = problems(CorpusSpec(seed=3, mix=(("arith", 3, 1.0), ("arith", 4, 1.0)), p_binary=0.4), "train", 60)
+    restated = 0
+    for p in probs:
+        doc = document(p, tools, restate=True)
+        assert doc["answer"] == document(p, tools)["answer"] == p.answer
+        for task in _walk(doc["reasoning"][0]):
+            e = parse_expression(task["thought"].removeprefix("Compute ").removesuffix("."))
+            if not isinstance(e, Chain) or len(e.operands) < 3:
+                continue
+            if not all(isinstance(o, Num) for o in e.operands):
+                restated += 1
+                task = task["subtasks"][-1]  # the restatement
+                solved = parse_expression(task["thought"].removeprefix("Compute ").removesuffix("."))
+                assert all(isinstance(o, Num) for o in solved.operands) and solved.ops == e.ops, task["thought"]
+                e = solved
+            steps = task["subtasks"]
+            assert all("tooluse" in t for t in steps) and len(steps) == len(e.operands) - 1
+            assert [t["tooluse"]["parameters"]["b"] for t in steps] == [o.value for o in e.operands[1:]]
+            assert str(value(e)) == task["conclusion"] == steps[-1]["conclusion"]
+    assert restated > 20
+    narrow = problems(CorpusSpec(seed=3, mix=(("arith", 3, 1.0),), p_binary=1.0), "train", 30)
+    assert all(document_text(p, tools, restate=True) == document_text(p, tools) for p in narrow)

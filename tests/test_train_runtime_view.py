@@ -201,6 +201,12 @@ def test_corpus_built_in_worker_processes_equals_the_sequential_build():
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.loss, b.loss)
+    # the workers write the format they are asked for (restated chains are longer documents)
+    three = build_segments(*args, progress=False, workers=2, setup=setup, restate=True)
+    assert [s.ids.tolist() for s in three] == [
+        s.ids.tolist() for s in build_segments(*args, progress=False, restate=True)
+    ]
+    assert sum(len(s.ids) for s in three) > sum(len(s.ids) for s in one)
 
 
 def test_a_script_without_a_main_guard_can_build_the_corpus_in_workers(tmp_path):

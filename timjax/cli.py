@@ -280,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, already printed): a code, for in-process callers
         return e.code if isinstance(e.code, int) else 2
     try:
+        from timjax.platform_env import cpu_when_cuda_cannot_start
         from timjax.validation import check_cli
 
+        cpu_when_cuda_cannot_start()  # before JAX starts: no CUDA-plugin traceback on a machine without a GPU
         check_cli(args)  # every flag, before a model is loaded (issue 10)
         rc = args.func(args)
     except TimjaxError as e:

@@ -419,10 +419,17 @@ def _calc_step(tools: ToolBackend, a: Fraction, op: str, b: Fraction) -> tuple[d
     return _tool_task(f"Compute {expr}.", tooluse, fmt_int(result)), result
 
 
-def arith_task(e: Expr, tools: ToolBackend) -> tuple[dict, Fraction]:
-    """The task solving ``e`` and its value."""
+def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[dict, Fraction]:
+    """The task solving ``e`` and its value.
+
+    A chain solves its compound operands as subtasks, then applies its operators one calculator step at a
+    time. With ``restate``, a chain of three or more operands with a compound one first restates itself
+    with the solved values (``Compute 65 * 5 * -2.``) as a subtask of its own that holds the steps: the
+    next operand is then always in that thought, beside the running value, never to be picked between
+    the parent's literals and the subtasks' conclusions (the tiny TIM's depth-3 errors were all that
+    pick), and the steps form one more subtask list that pruning forgets."""
     if isinstance(e, Neg):
-        child, v = arith_task(e.child, tools)
+        child, v = arith_task(e.child, tools, restate=restate)
         step, r = _calc_step(tools, Fraction(0), "-", v)
         return {"thought": f"Compute -({render(e.child)}).", "subtasks": [child, step], "conclusion": fmt_int(r)}, r
     subtasks: list[dict] = []
@@ -431,16 +438,21 @@ def arith_task(e: Expr, tools: ToolBackend) -> tuple[dict, Fraction]:
         if isinstance(o, Num):
             vals.append(Fraction(o.value))
         else:
-            t, v = arith_task(o, tools)
+            t, v = arith_task(o, tools, restate=restate)
             subtasks.append(t)
             vals.append(v)
     if not subtasks and len(e.operands) == 2:
         step, r = _calc_step(tools, vals[0], e.ops[0], vals[1])
         return step, r
-    acc = vals[0]
-    for op, v in zip(e.ops, vals[1:]):
-        step, acc = _calc_step(tools, acc, op, v)
-        subtasks.append(step)
+    if restate and subtasks and len(e.operands) > 2:
+        solved = Chain(e.kind, tuple(Num(int(v)) for v in vals), e.ops)
+        combine, acc = arith_task(solved, tools)
+        subtasks.append(combine)
+    else:
+        acc = vals[0]
+        for op, v in zip(e.ops, vals[1:]):
+            step, acc = _calc_step(tools, acc, op, v)
+            subtasks.append(step)
     return {"thought": f"Compute {render(e)}.", "subtasks": subtasks, "conclusion": fmt_int(acc)}, acc
 
 
@@ -456,11 +468,12 @@ def lookup_task(prob: Problem, tools: ToolBackend) -> tuple[dict, str]:
     return {"thought": f"Start from {prob.data['start']}: {plan}.", "subtasks": hops, "conclusion": entity}, entity
 
 
-def document(prob: Problem, tools: ToolBackend | None = None) -> dict:
-    """The complete TIM response (a dict whose ``tool_result`` values are ``Raw`` encoded text)."""
+def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False) -> dict:
+    """The complete TIM response (a dict whose ``tool_result`` values are ``Raw`` encoded text);
+    ``restate``: see ``arith_task``."""
     tools = tools or default_backend()
     if prob.kind == "arith":
-        task, v = arith_task(parse_expression(prob.data["expr"]), tools)
+        task, v = arith_task(parse_expression(prob.data["expr"]), tools, restate=restate)
         answer = fmt_int(v)
     else:
         task, answer = lookup_task(prob, tools)
@@ -469,8 +482,8 @@ def document(prob: Problem, tools: ToolBackend | None = None) -> dict:
     return {"reasoning": [task], "answer": answer}
 
 
-def document_text(prob: Problem, tools: ToolBackend | None = None) -> str:
-    return dumps_doc(document(prob, tools))
+def document_text(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False) -> str:
+    return dumps_doc(document(prob, tools, restate=restate))
 
 
 def check_answer(prob_answer: str, response_answer) -> bool:

@@ -87,8 +87,10 @@ def _buffer_choices(n: int, buffers: Sequence[tuple[int | None, float]], seed: i
     return out
 
 
-def _problem_segments(p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend) -> list[Segment]:
-    doc = replayer.replay(p.question, document_text(p, tools))
+def _problem_segments(
+    p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend, restate: bool = False
+) -> list[Segment]:
+    doc = replayer.replay(p.question, document_text(p, tools, restate=restate))
     out = pruned_segments(doc, None)
     if buf is not False:
         segs = pruned_segments(doc, buf)
@@ -105,9 +107,10 @@ def _init_worker(setup: ReplaySetup) -> None:
     _WORKER = setup.make()
 
 
-def _chunk_segments(chunk: list[tuple[Problem, int | None | bool]]) -> list[Segment]:
+def _chunk_segments(job: tuple[bool, list[tuple[Problem, int | None | bool]]]) -> list[Segment]:
     replayer, tools = _WORKER
-    return [s for p, buf in chunk for s in _problem_segments(p, buf, replayer, tools)]
+    restate, chunk = job
+    return [s for p, buf in chunk for s in _problem_segments(p, buf, replayer, tools, restate)]
 
 
 def _pool_context():
@@ -135,29 +138,31 @@ def build_segments(
     progress: bool = True,
     workers: int = 1,
     setup: ReplaySetup | None = None,
+    restate: bool = False,
 ) -> list[Segment]:
     """Training sequences for ``probs``: each document with pruning off, plus the pruned views of one
     buffer drawn from ``buffers`` ((buffer, probability) pairs; the rest of the mass: none).
 
     ``workers > 1`` (with ``setup``, which rebuilds ``replayer`` and ``tools`` in each process) replays
-    the documents in that many processes; the sequences are the same, in the same order."""
+    the documents in that many processes; the sequences are the same, in the same order. ``restate``:
+    the documents' arithmetic format (``corpus.arith_task``)."""
     choices = _buffer_choices(len(probs), buffers, seed)
     bar = tqdm(total=len(probs), desc="corpus", unit="doc", disable=not progress, mininterval=2.0)
     out: list[Segment] = []
     if workers <= 1 or setup is None or len(probs) < 2 * workers:
         for p, buf in zip(probs, choices):
-            out.extend(_problem_segments(p, buf, replayer, tools))
+            out.extend(_problem_segments(p, buf, replayer, tools, restate))
             bar.update(1)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         size = max(1, min(64, len(probs) // (4 * workers)))  # several chunks a worker: an even load
-        chunks = [list(zip(probs[i : i + size], choices[i : i + size])) for i in range(0, len(probs), size)]
+        chunks = [(restate, list(zip(probs[i : i + size], choices[i : i + size]))) for i in range(0, len(probs), size)]
         ctx = _pool_context()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(setup,)) as pool:
             for chunk, segs in zip(chunks, pool.map(_chunk_segments, chunks)):
                 out.extend(segs)
-                bar.update(len(chunk))
+                bar.update(len(chunk[1]))
     bar.close()
     return out
 

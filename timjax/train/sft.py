@@ -60,6 +60,9 @@ class DataSpec(BaseModel):
     max_literal: int = 20
     heldout_fraction: float = 0.05
     p_binary: float = Field(CorpusSpec.p_binary, ge=0.0, le=1.0)  # share of two-operand chains
+    # a chain of 3+ operands with a compound one restates itself with the solved values before its
+    # operator steps (corpus.arith_task); stages 1-5 of the shipped TIM were trained without it
+    restate_operands: bool = False
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -166,7 +169,8 @@ def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
     if not (tok_dir / "tokenizer.json").is_file():
         from timjax.tim.prompt import tim_system_prompt
 
-        texts = [p.question for p in probs] + [document_text(p, tools) for p in probs]
+        restate = cfg.data.restate_operands
+        texts = [p.question for p in probs] + [document_text(p, tools, restate=restate) for p in probs]
         texts.append(tim_system_prompt(training_schema(tools)))
         spell = sorted(name_words(tools)) if cfg.data.spell_names else []
         say(f"training a {cfg.data.vocab_size}-token BPE on {len(texts)} texts ({len(spell)} name words spelled)")
@@ -202,7 +206,16 @@ def prepare_data(cfg: TrainConfig, say=print):
     setup = ReplaySetup(str(tok_dir), vocab, cfg.data.kb_seed)
     replayer, _ = setup.make()  # built as every worker builds its own
     buffers = [tuple(b) for b in cfg.data.buffers]
-    segs = build_segments(probs, replayer, tools, buffers, cfg.data.seed, workers=cfg.data.workers, setup=setup)
+    segs = build_segments(
+        probs,
+        replayer,
+        tools,
+        buffers,
+        cfg.data.seed,
+        workers=cfg.data.workers,
+        setup=setup,
+        restate=cfg.data.restate_operands,
+    )
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
     rows = ", ".join(
         f"{b.n_rows} x {b.tokens.shape[1]} ({float((b.segments > 0).mean()) if b.n_rows else 0.0:.0%} filled)"

@@ -1,0 +1,55 @@
+"""The CLI asks JAX for the CPU only when CUDA cannot start: CUDA plugins alone, no driver, no user choice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from timjax import platform_env
+from timjax.platform_env import cpu_when_cuda_cannot_start
+
+
+@pytest.fixture
+def no_jax(monkeypatch):
+    monkeypatch.delitem(sys.modules, "jax", raising=False)  # as in a fresh `timjax` process
+
+
+@pytest.mark.parametrize(
+    "env, plugins, driver, chosen",
+    [
+        ({}, ["xla_cuda12"], False, "cpu"),  # the test extra on a laptop
+        ({}, ["xla_cuda12"], True, None),  # a GPU machine
+        ({}, [], False, None),  # plain install: nothing to quiet
+        ({}, ["xla_cuda12", "xla_rocm7"], False, None),  # another accelerator may start
+        ({"JAX_PLATFORMS": "cuda"}, ["xla_cuda12"], False, "cuda"),  # the user's choice wins
+    ],
+)
+def test_cpu_only_when_cuda_cannot_start(no_jax, env, plugins, driver, chosen):
+    given = dict(env)
+    did = cpu_when_cuda_cannot_start(env, lambda: plugins, lambda: driver)
+    assert env.get("JAX_PLATFORMS") == chosen
+    assert did == (chosen == "cpu" and not given)
+
+
+def test_nothing_changes_once_jax_has_started():
+    import jax  # noqa: F401
+
+    env: dict = {}
+    assert not cpu_when_cuda_cannot_start(env, lambda: ["xla_cuda12"], lambda: False) and env == {}
+
+
+@pytest.mark.skipif(
+    platform_env.nvidia_driver_present() or platform_env.installed_jax_plugins() != ["xla_cuda12"],
+    reason="needs the CUDA plugin installed on a machine without an NVIDIA driver",
+)
+def test_cli_on_a_machine_without_a_gpu_prints_no_plugin_traceback():
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
+    code = "from timjax.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
+    argv = ["generate", "--tim", "Calculate 3 + 4.", "--max-new-tokens", "80"]  # JAX starts: the shipped model
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0 and "answer: 7" in out.stdout, out.stderr[-1500:]
+    assert "Traceback" not in out.stderr and "Unable to load CUDA" not in out.stderr, out.stderr[-1500:]

@@ -1,0 +1,47 @@
+"""Which JAX platforms the ``timjax`` command asks for before JAX starts.
+
+The ``test`` extra installs jax's CUDA plugin (without CUDA libraries) so that kernels compile for an H100
+offline. On a machine without an NVIDIA driver, jax then prints the plugin's failed version check (a
+30-line traceback) on every run before it falls back to the CPU. When nothing but CUDA plugins is
+installed and no driver is present, the CPU is what jax would use anyway: the CLI asks for it, and the
+traceback is not printed. A user's own ``JAX_PLATFORMS`` always wins.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, Iterable, MutableMapping
+
+DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
+
+
+def installed_jax_plugins() -> list[str]:
+    try:
+        import jax_plugins
+    except ImportError:
+        return []
+    return [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+
+
+def nvidia_driver_present() -> bool:
+    return any(os.path.exists(p) for p in DRIVER_PATHS) or ctypes.util.find_library("cuda") is not None
+
+
+def cpu_when_cuda_cannot_start(
+    environ: MutableMapping[str, str] | None = None,
+    plugins: Callable[[], Iterable[str]] = installed_jax_plugins,
+    driver: Callable[[], bool] = nvidia_driver_present,
+) -> bool:
+    """Set ``JAX_PLATFORMS=cpu`` in ``environ`` (default ``os.environ``) when JAX has not started, the user
+    chose no platform, only CUDA plugins are installed and no NVIDIA driver is present. True if it did."""
+    environ = os.environ if environ is None else environ
+    if "jax" in sys.modules or environ.get("JAX_PLATFORMS"):
+        return False
+    names = list(plugins())
+    if not names or not all(n.startswith("xla_cuda") for n in names) or driver():
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True
