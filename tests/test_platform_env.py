@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def test_nothing_changes_once_jax_has_started():
     reason="needs the CUDA plugin installed on a machine without an NVIDIA driver",
 )
 def test_cli_on_a_machine_without_a_gpu_prints_no_plugin_traceback():
-    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     code = "from timjax.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
     argv = ["generate", "--tim", "Calculate 3 + 4.", "--max-new-tokens", "80"]  # JAX starts: the shipped model
     out = subprocess.run(
