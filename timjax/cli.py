@@ -245,6 +245,7 @@ def add_demo_command(subparsers) -> None:
 
 # Subcommand registrars, in --help order.
 from timjax.eval.cli import add_eval_command  # noqa: E402
+from timjax.serve.command import add_serve_command  # noqa: E402
 from timjax.train.cli import add_train_command  # noqa: E402
 
 COMMANDS: list[Callable] = [
@@ -254,6 +255,7 @@ COMMANDS: list[Callable] = [
     add_generate_command,
     add_train_command,
     add_eval_command,
+    add_serve_command,
 ]
 
 

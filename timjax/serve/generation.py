@@ -1,0 +1,200 @@
+"""From a route's request to a ``GenRequest`` (TIM or plain), and from a result to the answer and the
+reasoning tree: what the three APIs share."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from pydantic import RootModel
+
+from timjax.serve.backend import GenRequest, RequestRejected
+from timjax.serve.errors import ApiError
+
+
+def answer_model(schema: dict, param: str) -> type:
+    """A pydantic type whose JSON schema is ``schema`` (a caller's raw JSON schema): what
+    ``timjax.tim.schema.tim_schema(answer_type=...)`` embeds as the answer's grammar."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"invalid {param}: a JSON schema must be an object", param=param)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ApiError(400, f"invalid {param}: not a valid JSON schema: {e.message}", param=param) from None
+    frozen = copy.deepcopy(schema)
+
+    class Answer(RootModel[Any]):
+        @classmethod
+        def model_json_schema(cls, *args, **kwargs):
+            return copy.deepcopy(frozen)
+
+    return Answer
+
+
+def tim_request(
+    state,
+    messages: list[dict],
+    *,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    answer_schema: dict | None = None,
+    schema_param: str = "response_format",
+    tools=None,
+    timeout_s: float | None = None,
+) -> GenRequest:
+    """A TIM request: the reasoning-tree schema with the tools offered, the answer's schema, the system
+    prompt that states both, the prompt through the chat template."""
+    from timjax.tim.prompt import tim_system_prompt
+    from timjax.tim.schema import tim_schema
+
+    toolset = tools if tools is not None else state.tools
+    specs = toolset.specs if toolset is not None else []
+    answer_type = answer_model(answer_schema, schema_param) if answer_schema is not None else None
+    try:
+        schema = tim_schema(specs, answer_type=answer_type)
+    except ValueError as e:
+        raise ApiError(400, f"invalid {schema_param}: {e}", param=schema_param) from None
+    sys_text = tim_system_prompt(schema, extra=system)
+    prompt = state.backend.encode_chat(messages, system=sys_text)
+    return GenRequest(
+        prompt=prompt,
+        max_new_tokens=_budget(state, prompt, max_tokens),
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        schema=schema,
+        pruning_buffer=state.config.pruning_buffer,
+        tools=toolset,
+        timeout_s=timeout_s,
+    )
+
+
+def plain_request(state, messages, *, system, max_tokens, temperature, top_p, seed, stop) -> GenRequest:
+    prompt = state.backend.encode_chat(messages, system=system)
+    return GenRequest(
+        prompt=prompt,
+        max_new_tokens=_budget(state, prompt, max_tokens),
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop or []),
+    )
+
+
+def _budget(state, prompt: list[int], max_tokens: int | None) -> int:
+    room = state.backend.max_seq_len - len(prompt)
+    if room < 1:
+        raise RequestRejected(
+            f"the prompt has {len(prompt)} tokens; this server's context is {state.backend.max_seq_len} tokens",
+            "messages",
+        )
+    return min(max_tokens or state.config.max_tokens_default, room)
+
+
+def answer_text(result, tim: bool) -> str:
+    """The content a client sees: the TIM answer (JSON text for a schema'd answer), else the text."""
+    if not tim:
+        return result.text or ""
+    if result.response is None:  # an unfinished tree: the answer as far as it was written, if any
+        partial = result.partial_response
+        ans = partial.get("answer") if isinstance(partial, dict) else None
+        return ans if isinstance(ans, str) else (json.dumps(ans) if ans is not None else "")
+    ans = result.response.answer
+    if isinstance(ans, str):
+        return ans
+    if isinstance(ans, RootModel):
+        return json.dumps(ans.root, ensure_ascii=False)
+    return ans.model_dump_json()
+
+
+def reasoning_tree(result) -> list[dict] | None:
+    """The Runs API's ``reasoning``: tasks with title, thought, tooluse {tool_name, tool_call_id, parameters,
+    tool_result}, subtasks, conclusion; tool_call_id is the call's index in the inference."""
+    if result.response is not None:
+        tasks = [t.model_dump(mode="json", exclude_none=True) for t in result.response.reasoning]
+    elif isinstance(result.partial_response, dict) and isinstance(result.partial_response.get("reasoning"), list):
+        tasks = [t for t in result.partial_response["reasoning"] if isinstance(t, dict)]
+    else:
+        return None
+    calls = {tuple(c.task_path): c for c in result.tool_calls}
+
+    def walk(items, prefix):
+        for i, t in enumerate(items):
+            path = prefix + (i,)
+            tu = t.get("tooluse")
+            if isinstance(tu, dict):
+                c = calls.get(path)
+                tu["tool_call_id"] = f"call_{c.index}" if c is not None else None
+                tu.setdefault("parameters", {})
+            if isinstance(t.get("subtasks"), list):
+                walk(t["subtasks"], path)
+
+    walk(tasks, ())
+    return tasks
+
+
+class StreamAnswer:
+    """Text deltas of the TIM answer as the document grows: the answer string of the partial document,
+    sent once it can only grow (a prefix of what was sent is never taken back)."""
+
+    def __init__(self):
+        self.doc = ""
+        self.sent = ""
+
+    def feed(self, text: str) -> str:
+        from timjax.tim.partial_json import close_partial_json
+
+        self.doc += text
+        if '"answer": "' not in self.doc:
+            return ""
+        try:
+            value = close_partial_json(self.doc)
+        except Exception:  # noqa: BLE001 - an unparseable prefix: wait for more
+            return ""
+        ans = value.get("answer") if isinstance(value, dict) else None
+        if not isinstance(ans, str) or not ans.startswith(self.sent):
+            return ""
+        # the last character may be half an escape: keep it back until the string closes
+        safe = ans if self.doc.rstrip().endswith("}") else ans[:-1]
+        out = safe[len(self.sent) :] if safe.startswith(self.sent) else ""
+        self.sent += out
+        return out
+
+    def rest(self, final: str) -> str:
+        return final[len(self.sent) :] if final.startswith(self.sent) else ""
+
+
+async def submit(request, greq: GenRequest, request_id: str | None = None):
+    """Queue ``greq`` on the app's backend; a full queue is 429 with Retry-After, a request the engine
+    cannot take is 400 naming the field."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    from timjax.serve.backend import QueueFull
+
+    state = request.app.state
+    try:
+        return await run_in_threadpool(state.backend.submit, greq, asyncio.get_running_loop(), request_id)
+    except QueueFull as e:
+        if greq.on_close is not None:
+            greq.on_close()
+        retry = str(state.config.retry_after_s)
+        raise ApiError(429, f"the server is busy: {e}; retry later", headers={"Retry-After": retry}) from None
+    except RequestRejected as e:
+        if greq.on_close is not None:
+            greq.on_close()
+        raise ApiError(400, str(e), param=e.param) from None
+
+
+def check_model(request, name: str | None, param: str = "model", status: int = 404) -> None:
+    served = request.app.state.config.model_id()
+    if name != served:
+        raise ApiError(status, f"unknown {param} {name!r}: this server serves {served!r}", param=param,
+                       code="model_not_found")
