@@ -39,6 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/pruning.py` from the repo root
 
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 import jax
 
 import timjax
@@ -170,7 +174,7 @@ def run_config(
         res = eng.run(reqs)
         jax.block_until_ready(eng.cache)
         wall = time.perf_counter() - t0
-        stats.update(eng.stats)
+        stats.update(eng.counters)
         del eng
         return res, wall, watch.n - c0
 

@@ -147,11 +147,11 @@ def test_long_lived_engine_does_not_recompile_across_calls(tiny_pair):
     )
     # the first calls compile the buckets they reach (packed tokens 8 and 16; 1 or 4 decode rows; 4 pages)
     first = timjax.generate(eng, [rs.randint(0, 256, n).tolist() for n in (5, 9, 2)], max_new_tokens=4, stop_ids=[])
-    first.append(eng.generate(rs.randint(0, 256, 7).tolist(), max_new_tokens=4, stop_ids=[]))
+    first.append(timjax.generate(eng, rs.randint(0, 256, 7).tolist(), max_new_tokens=4, stop_ids=[]))
     n0 = len(compiles)
     for lengths in [(4, 6, 4), (1, 11, 1, 1), (8,), (3, 3)]:  # then other lengths and counts: no compile
         prompts = [rs.randint(0, 256, n).tolist() for n in lengths]
-        out = eng.generate(prompts, max_new_tokens=4, stop_ids=[])
+        out = timjax.generate(eng, prompts, max_new_tokens=4, stop_ids=[])
         assert all(r.stats.generated_tokens == 4 for r in out)
     assert len(compiles) == n0, f"{len(compiles) - n0} compiles after the first call"
     assert all(r.stats.generated_tokens == 4 for r in first)
@@ -221,7 +221,7 @@ def test_at_most_two_dispatches_per_iteration(tiny_pair, prompts, monkeypatch, r
     assert all(r.error is None for r in results), [r.error for r in results]
     assert max(per_iteration) <= 2 and 2 in per_iteration
     assert sum(r.stats.reencoded_tokens for r in results) > 0 if reposition == "reencode" else True
-    assert eng.stats["tokens"] / eng.stats["computed"] > 0.5
+    assert eng.counters["tokens"] / eng.counters["computed"] > 0.5
 
 
 @pytest.mark.parametrize("method", ["fill_mask", "on_token", "poll", "finish"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from timjax.engine.controllers import default_stop_ids, encode_prompt
 from timjax.model import Qwen3
 
 Prompt = str | list[int]
@@ -33,9 +34,11 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True, mesh=None) -> Qwen3:
+def load(path: str | Path, dtype=None, *, tokenizer: bool = True, mesh=None) -> Qwen3:
     """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly.
-    ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) loads straight into the sharded layout."""
+    ``dtype`` (bfloat16/float16/float32) defaults to the dtype the checkpoint stores its weights in, so a
+    float32 checkpoint gives transformers' float32 tokens. ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``)
+    loads straight into the sharded layout."""
     from timjax.validation import check_load
 
     check_load(path, dtype, tokenizer)
@@ -45,26 +48,8 @@ def load(path: str | Path, dtype="bfloat16", *, tokenizer: bool = True, mesh=Non
         return sharding.load(path, dtype, mesh=mesh, tokenizer=load_tokenizer(path) if tokenizer else None)
     from timjax.convert import read_params
 
-    cfg, params = read_params(path, dtype=dtype)
-    return Qwen3(cfg, dtype=dtype, params=params, tokenizer=load_tokenizer(path) if tokenizer else None)
-
-
-def encode_prompt(model: Qwen3, prompt: Prompt, *, chat: bool = False, system: str | None = None) -> list[int]:
-    if isinstance(prompt, str):
-        tok = model.tokenizer
-        if tok is None:
-            raise ValueError(
-                "a text prompt needs a tokenizer: load a checkpoint with tokenizer files, or pass token ids"
-            )
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(prompt, add_special_tokens=False)["input_ids"])
-    ids = [int(t) for t in prompt]
-    return ids
+    cfg, params = read_params(path, dtype=dtype)  # dtype None: as stored
+    return Qwen3(cfg, dtype=params["embed"].dtype, params=params, tokenizer=load_tokenizer(path) if tokenizer else None)
 
 
 def _is_batch(prompt) -> bool:
@@ -126,14 +111,13 @@ def generate(
     from timjax.validation import check_generate
 
     check_generate(args)  # every argument, before any device work (issue 10)
-    from timjax.engine import Engine, PlainController, Request
+    from timjax.engine import Engine
 
     engine = model if isinstance(model, Engine) else None
     model = engine.model if engine is not None else model
-
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
-    if tools is not None:  # start the MCP clients once, offer their tools in the schema, run, close
+    if tools is not None:  # start the MCP clients once for the batch, offer their tools in the schema, close
         from timjax.tim.schema import with_tools
         from timjax.tools.runner import open_runner
 
@@ -151,44 +135,9 @@ def generate(
             kw = {k: v for k, v in args.items() if k not in ("model", "prompt", "mesh", "seed", "on_token")}
             rs = sharding.generate_data_parallel(generate, model, prompts, seed=seed, on_token=on_token, **kw)
             return rs if batch else rs[0]
-    if schema is not None and system is None:
-        from timjax.tim.prompt import tim_system_prompt
-
-        system = tim_system_prompt(schema)
-        # a text prompt for TIM goes through the chat template with the format-stating system prompt
-        chat = chat or (model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None) is not None)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    ids = [encode_prompt(model, p, chat=chat, system=system) for p in prompts]
-    if stop_ids is None:
-        stop_ids = list(model.config.eos_token_ids)
-        tok = model.tokenizer
-        if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in stop_ids:
-            stop_ids.append(tok.eos_token_id)
-
-    requests = []
-    for i, p in enumerate(ids):
-        if schema is not None:
-            from timjax.tim_controller import TimController
-
-            ctrl = TimController(
-                model,
-                schema,
-                max_new_tokens=max_new_tokens,
-                prompt_len=len(p),
-                pruning_buffer=pruning_buffer,
-                stop_ids=stop_ids,
-                tools=_runner,
-            )
-        else:
-            ctrl = PlainController(
-                max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop, tokenizer=model.tokenizer
-            )
-        requests.append(Request(p, max_new_tokens, temperature, top_k, top_p, seed + i, ctrl))
-
+    requests = _requests(model, prompts, args)
     if engine is None:
+        ids = [r.prompt for r in requests]
         if max_seq_len is None and schema is None:
             max_seq_len = min(model.config.max_position_embeddings, max(map(len, ids)) + max_new_tokens)
         engine = Engine(
@@ -213,3 +162,32 @@ def generate(
         if bar is not None:
             bar.close()
     return results if batch else results[0]
+
+
+def _requests(model: Qwen3, prompts: list, args: dict) -> list:
+    """One engine request per prompt (prompt i samples with seed + i), under one ``RequestParams``."""
+    from timjax.engine import RequestParams
+    from timjax.engine.controllers import build_request
+
+    schema, system, chat = args["schema"], args["system"], args["chat"]
+    tim = schema is not None or args["_runner"] is not None
+    if tim and system is None:
+        from timjax.tim.prompt import tim_system_prompt
+        from timjax.tim.schema import tim_schema
+
+        system = tim_system_prompt(schema if schema is not None else tim_schema())
+        # a text prompt for TIM goes through the chat template with the format-stating system prompt
+        chat = chat or (model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None) is not None)
+    stop_ids = args["stop_ids"]
+    params = RequestParams.coerce(
+        {k: args[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "pruning_buffer")},
+        stop_ids=list(stop_ids) if stop_ids is not None else default_stop_ids(model),
+        schema=schema,
+        tools=args["_runner"],
+        reposition=args["reposition"],
+    )
+    out = []
+    for i, p in enumerate(prompts):
+        ids = encode_prompt(model, p, chat=chat, system=system)  # this module's name: tests may patch it
+        out.append(build_request(model, ids, params.model_copy(update={"seed": args["seed"] + i})))
+    return out

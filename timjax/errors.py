@@ -61,3 +61,11 @@ class OutputWriteError(TimjaxError):
 
 class OutputExistsError(TimjaxError):
     """The output directory exists and overwriting was not requested."""
+
+
+class EngineFull(TimjaxError):
+    """``Engine.add_request`` on a full waiting queue (``max_waiting``): try again later (HTTP 429/503)."""
+
+
+class EngineStopped(TimjaxError):
+    """``Engine.add_request`` on an engine that is stopping or stopped."""

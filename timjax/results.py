@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-FinishReason = Literal["stop", "length", "error", "grammar"]
+FinishReason = Literal["stop", "length", "error", "grammar", "cancelled", "timeout"]
 
 
 class GenerationStats(BaseModel):
@@ -40,6 +40,7 @@ ToolCallStatus = Literal[
     "call_cap",
     "invalid_result",
     "truncated",
+    "server_crashed",
 ]
 
 

@@ -15,12 +15,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from timjax.engine import Action, PruneOp
+from timjax.engine.protocol import Action, PruneOp
 from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar, token_at
 from timjax.tim.partial_json import close_partial_json  # noqa: F401  (re-exported: its old home)
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
 from timjax.tim.schema import KEY_SEPARATOR, TimSchema
-from timjax.tim.tree import DocumentComplete, ListCompleted, Split, ToolCallReady, TreeTracker
+from timjax.tim.tree import DocumentComplete, ListCompleted, ListOpened, Split, ToolCallReady, TreeTracker
 
 
 class TimController:
@@ -69,6 +69,12 @@ class TimController:
         self.tools = tools  # ToolSession or None
         self._call = None  # the tool call the sequence is parked on
         self._answered_at: float | None = None  # when the last tool answer was fed (for resume_s)
+        # the open engine's tree events: on_event(kind, task_path, **info) (timjax.engine.outputs.TreeEvent)
+        self.on_event: Callable[..., None] | None = None
+
+    def _emit(self, kind: str, task_path, **info) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, tuple(task_path), **info)
 
     def fill_mask(self, out: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -117,15 +123,20 @@ class TimController:
             seq.generated.append(t)
             self.memory.append(t)
             for ev in events:
-                if isinstance(ev, ListCompleted):
+                if isinstance(ev, ListOpened):
+                    self._emit("subtask_opened", ev.task_path)
+                elif isinstance(ev, ListCompleted):
+                    self._emit("subtask_closed", ev.task_path)
                     for lst in self.buffer.push(ev):
                         op = self.memory.prune(lst)
                         self.pruned_lists.append(lst)
                         if op.n_pruned:
                             prune.append(PruneOp(op.start_slot, op.end_slot))
+                            self._emit("pruned", lst.task_path, tokens=op.n_pruned)
                 elif isinstance(ev, ToolCallReady) and self.tools is not None:
                     # what is left of the queue was the model's try at the value: the runtime writes it
                     self._call = self.tools.submit(ev.tool_name, ev.parameters_json, ev.task_path)
+                    self._emit("tool_call_started", ev.task_path, tool=ev.tool_name, index=self._call.index)
                     return Action(feed=feed, prune=prune, park=True)
             if len(self.memory.history) >= self.max_new_tokens and not self.tracker.done:
                 break  # forced tokens count toward the budget too: stop at it, not after the forced run
@@ -145,6 +156,7 @@ class TimController:
         if record is None:
             return None
         t0 = time.perf_counter()
+        self._emit("tool_call_finished", record.task_path, tool=record.tool, index=record.index, status=record.status)
         try:
             self._call = None
             ids = list(self._llt.tokenize_bytes((KEY_SEPARATOR + record.result).encode("utf-8")))
@@ -156,6 +168,9 @@ class TimController:
             self.host_time += time.perf_counter() - t0
 
     def finish(self, seq, result) -> None:
+        if self._call is not None and self._call.future is not None:  # cancelled or timed out while parked
+            self._call.future.cancel()
+            self._call = None
         stats = self.memory.stats()
         generated_written = stats.history_len
         result.stats.peak_working_tokens = stats.peak_working_len

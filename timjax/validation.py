@@ -295,6 +295,11 @@ def check_generate(args: Mapping[str, Any]) -> None:
     _engine_options(args.get("engine_options"))
 
 
+# Engine keyword arguments that generate does not take itself (tests/test_engine_open.py checks this list
+# against Engine's signature; the engine sits above this module, which must not import it)
+ENGINE_OPTIONS = ("max_step_tokens", "check_cache", "max_waiting")
+
+
 def _engine_options(options: Any) -> None:
     if options is None:
         return
@@ -302,16 +307,7 @@ def _engine_options(options: Any) -> None:
         raise fail("engine_options", options, "expected a dict of Engine keyword arguments or None")
     if not options:
         return
-    import inspect
-
-    from timjax.engine import Engine
-
-    params = inspect.signature(Engine.__init__).parameters
-    known = [
-        p
-        for p in params
-        if p not in ("self", "model") and p not in GENERATE and params[p].kind == params[p].KEYWORD_ONLY
-    ]
+    known = list(ENGINE_OPTIONS)
     for key, value in options.items():
         if key in GENERATE:  # generate passes these itself: a second value would be a TypeError in Engine()
             raise fail("engine_options", {key: value}, f"{key!r} is an argument of generate itself: pass {key}=...")
@@ -321,7 +317,7 @@ def _engine_options(options: Any) -> None:
             raise fail(
                 "engine_options", {key: value}, f"unknown Engine option {key!r}{hint}; known: {', '.join(known)}"
             )
-        if key in ("max_chunk", "max_step_tokens"):
+        if key in ("max_chunk", "max_step_tokens", "max_waiting"):
             Int(1)(f"engine_options[{key!r}]", value)
         elif key == "check_cache":
             check_bool(f"engine_options[{key!r}]", value)
@@ -364,7 +360,7 @@ def check_random_model(cfg: Any, dtype_: Any, seed: Any) -> None:
 
 def check_load(path: Any, dtype_: Any, tokenizer: Any) -> None:
     path_like("path", path)
-    dtype("dtype", dtype_)
+    dtype("dtype", dtype_, none=True)
     check_bool("tokenizer", tokenizer)
 
 
@@ -395,7 +391,7 @@ def check_logits(model: Any, token_ids: Any) -> None:
 def check_convert(hf_dir: Any, out_dir: Any, dtype_: Any, overwrite: Any, progress: Any) -> None:
     path_like("hf_dir", hf_dir)
     path_like("out_dir", out_dir)
-    dtype("dtype", dtype_, aliases=True)
+    dtype("dtype", dtype_, aliases=True, none=True)
     check_bool("overwrite", overwrite)
     check_bool("progress", progress)
 
@@ -428,6 +424,13 @@ CLI: dict[str, tuple[str, Callable[[str, Any], None]]] = {  # argparse dest -> (
     "max_subtasks": ("--max-subtasks", Int(1, none=True)),
     "max_shard_gb": ("--max-shard-gb", Float(0.0, lo_open=True, none=True)),
     "stop": ("--stop", lambda name, v: v is None or stop_strings(name, v)),
+    "steps": ("--steps", Int(1)),
+    "until_step": ("--until-step", Int(1)),
+    "n_problems": ("--n-problems", Int(1)),
+    # tool limits: checked here so the error names the flag, not the ToolLimits field it fills
+    "tool_timeout": ("--tool-timeout", Float(0.0, lo_open=True)),
+    "max_tool_calls": ("--max-tool-calls", Int(1)),
+    "max_tool_result_tokens": ("--max-tool-result-tokens", Int(1)),
 }
 
 

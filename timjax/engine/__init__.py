@@ -2,12 +2,19 @@
 
 - ``protocol``: the controller protocol (``Action``, ``PruneOp``, ``Controller``, ``PlainController``,
   ``Request``) and the host state of a sequence (``SeqState``);
+- ``params``: ``RequestParams``, one request's parameters, validated at the door;
 - ``scheduler``: admission by free pages and a batch cap, the per-step token budget, preemption, parking;
 - ``runner``: device state, packing a ragged step, pruning edits, the dispatches and the one sync;
-- ``core``: ``Engine``, the loop that joins them.
+- ``loop``: the state across steps and one iteration (scheduler + runner + controllers + outputs);
+- ``controllers``: ``RequestParams`` -> a ``Request`` with its controller (plain or TIM, tools opened);
+- ``handle`` / ``outputs``: ``RequestHandle`` (streams of events, cancel, result), the events, ``EngineStats``;
+- ``core``: ``Engine``: ``add_request``, ``abort``, ``step``, ``start`` / ``stop``, ``stats``, ``run``.
 """
 
 from timjax.engine.core import Engine
+from timjax.engine.handle import RequestHandle
+from timjax.engine.outputs import EngineStats, FinishedEvent, TokenEvent, TreeEvent
+from timjax.engine.params import RequestParams
 from timjax.engine.protocol import (
     Action,
     Controller,
@@ -16,5 +23,22 @@ from timjax.engine.protocol import (
     Request,
     SeqState,
 )
+from timjax.errors import EngineFull, EngineStopped
 
-__all__ = ["Action", "Controller", "Engine", "PlainController", "PruneOp", "Request", "SeqState"]
+__all__ = [
+    "Action",
+    "Controller",
+    "Engine",
+    "EngineFull",
+    "EngineStats",
+    "EngineStopped",
+    "FinishedEvent",
+    "PlainController",
+    "PruneOp",
+    "Request",
+    "RequestHandle",
+    "RequestParams",
+    "SeqState",
+    "TokenEvent",
+    "TreeEvent",
+]

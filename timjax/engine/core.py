@@ -1,47 +1,70 @@
-"""The engine: one loop over the scheduler (what runs), the runner (how it runs on the device) and the
-controllers (what each sequence wants next).
+"""``Engine``: the open engine. One loop owns the device; requests join, stream and leave while it runs.
 
-Each iteration: poll parked sequences; plan (admission, budget, preemption); launch the ragged step; fill
-grammar masks while it runs; collect (the one sync); hand each sampled token to its controller and apply
-its action. A controller's exception, or non-finite logits, end that sequence alone with
-``finish_reason="error"``; the batch goes on.
+Modelled on vLLM v1's EngineCore / AsyncLLM split, in one process:
+
+- ``engine.add_request(prompt, params=None, request_id=None) -> RequestHandle``: thread-safe, returns at
+  once; the request joins at the next step boundary. ``params`` is a ``RequestParams`` (or a dict of its
+  fields), checked here: a bad field raises ``ParameterError`` naming it. A full waiting queue
+  (``max_waiting`` requests accepted but not yet holding a cache slot) raises ``EngineFull``; a stopped
+  engine raises ``EngineStopped``. Requests with tool servers to connect open them on a worker thread.
+- ``engine.step()``: one iteration (take new requests, aborts and deadlines; schedule; one ragged step;
+  controllers; hand outputs to the handles). ``engine.start()`` runs steps on one background thread that
+  owns the device from then on; ``engine.stop(drain=True, timeout=None)`` finishes the running requests
+  (or, ``drain=False`` / past ``timeout``, cancels them) and joins it.
+- ``engine.abort(ids)`` / ``handle.cancel()``: the request ends at the next boundary with
+  ``finish_reason="cancelled"``; ``RequestParams.timeout_s`` ends it with ``"timeout"``. Either way its
+  pages go back with the next step and a parked tool call is cancelled (the tool session is closed).
+- ``engine.stats()``: an ``EngineStats`` snapshot (queue depth, running, parked, KV pages, totals).
+- ``engine.run(requests)``: the closed-batch convenience (``timjax.generate`` uses it): add every
+  ``Request`` and collect the results in order; it drives the steps itself on a stopped engine.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
-
 from timjax.buckets import bucket, cdiv, pow2
-from timjax.cache import check_invariants, pages_for_budget, release
-from timjax.engine.protocol import Action, PlainController, Request, SeqState
+from timjax.cache import check_invariants, pages_for_budget
+from timjax.engine.controllers import build_request, check_for_model, open_tools
+from timjax.engine.handle import RequestHandle
+from timjax.engine.loop import Loop
+from timjax.engine.outputs import EngineStats
+from timjax.engine.params import RequestParams
+from timjax.engine.protocol import PlainController, Request, SeqState
 from timjax.engine.runner import Runner
-from timjax.engine.scheduler import Row, Scheduler
-from timjax.model import Qwen3
-from timjax.results import FinishReason, GenerationResult, GenerationStats
+from timjax.errors import EngineFull, EngineStopped
+from timjax.results import GenerationResult, GenerationStats
+from timjax.validation import fail
+
+log = logging.getLogger(__name__)
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class Engine:
-    """Owns the paged cache and the compiled steps for one model; serves many ``run`` / ``generate`` calls.
+    """Owns the paged cache and the compiled steps for one model; serves requests as they come.
 
     Shapes come from buckets (slots: a power of two >= ``max_batch``; pages per sequence: a power of two;
     the pool: ``timjax.buckets.bucket`` pages unless ``kv_tokens`` fixes it), so one engine, or engines
     built with nearby settings, reuse the same compiled steps. ``max_step_tokens`` is the per-step token
-    budget (long prompts are chunked against it).
+    budget (long prompts are chunked against it). ``max_waiting`` bounds the waiting queue.
     """
 
     def __init__(
         self,
-        model: Qwen3,
+        model,
         *,
         max_batch: int = 8,
         page_size: int = 16,
@@ -52,8 +75,14 @@ class Engine:
         max_step_tokens: int = 512,
         reposition: str = "reencode",
         check_cache: bool = False,
+        max_waiting: int = 1024,
     ):
-        for name, value in (("max_batch", max_batch), ("page_size", page_size), ("max_step_tokens", max_step_tokens)):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("page_size", page_size),
+            ("max_step_tokens", max_step_tokens),
+            ("max_waiting", max_waiting),
+        ):
             _positive(name, value)
         if reposition not in ("reencode", "shift"):
             raise ValueError(f"reposition must be 'reencode' or 'shift', got {reposition!r}")
@@ -65,6 +94,7 @@ class Engine:
         self.max_step_tokens = max(max_step_tokens, max_batch)
         self.reposition = reposition
         self.check_cache = check_cache
+        self.max_waiting = max_waiting
         if kv_tokens is None and kv_memory_fraction is None:
             num_pages = bucket(max_batch * cdiv(self.max_seq_len, page_size))
         else:
@@ -80,8 +110,29 @@ class Engine:
             max_seq_len=pow2(cdiv(self.max_seq_len, page_size)) * page_size,
             num_pages=num_pages,
             impl=impl,
+            reposition=reposition,
         )
-        self.stats = {"iterations": 0, "dispatches": 0, "tokens": 0, "computed": 0, "preemptions": 0}
+        self.loop = Loop(
+            self.runner,
+            max_batch=max_batch,
+            max_seq_len=self.max_seq_len,
+            max_step_tokens=self.max_step_tokens,
+            tokenizer=model.tokenizer,
+        )
+        # shared with other threads, under _lock: the inbox, aborts, ids in flight, tool openings
+        self._lock = threading.Lock()
+        self._inbox: deque[SeqState] = deque()
+        self._aborts: set[str] = set()
+        self._ids: dict[str, SeqState | None] = {}  # accepted and not finished (None: not enqueued yet)
+        self._opening: dict[str, bool] = {}  # tools being connected: request id -> cancelled
+        self._index = itertools.count()  # arrival order = priority (older is preempted last)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._draining = False
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stats = self.loop.snapshot()
+        self.failure: BaseException | None = None  # the last exception a step raised (the loop goes on)
 
     # -- what tests and benchmarks look at --------------------------------------------------------
     @property
@@ -92,13 +143,228 @@ class Engine:
     def impl(self) -> str:
         return self.runner.impl
 
-    def generate(self, prompt, **kwargs):
-        """``timjax.generate`` on this engine (no new cache, no recompilation)."""
-        from timjax.api import generate
+    @property
+    def counters(self) -> dict[str, int]:
+        """Iterations, dispatches, tokens packed, tokens computed (with padding), preemptions."""
+        return self.loop.counters
 
-        return generate(self, prompt, **kwargs)
+    def stats(self) -> EngineStats:
+        with self._lock:
+            extra = len(self._inbox) + len(self._opening)
+        return self._stats.model_copy(update={"waiting": self._stats.waiting + extra})
+
+    # -- the door ---------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: RequestParams | dict | None = None, request_id: str | None = None
+    ) -> RequestHandle:
+        params = RequestParams.coerce(params)
+        check_for_model(self.model, params)
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        self._reserve(rid, bounded=True)
+        handle = RequestHandle(rid, self, self.model.tokenizer)
+        deadline = time.monotonic() + params.timeout_s if params.timeout_s is not None else None
+        if params.tools is not None and not hasattr(params.tools, "session"):  # servers to connect first
+            with self._lock:
+                self._opening[rid] = False
+            self._pool().submit(self._open_then_enqueue, prompt, params, handle, deadline)
+            return handle
+        try:
+            req = build_request(self.model, prompt, params, tools_runner=params.tools)
+        except BaseException:
+            with self._lock:
+                self._ids.pop(rid, None)
+            raise
+        self._enqueue(req, handle, deadline)
+        return handle
+
+    def abort(self, request_ids) -> None:
+        """End these requests at the next step boundary (``finish_reason="cancelled"``); unknown or
+        finished ids are ignored."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        with self._lock:
+            for rid in request_ids:
+                if rid in self._opening:
+                    self._opening[rid] = True
+                elif rid in self._ids:
+                    self._aborts.add(rid)
+        self._wake.set()
+
+    def _reserve(self, rid: str, *, bounded: bool) -> None:
+        if not isinstance(rid, str) or not rid:
+            raise fail("request_id", rid, "expected a non-empty string or None")
+        with self._lock:
+            if self._closed:
+                raise EngineStopped("the engine is stopping or stopped: no new requests")
+            if rid in self._ids:
+                raise fail("request_id", rid, "a request with this id is still running")
+            queued = self._stats.waiting + len(self._inbox) + len(self._opening)
+            if bounded and queued >= self.max_waiting:
+                raise EngineFull(f"the engine's waiting queue is full ({queued} of max_waiting={self.max_waiting})")
+            self._ids[rid] = None
+
+    def _enqueue(self, req: Request, handle: RequestHandle, deadline: float | None, close=None, on_token=None):
+        ctrl = req.controller or PlainController(max_new_tokens=req.max_new_tokens)
+        seq = SeqState(
+            next(self._index),
+            req,
+            ctrl,
+            pending=list(req.prompt),
+            started=time.perf_counter(),
+            request_id=handle.request_id,
+            handle=handle,
+            deadline=deadline,
+            on_token=on_token,
+            on_finish=lambda s, r: self._finished(s, close),
+        )
+        if hasattr(ctrl, "on_event"):  # the TIM controller's tree events go to the handle
+            ctrl.on_event = handle._push_tree
+        with self._lock:
+            self._ids[handle.request_id] = seq
+            self._inbox.append(seq)
+        self._wake.set()
+        return seq
+
+    def _finished(self, seq: SeqState, close: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._ids.pop(seq.request_id, None)
+        if close is not None:
+            self._pool().submit(close)  # closing MCP clients may block: never on the loop thread
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._workers is None:
+                self._workers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="timjax-tools")
+            return self._workers
+
+    def _open_then_enqueue(self, prompt, params: RequestParams, handle: RequestHandle, deadline) -> None:
+        """On a worker thread: connect the request's tool servers, build its controller, enqueue it."""
+        close = None
+        try:
+            runner, close = open_tools(params)
+            req = build_request(self.model, prompt, params, tools_runner=runner)
+        except Exception as e:  # noqa: BLE001 - a tool server that cannot start fails its request alone
+            if close is not None:
+                close()
+            return self._end_unqueued(handle, "error", f"the request's tools could not be opened: {e}")
+        with self._lock:
+            cancelled = self._opening.pop(handle.request_id, False)
+        if cancelled or (deadline is not None and time.monotonic() >= deadline):
+            if close is not None:
+                close()
+            return self._end_unqueued(handle, "cancelled" if cancelled else "timeout", None)
+        self._enqueue(req, handle, deadline, close)
+
+    def _end_unqueued(self, handle: RequestHandle, reason, error: str | None) -> None:
+        with self._lock:
+            self._opening.pop(handle.request_id, None)
+            self._ids.pop(handle.request_id, None)
+        stats = GenerationStats(prompt_tokens=0, generated_tokens=0, time_s=0.0, tokens_per_s=0.0)
+        handle._finish(GenerationResult(tokens=[], finish_reason=reason, error=error, stats=stats))
 
     # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration; False when nothing ran on the device (idle, or every live request waits on a
+        tool). Only the thread that owns the engine may call it."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("the engine's loop thread owns the device: call stop() before step()")
+        self._take_inbox()
+        ran = self.loop.iteration() if self.loop.live() else False
+        if self.check_cache:
+            check_invariants(self.cache)
+        if not self.loop.live():
+            self.loop.release_idle()
+        self._stats = self.loop.snapshot()
+        return ran
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            new, aborts = list(self._inbox), self._aborts
+            self._inbox.clear()
+            self._aborts = set()
+            seqs = [self._ids.get(rid) for rid in aborts]
+        for seq in new:
+            self.loop.admit(seq)
+        for seq in seqs:
+            if seq is not None and seq.request_id in self._ids:
+                self.loop.finish(seq, "cancelled", "cancelled by the client")
+        now = time.monotonic()
+        for seq in self.loop.live():
+            if seq.deadline is not None and now >= seq.deadline:
+                self.loop.finish(seq, "timeout", "the request's deadline (timeout_s) passed")
+
+    def _busy(self) -> bool:
+        return bool(self._inbox or self._aborts or self.loop.live())
+
+    def start(self) -> None:
+        """Run the loop on a background thread (it owns the device until ``stop``)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._closed = self._draining = False
+            self._thread = threading.Thread(target=self._serve, name="timjax-engine", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self._busy():
+                with self._lock:
+                    opening = bool(self._opening)
+                if self._draining and not opening:
+                    return
+                self._wake.wait(0.05)
+                continue
+            try:
+                ran = self.step()
+            except Exception as e:  # noqa: BLE001 - fail what is live, keep serving
+                self._fail_live(e)
+                continue
+            if not ran and self.loop.live():  # every live request waits on a tool: do not spin
+                self._wake.wait(0.001)
+
+    def _fail_live(self, e: BaseException) -> None:
+        log.exception("engine step failed")
+        self.failure = e
+        for seq in self.loop.live():
+            try:
+                self.loop.finish(seq, "error", f"internal: the engine step raised {type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001
+                log.exception("finishing a request after a failed step")
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; ``drain``: let the accepted ones finish (those left after ``timeout``
+        seconds are cancelled); else cancel them now. Joins the loop thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if not drain:
+            self._abort_all()
+        if thread is None:
+            t_end = None if timeout is None else time.monotonic() + timeout
+            while self._busy() or self._opening:
+                if t_end is not None and time.monotonic() > t_end:
+                    self._abort_all()
+                    t_end = None
+                if not self.step():
+                    time.sleep(0.001)
+        else:
+            self._draining = True
+            self._wake.set()
+            thread.join(timeout)
+            if thread.is_alive():
+                self._abort_all()
+                thread.join()
+            self._thread = None
+        if self._workers is not None:
+            self._workers.shutdown(wait=False)
+            self._workers = None
+
+    def _abort_all(self) -> None:
+        with self._lock:
+            ids = list(self._ids)
+        self.abort(ids)
+
     def run(
         self,
         requests: list[Request],
@@ -108,198 +374,33 @@ class Engine:
         on_step: Callable[[Engine, list[SeqState]], None] | None = None,
         reposition: str | None = None,
     ) -> list[GenerationResult]:
-        """Serve every request; ``on_step(engine, running)`` is called after each iteration (tests and
-        tracing: the cache and every resident sequence are consistent then)."""
-        run = _Run(self, requests, on_token, progress, reposition or self.reposition)
-        while run.sched.live():
-            run.iteration()
-            if self.check_cache:
-                check_invariants(self.cache)
-            if on_step is not None:
-                on_step(self, run.sched.resident)
-        run.flush_edits()
-        return run.results  # type: ignore[return-value]
-
-
-class _Run:
-    """The state of one ``Engine.run``: the scheduler over its requests and their results."""
-
-    def __init__(self, engine: Engine, requests: list[Request], on_token, progress, reposition: str):
-        self.engine, self.runner, self.on_token, self.progress = engine, engine.runner, on_token, progress
-        if reposition not in ("reencode", "shift"):
+        """Serve every request and return the results in order (add + collect). ``on_token(i, token)`` hears
+        each sampled token of request i; ``on_step(engine, resident)`` is called after each iteration on a
+        stopped engine (tests and tracing: the cache and every resident sequence are consistent then)."""
+        if reposition is not None and reposition not in ("reencode", "shift"):
             raise ValueError(f"reposition must be 'reencode' or 'shift', got {reposition!r}")
-        self.runner.reposition = reposition
-        self.results: list[GenerationResult | None] = [None] * len(requests)
-        cache = self.runner.cache
-        self.sched = Scheduler(
-            slots=cache.max_seqs,
-            max_batch=engine.max_batch,
-            num_pages=cache.num_pages,
-            page_size=cache.page_size,
-            max_step_tokens=engine.max_step_tokens,
-        )
-        vocab = engine.cfg.vocab_size
+        running = self._thread is not None
+        if running and on_step is not None:
+            raise RuntimeError("on_step needs a stopped engine (run() then drives the steps itself)")
+        handles = []
+        tag = uuid.uuid4().hex[:8]
         for i, req in enumerate(requests):
-            ctrl = req.controller or PlainController(max_new_tokens=req.max_new_tokens)
-            seq = SeqState(i, req, ctrl, pending=list(req.prompt), started=time.perf_counter())
-            if not req.prompt:
-                self.finish(seq, "error", "empty prompt")
-            elif len(req.prompt) >= engine.max_seq_len:
-                self.finish(
-                    seq, "error", f"prompt of {len(req.prompt)} tokens does not fit max_seq_len={engine.max_seq_len}"
-                )
-            elif max(req.prompt) >= vocab or min(req.prompt) < 0:
-                self.finish(seq, "error", f"prompt token id out of range [0, {vocab})")
-            else:
-                self.sched.add(seq)
-
-    # -- one iteration ----------------------------------------------------------------------------
-    def iteration(self) -> None:
-        self.poll_parked()
-        plan = self.sched.plan()
-        for seq, msg in plan.failed:
-            self.finish(seq, "error", msg)
-        self.engine.stats["preemptions"] += len(plan.preempted)
-        if not plan.rows:
-            if self.sched.live():
+            if reposition is not None and req.reposition is None:
+                req = dataclasses.replace(req, reposition=reposition)
+            rid = f"run-{tag}-{i}"
+            self._reserve(rid, bounded=False)
+            h = RequestHandle(rid, self, stream=False)
+            close = (lambda: progress.update(1)) if progress is not None else None
+            tok_cb = (lambda t, i=i: on_token(i, t)) if on_token is not None else None
+            seq = self._enqueue(req, h, None, on_token=tok_cb)
+            if close is not None:
+                seq.on_finish = lambda s, r, c=close: (self._finished(s, None), c())
+            handles.append(h)
+        if running:
+            return [h.result() for h in handles]
+        while not all(h.done for h in handles):
+            if not self.step():
                 time.sleep(0.001)  # every live sequence waits on something outside the device
-            return
-        t0 = time.perf_counter()
-        step = self.runner.launch(plan.rows, self.sched.slots)
-        mask_errors = self.fill_masks(step.rows, step.mask) if step.mask is not None else {}
-        tokens, bad, oom = self.runner.collect(step)
-        elapsed = time.perf_counter() - t0
-        st = self.engine.stats
-        st["iterations"] += 1
-        st["dispatches"] = self.runner.dispatches
-        st["tokens"] += step.tokens
-        st["computed"] += step.computed
-        for row in plan.rows:
-            self.after_step(
-                row,
-                int(tokens[row.seq.slot]),
-                bool(bad[row.seq.slot]),
-                bool(oom[row.seq.slot]),
-                mask_errors.get(row.seq.index),
-                elapsed,
-            )
-
-    def fill_masks(self, rows: list[Row], mask: np.ndarray) -> dict[int, str]:
-        """Runs while the device computes the forward. A failing fill leaves its row unmasked; that
-        sequence ends with the error after the sync."""
-        errors = {}
-        for r in rows:
-            if r.samples and r.seq.controller.wants_mask:
-                try:
-                    r.seq.controller.fill_mask(mask[r.seq.slot])
-                except Exception as e:  # noqa: BLE001 - one sequence's failure never takes down the others
-                    errors[r.seq.index] = f"controller.fill_mask raised {type(e).__name__}: {e}"
-        return errors
-
-    def after_step(self, row: Row, token: int, bad: bool, oom: bool, mask_error: str | None, elapsed: float):
-        s = row.seq
-        if oom:  # the scheduler's page count rules this out: an internal error, reported, not hidden
-            return self.finish(s, "error", "internal: the KV allocator refused pages the scheduler counted as free")
-        s.cached += s.pending[: row.n]
-        s.pending = s.pending[row.n :]
-        s.peak_cached = max(s.peak_cached, len(s.cached))
-        if row.n > 1:
-            s.extend_time_s += elapsed
-        if not row.samples:  # a chunk of a longer write: the sample is not needed
-            return None
-        if mask_error:
-            return self.finish(s, "error", mask_error)
-        if bad:
-            return self.finish(
-                s,
-                "error",
-                f"non-finite logits (NaN or inf) after {len(s.cached)} cached tokens: "
-                "the model's weights or activations are not finite",
-            )
-        s.sampled += 1
-        if s.first_token_s is None:
-            s.first_token_s = time.perf_counter() - s.started
-        try:
-            action = s.controller.on_token(token, s)
-        except Exception as e:  # noqa: BLE001
-            return self.finish(s, "error", f"controller.on_token raised {type(e).__name__}: {e}")
-        if self.on_token is not None:
-            self.on_token(s.index, token)
-        return self.apply(s, action)
-
-    def poll_parked(self) -> None:
-        for s in [s for s in self.sched.live() if s.parked]:
-            poll = getattr(s.controller, "poll", None)
-            if poll is None:
-                self.finish(s, "error", "the controller parked the sequence but has no poll method")
-                continue
-            try:
-                action = poll(s)
-            except Exception as e:  # noqa: BLE001
-                self.finish(s, "error", f"controller.poll raised {type(e).__name__}: {e}")
-                continue
-            if action is not None:
-                self.sched.unpark(s)
-                self.apply(s, action)
-
-    def apply(self, s: SeqState, action: Action) -> None:
-        """A controller's action: feed, prune, then finish, park, or go on."""
-        max_new = s.request.max_new_tokens
-        try:
-            s.pending += [int(t) for t in action.feed]
-            if action.prune:
-                self.runner.prune(s, action.prune)
-        except Exception as e:  # noqa: BLE001 - a bad feed or prune op is that controller's fault
-            return self.finish(s, "error", f"the controller's action could not be applied: {type(e).__name__}: {e}")
-        if action.finish is not None:
-            return self.finish(s, action.finish, action.error)
-        if len(s.generated) >= max_new:  # the hard cap on tokens written, forced ones included
-            return self.finish(s, "length")
-        if s.working_tokens > self.engine.max_seq_len:
-            return self.finish(s, "length", f"the working memory reached max_seq_len={self.engine.max_seq_len}")
-        s.parked = action.park
-        if s.parked and s.slot is None:
-            self.sched.remove(s)  # waiting while parked: not admitted until poll unparks it
-            self.sched.parked_waiting.append(s)
-        if not s.pending and not s.parked:
-            return self.finish(s, "error", "the controller fed no token and did not park or finish")
-        return None
-
-    # -- the end of a sequence --------------------------------------------------------------------
-    def finish(self, s: SeqState, reason: FinishReason, error: str | None = None) -> None:
-        self.sched.remove(s)
-        elapsed = time.perf_counter() - s.started
-        tokens = s.generated[: s.request.max_new_tokens]
-        tok = self.engine.model.tokenizer
-        result = GenerationResult(
-            tokens=tokens,
-            text=tok.decode(tokens) if tok is not None else None,
-            finish_reason=reason,
-            error=error,
-            stats=GenerationStats(
-                prompt_tokens=len(s.request.prompt),
-                generated_tokens=len(tokens),
-                time_s=elapsed,
-                tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
-                first_token_s=s.first_token_s,
-                reencoded_tokens=s.reencoded,
-                extend_time_s=s.extend_time_s,
-                peak_working_tokens=s.peak_cached,
-                preemptions=s.preemptions,
-            ),
-        )
-        try:
-            s.controller.finish(s, result)
-        except Exception as e:  # noqa: BLE001
-            result.finish_reason = "error"
-            result.error = f"controller.finish raised {type(e).__name__}: {e}" + (f" (after: {error})" if error else "")
-        result.stats.peak_working_tokens = s.peak_cached  # what the cache held, whatever a controller counted
-        self.results[s.index] = result
-        if self.progress is not None:
-            self.progress.update(1)
-
-    def flush_edits(self) -> None:
-        """Every sequence has finished: return all pages now, in one call (the next run's first step would
-        otherwise do it), and drop edits meant for sequences that are gone."""
-        self.runner.compactions.clear()
-        self.runner.cache = release(self.runner.cache, jnp.ones(self.runner.slots, bool))
+            if on_step is not None:
+                on_step(self, self.loop.sched.resident)
+        return [h.result() for h in handles]

@@ -61,6 +61,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     controller: Controller | None = None
+    reposition: str | None = None  # "reencode" / "shift" for this request's pruned spans; None = the engine's
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,6 +85,13 @@ class SeqState:
     reencoded: int = 0
     preemptions: int = 0
     peak_cached: int = 0  # the most tokens its cache slot held
+    # the open engine's bookkeeping (timjax.engine.loop): who hears about it, and when it must end
+    request_id: str = ""
+    handle: Any = None  # a RequestHandle (or None): gets token deltas, tree events and the result
+    emitted: int = 0  # generated tokens already handed to the handle
+    deadline: float | None = None  # time.monotonic() past which it ends with "timeout"
+    on_token: Any = None  # Engine.run's callback(position, sampled token)
+    on_finish: Any = None  # callback(seq, result) after the handle has the result (closing tools, ...)
 
     @property
     def working_tokens(self) -> int:

@@ -89,7 +89,7 @@ class Runner:
             return
         lo, hi = gone[0], gone[-1] + 1
         can_shift = (
-            self.reposition == "shift"
+            (seq.request.reposition or self.reposition) == "shift"
             and hi - lo == len(gone)
             and seq.slot not in self.compactions
             and len(self.compactions) < MAX_COMPACTIONS
@@ -103,7 +103,10 @@ class Runner:
 
     # -- one step ----------------------------------------------------------------------------------
     def _edits(self, slots: list[SeqState | None]) -> steps.Edits:
-        edits = make_edits(slots, self.compactions, MAX_COMPACTIONS if self.reposition == "shift" else 0)
+        # a shift-mode engine always carries compaction slots (one compiled shape); a re-encode engine only
+        # when a shift-mode request asked for one
+        shift = self.reposition == "shift" or bool(self.compactions)
+        edits = make_edits(slots, self.compactions, MAX_COMPACTIONS if shift else 0)
         self.compactions.clear()
         return edits
 

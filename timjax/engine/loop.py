@@ -1,0 +1,248 @@
+"""The loop's state across steps: the scheduler over every live sequence, and one iteration of it.
+
+Each iteration: poll parked sequences; plan (admission, budget, preemption); launch the ragged step; fill
+grammar masks while it runs; collect (the one sync); hand each sampled token to its controller and apply
+its action; hand the new tokens to each sequence's handle. A controller's exception, or non-finite logits,
+end that sequence alone with ``finish_reason="error"``; the others go on. Sequences join (``admit``) and
+leave (``finish``: done, cancelled, timed out) only between two iterations; a finished sequence's slot is
+released by the next step's edits, or by ``release_idle`` once nothing is live.
+
+Only the thread that owns the engine calls into this module.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from timjax.cache import release
+from timjax.engine.outputs import EngineStats
+from timjax.engine.protocol import Action, SeqState
+from timjax.engine.runner import Runner
+from timjax.engine.scheduler import Row, Scheduler
+from timjax.results import FinishReason, GenerationResult, GenerationStats
+
+
+class Loop:
+    def __init__(self, runner: Runner, *, max_batch: int, max_seq_len: int, max_step_tokens: int, tokenizer):
+        self.runner = runner
+        self.max_seq_len = max_seq_len
+        self.tokenizer = tokenizer
+        cache = runner.cache
+        self.sched = Scheduler(
+            slots=cache.max_seqs,
+            max_batch=max_batch,
+            num_pages=cache.num_pages,
+            page_size=cache.page_size,
+            max_step_tokens=max_step_tokens,
+        )
+        self.counters = {"iterations": 0, "dispatches": 0, "tokens": 0, "computed": 0, "preemptions": 0}
+        self.totals = EngineStats(kv_pages_total=cache.num_pages, kv_pages_free=cache.num_pages)
+        self.dirty = False  # a slot was freed since the last step: its pages go back with the next edits
+        self.vocab = runner.cfg.vocab_size
+
+    # -- joining and leaving ----------------------------------------------------------------------
+    def admit(self, seq: SeqState) -> None:
+        req = seq.request
+        if not req.prompt:
+            self.finish(seq, "error", "empty prompt")
+        elif len(req.prompt) >= self.max_seq_len:
+            self.finish(seq, "error", f"prompt of {len(req.prompt)} tokens does not fit max_seq_len={self.max_seq_len}")
+        elif max(req.prompt) >= self.vocab or min(req.prompt) < 0:
+            self.finish(seq, "error", f"prompt token id out of range [0, {self.vocab})")
+        else:
+            self.sched.add(seq)
+
+    def live(self) -> list[SeqState]:
+        return self.sched.live()
+
+    def release_idle(self) -> None:
+        """Nothing is live: return every page now (no step would carry the releases) and drop edits meant
+        for sequences that are gone."""
+        if self.dirty:
+            self.runner.compactions.clear()
+            self.runner.cache = release(self.runner.cache, jnp.ones(self.runner.slots, bool))
+            self.dirty = False
+            self.snapshot()
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def iteration(self) -> bool:
+        """One step; False when no sequence could run (every live one waits on something off the device)."""
+        self.poll_parked()
+        plan = self.sched.plan()
+        for seq, msg in plan.failed:
+            self.finish(seq, "error", msg)
+        self.counters["preemptions"] += len(plan.preempted)
+        if not plan.rows:
+            return False
+        t0 = time.perf_counter()
+        step = self.runner.launch(plan.rows, self.sched.slots)
+        self.dirty = False  # the step's edits released every freed slot
+        mask_errors = self.fill_masks(step.rows, step.mask) if step.mask is not None else {}
+        tokens, bad, oom = self.runner.collect(step)
+        elapsed = time.perf_counter() - t0
+        st = self.counters
+        st["iterations"] += 1
+        st["dispatches"] = self.runner.dispatches
+        st["tokens"] += step.tokens
+        st["computed"] += step.computed
+        for row in plan.rows:
+            slot = row.seq.slot
+            self.after_step(row, int(tokens[slot]), bool(bad[slot]), bool(oom[slot]), mask_errors.get(id(row.seq)), elapsed)
+        return True
+
+    def fill_masks(self, rows: list[Row], mask: np.ndarray) -> dict[int, str]:
+        """Runs while the device computes the forward. A failing fill leaves its row unmasked; that
+        sequence ends with the error after the sync."""
+        errors = {}
+        for r in rows:
+            if r.samples and r.seq.controller.wants_mask:
+                try:
+                    r.seq.controller.fill_mask(mask[r.seq.slot])
+                except Exception as e:  # noqa: BLE001 - one sequence's failure never takes down the others
+                    errors[id(r.seq)] = f"controller.fill_mask raised {type(e).__name__}: {e}"
+        return errors
+
+    def after_step(self, row: Row, token: int, bad: bool, oom: bool, mask_error: str | None, elapsed: float):
+        s = row.seq
+        if oom:  # the scheduler's page count rules this out: an internal error, reported, not hidden
+            return self.finish(s, "error", "internal: the KV allocator refused pages the scheduler counted as free")
+        s.cached += s.pending[: row.n]
+        s.pending = s.pending[row.n :]
+        s.peak_cached = max(s.peak_cached, len(s.cached))
+        if row.n > 1:
+            s.extend_time_s += elapsed
+        if not row.samples:  # a chunk of a longer write: the sample is not needed
+            return None
+        if mask_error:
+            return self.finish(s, "error", mask_error)
+        if bad:
+            return self.finish(
+                s,
+                "error",
+                f"non-finite logits (NaN or inf) after {len(s.cached)} cached tokens: "
+                "the model's weights or activations are not finite",
+            )
+        s.sampled += 1
+        if s.first_token_s is None:
+            s.first_token_s = time.perf_counter() - s.started
+        try:
+            action = s.controller.on_token(token, s)
+        except Exception as e:  # noqa: BLE001
+            return self.finish(s, "error", f"controller.on_token raised {type(e).__name__}: {e}")
+        if s.on_token is not None:
+            s.on_token(token)
+        return self.apply(s, action)
+
+    def poll_parked(self) -> None:
+        for s in [s for s in self.sched.live() if s.parked]:
+            poll = getattr(s.controller, "poll", None)
+            if poll is None:
+                self.finish(s, "error", "the controller parked the sequence but has no poll method")
+                continue
+            try:
+                action = poll(s)
+            except Exception as e:  # noqa: BLE001
+                self.finish(s, "error", f"controller.poll raised {type(e).__name__}: {e}")
+                continue
+            if action is not None:
+                self.sched.unpark(s)
+                self.apply(s, action)
+
+    def apply(self, s: SeqState, action: Action) -> None:
+        """A controller's action: feed, prune, then finish, park, or go on."""
+        max_new = s.request.max_new_tokens
+        try:
+            s.pending += [int(t) for t in action.feed]
+            if action.prune:
+                self.runner.prune(s, action.prune)
+        except Exception as e:  # noqa: BLE001 - a bad feed or prune op is that controller's fault
+            return self.finish(s, "error", f"the controller's action could not be applied: {type(e).__name__}: {e}")
+        if action.finish is not None:
+            return self.finish(s, action.finish, action.error)
+        if len(s.generated) >= max_new:  # the hard cap on tokens written, forced ones included
+            return self.finish(s, "length")
+        if s.working_tokens > self.max_seq_len:
+            return self.finish(s, "length", f"the working memory reached max_seq_len={self.max_seq_len}")
+        s.parked = action.park
+        if s.parked and s.slot is None:
+            self.sched.remove(s)  # waiting while parked: not admitted until poll unparks it
+            self.sched.parked_waiting.append(s)
+        if not s.pending and not s.parked:
+            return self.finish(s, "error", "the controller fed no token and did not park or finish")
+        self.emit(s)
+        return None
+
+    def emit(self, s: SeqState) -> None:
+        """Hand the tokens written since the last call to the sequence's handle."""
+        end = min(len(s.generated), s.request.max_new_tokens)
+        if end > s.emitted:
+            new = s.generated[s.emitted : end]
+            s.emitted = end
+            self.totals.tokens_generated_total += len(new)
+            if s.handle is not None:
+                s.handle._push_tokens(new)
+
+    # -- the end of a sequence --------------------------------------------------------------------
+    def finish(self, s: SeqState, reason: FinishReason, error: str | None = None) -> None:
+        if s.slot is not None:
+            self.dirty = True
+        self.sched.remove(s)
+        s.parked = False
+        result = self._result(s, reason, error)
+        try:
+            s.controller.finish(s, result)
+        except Exception as e:  # noqa: BLE001
+            result.finish_reason = "error"
+            result.error = f"controller.finish raised {type(e).__name__}: {e}" + (f" (after: {error})" if error else "")
+        result.stats.peak_working_tokens = s.peak_cached  # what the cache held, whatever a controller counted
+        self.emit(s)
+        t = self.totals
+        t.requests_finished_total += 1
+        t.pruned_tokens_total += result.stats.pruned_tokens
+        t.tool_calls_total += result.stats.tool_calls
+        if s.handle is not None:
+            s.handle._finish(result)
+        if s.on_finish is not None:
+            s.on_finish(s, result)
+
+    def _result(self, s: SeqState, reason: FinishReason, error: str | None) -> GenerationResult:
+        elapsed = time.perf_counter() - s.started
+        tokens = s.generated[: s.request.max_new_tokens]
+        tok = self.tokenizer
+        return GenerationResult(
+            tokens=tokens,
+            text=tok.decode(tokens) if tok is not None else None,
+            finish_reason=reason,
+            error=error,
+            stats=GenerationStats(
+                prompt_tokens=len(s.request.prompt),
+                generated_tokens=len(tokens),
+                time_s=elapsed,
+                tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
+                first_token_s=s.first_token_s,
+                reencoded_tokens=s.reencoded,
+                extend_time_s=s.extend_time_s,
+                peak_working_tokens=s.peak_cached,
+                preemptions=s.preemptions,
+            ),
+        )
+
+    def snapshot(self, waiting_extra: int = 0) -> EngineStats:
+        """The stats as of now (the loop thread calls this after each step)."""
+        sched, t = self.sched, self.totals
+        resident = sched.resident
+        used = sum(sched.pages(s) for s in resident)
+        return t.model_copy(
+            update=dict(
+                waiting=len(sched.waiting) + waiting_extra,
+                running=len(resident),
+                parked=sum(s.parked for s in resident) + len(sched.parked_waiting),
+                kv_pages_used=used,
+                kv_pages_free=sched.num_pages - used,
+                preemptions_total=self.counters["preemptions"],
+                steps_total=self.counters["iterations"],
+            )
+        )
