@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 import ml_dtypes
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 import numpy as np
 from safetensors.numpy import save_file
 

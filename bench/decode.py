@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,6 +315,16 @@ def per_token_timing(run, n_new: int, repeats: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- transformers
+def missing_optional(module: str) -> str | None:
+    """None when ``module`` can be imported, else the note for a skipped row (torch is only in the test
+    extra: a default install benchmarks timjax alone)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return f"skipped: {module} is not installed (pip install -e '.[test]' adds it)"
+    return None
+
+
 def hf_config(cfg: Qwen3Config):
     import transformers
 
@@ -604,6 +618,11 @@ def main(argv=None) -> dict[str, Any]:
                     log(f"  kernel {kr['kernel']:<52} " + (f"{t.median * 1e6:9.1f} us" if t else kr["note"]))
         if "torch" in args.methods:
             torch_w = total_weight_bytes(cfg, dtype)  # torch keeps the embedding and (tied) head once
+            missing = missing_optional("torch")
+            if missing:  # an optional peer: say so in its row and keep the rest of the run (and its JSON)
+                log(f"  transformers generate: {missing}")
+                add("transformers generate (torch)", B, None, missing)
+                continue
             import torch
 
             if args.shape == "8b" and not torch.cuda.is_available():

@@ -21,6 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/prune_share.py` from the repo root
 
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 GROUPS = [("arith", 1), ("arith", 2), ("arith", 3), ("arith", 4), ("arith", 5), ("lookup", 2), ("lookup", 3)]
 BUFFERS = [0, 1, 2]
 

@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -55,6 +55,10 @@ if ARGS is not None and ARGS.devices > 0:  # must precede the first jax import
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -41,6 +41,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/tools.py` from the repo root
 
 
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
+
 import timjax
 from bench.common import environment, load_average, log, print_table, write_json
 from bench.common import table as table_text

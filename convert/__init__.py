@@ -2,7 +2,7 @@
 
 Public API::
 
-    convert_hf_to_timjax(hf_dir, out_dir, *, dtype="bfloat16", overwrite=False, progress=True) -> Path
+    convert_hf_to_timjax(hf_dir, out_dir, *, dtype=None, overwrite=False, progress=True) -> Path  # dtype: as stored
     read_params(path, dtype=None) -> (Qwen3Config, params)      # a timjax dir or an HF dir
     export_timjax_to_hf(src, out_dir, *, dtype=None, max_shard_bytes=5 GiB, overwrite=False,
                         tokenizer_dir=None, progress=True) -> Path  # src: timjax dir or (cfg, params)
@@ -40,7 +40,7 @@ timjax checkpoint format (``format_version`` 1)
 Each orbax item is a plain ``orbax.checkpoint.PyTreeCheckpointer`` save of numpy arrays (restores as
 numpy). Layers are stored one item each so neither writing nor reading ever needs a whole stacked
 ``[L, ...]`` array in memory besides the destination; the loader stacks them. Weights are in ``dtype``
-(bfloat16 by default), norms in float32.
+(by default the source tensors' own), norms in float32.
 
 Policies
 --------
@@ -54,12 +54,13 @@ Policies
   file (and tensor).
 """
 
-from .hf_to_timjax import HFPlan, convert_hf_to_timjax, read_params, scan_hf_checkpoint
+from .hf_to_timjax import HFPlan, checkpoint_dtype, convert_hf_to_timjax, read_params, scan_hf_checkpoint
 from .safetensors_io import TOKENIZER_FILES, resolve_dtype
 from .timjax_format import FORMAT_VERSION, TimjaxCheckpoint, flatten_params, nest_params
 from .timjax_to_hf import DEFAULT_MAX_SHARD_BYTES, export_timjax_to_hf
 
 __all__ = [
+    "checkpoint_dtype",
     "convert_hf_to_timjax",
     "read_params",
     "export_timjax_to_hf",

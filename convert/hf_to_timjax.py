@@ -16,6 +16,7 @@ from timjax.errors import (
     MissingFileError,
     TensorMissingError,
     TensorShapeError,
+    TimjaxError,
     UnexpectedTensorError,
 )
 from timjax.params import (
@@ -34,7 +35,9 @@ from .safetensors_io import (
     check_dtype,
     check_finite,
     check_readable,
+    _ST_TO_NP,
     copy_side_files,
+    dtype_name,
     release_memory,
     resolve_dtype,
     staged_output_dir,
@@ -129,6 +132,22 @@ class HFPlan:
     def source_dtypes(self) -> list[str]:
         return sorted({self.weights.tensors[n].dtype for n in self.rows})
 
+    def own_dtype(self) -> np.dtype:
+        """The dtype the checkpoint's weights are stored in: the default whenever no dtype is asked for, so a
+        float32 checkpoint computes in float32 (and matches transformers) unless the user asks otherwise.
+        The tensors decide (a config's ``torch_dtype`` can be stale); if they mix float dtypes, the config's
+        dtype when it is one of them, else the widest."""
+        stored = [_ST_TO_NP[d] for d in self.source_dtypes() if d in _ST_TO_NP]
+        if len(set(stored)) == 1:
+            return stored[0]
+        try:
+            declared = resolve_dtype(self.cfg.torch_dtype)
+        except TimjaxError:
+            declared = None
+        if declared in stored or not stored:
+            return declared if declared is not None else np.dtype(np.float32)
+        return max(stored, key=lambda d: d.itemsize)
+
     def stream(
         self, dtype: np.dtype, progress: bool = False, desc: str = "convert"
     ) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
@@ -216,9 +235,10 @@ def scan_hf_checkpoint(hf_dir: str | Path) -> HFPlan:
 
 
 def convert_hf_to_timjax(
-    hf_dir: str | Path, out_dir: str | Path, *, dtype: Any = "bfloat16", overwrite: bool = False, progress: bool = True
+    hf_dir: str | Path, out_dir: str | Path, *, dtype: Any = None, overwrite: bool = False, progress: bool = True
 ) -> Path:
     """Convert a Hugging Face Qwen3 safetensors checkpoint directory into a timjax checkpoint at ``out_dir``.
+    ``dtype`` (bfloat16/float16/float32) defaults to the dtype the source tensors are stored in.
 
     Streams shard by shard and writes layer by layer, so host memory stays near one layer (plus any layer
     split across two shards). Writes into a temp dir beside ``out_dir`` and renames it at the end: on failure
@@ -226,7 +246,6 @@ def convert_hf_to_timjax(
     """
     check_convert(hf_dir, out_dir, dtype, overwrite, progress)
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    target = resolve_dtype(dtype)
     if out.exists() and not overwrite:  # fail before scanning
         from timjax.errors import OutputExistsError
 
@@ -235,6 +254,7 @@ def convert_hf_to_timjax(
         )
     plan = scan_hf_checkpoint(hf_dir)
     cfg = plan.cfg
+    target = plan.own_dtype() if dtype is None else resolve_dtype(dtype)
     ckptr = orbax_checkpointer()
     with staged_output_dir(out, overwrite, protect=[hf_dir]) as tmp:
         params_dir = tmp / PARAMS_DIR
@@ -268,7 +288,7 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
 
     ``path`` is a converted timjax dir (has ``timjax.json``) or a Hugging Face checkpoint dir (converted in
     memory). ``dtype`` (bfloat16/float16/float32) defaults to the stored dtype for a timjax dir and to the
-    config's ``torch_dtype``/``dtype`` for an HF dir. Norm weights are always float32.
+    dtype its tensors are stored in for an HF dir (``HFPlan.own_dtype``). Norm weights are always float32.
     Returns ``(cfg, {"embed", "final_norm", "lm_head" (untied only), "layers": {"q_proj": [L, ...], ...}})``.
     """
     path_like("path", path)
@@ -289,13 +309,7 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
         )
     plan = scan_hf_checkpoint(path)
     cfg = plan.cfg
-    if dtype is None:
-        try:
-            target = resolve_dtype(cfg.torch_dtype)
-        except Exception:
-            target = resolve_dtype("bfloat16")
-    else:
-        target = resolve_dtype(dtype)
+    target = plan.own_dtype() if dtype is None else resolve_dtype(dtype)
     flat = {p: None for p in param_shapes(cfg)}
     stacked = {
         p: np.empty(s, dtype=param_dtype(p, target)) for p, s in param_shapes(cfg).items() if p.startswith("layers.")
@@ -310,4 +324,13 @@ def read_params(path: str | Path, dtype: Any = None) -> tuple[Qwen3Config, dict[
     return cfg, nest_params(flat)
 
 
-__all__ = ["convert_hf_to_timjax", "read_params", "scan_hf_checkpoint", "HFPlan", "load_hf_config"]
+def checkpoint_dtype(path: str | Path) -> str:
+    """The name of the dtype a timjax or Hugging Face checkpoint directory stores its weights in: what
+    ``timjax.load`` and the CLI compute in when no dtype is given."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return TimjaxCheckpoint(path).meta["dtype"]
+    return dtype_name(scan_hf_checkpoint(path).own_dtype())
+
+
+__all__ = ["checkpoint_dtype", "convert_hf_to_timjax", "read_params", "scan_hf_checkpoint", "HFPlan", "load_hf_config"]

@@ -122,3 +122,23 @@ def random_tim_model(tokenizer, *, max_position_embeddings: int):
         eos_token_id=151645,
     )
     return timjax.random_model(cfg, dtype="float32", seed=3, tokenizer=tokenizer)
+
+
+# The versions that decide most failures, printed first in every test log (CI resolves the newest the
+# bounds in pyproject.toml allow, so its log must say which those were). -q hides pytest's own header.
+VERSIONED = ("jax", "jaxlib", "flax", "transformers", "torch", "mcp", "llguidance", "kernels")
+
+
+def pytest_sessionstart(session):
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    line = "versions: " + ", ".join(f"{n} {v(n)}" for n in VERSIONED)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)

@@ -218,14 +218,16 @@ def test_export_dtype_change(converted, tmp_path):
     assert transformers.Qwen3ForCausalLM.from_pretrained(out).dtype == torch.float16
 
 
-def test_default_dtype_is_bf16_and_overwrite(hf_dirs, tmp_path):
+def test_default_dtype_is_the_sources_and_overwrite(hf_dirs, tmp_path):
     out = tmp_path / "o"
     convert_hf_to_timjax(hf_dirs["untied-f32-single"], out, progress=False)
-    assert json.loads((out / "timjax.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "timjax.json").read_text())["dtype"] == "float32"  # as stored (issue 19)
     with pytest.raises(errors.OutputExistsError, match=str(out)):
         convert_hf_to_timjax(hf_dirs["untied-f32-single"], out, progress=False)
-    convert_hf_to_timjax(hf_dirs["untied-f32-single"], out, dtype="float32", overwrite=True, progress=False)
-    assert json.loads((out / "timjax.json").read_text())["dtype"] == "float32"
+    convert_hf_to_timjax(hf_dirs["untied-f32-single"], out, dtype="bfloat16", overwrite=True, progress=False)
+    assert json.loads((out / "timjax.json").read_text())["dtype"] == "bfloat16"
+    convert_hf_to_timjax(hf_dirs["untied-bf16-sharded"], out, overwrite=True, progress=False)
+    assert json.loads((out / "timjax.json").read_text())["dtype"] == "bfloat16"
     assert not litter(tmp_path)
 
 

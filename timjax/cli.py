@@ -18,6 +18,10 @@ from typing import Callable, Sequence
 from timjax.errors import TimjaxError
 
 DTYPES = ("bfloat16", "float16", "float32")
+# Default token budgets of `timjax generate`: a plain continuation is cut where the user looks at it; a TIM
+# tree is only useful once its answer is written, and with pruning it may run past the context window.
+PLAIN_BUDGET = 128
+TIM_BUDGET = 8192
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -42,8 +46,8 @@ def add_convert_command(subparsers) -> None:
     p.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="bfloat16",
-        help="dtype of the weights (norms stay float32); default bfloat16",
+        default=None,
+        help="dtype of the weights (norms stay float32); default: the dtype the source tensors are stored in",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -118,7 +122,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         results = timjax.generate(
             model,
             prompts,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens or (TIM_BUDGET if args.tim else PLAIN_BUDGET),
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
@@ -142,7 +146,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print()
     if args.json:
         print(json.dumps([r.model_dump(mode="json", exclude={"response"}) for r in results], indent=2))
-        return 0
+        return _exit_code(results, args)
     for p, r in zip(prompts, results):
         if len(prompts) > 1:
             print(f"=== {p!r}")
@@ -162,7 +166,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{s.tokens_per_s:.1f} tok/s{extra}",
             file=sys.stderr,
         )
-    return 0 if all(r.finish_reason != "error" for r in results) else 1
+    return _exit_code(results, args)
+
+
+def _exit_code(results, args: argparse.Namespace) -> int:
+    """1 when a sequence failed, or when the budget cut a TIM tree before its answer (said on stderr); else 0."""
+    cut = [i for i, r in enumerate(results) if args.tim and r.finish_reason == "length"]
+    for i in cut:
+        budget = args.max_new_tokens or TIM_BUDGET
+        print(
+            f"timjax: prompt {i}: the token budget (--max-new-tokens {budget}) ended the reasoning tree before "
+            "its answer; raise --max-new-tokens",
+            file=sys.stderr,
+        )
+    return 1 if cut or any(r.finish_reason == "error" for r in results) else 0
 
 
 def add_generate_command(subparsers) -> None:
@@ -179,14 +196,21 @@ def add_generate_command(subparsers) -> None:
         help="timjax or Hugging Face checkpoint directory (default: the shipped tiny TIM, with its tools)",
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"token budget per prompt; default {PLAIN_BUDGET}, or {TIM_BUDGET} with --tim (a tree cut short exits 1)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype; default: the dtype the checkpoint is stored in"
+    )
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument(
@@ -205,8 +229,10 @@ def add_generate_command(subparsers) -> None:
     )
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer size; -1 turns pruning off")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
-    p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth")
-    p.add_argument("--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list")
+    p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth (default: unlimited)")
+    p.add_argument(
+        "--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list (default: unlimited)"
+    )
     from timjax.tools.spec import add_tool_arguments
 
     add_tool_arguments(p)
@@ -267,11 +293,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's default in ``--help``: appended as ``(default: X)`` unless its help already says what
+    the default is (a default of None or False means "not given" and is explained in the help text)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
+            continue
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        if action.default is False or action.default is argparse.SUPPRESS or action.nargs == 0:
+            continue  # flags: off unless given
+        text = action.help or ""
+        if "default" in text.lower():
+            continue
+        shown = "not set" if action.default is None else "%(default)s"
+        action.help = (text + " " if text else "") + f"(default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="timjax", description="TIM / TIMRUN on JAX: Qwen3 checkpoints, inference, tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
+    show_defaults(parser)
     return parser
 
 
@@ -282,10 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, already printed): a code, for in-process callers
         return e.code if isinstance(e.code, int) else 2
     try:
-        from timjax.platform_env import cpu_when_cuda_cannot_start
+        from timjax.platform_env import prepare_process
         from timjax.validation import check_cli
 
-        cpu_when_cuda_cannot_start()  # before JAX starts: no CUDA-plugin traceback on a machine without a GPU
+        prepare_process()  # before JAX starts: no CUDA-plugin traceback without a GPU, no torch notice
         check_cli(args)  # every flag, before a model is loaded (issue 10)
         rc = args.func(args)
     except TimjaxError as e:

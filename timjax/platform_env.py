@@ -5,6 +5,10 @@ offline. On a machine without an NVIDIA driver, jax then prints the plugin's fai
 30-line traceback) on every run before it falls back to the CPU. When nothing but CUDA plugins is
 installed and no driver is present, the CPU is what jax would use anyway: the CLI asks for it, and the
 traceback is not printed. A user's own ``JAX_PLATFORMS`` always wins.
+
+``prepare_process`` is what every entry point (the CLI, the benchmarks) calls first: that platform choice,
+plus silencing transformers' advisory notices ("PyTorch was not found..."): timjax uses transformers only
+for tokenizers and needs no torch, so the notice names nothing a user should act on.
 """
 
 from __future__ import annotations
@@ -45,3 +49,11 @@ def cpu_when_cuda_cannot_start(
         return False
     environ["JAX_PLATFORMS"] = "cpu"
     return True
+
+
+def prepare_process(environ: MutableMapping[str, str] | None = None) -> None:
+    """Call before JAX or transformers start: the CPU where CUDA cannot start (above), and no transformers
+    advisory notices unless the user set ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` themselves."""
+    environ = os.environ if environ is None else environ
+    cpu_when_cuda_cannot_start(environ)
+    environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

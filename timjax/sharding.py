@@ -253,19 +253,6 @@ def _timjax_items(ckpt, mesh: Mesh, dtype, run_cfg: Qwen3Config, rep: int):
         yield i, repeat_kv_layer(ckpt.read_layer(i, shardings=layer_sh, dtype=dtype), rep)
 
 
-def _hf_dtype(cfg: Qwen3Config, dtype):
-    """As ``read_params``: the requested dtype, else the config's, else bfloat16."""
-    from timjax.convert.safetensors_io import resolve_dtype
-    from timjax.errors import TimjaxError
-
-    if dtype is not None:
-        return resolve_dtype(dtype)
-    try:
-        return resolve_dtype(cfg.torch_dtype)
-    except TimjaxError:
-        return resolve_dtype("bfloat16")
-
-
 def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict]:
     """Read a timjax or Hugging Face checkpoint directory straight into sharded params.
 
@@ -290,18 +277,18 @@ def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict
             f"{path}: neither {META_FILE} nor {CONFIG_FILE} found (not a timjax or Hugging Face checkpoint)"
         )
     plan = scan_hf_checkpoint(path)
-    cfg, target = plan.cfg, _hf_dtype(plan.cfg, dtype)
+    cfg, target = plan.cfg, plan.own_dtype() if dtype is None else resolve_dtype(dtype)
     run_cfg, rep = runtime_config(cfg, mesh), kv_repeat(cfg, mesh.shape[TP])
     stream = ((i, tree if i is None else repeat_kv_layer(tree, rep)) for i, tree in plan.stream(target))
     return cfg, run_cfg, _assemble(run_cfg, mesh, target, stream)
 
 
-def load(path, dtype="bfloat16", *, mesh: Mesh, tokenizer: Any = None):
-    """A sharded ``Qwen3`` read from ``path`` (see ``load_params``)."""
+def load(path, dtype=None, *, mesh: Mesh, tokenizer: Any = None):
+    """A sharded ``Qwen3`` read from ``path`` (see ``load_params``; ``dtype`` None: as stored)."""
     from timjax.model import Qwen3
 
     cfg, run_cfg, params = load_params(path, dtype, mesh)
-    model = Qwen3(run_cfg, dtype=dtype, params=params, tokenizer=tokenizer, mesh=mesh)
+    model = Qwen3(run_cfg, dtype=params["embed"].dtype, params=params, tokenizer=tokenizer, mesh=mesh)
     model.checkpoint_kv_heads = cfg.num_key_value_heads
     return model
 

@@ -75,15 +75,22 @@ def add_eval_command(subparsers) -> None:
         help="comma-separated held-out groups KIND-DEPTH (arith-1..arith-6, lookup-1..lookup-4); deeper "
         "arithmetic (arith-4, arith-5) is where prune buffers 1 and 2 remove most KV",
     )
-    p.add_argument("--limit", type=int, default=None, help="use only the first N problems of --problems")
+    p.add_argument(
+        "--limit", type=int, default=None, help="use only the first N problems of --problems (default: all)"
+    )
     p.add_argument(
         "--settings",
         default=None,
-        help="comma-separated subset of: off,buf0,buf1,buf2,buf0-shift,buf1-shift,buf2-shift",
+        help="comma-separated subset of: off,buf0,buf1,buf2,buf0-shift,buf1-shift,buf2-shift (default: all of them)",
     )
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="compute dtype; default: the dtype the checkpoint is stored in",
+    )
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)

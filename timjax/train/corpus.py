@@ -367,8 +367,10 @@ def problems(
     depth: int | None = None,
     tools: ToolBackend | None = None,
     stream: int = 0,
+    progress: bool = False,
 ) -> list[Problem]:
-    """The first ``n`` problems of a split (optionally of one kind and depth)."""
+    """The first ``n`` problems of a split (optionally of one kind and depth); ``progress``: a bar (a
+    training corpus of tens of thousands takes minutes, each problem solved with real tool calls)."""
     if kind is not None or depth is not None:
         spec = CorpusSpec(
             **{
@@ -380,11 +382,15 @@ def problems(
         )
         if not spec.mix:
             raise ValueError(f"no problems of kind={kind!r} depth={depth!r} in the corpus mix")
+    from tqdm.auto import tqdm
+
     out = []
-    for prob in iter_problems(spec, split, tools, stream=stream):
-        out.append(prob)
-        if len(out) == n:
-            break
+    with tqdm(total=n, desc="problems", unit="problem", disable=not progress, mininterval=2.0) as bar:
+        for prob in iter_problems(spec, split, tools, stream=stream):
+            out.append(prob)
+            bar.update()
+            if len(out) == n:
+                break
     return out
 
 

@@ -183,7 +183,7 @@ def name_words(tools) -> set[str]:
     return {w for e in tools.kb.entities() for w in e.split()}
 
 
-def prepare_data(cfg: TrainConfig, say=print):
+def prepare_data(cfg: TrainConfig, say=print, progress: bool = True):
     """(tokenizer, tokenizer dir, packed rows); the rows are cached in ``out_dir/data.npz``."""
     from collections import Counter
 
@@ -193,7 +193,7 @@ def prepare_data(cfg: TrainConfig, say=print):
     out = Path(cfg.out_dir)
     tools = tim_tools(cfg.data)
     spec = corpus_spec(cfg.data)
-    probs = problems(spec, "train", cfg.data.n_problems, tools=tools)
+    probs = problems(spec, "train", cfg.data.n_problems, tools=tools, progress=progress)
     tok, tok_dir = prepare_tokenizer(cfg, probs, tools, say)
     cache = out / "data.npz"
     if cache.is_file():
@@ -215,6 +215,7 @@ def prepare_data(cfg: TrainConfig, say=print):
         workers=cfg.data.workers,
         setup=setup,
         restate=cfg.data.restate_operands,
+        progress=progress,
     )
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
     rows = ", ".join(
@@ -455,7 +456,7 @@ def train(
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     from timjax.train.data import Batches
 
-    tok, tok_dir, buckets = prepare_data(cfg, say)
+    tok, tok_dir, buckets = prepare_data(cfg, say, progress)
     if data_only:
         return {"step": 0, "tokenizer_dir": str(tok_dir), "data": str(out / "data.npz")}
     batches = Batches(buckets, cfg.tokens_per_batch, cfg.seed)
