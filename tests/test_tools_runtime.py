@@ -186,7 +186,7 @@ def test_generate_with_tools_starts_offers_and_closes_the_servers(model, llt, mo
         ("calculator", "tool_error", '{"error": "division by zero"}')
     ]
     assert r.response.reasoning[0].tooluse.tool_result == {"error": "division by zero"}
-    assert seen["runner"]._portal is None  # closed by generate
+    assert seen["runner"].closed  # closed by generate
 
 
 def test_without_a_runner_the_model_writes_tool_result_itself(model, llt):

@@ -48,6 +48,7 @@ __all__ = [
     "ToolSpec",
     "ToolUse",
     "dumps",
+    "iter_dumps",
     "strict_input_schema",
     "tim_schema",
     "with_tools",
@@ -91,11 +92,32 @@ class ToolSpec(BaseModel):
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
 
 
+# What json.dumps(ensure_ascii=False) leaves raw but the grammar's canonical JSON strings refuse: DEL
+# (llguidance wants it as \u007f, like the C0 controls json.dumps already escapes) and lone surrogates (no
+# UTF-8 form at all: replaced by U+FFFD). Everything else stays raw: llguidance refuses an escaped C1
+# control, non-character or surrogate pair (measured; tests/test_tools_encoding_property.py).
+_UNSAFE = re.compile("[\x7f\ud800-\udfff]")
+
+
+def _escape(m: re.Match) -> str:
+    return "\\u007f" if m.group() == "\x7f" else "\ufffd"
+
+
+def iter_dumps(obj: Any, *, allow_nan: bool = True):
+    """``dumps(obj)`` in pieces, so a caller can stop reading a huge value after a prefix."""
+    enc = json.JSONEncoder(ensure_ascii=False, separators=(ITEM_SEPARATOR, KEY_SEPARATOR), allow_nan=allow_nan)
+    for chunk in enc.iterencode(obj):
+        yield _UNSAFE.sub(_escape, chunk) if _UNSAFE.search(chunk) else chunk
+
+
 def dumps(obj: Any) -> str:
-    """Serialise exactly as the grammar lays text out (json.dumps defaults, UTF-8 kept)."""
+    """Serialise exactly as the grammar lays text out (json.dumps defaults, UTF-8 kept, DEL escaped,
+    lone surrogates replaced by U+FFFD): the grammar accepts whatever string the value holds."""
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json", exclude_none=True)
-    return json.dumps(obj, ensure_ascii=False, separators=(ITEM_SEPARATOR, KEY_SEPARATOR))
+    text = json.dumps(obj, ensure_ascii=False, separators=(ITEM_SEPARATOR, KEY_SEPARATOR))
+    # outside strings json.dumps writes only ASCII structure and numbers, so this touches strings only
+    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 _DEF_NAME = re.compile(r"[^A-Za-z0-9_]")

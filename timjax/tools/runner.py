@@ -1,62 +1,61 @@
-"""MCP tool calls for the runtime: clients on an event loop of their own, so decoding never blocks.
+"""MCP tool calls for the runtime: each server's client on an event loop of its own, so decoding never
+waits on a tool.
 
-``ToolRunner(servers, limits)`` connects to each server once (an in-process ``MCPServer``, a
-``StdioServerParameters`` subprocess, or a streamable-HTTP URL), lists its tools once (name, description,
-input schema; an allowlist may keep a subset), and runs calls on an anyio event loop in a background
-thread (``anyio.from_thread.start_blocking_portal``). ``ToolSession`` is one inference's view: the host
-loop ``submit``s a call and ``poll``s it without blocking; every call ends as a ``ToolCallRecord`` whose
-``result`` is the exact text to force after ``"tool_result": `` (``encoding.py``).
+``ToolRunner(servers, limits)`` checks each server against the ``ToolPolicy`` (``policy.py``), connects to
+it once (an in-process ``MCPServer``, a ``StdioServerParameters`` subprocess, or a streamable-HTTP URL, with
+optional headers), lists its tools once (name, description, input schema, annotations; an allowlist may
+keep a subset) and runs calls on that server's loop thread (``connection.py``). ``ToolSession`` is one
+inference's view: the engine thread ``submit``s a call (validated here, handed over without waiting) and
+``poll``s it; every call ends as a ``ToolCallRecord`` whose ``result`` is the exact text to force after
+``"tool_result": `` (``encoding.py``), encoded and cut to the character cap on the server's loop, so the
+engine thread only ever tokenizes a few times the token cap.
 
 Every fault becomes an error object the model reads, and the inference goes on: arguments that fail the
 tool's input schema (checked here with ``jsonschema``, strictly: the SDK's server side coerces types and
-drops unknown keys), a tool that is not declared, the per-inference call cap, a per-call timeout (enforced
-on the host clock too, so a tool that ignores cancellation cannot stall the sequence), ``isError``, a
-server that crashes, hangs or never starts (a crashed server is restarted at its next call), a result that
-is not valid JSON/UTF-8, and a result over the per-call token cap (truncated with a visible marker).
+drops unknown keys), a tool that is not declared, the per-inference call cap, a per-call deadline (kept on
+the engine's clock: a call past it is a timeout even if its answer comes later, and that answer is
+dropped), ``isError``, a server that crashes (``server_crashed``, naming it; the server is restarted and a
+call to a tool annotated ``readOnlyHint`` or ``idempotentHint`` is retried once), hangs or never starts, a
+result that is not valid JSON, and a result over the cap (truncated with a visible marker).
 
 Security: only the tools listed (and allowed) are callable; arguments are validated before any call;
-nothing is run through a shell and no server is started but those the user configured; a stdio server gets
-exactly the environment the user passes (nothing inherited: give ``PATH`` yourself if the server needs it).
+nothing is run through a shell and no server is started but those the user configured and the policy
+allows; a stdio server gets exactly the environment the user passes (nothing inherited: give ``PATH``
+yourself if the server needs it); URL credentials and header values never leave the runner (``redact.py``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from timjax.errors import TimjaxError
 from timjax.results import ToolCallRecord
 from timjax.tim.schema import ToolSpec, strict_input_schema
-from timjax.tools.encoding import classify_result, encode_error, truncate_encoded
+from timjax.tools.connection import Connection, LoopThread, ServerDown, describe
+from timjax.tools.encoding import classify_result, encode_error, fit_tokens
+from timjax.tools.policy import ToolConfigError, ToolLimits, ToolPolicy, ToolPolicyError
+from timjax.tools.redact import Redactor, header_secrets, redact_url, url_secrets
 
-__all__ = ["ToolConfigError", "ToolLimits", "ToolRunner", "ToolServer", "ToolSession", "open_runner", "stdio_server"]
+__all__ = [
+    "ToolConfigError",
+    "ToolLimits",
+    "ToolPolicy",
+    "ToolPolicyError",
+    "ToolRunner",
+    "ToolServer",
+    "ToolSession",
+    "open_runner",
+    "stdio_server",
+]
 
 log = logging.getLogger(__name__)
-
-
-class ToolConfigError(TimjaxError):
-    """A tool configuration timjax cannot use (a server that cannot be listed, an unknown allowed name...)."""
-
-
-@dataclass(frozen=True)
-class ToolLimits:
-    timeout_s: float = 10.0  # per call, from submission
-    connect_timeout_s: float = 20.0  # to start/connect a server and list its tools
-    max_calls: int = 32  # per inference; later calls get an error object without running
-    max_result_tokens: int = 256  # per call; longer results are truncated with a marker
-
-    def __post_init__(self):
-        for k in ("timeout_s", "connect_timeout_s", "max_calls", "max_result_tokens"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"ToolLimits.{k} must be > 0, got {getattr(self, k)}")
 
 
 @dataclass
@@ -65,25 +64,43 @@ class ToolServer:
 
     ``target``: an ``mcp.server.mcpserver.MCPServer`` (in-process), an ``mcp.StdioServerParameters``
     (a subprocess; its ``env`` is the whole environment it gets), or an ``http(s)://`` URL (streamable
-    HTTP). ``tools``: None = every tool the server lists; names = an allowlist; ``ToolSpec``s = declared
-    tools (used as given, so they stay in the grammar even if the server cannot be listed at start)."""
+    HTTP; ``headers`` are sent with every request, e.g. ``{"Authorization": "Bearer ..."}``). ``tools``:
+    None = every tool the server lists; names = an allowlist; ``ToolSpec``s = declared tools (used as
+    given, so they stay in the grammar even if the server cannot be listed at start)."""
 
     target: Any
     tools: Sequence[str | ToolSpec] | None = None
     name: str | None = None
+    headers: Mapping[str, str] | None = field(default=None, repr=False)
 
     def label(self) -> str:
+        """A name for messages: never holds the URL's credentials or query."""
         if self.name:
             return self.name
         t = self.target
         if isinstance(t, str):
-            return t
+            return redact_url(t)
         if hasattr(t, "command"):  # stdio: the module after -m, else the executable's name
             args = list(t.args)
             if "-m" in args[:-1]:
                 return args[args.index("-m") + 1].rsplit(".", 1)[-1]
             return os.path.basename(t.command)
         return getattr(t, "name", None) or type(t).__name__
+
+    def kind(self) -> str:
+        t = self.target
+        if isinstance(t, str):
+            return "http"
+        return "stdio" if hasattr(t, "command") else "in_process"
+
+    def secrets(self) -> list[str]:
+        out = header_secrets(self.headers)
+        if isinstance(self.target, str):
+            out += url_secrets(self.target)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ToolServer({self.label()!r}, tools={self.tools!r})"
 
 
 def stdio_server(command: str | Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None):
@@ -110,10 +127,11 @@ def as_tool_server(x: Any) -> ToolServer:
         return ToolServer(x)
     if isinstance(x, str) and x.startswith(("http://", "https://")):
         return ToolServer(x)
-    raise ToolConfigError(f"not a tool server: {x!r} (give an MCPServer, StdioServerParameters or an http(s) URL)")
+    shown = redact_url(x) if isinstance(x, str) else type(x).__name__
+    raise ToolConfigError(f"not a tool server: {shown} (give an MCPServer, StdioServerParameters or an http(s) URL)")
 
 
-def open_runner(tools: Any, limits: ToolLimits | None = None) -> tuple[ToolRunner, bool]:
+def open_runner(tools: Any, limits: ToolLimits | ToolPolicy | None = None) -> tuple[ToolRunner, bool]:
     """``(runner, whether the caller must close it)`` for what ``timjax.generate(tools=...)`` accepts."""
     if isinstance(tools, ToolRunner):
         return tools, False
@@ -122,78 +140,22 @@ def open_runner(tools: Any, limits: ToolLimits | None = None) -> tuple[ToolRunne
     return ToolRunner(tools, limits), True
 
 
-# ------------------------------------------------------------------------------------------------ loop side
-class _ServerDown(Exception):
-    pass
-
-
-class _Connection:
-    """One server's client, living on the runner's event loop; (re)connected on demand."""
-
-    def __init__(self, server: ToolServer, tg):
-        self.server = server
-        self.label = server.label()
-        self._tg = tg
-        self.client = None
-        self.error: BaseException | None = None
-        self._scope = None
-        self._lock = None
-
-    def _make_client(self):
+def _make_client(server: ToolServer) -> Callable[[], Any]:
+    def make():
         from mcp import Client, StdioServerParameters
 
-        target = self.server.target
+        target = server.target
         if isinstance(target, StdioServerParameters):
             return Client(_exact_env_stdio(target), cache=None)
+        if isinstance(target, str) and server.headers:
+            from mcp.client.streamable_http import streamable_http_client
+            from mcp.shared._httpx_utils import create_mcp_http_client
+
+            http = create_mcp_http_client(headers=dict(server.headers))
+            return Client(streamable_http_client(target, http_client=http), cache=None)
         return Client(target, cache=None)
 
-    async def _host(self, ready) -> None:
-        import anyio
-
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            try:
-                async with self._make_client() as client:
-                    self.client = client
-                    ready.set()
-                    await anyio.sleep_forever()
-            except Exception as e:  # noqa: BLE001 - the transport died (crash, garbage, closed pipe) or never came up
-                self.error = e
-            finally:
-                self.client = None
-                ready.set()
-
-    async def ensure(self, timeout_s: float):
-        import anyio
-
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        async with self._lock:
-            if self.client is not None:
-                return self.client
-            self.error = None
-            ready = anyio.Event()
-            self._tg.start_soon(self._host, ready)
-            with anyio.move_on_after(timeout_s):
-                await ready.wait()
-            if self.client is None:
-                if self._scope is not None:
-                    self._scope.cancel()
-                why = _describe(self.error) if self.error else f"no answer within {timeout_s:g} s"
-                raise _ServerDown(f"server {self.label!r} did not start: {why}")
-            return self.client
-
-    def reset(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
-        self.client = None
-
-
-def _describe(e: BaseException) -> str:
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:
-        e = e.exceptions[0]
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return make
 
 
 def _exact_env_stdio(params):
@@ -216,13 +178,16 @@ def _exact_env_stdio(params):
 
 @dataclass
 class _Outcome:
+    """A call's end, built on the server's loop: ``text`` is encoded (an error object unless ``status`` is
+    ok / over), redacted and at most ``result_chars`` (+1) characters; ``t_done`` on the perf counter."""
+
     status: str
-    result: Any = None  # CallToolResult when status == "ok" (isError included)
+    text: str
     error: str | None = None
     latency_s: float = 0.0
+    t_done: float = 0.0
 
 
-# ------------------------------------------------------------------------------------------------ host side
 def _strict_types(cls):
     """The validator class with JSON Schema's types as the grammar writes them: ``1.0`` is not an
     ``integer`` and ``true`` is not a number (the spec's looser reading would let a coercion through)."""
@@ -240,8 +205,16 @@ def _strict_types(cls):
 @dataclass
 class _Tool:
     spec: ToolSpec
-    conn: _Connection
+    conn: Connection
     validator: Any
+    retry_safe: bool = False  # annotated read-only or idempotent: retried once after a crash
+
+
+def _cut_description(spec: ToolSpec, cap: int) -> ToolSpec:
+    if len(spec.description) <= cap:
+        return spec
+    log.warning("tool %r: description of %d characters cut to %d", spec.name, len(spec.description), cap)
+    return spec.model_copy(update={"description": spec.description[: cap - 1] + "…"})
 
 
 class ToolRunner:
@@ -250,43 +223,46 @@ class ToolRunner:
     def __init__(
         self,
         servers: Sequence[Any],
-        limits: ToolLimits | None = None,
+        limits: ToolLimits | ToolPolicy | None = None,
         *,
         count_tokens: Callable[[str], int] | None = None,
         allow: Sequence[str] | None = None,
+        policy: ToolPolicy | None = None,
     ):
-        """``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None).
+        """``limits``: a ``ToolLimits`` or a whole ``ToolPolicy`` (``policy=`` says the same; give one).
+        ``count_tokens``: the default token counter of sessions (for the result cap; UTF-8 bytes if None).
         ``allow``: tool names to keep over all servers (each must exist), on top of per-server lists."""
-        self.limits = limits or ToolLimits()
+        if policy is not None and limits is not None:
+            raise ToolConfigError("give limits or policy, not both (a ToolPolicy holds the limits)")
+        self.policy = ToolPolicy.from_limits(policy if policy is not None else limits)
+        self.limits = self.policy  # the old name: the same fields (timeout_s, max_calls, max_result_tokens)
         self.count_tokens = count_tokens
         self.allow = list(allow) if allow else None
         self.servers = [as_tool_server(s) for s in servers]
+        self.redactor = Redactor(s for server in self.servers for s in server.secrets())
         self.tools: dict[str, _Tool] = {}
         self.startup_errors: list[str] = []
-        self._stack = contextlib.ExitStack()
-        self._portal = None
-        self._root = None
+        self._loops: list[LoopThread] = []
+        self._conns: list[Connection] = []
+        self._closed = False
         try:
             self._start()
+        except ToolConfigError as e:
+            self.close()
+            raise type(e)(self.redactor.text(str(e))) from None
         except BaseException:
             self.close()
             raise
 
     # -- lifecycle
     def _start(self) -> None:
-        import anyio
-        from anyio.from_thread import start_blocking_portal
-
-        self._portal = self._stack.enter_context(start_blocking_portal())
-
-        async def root(*, task_status=anyio.TASK_STATUS_IGNORED):
-            async with anyio.create_task_group() as tg:
-                task_status.started(tg)
-                await anyio.sleep_forever()
-
-        self._root, tg = self._portal.start_task(root)
         for server in self.servers:
-            conn = _Connection(server, tg)
+            self._check_policy(server)
+        for server in self.servers:
+            loop = LoopThread(server.label())
+            self._loops.append(loop)
+            conn = Connection(server.label(), _make_client(server), loop)
+            self._conns.append(conn)
             declared = server.tools is not None and all(isinstance(t, ToolSpec) for t in server.tools)
             self._add_tools(server, conn, None if declared else self._list(conn))  # declared: connect at first call
         if self.allow is not None:
@@ -297,46 +273,71 @@ class ToolRunner:
                     f"(offered: {', '.join(self.tools) or 'nothing'})"
                 )
             self.tools = {n: t for n, t in self.tools.items() if n in self.allow}
+        self._check_tool_block()
 
-    def _list(self, conn: _Connection) -> list[ToolSpec] | None:
+    def _check_policy(self, server: ToolServer) -> None:
+        kind = server.kind()
+        if kind == "http":
+            self.policy.check_url(server.target)
+        else:
+            self.policy.check_kind(kind, server.label())
+
+    def _check_tool_block(self) -> None:
+        """The tools' lines in the system prompt must fit ``max_tool_block_chars`` (the error names them)."""
+        from timjax.tim.prompt import tool_signature
+
+        lines = [f"- {tool_signature(t.spec.name, t.spec.input_schema)}: {t.spec.description}" for t in self.tools.values()]
+        size = sum(len(line) + 1 for line in lines)
+        cap = self.policy.max_tool_block_chars
+        if size > cap:
+            names = list(self.tools)
+            shown = ", ".join(names[:8]) + (f", … ({len(names)} tools)" if len(names) > 8 else "")
+            raise ToolConfigError(
+                f"the tool list ({shown}) takes {size:,} characters in the system prompt, over "
+                f"ToolPolicy.max_tool_block_chars={cap:,}: offer fewer tools (ToolServer(tools=[...]), "
+                f"--tool-allow) or raise the cap (--max-tool-block-chars)"
+            )
+
+    def _list(self, conn: Connection) -> list[tuple[ToolSpec, bool]] | None:
+        connect = self.policy.connect_timeout_s
+
         async def go():
             import anyio
 
-            client = await conn.ensure(self.limits.connect_timeout_s)
-            with anyio.fail_after(self.limits.connect_timeout_s):
+            client, _ = await conn.ensure(connect)
+            with anyio.fail_after(connect):
                 listed = await client.list_tools()
-            return [
-                ToolSpec(name=t.name, description=t.description or "", input_schema=t.input_schema)
-                for t in listed.tools
-            ]
+            out = []
+            for t in listed.tools:
+                ann = t.annotations
+                safe = bool(ann and (ann.read_only_hint or ann.idempotent_hint))
+                spec = ToolSpec(name=t.name, description=t.description or "", input_schema=t.input_schema)
+                out.append((spec, safe))
+            return out
 
         try:
-            return self._portal.call(go)
+            return conn.loop.call(go(), timeout=connect + 1.0)
         except Exception as e:  # noqa: BLE001 - any failure to list is reported by name
-            msg = (
-                str(e)
-                if isinstance(e, _ServerDown)
-                else f"server {conn.label!r} could not list its tools: {_describe(e)}"
-            )
-            self.startup_errors.append(msg)
-            conn.reset()
+            msg = str(e) if isinstance(e, ServerDown) else f"server {conn.label!r} could not list its tools: {describe(e)}"
+            self.startup_errors.append(self.redactor.text(msg))
+            conn.loop.submit(conn.aclose(1.0))
             return None
 
-    def _add_tools(self, server: ToolServer, conn: _Connection, listed: list[ToolSpec] | None) -> None:
+    def _add_tools(self, server: ToolServer, conn: Connection, listed: list[tuple[ToolSpec, bool]] | None) -> None:
         import jsonschema
 
         wanted = list(server.tools) if server.tools is not None else None
         declared = [t for t in wanted or () if isinstance(t, ToolSpec)]
         if listed is None and len(declared) < len(wanted or [None]):
             raise ToolConfigError(self.startup_errors[-1] + " (declare its tools as ToolSpecs to run without listing)")
-        by_name = {t.name: t for t in listed or ()}
+        by_name = {t.name: (t, safe) for t, safe in listed or ()}
         if wanted is None:
             specs = list(by_name.values())
         else:
             specs = []
             for w in wanted:
                 if isinstance(w, ToolSpec):
-                    specs.append(w)
+                    specs.append((w, False))
                 elif w in by_name:
                     specs.append(by_name[w])
                 else:
@@ -344,7 +345,7 @@ class ToolRunner:
                         f"tool {w!r} is not offered by server {conn.label!r} "
                         f"(it lists: {', '.join(by_name) or 'nothing'})"
                     )
-        for spec in specs:
+        for spec, safe in specs:
             if spec.name in self.tools:
                 raise ToolConfigError(
                     f"tool {spec.name!r} is offered by two servers "
@@ -358,7 +359,8 @@ class ToolRunner:
                 raise ToolConfigError(
                     f"tool {spec.name!r} of {conn.label!r}: invalid input schema: {e.message}"
                 ) from None
-            self.tools[spec.name] = _Tool(spec.model_copy(update={"input_schema": schema}), conn, cls(schema))
+            spec = _cut_description(spec.model_copy(update={"input_schema": schema}), self.policy.max_description_chars)
+            self.tools[spec.name] = _Tool(spec, conn, cls(schema), safe)
 
     @property
     def specs(self) -> list[ToolSpec]:
@@ -366,13 +368,24 @@ class ToolRunner:
         return [t.spec for t in self.tools.values()]
 
     def close(self) -> None:
-        if self._root is not None:
-            self._root.cancel()
-            with contextlib.suppress(BaseException):
-                self._root.result(timeout=10)
-            self._root = None
-        self._stack.close()
-        self._portal = None
+        """Close every client (stdio servers are stopped) and the loop threads. A loop blocked by a tool
+        is left behind as a daemon thread after a few seconds rather than hanging the caller."""
+        if self._closed:
+            return
+        self._closed = True
+        futs = [(c, c.loop.submit(c.aclose(5.0))) for c in self._conns]
+        for c, f in futs:
+            try:
+                f.result(timeout=6.0)
+            except Exception:  # noqa: BLE001 - a stuck loop: reported, not raised
+                log.warning("tool server %r did not close in time", c.label)
+        for loop in self._loops:
+            if not loop.stop(timeout=5.0):
+                log.warning("a tool server's event loop is blocked; its thread is left to exit with the process")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> ToolRunner:
         return self
@@ -403,62 +416,87 @@ class ToolRunner:
         return args, None
 
     def submit(self, name: str, arguments: dict) -> concurrent.futures.Future:
-        """Run a validated call on the loop; the future gives an ``_Outcome`` (never raises)."""
+        """Hand a validated call to its server's loop without waiting; the future gives an ``_Outcome``
+        (never raises). Cancelling the future cancels the call on the loop."""
         tool = self.tools[name]
-        timeout = self.limits.timeout_s
-        connect = self.limits.connect_timeout_s
+        return tool.conn.loop.submit(self._run_call(tool, name, arguments))
 
-        async def go() -> _Outcome:
-            import anyio
+    async def _run_call(self, tool: _Tool, name: str, arguments: dict) -> _Outcome:
+        import anyio
 
-            t0 = time.perf_counter()
+        timeout = self.policy.timeout_s
+        t0 = time.perf_counter()
+
+        def end(status: str, text: str | None = None, error: str | None = None) -> _Outcome:
+            if error is not None:
+                error = self.redactor.text(error)
+                text = encode_error(error)
+            t = time.perf_counter()
+            return _Outcome(status, text, error, t - t0, t)
+
+        try:
+            with anyio.fail_after(timeout):
+                res = await self._call_with_retry(tool, name, arguments, timeout)
+        except TimeoutError:
+            return end("timeout", error=f"{name}: no answer within {timeout:g} s")
+        except ServerDown as e:
+            return end("server_error", error=str(e))
+        except _Crashed as e:
+            return end("server_crashed", error=str(e))
+        except Exception as e:  # noqa: BLE001 - every fault becomes an answer for the model
+            return end("server_error", error=f"server {tool.conn.label!r} failed: {describe(e)}")
+        text, status = classify_result(res, max_chars=self.policy.result_chars)
+        if status == "over":
+            return end("over", self.redactor.text(text))
+        if status != "ok":
+            return end(status, error=json.loads(text)["error"])
+        return end("ok", self.redactor.encoded(text) if self.redactor else text)
+
+    async def _call_with_retry(self, tool: _Tool, name: str, arguments: dict, timeout: float):
+        from mcp import MCPError
+        from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+
+        connect = min(self.policy.connect_timeout_s, timeout)
+        for attempt in (0, 1):
+            client, gen = await tool.conn.ensure(connect)
             try:
-                with anyio.fail_after(timeout):
-                    client = await tool.conn.ensure(min(connect, timeout))
-                    res = await client.call_tool(name, arguments, read_timeout_seconds=timeout)
-                return _Outcome("ok", res, latency_s=time.perf_counter() - t0)
-            except TimeoutError:
-                return _Outcome(
-                    "timeout", error=f"{name}: no answer within {timeout:g} s", latency_s=time.perf_counter() - t0
-                )
-            except _ServerDown as e:
-                return _Outcome("server_error", error=str(e), latency_s=time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - every fault becomes an answer for the model
-                from mcp import MCPError
-                from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
-
+                return await client.call_tool(name, arguments, read_timeout_seconds=timeout)
+            except Exception as e:
                 code = getattr(getattr(e, "error", None), "code", None) if isinstance(e, MCPError) else None
                 if code == REQUEST_TIMEOUT:
-                    return _Outcome(
-                        "timeout", error=f"{name}: no answer within {timeout:g} s", latency_s=time.perf_counter() - t0
-                    )
-                if code is None or code == CONNECTION_CLOSED:  # the transport broke: reconnect at the next call
-                    tool.conn.reset()
-                return _Outcome(
-                    "server_error",
-                    error=f"server {tool.conn.label!r} failed: {_describe(e)}",
-                    latency_s=time.perf_counter() - t0,
+                    raise TimeoutError from None
+                if code is not None and code != CONNECTION_CLOSED:
+                    raise  # the server answered with a protocol error: it is up
+                tool.conn.reset(gen)  # the transport broke: the server is restarted at the next call
+                if tool.retry_safe and attempt == 0:
+                    log.warning("%s", self.redactor.text(f"server {tool.conn.label!r} crashed; retrying {name}"))
+                    continue
+                why = "retried once after a restart, it crashed again" if attempt else (
+                    "not retried: the tool is not annotated read-only or idempotent"
                 )
+                raise _Crashed(f"server {tool.conn.label!r} crashed during the call ({describe(e)}); {why}") from None
+        raise AssertionError("unreachable")
 
-        return self._portal.start_task_soon(go)
+
+class _Crashed(Exception):
+    pass
 
 
 class _Pending:
-    __slots__ = ("arguments", "future", "index", "record", "t0", "task_path", "tool")
+    __slots__ = ("arguments", "deadline", "future", "index", "record", "t0", "task_path", "tool")
 
-    def __init__(self, index, task_path, tool, arguments, future, t0, record=None):
+    def __init__(self, index, task_path, tool, arguments, future, t0, deadline, record=None):
         self.index, self.task_path, self.tool, self.arguments = index, task_path, tool, arguments
-        self.future, self.t0, self.record = future, t0, record
+        self.future, self.t0, self.deadline, self.record = future, t0, deadline, record
 
 
 class ToolSession:
-    """One inference's tool calls: ``submit`` never blocks, ``poll`` returns the record once answered."""
-
-    GRACE_S = 0.5  # the host-side deadline is the timeout plus this (the loop's own timeout comes first)
+    """One inference's tool calls: ``submit`` never blocks, ``poll`` returns the record once answered or
+    once the deadline has passed (the engine's clock decides: a late answer is a timeout, and dropped)."""
 
     def __init__(self, runner: ToolRunner, count_tokens: Callable[[str], int] | None = None):
         self.runner = runner
-        self.limits = runner.limits
+        self.limits = runner.policy
         self.count_tokens = count_tokens or (lambda s: len(s.encode("utf-8")))
         self.records: list[ToolCallRecord] = []
         self.n_submitted = 0
@@ -470,9 +508,10 @@ class ToolSession:
         args, fault = self.runner.validate(name, arguments_json)
         if fault is None and index >= self.limits.max_calls:
             fault = ("call_cap", f"tool call limit reached: at most {self.limits.max_calls} calls per inference")
-        p = _Pending(index, tuple(task_path), name, args, None, t0)
+        p = _Pending(index, tuple(task_path), name, args, None, t0, t0 + self.limits.timeout_s)
         if fault is not None:
-            p.record = self._record(p, fault[0], encode_error(fault[1]), fault[1])
+            msg = self.runner.redactor.text(fault[1])
+            p.record = self._record(p, fault[0], encode_error(msg), msg)
         else:
             p.future = self.runner.submit(name, args)
         return p
@@ -480,39 +519,40 @@ class ToolSession:
     def poll(self, p: _Pending) -> ToolCallRecord | None:
         if p.record is not None:
             return p.record
-        if not p.future.done():
-            if time.perf_counter() - p.t0 < self.limits.timeout_s + self.GRACE_S:
-                return None
-            p.future.cancel()  # the loop did not give up in time (a tool ignoring cancellation)
+        done = p.future.done()
+        late = False
+        if done:
+            try:
+                out: _Outcome = p.future.result()
+                late = out.t_done > p.deadline
+            except BaseException as e:  # noqa: BLE001 - cancelled or an internal error: still an answer
+                msg = self.runner.redactor.text(f"{p.tool}: {describe(e)}")
+                out = _Outcome("server_error", encode_error(msg), msg, time.perf_counter() - p.t0)
+        elif time.perf_counter() < p.deadline:
+            return None
+        if not done or late:  # past the deadline: a timeout, whatever comes later
+            p.future.cancel()
             msg = f"{p.tool}: no answer within {self.limits.timeout_s:g} s"
-            p.record = self._record(p, "timeout", encode_error(msg), msg)
+            p.record = self._record(p, "timeout", encode_error(msg), msg, self.limits.timeout_s)
             return p.record
-        try:
-            out: _Outcome = p.future.result()
-        except Exception as e:  # noqa: BLE001 - cancelled or an internal error: still an answer for the model
-            out = _Outcome("server_error", error=f"{p.tool}: {_describe(e)}")
-        if out.status != "ok":
-            p.record = self._record(p, out.status, encode_error(out.error), out.error, out.latency_s or None)
-            return p.record
-        text, status = classify_result(out.result)
-        p.record = self._record(p, status, text, json.loads(text)["error"] if status != "ok" else None, out.latency_s)
+        p.record = self._record(p, out.status, out.text, out.error, out.latency_s)
         return p.record
 
     def _record(
         self, p: _Pending, status: str, text: str, error: str | None, latency_s: float | None = None
     ) -> ToolCallRecord:
-        """``latency_s``: measured on the loop (submission to answer); else the host's clock up to now."""
+        """Cap ``text`` (at most a few times the cap in characters: cut on the loop) at the token cap.
+        ``latency_s``: measured on the loop (submission to answer); else the host's clock up to now."""
         cap = self.limits.max_result_tokens
-        if error is not None and status != "ok":  # an error object: shorten its message, keep its status
+        if status in ("ok", "over"):
+            text, n, cut = fit_tokens(text, cap, self.count_tokens, over=status == "over")
+            if cut:
+                status, error = "truncated", json.loads(text)["error"]
+        else:  # an error object: shorten its message, keep its status
             n = self.count_tokens(text)
             while n > cap and len(error) > 8:
                 error = error[: len(error) * 3 // 4] + "…"
                 text = encode_error(error)
-                n = self.count_tokens(text)
-        else:
-            text, n = truncate_encoded(text, cap, self.count_tokens)
-            if n > cap:
-                status, error = "truncated", json.loads(text)["error"]
                 n = self.count_tokens(text)
         rec = ToolCallRecord(
             index=p.index,

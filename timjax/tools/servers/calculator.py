@@ -14,7 +14,7 @@ import sys
 from fractions import Fraction
 from typing import Annotated, Literal, TypedDict, Union
 
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from timjax.tools.servers._answer import answer
@@ -85,6 +85,9 @@ DESCRIPTION = (
     'integers or fractions written as strings "p/q"; the result is an integer or a "p/q" string.'
 )
 
+# a pure function: safe to retry after a crashed server restarts (timjax.tools.runner)
+READ_ONLY = ToolAnnotations(readOnlyHint=True, idempotentHint=True)
+
 
 def make_server(name: str = "calculator"):
     """An MCP server with one tool, ``calculator(op, a, b)``."""
@@ -92,7 +95,7 @@ def make_server(name: str = "calculator"):
 
     server = MCPServer(name, log_level="WARNING")
 
-    @server.tool(name="calculator", description=DESCRIPTION)
+    @server.tool(name="calculator", description=DESCRIPTION, annotations=READ_ONLY)
     def calculator(op: Literal["add", "sub", "mul", "div"], a: Number, b: Number) -> CallToolResult:
         return answer(lambda: calculate(op, a, b), CalculatorError)
 

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, ToolAnnotations
 
 from timjax.tools.servers._answer import answer
 
@@ -139,6 +139,9 @@ DESCRIPTION = (
     "country, population. Countries: capital, continent, area. Companies: based_in, founded."
 )
 
+# a pure function: safe to retry after a crashed server restarts (timjax.tools.runner)
+READ_ONLY = ToolAnnotations(readOnlyHint=True, idempotentHint=True)
+
 
 def make_server(kb: KnowledgeBase | None = None, *, seed: int = 0, name: str = "kb"):
     """An MCP server with one tool, ``lookup(entity, relation)``, over ``kb`` (default ``generate_kb(seed)``)."""
@@ -147,7 +150,7 @@ def make_server(kb: KnowledgeBase | None = None, *, seed: int = 0, name: str = "
     kb = kb if kb is not None else generate_kb(seed)
     server = MCPServer(name, log_level="WARNING")
 
-    @server.tool(name="lookup", description=DESCRIPTION)
+    @server.tool(name="lookup", description=DESCRIPTION, annotations=READ_ONLY)
     def lookup_tool(entity: str, relation: Relation) -> CallToolResult:
         return answer(lambda: lookup(kb, entity, relation), LookupError_)
 

@@ -1,0 +1,134 @@
+"""What tools a run may use and how much they may cost: ``ToolPolicy`` (pydantic), applied by the runner to
+every tool server it starts, and by ``timjax serve`` to per-request tools.
+
+* URLs: ``schemes`` (default http, https) and ``hosts`` (``fnmatch`` patterns over the host name; None = no
+  host rule, the library default for servers you configure yourself). A loopback host (``localhost``,
+  ``127.0.0.0/8``, ``::1``, ``0.0.0.0``) passes only when a pattern names it without a wildcard-only
+  pattern (``"*"`` never matches loopback): ``hosts=["*", "127.0.0.1"]``. The check reads the URL text; it
+  does not resolve names (a public name that resolves to loopback passes: put such servers behind a
+  resolver you trust).
+* Server kinds: ``allow_stdio`` and ``allow_in_process`` (a server taking requests from others sets both
+  False: a request must not start processes or import code).
+* Limits: per-call timeout, connect timeout, calls per inference, result cap (tokens, and characters read
+  before any tokenization), description and whole tool-block caps in the system prompt.
+
+``ToolLimits`` (a dataclass, kept for callers) holds the four original limits; ``ToolPolicy.from_limits``
+turns it into a policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from timjax.errors import TimjaxError
+from timjax.tools.redact import redact_url
+
+__all__ = ["ToolConfigError", "ToolLimits", "ToolPolicy", "ToolPolicyError", "is_loopback"]
+
+
+class ToolConfigError(TimjaxError):
+    """A tool configuration timjax cannot use (a server that cannot be listed, an unknown allowed name...)."""
+
+
+class ToolPolicyError(ToolConfigError):
+    """A tool the policy refuses; the message names the (redacted) URL or server and the rule."""
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    timeout_s: float = 10.0  # per call, from submission
+    connect_timeout_s: float = 20.0  # to start/connect a server and list its tools
+    max_calls: int = 32  # per inference; later calls get an error object without running
+    max_result_tokens: int = 256  # per call; longer results are truncated with a marker
+
+    def __post_init__(self):
+        for k in ("timeout_s", "connect_timeout_s", "max_calls", "max_result_tokens"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"ToolLimits.{k} must be > 0, got {getattr(self, k)}")
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip("[]").lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+class ToolPolicy(BaseModel):
+    """Allowed tool servers and the limits of their calls (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schemes: tuple[str, ...] = ("http", "https")
+    hosts: tuple[str, ...] | None = None
+    allow_stdio: bool = True
+    allow_in_process: bool = True
+    timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(20.0, gt=0)
+    max_calls: int = Field(32, gt=0)
+    max_result_tokens: int = Field(256, gt=0)
+    # characters of a result read and encoded before any tokenization (None: 8 x max_result_tokens)
+    max_result_chars: int | None = Field(None, gt=0)
+    max_description_chars: int = Field(1024, gt=0)  # a longer description is cut with "…"
+    max_tool_block_chars: int = Field(16_384, gt=0)  # the tool list in the system prompt, all tools
+
+    @classmethod
+    def from_limits(cls, limits: ToolLimits | ToolPolicy | None) -> ToolPolicy:
+        if limits is None:
+            return cls()
+        if isinstance(limits, ToolPolicy):
+            return limits
+        return cls(
+            timeout_s=limits.timeout_s,
+            connect_timeout_s=limits.connect_timeout_s,
+            max_calls=limits.max_calls,
+            max_result_tokens=limits.max_result_tokens,
+        )
+
+    @property
+    def result_chars(self) -> int:
+        return self.max_result_chars or 8 * self.max_result_tokens
+
+    def check_url(self, url: str) -> None:
+        """None, or ``ToolPolicyError`` naming the URL (credentials redacted) and the rule it breaks."""
+        shown = redact_url(url)
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+        except ValueError as e:
+            raise ToolPolicyError(f"tool URL {shown}: not a URL ({e})") from None
+        scheme = parts.scheme.lower()
+        if scheme not in {s.lower() for s in self.schemes}:
+            raise ToolPolicyError(
+                f"tool URL {shown}: scheme {scheme or '(none)'!r} is not in ToolPolicy.schemes {list(self.schemes)}"
+            )
+        if not host:
+            raise ToolPolicyError(f"tool URL {shown}: no host")
+        if self.hosts is None:
+            return
+        loop = is_loopback(host)
+        for pattern in self.hosts:
+            if loop and pattern.strip("*?.[]") == "":  # wildcard-only patterns never admit loopback
+                continue
+            if fnmatch.fnmatch(host.lower(), pattern.lower()):
+                return
+        why = "is loopback and not listed" if loop else "matches no pattern"
+        raise ToolPolicyError(f"tool URL {shown}: host {host!r} {why} in ToolPolicy.hosts {list(self.hosts)}")
+
+    def check_kind(self, kind: str, label: str) -> None:
+        """``kind``: "stdio" or "in_process"; ``ToolPolicyError`` when the policy refuses that kind."""
+        if kind == "stdio" and not self.allow_stdio:
+            raise ToolPolicyError(f"tool server {label!r}: stdio servers are refused (ToolPolicy.allow_stdio=False)")
+        if kind == "in_process" and not self.allow_in_process:
+            raise ToolPolicyError(
+                f"tool server {label!r}: in-process servers are refused (ToolPolicy.allow_in_process=False)"
+            )
