@@ -257,7 +257,7 @@ class Backend:
                 stop_ids=self.stop_ids(),
                 tools=req.tools,
             )
-        except Exception as e:  # noqa: BLE001 - llguidance refuses the schema: the caller's schema is at fault
+        except (ValueError, RuntimeError) as e:  # llguidance refuses the schema (GrammarError is a RuntimeError)
             raise RequestRejected(f"the response schema cannot be compiled: {e}", "response_format") from None
 
     def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop, request_id: str | None = None) -> Job:

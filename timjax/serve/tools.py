@@ -196,12 +196,18 @@ class ToolSet:
 
     def __init__(self, base, extra=None):
         self.base, self.extra = base, extra
-        self.limits = (extra or base).limits
         self.owner = {}
         for runner in (base, extra):
             if runner is not None:
                 self.owner.update({name: runner for name in runner.tools})
         self.tools = {name: r.tools[name] for name, r in self.owner.items()}
+
+    def __getattr__(self, name):
+        """Anything else a session reads (limits, policy, redaction) is the per-request runner's, which
+        the server built with the server's limits; else the server-level runner's."""
+        if name in ("base", "extra"):
+            raise AttributeError(name)
+        return getattr(self.extra if self.extra is not None else self.base, name)
 
     @property
     def specs(self):

@@ -1,0 +1,203 @@
+"""timjax serve with the official clients (openai, anthropic, subconscious-sdk) against a real uvicorn
+server on loopback, the shipped tiny TIM (reasoning trees, calculator over MCP), and per-request tools
+from an MCP server and an HTTP function started here."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import jsonschema
+import pytest
+
+from tests._serve_helpers import Uvicorn, calculator_schema, tools_app
+
+KEY = "test-key-123"
+MODEL = "timjax-tiny-tim"
+
+
+@pytest.fixture(scope="module")
+def tool_calls():
+    return []
+
+
+@pytest.fixture(scope="module")
+def tools_server(tool_calls):
+    srv = Uvicorn(tools_app(tool_calls))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_tools_server():
+    srv = Uvicorn(tools_app([], delay_s=3.0))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tools_server, slow_tools_server):
+    from timjax.serve.app import create_app
+    from timjax.serve.config import ServeConfig
+
+    cfg = ServeConfig(
+        api_key=KEY,
+        max_seq_len=1024,
+        allow_tool_url=[f"127.0.0.1:{tools_server.port}", f"127.0.0.1:{slow_tools_server.port}"],
+    )
+    srv = Uvicorn(create_app(cfg))
+    srv.app = srv.server.config.app
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def sub(server):
+    from subconscious import Subconscious
+
+    return Subconscious(api_key=KEY, base_url=server.url + "/v1")
+
+
+def ask(oa, question, **kw):
+    return oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], **kw)
+
+
+def test_openai_chat_answers_with_a_tree_and_streams_the_same(oa):
+    assert [m.id for m in oa.models.list().data] == [MODEL]
+    r = ask(oa, "Calculate 3 * (4 - 9).")
+    msg = r.choices[0].message
+    assert msg.content == "-15" and r.choices[0].finish_reason == "stop"
+    tree = msg.model_extra["reasoning"]
+    assert tree[0]["subtasks"][0]["tooluse"]["tool_name"] == "calculator"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 20
+    chunks = list(ask(oa, "Calculate 3 * (4 - 9).", stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens  # include_usage: the last chunk
+
+
+def test_openai_json_schema_constrains_the_answer(oa):
+    schema = {
+        "type": "object",
+        "properties": {"value": {"type": "string", "pattern": "^-?[0-9]{1,3}$"}},
+        "required": ["value"],
+        "additionalProperties": False,
+    }
+    r = ask(
+        oa,
+        "Calculate 2 + 5.",
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}},
+        max_tokens=300,
+    )
+    assert json.loads(r.choices[0].message.content) == {"value": "7"}  # the tree's answer, in the schema's shape
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_anthropic_messages_and_stream_events(server):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "Calculate 3 * (4 - 9)."}]
+    m = client.messages.create(model=MODEL, max_tokens=400, messages=msgs)
+    assert m.content[0].text == "-15" and m.stop_reason == "end_turn" and m.usage.output_tokens > 20
+    with client.messages.stream(model=MODEL, max_tokens=400, messages=msgs) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_message()
+    assert final.content[0].text == "-15"
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    for k in ("content_block_start", "content_block_delta", "content_block_stop", "message_delta"):
+        assert k in kinds
+
+
+def test_runs_with_a_per_request_mcp_tool_and_function(sub, tools_server, tool_calls):
+    url = tools_server.url
+    run = sub.run(
+        engine=MODEL,
+        input={"instructions": "Calculate 2 + 5.", "tools": [{"type": "mcp", "url": url + "/mcp"}]},
+        options={"await_completion": True},
+    )
+    assert run.status == "succeeded", run
+    use = run.result.reasoning[0].tooluse
+    assert use.tool_name == "calculator" and use.tool_call_id == "call_0"
+    assert use.tool_result == {"result": 1007}  # the request's server answered, not the built-in calculator
+    assert ("mcp", "add", 2, 5) in tool_calls
+    assert run.usage.input_tokens > 0 and run.usage.output_tokens > 0 and run.usage.duration_ms > 0
+    fn = {
+        "type": "function",
+        "name": "calculator",
+        "description": "exact arithmetic",
+        "parameters": calculator_schema(),
+        "url": url + "/fn/calc",
+    }
+    run = sub.run(
+        engine=MODEL,
+        input={"instructions": "Calculate 2 + 5.", "tools": [fn]},
+        options={"await_completion": True},
+    )
+    assert run.status == "succeeded", run
+    assert "2007" in json.dumps(run.result.reasoning[0].tooluse.tool_result)
+    assert ("fn", "add", 2, 5) in tool_calls
+
+
+def test_runs_stream_sends_the_document(sub):
+    events = list(sub.stream(engine=MODEL, input={"instructions": "Calculate 3 * (4 - 9)."}))
+    assert events[-1].type == "done" and events[0].run_id
+    doc = json.loads("".join(e.content for e in events if e.type == "delta"))
+    assert doc["answer"] == "-15" and doc["reasoning"][0]["subtasks"]
+
+
+def test_run_cancel_while_parked_on_a_slow_tool(sub, server, slow_tools_server):
+    tools = [{"type": "mcp", "url": slow_tools_server.url + "/mcp"}]
+    run = sub.run(engine=MODEL, input={"instructions": "Calculate 2 + 5.", "tools": tools})
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    out = sub.cancel(run.run_id)
+    assert out.status == "canceled" and time.monotonic() - t0 < 2.5
+    assert sub.get(run.run_id).status == "canceled"
+
+
+def test_stream_disconnect_cancels_the_request(server, slow_tools_server):
+    import requests
+
+    body = {
+        "engine": MODEL,
+        "input": {"instructions": "Calculate 2 + 5.", "tools": [{"type": "mcp", "url": slow_tools_server.url + "/mcp"}]},
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with requests.post(server.url + "/v1/runs/stream", json=body, headers=headers, stream=True) as resp:
+        run_id = resp.headers["x-run-id"]
+        next(resp.iter_lines())  # the stream is open; the run is (or will be) parked on the slow tool
+    job = server.app.state.runs[run_id]
+    t0 = time.monotonic()
+    while not job.done and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert job.status == "canceled"
+
+
+def test_concurrent_answers_equal_answers_alone(oa):
+    questions = ["Calculate 2 + 5.", "Calculate 3 * (4 - 9).", "Calculate 12 - 30.", "Calculate -(7 * (7 - 12))."]
+    alone = [ask(oa, q).choices[0].message for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(lambda q: ask(oa, q).choices[0].message, questions))
+    assert [m.content for m in together] == [m.content for m in alone]
+    assert [m.model_extra["reasoning"] for m in together] == [m.model_extra["reasoning"] for m in alone]
+
+
+def test_health_and_metrics(server):
+    import requests
+
+    assert requests.get(server.url + "/health").json()["status"] == "ok"
+    text = requests.get(server.url + "/metrics").text
+    assert 'timjax_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'timjax_tool_calls_total{status="ok"}' in text
+    for name in ("timjax_queue_depth", "timjax_kv_pages_free", "timjax_tool_call_seconds_bucket", "timjax_pruned_tokens_total"):
+        assert name in text
