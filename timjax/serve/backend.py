@@ -83,10 +83,13 @@ class Job:
         self._done = asyncio.Event()
         self._sent_tokens = 0
         self._sent_text = ""
+        self._on_cancel: Callable[[Job], None] | None = None
 
     def cancel(self) -> None:
-        """Ends the request at its next step (its pages are freed then); a queued one never starts."""
+        """Ends the request at its next step (its pages are freed then); a queued one ends now."""
         self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     @property
     def done(self) -> bool:
@@ -273,6 +276,7 @@ class Backend:
         ctrl = self._controller(req)
         job = Job(req, loop, request_id)
         job._controller = _Watched(ctrl, job)
+        job._on_cancel = self._cancel_queued
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue {self.max_queue})")
@@ -298,6 +302,14 @@ class Backend:
             if self._thread.is_alive():
                 self._cancel_all()
                 self._thread.join(10)
+
+    def _cancel_queued(self, job: Job) -> None:
+        with self._cond:
+            if job not in self._queue:
+                return  # running (the watcher ends it at its next step) or done
+            self._queue.remove(job)
+        job._finish(_failed(job.request, CANCELED))
+        self._closed(job)
 
     def _cancel_all(self) -> None:
         with self._cond:

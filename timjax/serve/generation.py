@@ -90,9 +90,11 @@ def plain_request(state, messages, *, system, max_tokens, temperature, top_p, se
 def _budget(state, prompt: list[int], max_tokens: int | None) -> int:
     room = state.backend.max_seq_len - len(prompt)
     if room < 1:
-        raise RequestRejected(
+        raise ApiError(
+            400,
             f"the prompt has {len(prompt)} tokens; this server's context is {state.backend.max_seq_len} tokens",
-            "messages",
+            param="messages",
+            code="context_length_exceeded",
         )
     return min(max_tokens or state.config.max_tokens_default, room)
 
@@ -196,5 +198,5 @@ async def submit(request, greq: GenRequest, request_id: str | None = None):
 def check_model(request, name: str | None, param: str = "model", status: int = 404) -> None:
     served = request.app.state.config.model_id()
     if name != served:
-        raise ApiError(status, f"unknown {param} {name!r}: this server serves {served!r}", param=param,
-                       code="model_not_found")
+        code = "model_not_found" if status == 404 else None  # OpenAI's code; the Runs API has its own
+        raise ApiError(status, f"unknown {param} {name!r}: this server serves {served!r}", param=param, code=code)
