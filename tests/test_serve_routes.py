@@ -201,3 +201,16 @@ def test_health_and_metrics(server):
     assert 'timjax_tool_calls_total{status="ok"}' in text
     for name in ("timjax_queue_depth", "timjax_kv_pages_free", "timjax_tool_call_seconds_bucket", "timjax_pruned_tokens_total"):
         assert name in text
+
+
+def test_readme_client_examples(server):
+    """The README's Serve section: each client example runs unchanged but for the address and key."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"<!-- serve-example: (\w+) -->\n```python\n(.*?)```", readme, re.S)
+    assert [name for name, _ in blocks] == ["openai", "anthropic", "subconscious"]
+    for name, code in blocks:
+        code = code.replace("http://127.0.0.1:8000", server.url).replace("sk-local", KEY)
+        exec(compile(code, f"README serve-example {name}", "exec"), {})
