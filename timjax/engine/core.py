@@ -177,6 +177,15 @@ class Engine:
         self._enqueue(req, handle, deadline)
         return handle
 
+    def add(self, request: Request, request_id: str | None = None, timeout_s: float | None = None) -> RequestHandle:
+        """The lower door: an engine ``Request`` with its own controller (replays, custom policies); the
+        same queue bound, streams and aborts as ``add_request``."""
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        self._reserve(rid, bounded=True)
+        handle = RequestHandle(rid, self, self.model.tokenizer)
+        self._enqueue(request, handle, time.monotonic() + timeout_s if timeout_s is not None else None)
+        return handle
+
     def abort(self, request_ids) -> None:
         """End these requests at the next step boundary (``finish_reason="cancelled"``); unknown or
         finished ids are ignored."""

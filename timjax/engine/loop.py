@@ -76,6 +76,10 @@ class Loop:
             self.finish(seq, "error", msg)
         self.counters["preemptions"] += len(plan.preempted)
         if not plan.rows:
+            if self.dirty:  # no step to carry the releases (every live sequence waits): release them now
+                free = jnp.asarray([s is None for s in self.sched.slots])
+                self.runner.cache = release(self.runner.cache, free)
+                self.dirty = False
             return False
         t0 = time.perf_counter()
         step = self.runner.launch(plan.rows, self.sched.slots)
