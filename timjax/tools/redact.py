@@ -8,13 +8,16 @@ lets out, from the secrets it was given.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from timjax.tools.encoding import encode_error
 
-__all__ = ["MASK", "MIN_SECRET_CHARS", "Redactor", "redact_url", "url_secrets"]
+__all__ = ["MASK", "MIN_SECRET_CHARS", "Redactor", "redact_url", "scrubbed_logs", "url_secrets"]
 
 MASK = "***"
 MIN_SECRET_CHARS = 4  # shorter "secrets" would mask ordinary text (a password "a" would eat every a)
@@ -90,3 +93,45 @@ class Redactor:
         except ValueError:
             return encode_error("result withheld: it contained a secret of the tool configuration")
         return out
+
+
+# -- logs: the MCP SDK and httpx log request URLs (credentials and query included) at INFO/DEBUG ------------
+_ACTIVE: list[Redactor] = []
+_LOCK = threading.Lock()
+_BASE_FACTORY = None
+
+
+def _scrubbing_factory(*args, **kwargs):
+    record = _BASE_FACTORY(*args, **kwargs)
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a malformed record is the logging module's business
+        return record
+    clean = message
+    for r in list(_ACTIVE):
+        clean = r.text(clean)
+    if clean != message:
+        record.msg, record.args = clean, ()
+    return record
+
+
+@contextlib.contextmanager
+def scrubbed_logs(redactor: Redactor):
+    """While open, every log record of the process has ``redactor``'s secrets masked (a record factory:
+    logger filters would miss the SDK's child loggers, handler filters the handlers added later)."""
+    global _BASE_FACTORY
+    if not redactor:
+        yield
+        return
+    with _LOCK:
+        if not _ACTIVE:
+            _BASE_FACTORY = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(_scrubbing_factory)
+        _ACTIVE.append(redactor)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _ACTIVE.remove(redactor)
+            if not _ACTIVE and logging.getLogRecordFactory() is _scrubbing_factory:
+                logging.setLogRecordFactory(_BASE_FACTORY)

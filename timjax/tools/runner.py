@@ -27,6 +27,7 @@ yourself if the server needs it); URL credentials and header values never leave 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from timjax.tim.schema import ToolSpec, strict_input_schema
 from timjax.tools.connection import Connection, LoopThread, ServerDown, describe
 from timjax.tools.encoding import classify_result, encode_error, fit_tokens
 from timjax.tools.policy import ToolConfigError, ToolLimits, ToolPolicy, ToolPolicyError
-from timjax.tools.redact import Redactor, header_secrets, redact_url, url_secrets
+from timjax.tools.redact import Redactor, header_secrets, redact_url, scrubbed_logs, url_secrets
 
 __all__ = [
     "ToolConfigError",
@@ -245,6 +246,8 @@ class ToolRunner:
         self._loops: list[LoopThread] = []
         self._conns: list[Connection] = []
         self._closed = False
+        self._logs = contextlib.ExitStack()
+        self._logs.enter_context(scrubbed_logs(self.redactor))
         try:
             self._start()
         except ToolConfigError as e:
@@ -382,6 +385,7 @@ class ToolRunner:
         for loop in self._loops:
             if not loop.stop(timeout=5.0):
                 log.warning("a tool server's event loop is blocked; its thread is left to exit with the process")
+        self._logs.close()
 
     @property
     def closed(self) -> bool:

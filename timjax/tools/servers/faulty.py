@@ -14,7 +14,9 @@ import sys
 import time
 
 import anyio
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+
+_SAFE = ToolAnnotations(readOnlyHint=True)  # retried once by the runner after a crash
 
 _STDIO = False  # set when serving over stdio: crash and garbage then act on the process itself
 
@@ -24,7 +26,7 @@ def make_server(name: str = "faulty"):
 
     server = MCPServer(name, log_level="CRITICAL")
 
-    @server.tool(description="answer after `seconds` seconds")
+    @server.tool(description="answer after `seconds` seconds", annotations=_SAFE)
     async def slow(seconds: float) -> CallToolResult:
         await anyio.sleep(seconds)
         return CallToolResult(content=[TextContent(type="text", text=f"slept {seconds:g} s")])
@@ -54,11 +56,29 @@ def make_server(name: str = "faulty"):
     def nan() -> CallToolResult:
         return CallToolResult(content=[TextContent(type="text", text="nan")], structured_content={"x": float("nan")})
 
-    @server.tool(description="echo the arguments")
+    @server.tool(description="echo the arguments", annotations=_SAFE)
     def echo(text: str, n: int = 1) -> CallToolResult:
         return CallToolResult(
             content=[TextContent(type="text", text=text * n)], structured_content={"text": text, "n": n}
         )
+
+    @server.tool(description="answer after `seconds` seconds (not annotated: never retried)")
+    async def slow_write(seconds: float) -> CallToolResult:
+        await anyio.sleep(seconds)
+        return CallToolResult(content=[TextContent(type="text", text="written")])
+
+    @server.tool(description="block the server's event loop for `seconds` seconds, then answer")
+    async def block(seconds: float) -> CallToolResult:
+        time.sleep(seconds)  # deliberately blocking inside async: the loop stops
+        return CallToolResult(content=[TextContent(type="text", text="unblocked")])
+
+    @server.tool(description="the text, as given (control characters, DEL, ...)")
+    def raw(text: str) -> CallToolResult:
+        return CallToolResult(content=[TextContent(type="text", text=text)])
+
+    @server.tool(description="a text of `megabytes` MB")
+    def big(megabytes: float) -> CallToolResult:
+        return CallToolResult(content=[TextContent(type="text", text="x" * int(megabytes * 1_000_000))])
 
     @server.tool(description="the environment variables this process sees")
     def env() -> CallToolResult:
