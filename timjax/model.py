@@ -145,7 +145,9 @@ class _Layers(nnx.Module):
 
 class Qwen3(nnx.Module):
     """Qwen3ForCausalLM. Build with random weights (``rngs``) or from a params dict (``params``).
-    ``mesh``: the device mesh the params are sharded over (``timjax.sharding``), None on one device."""
+    ``mesh``: the device mesh the params are sharded over (``timjax.sharding``), None on one device;
+    ``place_batch``: how ``__call__`` places token rows on that mesh (``timjax.sharding`` passes its batch
+    rule: the model layer does not import the sharding layer above it)."""
 
     def __init__(
         self,
@@ -156,9 +158,11 @@ class Qwen3(nnx.Module):
         params: Params | None = None,
         tokenizer: Any = None,
         mesh: Any = None,
+        place_batch: Any = None,
     ):
         self.config = config
         self.mesh = mesh
+        self.place_batch = place_batch
         self.dtype = as_dtype(dtype)
         self.tokenizer = tokenizer
         if params is None:
@@ -178,10 +182,8 @@ class Qwen3(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
-        if self.mesh is not None:  # batch rows over the mesh's data-parallel axis
-            from timjax.sharding import shard_batch
-
-            tokens = shard_batch(tokens, self.mesh)
+        if self.place_batch is not None:  # batch rows over the mesh's data-parallel axis
+            tokens = self.place_batch(tokens)
         lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
         return _dense_logits(self.params(), self.config, tokens, lengths)
 

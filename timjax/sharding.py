@@ -199,7 +199,9 @@ def shard_model(model, mesh: Mesh):
     from timjax.model import Qwen3
 
     run_cfg, params = shard_params(model.params(), model.config, mesh)
-    out = Qwen3(run_cfg, dtype=model.dtype, params=params, tokenizer=model.tokenizer, mesh=mesh)
+    out = Qwen3(
+        run_cfg, dtype=model.dtype, params=params, tokenizer=model.tokenizer, mesh=mesh, place_batch=batch_placer(mesh)
+    )
     out.checkpoint_kv_heads = model.config.num_key_value_heads
     return out
 
@@ -288,7 +290,14 @@ def load(path, dtype=None, *, mesh: Mesh, tokenizer: Any = None):
     from timjax.model import Qwen3
 
     cfg, run_cfg, params = load_params(path, dtype, mesh)
-    model = Qwen3(run_cfg, dtype=params["embed"].dtype, params=params, tokenizer=tokenizer, mesh=mesh)
+    model = Qwen3(
+        run_cfg,
+        dtype=params["embed"].dtype,
+        params=params,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        place_batch=batch_placer(mesh),
+    )
     model.checkpoint_kv_heads = cfg.num_key_value_heads
     return model
 
@@ -310,6 +319,11 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def shard_batch(x, mesh: Mesh) -> jax.Array:
     return jax.device_put(x, batch_sharding(mesh, np.shape(x)))
+
+
+def batch_placer(mesh: Mesh) -> Callable[[Any], jax.Array]:
+    """``shard_batch`` bound to ``mesh``: what a sharded ``Qwen3`` places its token rows with."""
+    return partial(shard_batch, mesh=mesh)
 
 
 def cache_shardings(cache, mesh: Mesh, rules: ShardingRules = RULES):
@@ -594,7 +608,14 @@ def replicas(model) -> list:
     out = []
     for sub in submeshes(mesh):
         params = jax.tree.map(lambda x, s=sub: _restrict(x, s), model.params())
-        m = Qwen3(model.config, dtype=model.dtype, params=params, tokenizer=model.tokenizer, mesh=sub)
+        m = Qwen3(
+            model.config,
+            dtype=model.dtype,
+            params=params,
+            tokenizer=model.tokenizer,
+            mesh=sub,
+            place_batch=batch_placer(sub),
+        )
         m.checkpoint_kv_heads = getattr(model, "checkpoint_kv_heads", model.config.num_key_value_heads)
         out.append(m)
     return out

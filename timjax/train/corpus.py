@@ -41,7 +41,7 @@ from fractions import Fraction
 from typing import Literal, Union
 
 from timjax.errors import ParameterError
-from timjax.train.tools_adapter import ToolBackend, default_backend
+from timjax.train.tools_adapter import Raw, ToolBackend, default_backend
 
 Split = Literal["train", "heldout"]
 
@@ -395,10 +395,6 @@ def problems(
 
 
 # ----------------------------------------------------------------------------------------- documents
-
-
-class Raw(str):
-    """A JSON value already encoded (a tool result as the runtime writes it): emitted verbatim."""
 
 
 def dumps_doc(obj) -> str:

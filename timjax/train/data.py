@@ -63,9 +63,8 @@ class ReplaySetup:
     kb_seed: int
 
     def make(self) -> tuple[Replayer, ToolBackend]:
-        from timjax.train.sft import training_schema
         from timjax.train.tokenizer import load_tokenizer
-        from timjax.train.tools_adapter import default_backend
+        from timjax.train.tools_adapter import default_backend, training_schema
 
         tools = default_backend(self.kb_seed)
         return Replayer(load_tokenizer(self.tokenizer_dir), training_schema(tools), self.vocab_size), tools

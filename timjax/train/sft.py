@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from timjax.errors import TimjaxError
 from timjax.train.corpus import CorpusSpec
+from timjax.train.tools_adapter import training_schema
 
 
 class ModelSpec(BaseModel):
@@ -143,12 +144,6 @@ def corpus_spec(data: DataSpec):
         heldout_fraction=data.heldout_fraction,
         p_binary=data.p_binary,
     )
-
-
-def training_schema(tools):
-    from timjax.tim.schema import tim_schema
-
-    return tim_schema(tools=tools.specs())
 
 
 def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):

@@ -87,8 +87,6 @@ class ToolBackend:
         return self._tooluse("lookup", params, out), str(out["result"])
 
     def _tooluse(self, name: str, params: dict, result: Any) -> dict:
-        from timjax.train.corpus import Raw
-
         return {"tool_name": name, "parameters": params, "tool_result": Raw(self.encode(result))}
 
     # ---- knowledge-base questions
@@ -116,6 +114,17 @@ class ToolBackend:
 
     def question_word(self, relation: str) -> str:
         return "Who" if RELATIONS[relation][1] == "person" else "What"
+
+
+class Raw(str):
+    """A JSON value already encoded (a tool result as the runtime writes it): emitted verbatim."""
+
+
+def training_schema(tools: ToolBackend):
+    """The TIM schema the model is trained on: the backend's tools offered."""
+    from timjax.tim.schema import tim_schema
+
+    return tim_schema(tools=tools.specs())
 
 
 @lru_cache(maxsize=4)
