@@ -88,14 +88,36 @@ def add_tool_arguments(p) -> None:
         default=256,
         help="longer tool results are truncated with a marker (default 256)",
     )
+    p.add_argument(
+        "--max-tool-description-chars",
+        type=int,
+        default=1024,
+        help="longer tool descriptions are cut in the system prompt (default 1024)",
+    )
+    p.add_argument(
+        "--max-tool-block-chars",
+        type=int,
+        default=16_384,
+        help="the most characters the tool list may take in the system prompt (default 16384)",
+    )
 
 
 def runner_from_args(args):
     """A started ``ToolRunner`` for the parsed ``--tool*`` options (the caller closes it)."""
-    from timjax.tools.runner import ToolLimits, ToolRunner
+    from pydantic import ValidationError
+
+    from timjax.tools.runner import ToolConfigError, ToolPolicy, ToolRunner
 
     env = parse_env(args.tool_env or [])
-    limits = ToolLimits(
-        timeout_s=args.tool_timeout, max_calls=args.max_tool_calls, max_result_tokens=args.max_tool_result_tokens
-    )
-    return ToolRunner([parse_tool_spec(spec, env=env) for spec in args.tool], limits, allow=args.tool_allow)
+    try:
+        policy = ToolPolicy(
+            timeout_s=args.tool_timeout,
+            max_calls=args.max_tool_calls,
+            max_result_tokens=args.max_tool_result_tokens,
+            max_description_chars=getattr(args, "max_tool_description_chars", 1024),
+            max_tool_block_chars=getattr(args, "max_tool_block_chars", 16_384),
+        )
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ToolConfigError(f"tool option {err['loc'][0]}: {err['msg']}") from None
+    return ToolRunner([parse_tool_spec(spec, env=env) for spec in args.tool], policy, allow=args.tool_allow)
