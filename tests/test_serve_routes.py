@@ -192,15 +192,62 @@ def test_concurrent_answers_equal_answers_alone(oa):
     assert [m.model_extra["reasoning"] for m in together] == [m.model_extra["reasoning"] for m in alone]
 
 
+def _stream_run(server, question, log, name):
+    """Stream a run over raw SSE, appending (name, time, delta) per content chunk; returns the document."""
+    import requests
+
+    body = {"engine": MODEL, "input": {"instructions": question}}
+    doc = ""
+    with requests.post(server.url + "/v1/runs/stream", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=120) as resp:
+        for line in resp.iter_lines(decode_unicode=True):
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[5:])
+            if "choices" in data:
+                delta = data["choices"][0]["delta"]["content"]
+                doc += delta
+                log.append((name, time.monotonic(), delta))
+    log.append((name, time.monotonic(), None))
+    return doc
+
+
+def test_a_request_joins_the_running_batch(server):
+    """B arrives while A is mid-decode: B streams before A ends (it joined the running batch, it did not
+    wait for it) and B's document equals B's alone."""
+    a_q, b_q = "Calculate -(7 * (7 - 12)) + 3 * (4 - 9).", "Calculate 12 - 30."
+    b_alone = _stream_run(server, b_q, [], "B")
+    log: list = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(_stream_run, server, a_q, log, "A")
+        t0 = time.monotonic()
+        while sum(1 for n, _, d in log if n == "A" and d) < 5:  # A is decoding
+            assert time.monotonic() - t0 < 60 and not fa.done()
+            time.sleep(0.01)
+        fb = pool.submit(_stream_run, server, b_q, log, "B")
+        b_doc, a_doc = fb.result(), fa.result()
+    a_end = next(t for n, t, d in log if n == "A" and d is None)
+    b_first = next(t for n, t, d in log if n == "B" and d)
+    assert b_first < a_end, "B waited for A's batch to finish"
+    assert b_doc == b_alone and json.loads(b_doc)["answer"] == "-18"
+    assert json.loads(a_doc)["answer"]
+
+
 def test_health_and_metrics(server):
     import requests
 
     assert requests.get(server.url + "/health").json()["status"] == "ok"
     text = requests.get(server.url + "/metrics").text
     assert 'timjax_requests_total{route="/v1/chat/completions",status="200"}' in text
-    assert 'timjax_tool_calls_total{status="ok"}' in text
-    for name in ("timjax_queue_depth", "timjax_kv_pages_free", "timjax_tool_call_seconds_bucket", "timjax_pruned_tokens_total"):
-        assert name in text
+    assert 'timjax_tool_call_results_total{status="ok"}' in text
+    engine = server.app.state.backend.engine.stats()  # the engine's own figures, not recomputed
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values["timjax_tool_calls_total"] == engine.tool_calls_total > 0
+    assert values["timjax_generated_tokens_total"] == engine.tokens_generated_total > 0
+    assert values["timjax_pruned_tokens_total"] == engine.pruned_tokens_total
+    assert values["timjax_kv_pages_free"] == engine.kv_pages_free == engine.kv_pages_total  # idle: all free
+    assert values["timjax_kv_pages_used"] == 0 and values["timjax_queue_depth"] == 0 and values["timjax_running"] == 0
+    assert "timjax_tool_call_seconds_bucket" in text
 
 
 def test_readme_client_examples(server):

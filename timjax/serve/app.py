@@ -1,4 +1,4 @@
-"""The ASGI app: ``create_app(ServeConfig)`` loads the model, starts the engine thread (``backend.py``) and
+"""The ASGI app: ``create_app(ServeConfig)`` loads the model, starts the open engine's loop thread (``backend.py``) and
 the server-level tools, and mounts the OpenAI, Anthropic and Runs routes, ``/health`` and ``/metrics``."""
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def build_state(cfg: ServeConfig, model=None) -> dict:
         reposition=cfg.reposition,
         on_finish=metrics.on_finish,
     )
+    metrics.watch(backend.stats)
     runner, limits = _server_tools(cfg)
     return {
         "config": cfg,
@@ -111,7 +112,7 @@ def create_app(cfg: ServeConfig, *, model=None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        body = state["metrics"].render(state["backend"].stats())
+        body = state["metrics"].render()
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

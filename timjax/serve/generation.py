@@ -173,26 +173,29 @@ class StreamAnswer:
 
 
 async def submit(request, greq: GenRequest, request_id: str | None = None):
-    """Queue ``greq`` on the app's backend; a full queue is 429 with Retry-After, a request the engine
-    cannot take is 400 naming the field."""
-    import asyncio
-
+    """Add ``greq`` to the engine (it joins the running batch at the next step) and start reading its
+    events; a full queue is 429 with Retry-After, a stopping server 503, a request the engine cannot take
+    400 naming the field."""
     from starlette.concurrency import run_in_threadpool
 
-    from timjax.serve.backend import QueueFull
+    from timjax.serve.backend import QueueFull, ShuttingDown
 
     state = request.app.state
     try:
-        return await run_in_threadpool(state.backend.submit, greq, asyncio.get_running_loop(), request_id)
-    except QueueFull as e:
+        job = await run_in_threadpool(state.backend.submit, greq, request_id)
+    except BaseException as e:
         if greq.on_close is not None:
             greq.on_close()
-        retry = str(state.config.retry_after_s)
-        raise ApiError(429, f"the server is busy: {e}; retry later", headers={"Retry-After": retry}) from None
-    except RequestRejected as e:
-        if greq.on_close is not None:
-            greq.on_close()
-        raise ApiError(400, str(e), param=e.param) from None
+        if isinstance(e, QueueFull):
+            retry = str(state.config.retry_after_s)
+            raise ApiError(429, f"the server is busy: {e}; retry later", headers={"Retry-After": retry}) from None
+        if isinstance(e, ShuttingDown):
+            raise ApiError(503, f"the server is shutting down: {e}") from None
+        if isinstance(e, RequestRejected):
+            raise ApiError(400, str(e), param=e.param) from None
+        raise
+    job.attach()
+    return job
 
 
 def check_model(request, name: str | None, param: str = "model", status: int = 404) -> None:
