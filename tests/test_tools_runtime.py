@@ -275,7 +275,8 @@ def test_cli_tool_specs(tmp_path, model, qwen3_tokenizer_dir, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 0 and "[length] " in err and "0 tool calls (0 failed)" in err, err
+    # a random model's tree cut by a 6-token budget: reported, and exit 1 (issue 19)
+    assert rc == 1 and "[length] " in err and "0 tool calls (0 failed)" in err and "before its answer" in err, err
     rc = main(
         [
             "generate",
