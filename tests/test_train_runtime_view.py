@@ -33,7 +33,10 @@ class _FakeToolSession:
         return encode_result(calculate(**args) if name == "calculator" else lookup(self.tools.kb, **args))
 
     def poll(self, call):
-        rec = SimpleNamespace(result=call, result_tokens=0, resume_s=None)
+        # the fields of a ToolCallRecord the controller reads (tree events name the task and the call)
+        rec = SimpleNamespace(
+            result=call, result_tokens=0, resume_s=None, task_path=(), tool="tool", index=len(self.records), status="ok"
+        )
         self.records.append(rec)
         return rec
 
