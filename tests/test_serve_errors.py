@@ -144,11 +144,26 @@ def test_tool_urls_refused_unless_allowed(sub, slow_tools):
     fn = {"type": "function", "name": "f", "url": "http://169.254.169.254/latest/meta-data"}
     with pytest.raises(ValidationError, match="not allowed"):
         sub.run(engine=MODEL, input={"instructions": "hi", "tools": [fn]})
+    # url_allowed is ToolPolicy.check_url under the server's policy (timjax/tools/policy.py)
     assert not url_allowed("http://127.0.0.1:8000/mcp", [])  # the default: no outbound call at all
-    assert url_allowed("http://127.0.0.1:8000/mcp", ["127.0.0.1:*"])
+    assert not url_allowed("https://api.example.com/x", [])
+    assert url_allowed("http://127.0.0.1:8000/mcp", ["127.0.0.1:*"])  # loopback: only when listed
+    assert url_allowed("http://127.0.0.1:8000/mcp", ["127.0.0.1"])  # a host without a port: any port
+    assert not url_allowed("http://127.0.0.1:8000/mcp", ["*"]) and not url_allowed("http://localhost/x", ["*:*"])
+    assert not url_allowed("http://[::1]:8000/mcp", ["*"]) and url_allowed("http://[::1]:8000/mcp", ["[::1]:8000"])
+    assert url_allowed("http://127.0.0.1:8000/mcp", ["127.0.0.1:8000"])
+    assert not url_allowed("http://127.0.0.1:8001/mcp", ["127.0.0.1:8000"])  # the port is part of the pattern
     assert url_allowed("https://api.example.com/x", ["*.example.com"])
+    assert url_allowed("https://api.example.com/x", ["*.example.com:443"])  # the scheme's default port
+    assert not url_allowed("http://api.example.com:8080/x", ["*.example.com:443"])
     assert not url_allowed("https://example.com.evil.net/x", ["*.example.com"])
     assert not url_allowed("http://user:pw@10.0.0.1/x", ["127.0.0.1:*"])
+    assert url_allowed("https://api.example.com/v1/fn", ["https://api.example.com/v1/"])  # a URL prefix
+    assert not url_allowed("http://api.example.com/v1/fn", ["https://api.example.com/v1/"])  # other scheme
+    assert not url_allowed("https://api.example.com/v2/fn", ["https://api.example.com/v1/"])
+    assert not url_allowed("https://api.example.com:8443/v1/fn", ["https://api.example.com/v1/"])
+    assert not url_allowed("http://127.0.0.1:8000@evil.net/v1/", ["http://127.0.0.1:8000/"])  # user info trick
+    assert not url_allowed("file:///etc/passwd", ["*"])
 
 
 def test_api_key_required(server):

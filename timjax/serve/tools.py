@@ -6,18 +6,17 @@ request, checked against the server's URL policy, joined with the server-level t
 HTTP endpoint that gets the arguments as JSON; it is served to the runtime as a one-tool in-process MCP
 server, so the runtime's own limits, validation and fault handling apply to it unchanged.
 
-Security: every URL here is an outbound call from the server. ``url_allowed`` refuses any host that the
-operator did not list with ``--allow-tool-url`` (loopback included); function responses are read up to
+Security: every URL here is an outbound call from the server. ``request_policy`` (a
+``timjax.tools.policy.ToolPolicy``) refuses any host the operator did not list with ``--allow-tool-url``
+(host globs, ``host:port``, URL prefixes; loopback only when listed) and any stdio server; function responses are read up to
 ``MAX_FUNCTION_BYTES``; every call has the server's timeout (a function's own ``timeout`` can only be
 shorter). Nothing here reads files or the environment.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,52 +65,33 @@ class ToolRefused(ValueError):
     """A per-request tool the server will not use (the route answers 400 naming it)."""
 
 
+def request_policy(allow_patterns: list[str], limits=None):
+    """The ``ToolPolicy`` of per-request tools: URL hosts from ``--allow-tool-url`` (none listed: every URL
+    is refused; loopback only when a pattern names it), no stdio server. In-process servers stay allowed:
+    a request cannot name one; the only ones are the server's own wrappers of HTTP function tools, whose
+    URL this policy checked before wrapping. Timeouts and caps are the server's ``limits``."""
+    from timjax.tools.policy import ToolPolicy
+
+    base = ToolPolicy.from_limits(limits)
+    return base.model_copy(update={"hosts": tuple(allow_patterns), "allow_stdio": False, "allow_in_process": True})
+
+
 def url_allowed(url: str, patterns: list[str]) -> bool:
-    """Whether a per-request tool URL may be called: http(s) only, and its host (or ``host:port``)
-    matches one of the ``--allow-tool-url`` glob patterns (``127.0.0.1:*``, ``*.example.com``, or a URL
-    prefix such as ``http://127.0.0.1:8931/``). No pattern, no outbound call.
-    Kept in one function: issue 22's ToolPolicy takes this over when it lands."""
+    """Whether ``request_policy(patterns)`` lets a per-request tool call ``url`` (``ToolPolicy.check_url``)."""
+    from timjax.tools.policy import ToolPolicyError
+
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
+        request_policy(patterns).check_url(url)
+    except ToolPolicyError:
         return False
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    host = parts.hostname.lower()
-    hostport = f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
-    for pat in patterns:
-        pat = pat.strip().lower()
-        if "://" in pat:
-            if url.lower().startswith(pat):
-                return True
-        elif fnmatch.fnmatchcase(hostport if ":" in pat else host, pat):
-            return True
-    return False
+    return True
 
 
 def redacted(url: str) -> str:
     """A URL without user info or query (it may hold credentials): for labels and error messages."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    return f"{p.scheme}://{host}{':' + str(p.port) if p.port else ''}{p.path}"
+    from timjax.tools.redact import redact_url
 
-
-class _HeaderTransport:
-    """A streamable-HTTP transport with fixed headers (MCP ``auth``), re-creatable for reconnects."""
-
-    def __init__(self, url: str, headers: dict[str, str]):
-        self.url, self.headers, self._cm = url, headers, None
-
-    async def __aenter__(self):
-        import httpx2
-        from mcp.client.streamable_http import streamable_http_client
-
-        self._cm = streamable_http_client(self.url, http_client=httpx2.AsyncClient(headers=self.headers))
-        return await self._cm.__aenter__()
-
-    async def __aexit__(self, *exc):
-        return await self._cm.__aexit__(*exc)
+    return redact_url(url)
 
 
 def _function_server(fn: FunctionToolParam, timeout_s: float):
@@ -149,10 +129,12 @@ def _function_server(fn: FunctionToolParam, timeout_s: float):
     return Server(f"function:{fn.name}", on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-def parse_tools(items: list[dict], allow_patterns: list[str], server_tool_names: set[str]) -> list:
-    """``ToolServer``s for a request's ``tools`` list; raises ``ToolRefused`` naming the entry at fault."""
+def parse_tools(items: list[dict], policy, server_tool_names: set[str]) -> list:
+    """``ToolServer``s for a request's ``tools`` list, every URL checked against ``policy`` (a
+    ``ToolPolicy``, see ``request_policy``); raises ``ToolRefused`` naming the entry at fault."""
     from pydantic import ValidationError
 
+    from timjax.tools.policy import ToolPolicyError
     from timjax.tools.runner import ToolServer
 
     servers = []
@@ -174,19 +156,21 @@ def parse_tools(items: list[dict], allow_patterns: list[str], server_tool_names:
                     f"{where}: unknown tool {t.id!r}; this server's tools: {', '.join(sorted(server_tool_names)) or 'none'}"
                 )
             continue  # a server-level tool: offered already
-        if not url_allowed(t.url, allow_patterns):
+        try:
+            policy.check_url(t.url)
+        except ToolPolicyError as e:
             raise ToolRefused(
-                f"{where}: tool URL {redacted(t.url)} is not allowed by this server (start it with "
+                f"{where}.url: tool URL {redacted(t.url)} is not allowed by this server ({e}; start it with "
                 f"--allow-tool-url matching that host)"
-            )
+            ) from None
         if isinstance(t, McpToolParam):
             allowed = t.allowed_tools
             if allowed is not None and "*" in allowed:
                 allowed = None
-            target = _HeaderTransport(t.url, t.auth.headers()) if t.auth else t.url
-            servers.append((ToolServer(target, tools=allowed, name=redacted(t.url)), where))
+            headers = t.auth.headers() if t.auth else None
+            servers.append((ToolServer(t.url, tools=allowed, name=redacted(t.url), headers=headers), where))
         else:
-            servers.append((ToolServer(_function_server(t, 1e9), name=f"function {t.name}"), where))
+            servers.append((ToolServer(_function_server(t, policy.timeout_s), name=f"function {t.name}"), where))
     return servers
 
 
@@ -242,13 +226,12 @@ def open_request_tools(items: list[dict], *, base, limits, allow_patterns: list[
     from timjax.tools.runner import ToolConfigError, ToolRunner
 
     names = set(base.tools) if base is not None else set()
-    servers = parse_tools(items, allow_patterns, names)
+    policy = request_policy(allow_patterns, limits)
+    servers = parse_tools(items, policy, names)
     if not servers:
         return ToolSet(base)
-    if limits is not None:  # a function's own timeout is applied inside its server; the runner's is the cap
-        pass
-    try:
-        extra = ToolRunner([s for s, _ in servers], limits)
+    try:  # the runner applies the same policy again (URLs, server kinds) and its timeouts and caps
+        extra = ToolRunner([s for s, _ in servers], policy=policy)
     except ToolConfigError as e:
         raise ToolRefused(f"input.tools: {e}") from None
     if extra.startup_errors:

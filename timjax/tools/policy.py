@@ -1,8 +1,10 @@
 """What tools a run may use and how much they may cost: ``ToolPolicy`` (pydantic), applied by the runner to
 every tool server it starts, and by ``timjax serve`` to per-request tools.
 
-* URLs: ``schemes`` (default http, https) and ``hosts`` (``fnmatch`` patterns over the host name; None = no
-  host rule, the library default for servers you configure yourself). A loopback host (``localhost``,
+* URLs: ``schemes`` (default http, https) and ``hosts`` (``fnmatch`` patterns over the host name, each
+  optionally with a port glob, ``host:port`` / ``[v6]:port``, or a URL prefix ``http://host:port/path``;
+  see ``_split_pattern``; None = no host rule, the library default for servers you configure yourself;
+  ``()`` = no URL at all). A loopback host (``localhost``,
   ``127.0.0.0/8``, ``::1``, ``0.0.0.0``) passes only when a pattern names it without a wildcard-only
   pattern (``"*"`` never matches loopback): ``hosts=["*", "127.0.0.1"]``. The check reads the URL text; it
   does not resolve names (a public name that resolves to loopback passes: put such servers behind a
@@ -50,6 +52,31 @@ class ToolLimits:
         for k in ("timeout_s", "connect_timeout_s", "max_calls", "max_result_tokens"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"ToolLimits.{k} must be > 0, got {getattr(self, k)}")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _split_pattern(pattern: str) -> tuple[str, str | None, tuple[str, str] | None]:
+    """A ``hosts`` pattern as (host glob, port glob or None, (scheme, path prefix) or None). Forms:
+    ``host`` (any port), ``host:port`` (``port`` a glob: ``127.0.0.1:*``, ``api.example.com:8443``),
+    ``[v6]`` / ``[v6]:port``, a bare IPv6 address (any port), and a URL prefix ``scheme://host[:port]/path``
+    (same scheme, host and port - the scheme's default when omitted - and a path under ``/path``)."""
+    p = pattern.strip()
+    if "://" in p:
+        u = urlsplit(p)
+        try:
+            port = u.port or _DEFAULT_PORTS.get(u.scheme.lower())
+        except ValueError:
+            port = None
+        return (u.hostname or "", str(port) if port else None, (u.scheme.lower(), u.path or "/"))
+    if p.startswith("["):
+        host, _, rest = p[1:].partition("]")
+        return host, (rest[1:] if rest.startswith(":") else None), None
+    if p.count(":") == 1:
+        host, port = p.split(":")
+        return host, port or None, None
+    return p, None, None
 
 
 def is_loopback(host: str) -> bool:
@@ -116,11 +143,21 @@ class ToolPolicy(BaseModel):
         if self.hosts is None:
             return
         loop = is_loopback(host)
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(scheme)
+        except ValueError as e:
+            raise ToolPolicyError(f"tool URL {shown}: bad port ({e})") from None
         for pattern in self.hosts:
-            if loop and pattern.strip("*?.[]") == "":  # wildcard-only patterns never admit loopback
+            host_pat, port_pat, prefix = _split_pattern(pattern)
+            if loop and host_pat.strip("*?.[]") == "":  # wildcard-only host patterns never admit loopback
                 continue
-            if fnmatch.fnmatch(host.lower(), pattern.lower()):
-                return
+            if not fnmatch.fnmatchcase(host.lower(), host_pat.lower()):
+                continue
+            if port_pat is not None and not fnmatch.fnmatchcase(str(port), port_pat):
+                continue
+            if prefix is not None and (scheme != prefix[0] or not (parts.path or "/").startswith(prefix[1])):
+                continue
+            return
         why = "is loopback and not listed" if loop else "matches no pattern"
         raise ToolPolicyError(f"tool URL {shown}: host {host!r} {why} in ToolPolicy.hosts {list(self.hosts)}")
 
