@@ -6,7 +6,13 @@ used), greedy. Per setting and per problem group (kind and depth) it reports acc
 ``corpus.check_answer``), peak working-memory tokens, the share of KV entries pruned, tool calls per
 problem, invalid trees (grammar dead end, error, unparsable) and unfinished ones (token budget), and
 tokens/s over the whole batch. Any checkpoint works (a converted TIM-8b included); problems come from
-the corpus's held-out split or from a JSON-lines file of ``{"question", "answer"}``.
+the corpus's held-out split, from the ordinary-notation families ``notation-3..8`` (``timjax.eval.notation``,
+a generator of its own), from the beyond-context family ``long-K`` (``timjax.eval.long``: trees of at
+least K times the context C), or from a JSON-lines file of ``{"question", "answer"}``. Every run has the
+working-memory limit C (``context``); a setting may swap the calculator for a variant of its contract
+(``timjax.eval.tool_variants``). Beside the groups, accuracy is split by expression depth, and each
+problem's outcome is kept (``samples``) for plots such as accuracy against tree length in units of C
+(``timjax.eval.plot``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class Setting:
     label: str
     buffer: int | None  # None = pruning off
     reposition: str = "reencode"
+    tools: str | None = None  # a calculator of ``timjax.eval.tool_variants`` (None: the package's servers)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -53,6 +60,7 @@ class GroupStats(BaseModel):
     invalid: int
     unfinished: int
     generated_tokens: float  # mean per problem
+    context_limit: int = 0  # runs that stopped because the working memory reached the context C
 
 
 class SettingReport(BaseModel):
@@ -63,7 +71,10 @@ class SettingReport(BaseModel):
     groups: dict[str, GroupStats]
     tokens_per_s: float
     wall_s: float
+    tools: str | None = None
+    by_depth: dict[str, GroupStats] = {}  # by expression depth (kind and depth), beside the groups
     failures: list[dict[str, Any]] = []  # every wrong answer, for inspection
+    samples: list[dict[str, Any]] = []  # per problem: group, ok, finish, tokens, peak, pruned, tree_tokens
 
 
 class EvalReport(BaseModel):
@@ -72,6 +83,7 @@ class EvalReport(BaseModel):
     settings: list[SettingReport]
     command: str = ""
     machine: str = ""
+    context: int | None = None  # the working-memory limit C the runs had (max_seq_len)
 
     def table(self) -> str:
         groups = [g for g in self.settings[0].groups] if self.settings else []
@@ -85,6 +97,7 @@ class EvalReport(BaseModel):
                 "tools/prob",
                 "invalid",
                 "unfinished",
+                "ctx limit",
                 "tok/s",
             ]
         )
@@ -102,13 +115,35 @@ class EvalReport(BaseModel):
                     f"{o.tool_calls:.1f}",
                     str(o.invalid),
                     str(o.unfinished),
+                    str(o.context_limit),
                     f"{s.tokens_per_s:.0f}",
                 ]
             )
         head[len(groups) + 4] = f"KV pruned {deep}" if deep else "KV pruned (deepest)"
-        widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-        line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
-        return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+        return _markdown(head, rows)
+
+    def depth_table(self) -> str:
+        """Accuracy (n) by expression depth, one row per setting; empty when no problem has a depth."""
+        keys = sorted({k for s in self.settings for k in s.by_depth}, key=_depth_key)
+        if not keys:
+            return ""
+        rows = [[s.label] + [_acc_n(s.by_depth.get(k)) for k in keys] for s in self.settings]
+        return _markdown(["setting"] + keys, rows)
+
+
+def _acc_n(g: GroupStats | None) -> str:
+    return "-" if g is None or not g.n else f"{g.accuracy:.1%} ({g.n})"
+
+
+def _depth_key(k: str) -> tuple[str, int]:
+    kind, _, d = k.rpartition(" d")
+    return kind, int(d) if d.isdigit() else 0
+
+
+def _markdown(head: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def _deepest_arith(groups: Sequence[str]) -> str | None:
@@ -120,15 +155,26 @@ def group_name(p: Problem) -> str:
     return f"{p.kind}-{p.depth}"
 
 
+def depth_name(p: Problem) -> str:
+    """``"<kind> d<depth>"``: the expression's nesting depth (notation and long problems keep it in
+    ``data["tree_depth"]``; for the corpus's groups it is the group's depth)."""
+    return f"{p.kind} d{p.data.get('tree_depth', p.depth)}"
+
+
+# group kinds and their depth ranges: notation-N = N terms, long-K = trees >= K x the context
+GROUP_RANGES = {"arith": (1, 6), "lookup": (1, 4), "notation": (3, 8), "long": (1, 4)}
+
+
 def parse_groups(text: str | Sequence[str]) -> tuple[tuple[str, int], ...]:
     """``"arith-3,lookup-2"`` -> ``(("arith", 3), ("lookup", 2))``; a bad entry raises naming it."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out = []
     for item in (i.strip() for i in items):
         kind, _, depth = item.partition("-")
-        top = {"arith": 6, "lookup": 4}.get(kind)
-        if top is None or not depth.isdigit() or not 1 <= int(depth) <= top:
-            raise ValueError(f"--groups: {item!r} is not arith-1..arith-6 or lookup-1..lookup-4")
+        lo, hi = GROUP_RANGES.get(kind, (1, 0))
+        if not depth.isdigit() or not lo <= int(depth) <= hi:
+            names = ", ".join(f"{k}-{a}..{k}-{b}" for k, (a, b) in GROUP_RANGES.items())
+            raise ValueError(f"--groups: {item!r} is not one of {names}")
         out.append((kind, int(depth)))
     if not out:
         raise ValueError("--groups: no group given")
@@ -145,6 +191,24 @@ def heldout_problems(
         # one group per draw; a group outside the training mix (arith-4) is drawn the same way
         one = dataclasses.replace(spec, mix=((kind, depth, 1.0),))
         out += problems(one, "heldout", n_per_group, stream=1)
+    return out
+
+
+def family_problems(
+    groups: Sequence[tuple[str, int]], n: int, *, tokenizer_dir: str, context: int, seed: int = 23
+) -> list[Problem]:
+    """``n`` problems of each group: corpus held-out groups (arith, lookup), notation-N, long-K."""
+    from timjax.eval.long import long_problems
+    from timjax.eval.notation import notation_problems
+
+    out: list[Problem] = []
+    for kind, d in groups:
+        if kind == "notation":
+            out += notation_problems(n, d, seed=seed)
+        elif kind == "long":
+            out += long_problems(n, d, context, tokenizer_dir, seed=seed)
+        else:
+            out += heldout_problems(n, groups=((kind, d),))
     return out
 
 
@@ -174,7 +238,13 @@ def _group_stats(items: list[tuple[Problem, Any, bool]]) -> GroupStats:
         ),
         unfinished=sum(r.finish_reason == "length" for _, r, _ in items),
         generated_tokens=mean([r.stats.generated_tokens for _, r, _ in items]),
+        context_limit=sum(hit_context(r) for _, r, _ in items),
     )
+
+
+def hit_context(r) -> bool:
+    """The run stopped because its working memory reached the context (not the token budget)."""
+    return r.finish_reason == "length" and "max_seq_len" in (r.error or "")
 
 
 def is_correct(p: Problem, r) -> bool:
@@ -190,74 +260,111 @@ def evaluate(
     max_new_tokens: int = 1024,
     max_batch: int = 16,
     page_size: int = 16,
+    context: int | None = None,
     progress: bool = True,
     model_label: str = "",
     say=print,
     json_path: str | None = None,
 ) -> EvalReport:
     """Run every problem under every setting (greedy) and collect the figures (see the module docstring).
-    ``tools``: MCP servers for ``timjax.generate(tools=...)``; default: the corpus's calculator and lookup.
+    ``tools``: MCP servers for ``timjax.generate(tools=...)``; default: the corpus's calculator and lookup
+    (a setting with ``tools`` set uses that calculator variant instead, ``timjax.eval.tool_variants``).
+    ``context``: the working-memory limit C (``max_seq_len``; default the model's ``max_position_embeddings``):
+    a run whose working memory reaches it ends with finish ``length`` (counted as ``context_limit``).
     ``json_path``: the report so far is written there after each setting (a long run keeps what it measured)."""
-    import timjax
-    from timjax.tim.schema import tim_schema
     from timjax.tools.runner import ToolRunner
     from timjax.train.tools_adapter import tool_servers
 
-    reports = []
-    runner = ToolRunner(list(tools) if tools is not None else tool_servers())
+    context = context or model.config.max_position_embeddings
+    runners: dict[str | None, Any] = {}
+    reports: list[SettingReport] = []
+    report = lambda: EvalReport(model=model_label, n_problems=len(probs), settings=reports, context=context)
     try:
         for s in settings:
-            t0 = time.perf_counter()
-            results = timjax.generate(
-                model,
-                [p.question for p in probs],
-                schema=tim_schema(),
-                tools=runner,
-                pruning_buffer=s.buffer,
-                reposition=s.reposition,
-                max_new_tokens=max_new_tokens,
-                max_batch=max_batch,
-                page_size=page_size,
-                progress=progress,
-            )
-            wall = time.perf_counter() - t0
-            by_group: dict[str, list] = defaultdict(list)
-            items = []
-            for p, r in zip(probs, results):
-                it = (p, r, is_correct(p, r))
-                items.append(it)
-                by_group[group_name(p)].append(it)
-            gen = sum(r.stats.generated_tokens for r in results)
-            fails = [
-                {
-                    "question": p.question,
-                    "group": group_name(p),
-                    "expected": p.answer,
-                    "finish": r.finish_reason,
-                    "error": r.error,
-                    "answer": None if r.response is None else r.response.answer,
-                    "tool_calls": r.stats.tool_calls,
-                }
-                for p, r, ok in items
-                if not ok
-            ]
-            rep = SettingReport(
-                label=s.label,
-                buffer=s.buffer,
-                reposition=s.reposition,
-                overall=_group_stats(items),
-                groups={g: _group_stats(v) for g, v in sorted(by_group.items())},
-                tokens_per_s=gen / wall if wall else 0.0,
-                wall_s=wall,
-                failures=fails,
-            )
+            if s.tools not in runners:
+                if s.tools is None:
+                    servers = list(tools) if tools is not None else tool_servers()
+                else:
+                    from timjax.eval.tool_variants import variant_tools
+
+                    servers = variant_tools(s.tools)
+                runners[s.tools] = ToolRunner(servers)
+            gen_kw = dict(max_new_tokens=max_new_tokens, max_batch=max_batch, page_size=page_size, progress=progress)
+            rep = run_setting(model, probs, s, runners[s.tools], context=context, **gen_kw)
             reports.append(rep)
-            say(f"{s.label}: accuracy {rep.overall.accuracy:.1%} ({len(probs)} problems, {wall:.0f}s)")
+            say(f"{s.label}: accuracy {rep.overall.accuracy:.1%} ({len(probs)} problems, {rep.wall_s:.0f}s)")
             if json_path:
-                write_report(EvalReport(model=model_label, n_problems=len(probs), settings=reports), json_path)
+                write_report(report(), json_path)
     finally:
-        runner.close()
-    return EvalReport(model=model_label, n_problems=len(probs), settings=reports)
+        for r in runners.values():
+            r.close()
+    return report()
+
+
+def run_setting(model, probs: Sequence[Problem], s: Setting, runner, *, context: int, **gen_kw) -> SettingReport:
+    """One setting over all problems: its figures by group and by depth, failures and per-problem samples."""
+    import timjax
+    from timjax.tim.schema import tim_schema
+
+    t0 = time.perf_counter()
+    results = timjax.generate(
+        model,
+        [p.question for p in probs],
+        schema=tim_schema(),
+        tools=runner,
+        pruning_buffer=s.buffer,
+        reposition=s.reposition,
+        max_seq_len=context,
+        **gen_kw,
+    )
+    wall = time.perf_counter() - t0
+    by_group: dict[str, list] = defaultdict(list)
+    by_depth: dict[str, list] = defaultdict(list)
+    items = []
+    for p, r in zip(probs, results):
+        it = (p, r, is_correct(p, r))
+        items.append(it)
+        by_group[group_name(p)].append(it)
+        by_depth[depth_name(p)].append(it)
+    gen = sum(r.stats.generated_tokens for r in results)
+    return SettingReport(
+        label=s.label,
+        buffer=s.buffer,
+        reposition=s.reposition,
+        tools=s.tools,
+        overall=_group_stats(items),
+        groups={g: _group_stats(v) for g, v in sorted(by_group.items())},
+        by_depth={g: _group_stats(v) for g, v in sorted(by_depth.items())},
+        tokens_per_s=gen / wall if wall else 0.0,
+        wall_s=wall,
+        failures=[_failure(p, r) for p, r, ok in items if not ok],
+        samples=[_sample(p, r, ok) for p, r, ok in items],
+    )
+
+
+def _failure(p: Problem, r) -> dict[str, Any]:
+    return {
+        "question": p.question,
+        "group": group_name(p),
+        "expected": p.answer,
+        "finish": r.finish_reason,
+        "error": r.error,
+        "answer": None if r.response is None else r.response.answer,
+        "tool_calls": r.stats.tool_calls,
+    }
+
+
+def _sample(p: Problem, r, ok: bool) -> dict[str, Any]:
+    return {
+        "group": group_name(p),
+        "depth": depth_name(p),
+        "ok": ok,
+        "finish": r.finish_reason,
+        "tokens": r.stats.generated_tokens,
+        "peak": r.stats.peak_working_tokens,
+        "pruned": round(r.stats.pruned_share, 4),
+        "tree_tokens": p.data.get("tree_tokens"),  # the reference tree's length, where the family knows it
+    }
 
 
 def write_report(report: EvalReport, path: str) -> None:
@@ -270,12 +377,26 @@ def write_report(report: EvalReport, path: str) -> None:
     os.replace(tmp, path)
 
 
-def settings_from_labels(labels: Sequence[str]) -> list[Setting]:
+def settings_from_labels(labels: Sequence[str], tool_variants: Sequence[str] = ()) -> list[Setting]:
+    """The named settings; with ``tool_variants``, each setting once per variant (label ``buf2@<variant>``;
+    the variant ``shipped`` is the package's own servers)."""
+    from timjax.eval.tool_variants import VARIANTS
+
     known = {s.label: s for s in SETTINGS}
     bad = [l for l in labels if l not in known]
     if bad:
-        raise ValueError(f"unknown setting(s) {bad}; choose from {list(known)}")
-    return [known[l] for l in labels]
+        raise ValueError(f"--settings: unknown setting(s) {bad}; choose from {list(known)}")
+    bad = [v for v in tool_variants if v != "shipped" and v not in VARIANTS]
+    if bad:
+        raise ValueError(f"--tool-variants: unknown variant(s) {bad}; choose from {['shipped', *VARIANTS]}")
+    base = [known[l] for l in labels]
+    if not tool_variants:
+        return base
+    return [
+        dataclasses.replace(s, label=f"{s.label}@{v}", tools=None if v == "shipped" else v)
+        for v in tool_variants
+        for s in base
+    ]
 
 
 def dumps_json(obj) -> str:
