@@ -199,11 +199,11 @@ class Engine:
                     self._aborts.add(rid)
         self._wake.set()
 
-    def _reserve(self, rid: str, *, bounded: bool) -> None:
+    def _reserve(self, rid: str, *, bounded: bool, closed_ok: bool = False) -> None:
         if not isinstance(rid, str) or not rid:
             raise fail("request_id", rid, "expected a non-empty string or None")
         with self._lock:
-            if self._closed:
+            if self._closed and not closed_ok:
                 raise EngineStopped("the engine is stopping or stopped: no new requests")
             if rid in self._ids:
                 raise fail("request_id", rid, "a request with this id is still running")
@@ -397,7 +397,7 @@ class Engine:
             if reposition is not None and req.reposition is None:
                 req = dataclasses.replace(req, reposition=reposition)
             rid = f"run-{tag}-{i}"
-            self._reserve(rid, bounded=False)
+            self._reserve(rid, bounded=False, closed_ok=not running)  # a stopped engine serves run() itself
             h = RequestHandle(rid, self, stream=False)
             close = (lambda: progress.update(1)) if progress is not None else None
             tok_cb = (lambda t, i=i: on_token(i, t)) if on_token is not None else None
