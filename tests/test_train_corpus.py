@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -215,3 +216,84 @@ def test_restated_documents_chain_steps_only_over_literals_and_keep_every_answer
     assert restated > 20
     narrow = problems(CorpusSpec(seed=3, mix=(("arith", 3, 1.0),), p_binary=1.0), "train", 30)
     assert all(document_text(p, tools, restate=True) == document_text(p, tools) for p in narrow)
+
+
+# ----------------------------------------------------------------------------------------- notation options (issue 23)
+
+# sha256 (first 16 hex) of each shipped stage's first 120 train problems (question, answer) and the first 15
+# documents, computed with the corpus of commit d55b287, before the notation options existed
+STAGE_DIGESTS = {
+    "tiny_tim_stage1": "b12dd95d13c667e8",
+    "tiny_tim": "b12dd95d13c667e8",
+    "tiny_tim_stage3": "9f0fb59512b2337d",
+    "tiny_tim_stage4": "5f9c6fe4d8c48615",
+    "tiny_tim_stage5": "5f9c6fe4d8c48615",
+    "tiny_tim_stage6": "17ef2aa9b7046d9d",
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_DIGESTS))
+def test_shipped_stages_draw_the_corpus_they_were_trained_on(name):
+    import hashlib
+    from pathlib import Path
+
+    from timjax.train.sft import corpus_spec, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "timjax" / "train" / "configs" / f"{name}.json")
+    h = hashlib.sha256()
+    for i, p in enumerate(problems(corpus_spec(cfg.data), "train", 120)):
+        h.update(p.question.encode())
+        h.update(p.answer.encode())
+        if i < 15:
+            h.update(document_text(p, restate=cfg.data.restate_operands).encode())
+    assert h.hexdigest()[:16] == STAGE_DIGESTS[name]
+
+
+def _py(expr: str) -> Fraction:
+    """Python's parser reads the typed text (an independent check of the printer)."""
+    import ast
+
+    def ev(n):
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant):
+            return Fraction(n.value)
+        if isinstance(n, ast.UnaryOp):
+            return -ev(n.operand)
+        a, b = ev(n.left), ev(n.right)
+        return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b, ast.Div: a / b if b else None}[type(n.op)]
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def test_notation_options_draw_flat_tight_negative_and_four_digit_problems():
+    spec = CorpusSpec(
+        seed=3,
+        mix=(("flat", 8, 1.0), ("arith", 3, 1.0)),
+        max_literal=9999,
+        digits_uniform=True,
+        max_abs_value=10**8,
+        p_negative_literal=0.2,
+        p_tight=0.5,
+    )
+    probs = problems(spec, "train", 120)
+    flat = [p for p in probs if "(" not in p.data["expr"] and p.depth == 2]
+    assert len(flat) > 30
+    terms = {len(parse_expression(p.data["expr"]).operands) for p in flat}
+    assert max(terms) >= 7 and min(terms) >= 3  # flat sums of 3..8 terms
+    typed = [re.sub(r"^(Calculate|Compute|What is) ", "", p.question)[:-1] for p in probs]
+    for p, t in zip(probs, typed):
+        assert _py(t) == Fraction(p.answer), p.question  # tight or spaced, the typed text means the answer
+    assert any(" " not in t for t in typed) and any(" " in t for t in typed)
+    assert any("- -" in p.data["expr"] or "* -" in p.data["expr"] for p in probs)
+    lits = [abs(int(t)) for p in probs for t in re.findall(r"\d+", p.data["expr"])]
+    assert max(lits) >= 1000 and min(lits) < 10
+    for p in flat[:10]:  # documents build with the real calculator and reach the answer
+        assert document(p)["answer"] == p.answer
+
+
+def test_train_config_refuses_rows_longer_than_its_context():
+    from timjax.train.sft import TrainConfig
+
+    with pytest.raises(ValueError, match="data.seq_lens.*max_position_embeddings"):
+        TrainConfig(out_dir="x", model={"max_position_embeddings": 512}, data={"seq_lens": [256, 1024]})

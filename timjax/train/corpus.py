@@ -115,9 +115,11 @@ def _needs_parens(child: Expr, parent: Chain) -> bool:
     return isinstance(child, Chain) and (child.kind == parent.kind or parent.kind == "mul")
 
 
-def render(e: Expr, *, spaced_parens: bool = False) -> str:
-    """The expression as typed: binary operators spaced, parentheses only where needed."""
+def render(e: Expr, *, spaced_parens: bool = False, tight: bool = False) -> str:
+    """The expression as typed: binary operators spaced (``tight``: not, ``3*4+-5``), parentheses only
+    where needed."""
     lp, rp = ("( ", " )") if spaced_parens else ("(", ")")
+    sp = "" if tight else " "
 
     def r(x: Expr) -> str:
         if isinstance(x, Num):
@@ -129,8 +131,8 @@ def render(e: Expr, *, spaced_parens: bool = False) -> str:
             s = r(o)
             if _needs_parens(o, x):
                 s = f"{lp}{s}{rp}"
-            parts.append(s if i == 0 else f"{x.ops[i - 1]} {s}")
-        return " ".join(parts)
+            parts.append(s if i == 0 else f"{x.ops[i - 1]}{sp}{s}")
+        return sp.join(parts)
 
     return r(e)
 
@@ -146,10 +148,15 @@ class ArithParams:
     p_neg: float = 0.12  # a compound operand is negated: -( ... )
     p_div: float = 0.35  # a literal operand of a product becomes an exact divisor
     max_abs_value: int = 99_999
+    digits_uniform: bool = False  # a literal's digit count is uniform in 1 .. digits of max_literal
 
 
 def _literal(rng: random.Random, p: ArithParams) -> Num:
-    v = rng.randint(1, p.max_literal)
+    if p.digits_uniform:  # 4-digit literals among small ones, not 90% of them (only drawn when on)
+        d = rng.randint(1, len(str(p.max_literal)))
+        v = rng.randint(10 ** (d - 1), min(10**d - 1, p.max_literal))
+    else:
+        v = rng.randint(1, p.max_literal)
     return Num(-v if rng.random() < p.p_negative_literal else v)
 
 
@@ -282,10 +289,12 @@ def fmt_int(v: Fraction) -> str:
     return str(v.numerator)
 
 
-def arith_problem(rng: random.Random, p: ArithParams) -> Problem:
-    e = random_expression(rng, p)
+def arith_problem(rng: random.Random, p: ArithParams, *, p_tight: float = 0.0, flat: bool = False) -> Problem:
+    """``p_tight``: share of questions typed without spaces around operators (drawn only when > 0, so a
+    corpus without it draws exactly as before); ``flat``: a flat expression (``flat_expression``)."""
+    e = flat_expression(rng, p) if flat else random_expression(rng, p)
     canonical = render(e)
-    typed = render(e, spaced_parens=rng.random() < 0.5)
+    typed = render(e, spaced_parens=rng.random() < 0.5, tight=p_tight > 0 and rng.random() < p_tight)
     q = rng.choice(ARITH_TEMPLATES).format(typed)
     return Problem("arith", q, fmt_int(value(e)), "arith:" + canonical, depth(e), {"expr": canonical})
 
@@ -298,6 +307,28 @@ def lookup_problem(rng: random.Random, tools: ToolBackend, hops: int) -> Problem
     q = f"{tools.question_word(relations[-1])} is {phrase}?"
     key = "lookup:" + json.dumps([start, list(relations)])
     return Problem("lookup", q, answer, key, hops, {"start": start, "relations": list(relations)})
+
+
+def flat_expression(rng: random.Random, p: ArithParams) -> Expr:
+    """A sum of 3 .. ``p.breadth`` terms without parentheses, each term a literal or a product of two
+    (``12 - 3 * -4 + 8 / 2 - 7``): precedence and left-associativity with nothing to bracket them."""
+    for _ in range(1000):
+        k = rng.randint(3, max(3, p.breadth))
+        terms: list[Expr] = []
+        for _ in range(k):
+            if rng.random() < 0.4:
+                terms.append(_literal(rng, p))
+                continue
+            a, b = _literal(rng, p), _literal(rng, p)
+            op = "*"
+            divs = [q for q in range(2, 13) if a.value % q == 0]
+            if divs and rng.random() < p.p_div:
+                b, op = Num(rng.choice(divs)), "/"
+            terms.append(Chain("mul", (a, b), (op,)))
+        e = Chain("add", tuple(terms), tuple(rng.choice("+-") for _ in range(k - 1)))
+        if _values_ok(e, p):
+            return e
+    raise RuntimeError(f"could not draw a flat expression with {p}")
 
 
 @dataclass(frozen=True)
@@ -319,6 +350,12 @@ class CorpusSpec:
     # tiny TIM's depth-3 errors were all in chains of three operands, where the next operand is picked
     # between literals and subtask values. The split does not depend on it (it hashes the problem).
     p_binary: float = ArithParams.p_binary
+    # notation options (issue 23); the defaults draw exactly the corpus the shipped stages were trained on.
+    # A mix entry ("flat", N, w) draws flat sums of 3..N terms (flat_expression).
+    p_negative_literal: float = ArithParams.p_negative_literal
+    max_abs_value: int = ArithParams.max_abs_value
+    p_tight: float = 0.0  # share of questions typed without spaces around operators
+    digits_uniform: bool = False  # ArithParams.digits_uniform
 
 
 # consecutive draws without a new problem after which the stream counts as used up: a live group of a
@@ -338,10 +375,18 @@ def iter_problems(
     misses = 0
     while True:
         kind, d, _ = rng.choices(spec.mix, weights)[0]
-        if kind == "arith":
-            prob = arith_problem(
-                rng, ArithParams(depth=d, breadth=spec.breadth, max_literal=spec.max_literal, p_binary=spec.p_binary)
+        if kind in ("arith", "flat"):
+            flat = kind == "flat"
+            ap = ArithParams(
+                depth=2 if flat else d,
+                breadth=d if flat else spec.breadth,
+                max_literal=spec.max_literal,
+                p_binary=spec.p_binary,
+                p_negative_literal=spec.p_negative_literal,
+                max_abs_value=spec.max_abs_value,
+                digits_uniform=spec.digits_uniform,
             )
+            prob = arith_problem(rng, ap, p_tight=spec.p_tight, flat=flat)
         else:
             prob = lookup_problem(rng, tools, d)
         if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:

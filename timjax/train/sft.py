@@ -27,7 +27,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from timjax.errors import TimjaxError
 from timjax.train.corpus import CorpusSpec
@@ -64,6 +64,13 @@ class DataSpec(BaseModel):
     # a chain of 3+ operands with a compound one restates itself with the solved values before its
     # operator steps (corpus.arith_task); stages 1-5 of the shipped TIM were trained without it
     restate_operands: bool = False
+    # notation options (issue 23; corpus.CorpusSpec): negative literals, larger values, questions typed
+    # without spaces, literal digit counts uniform up to max_literal's; a mix entry ("flat", N, w) draws
+    # flat sums of 3..N terms. The defaults reproduce the shipped stages' corpus exactly.
+    p_negative_literal: float = Field(CorpusSpec.p_negative_literal, ge=0.0, le=1.0)
+    max_abs_value: int = Field(CorpusSpec.max_abs_value, ge=1)
+    p_tight: float = Field(CorpusSpec.p_tight, ge=0.0, le=1.0)
+    digits_uniform: bool = CorpusSpec.digits_uniform
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -100,6 +107,16 @@ class TrainConfig(BaseModel):
     log_every: int = 10
     time_limit_s: float | None = None  # stop (checkpointed) after this long
     export: bool = True
+
+    @model_validator(mode="after")
+    def _rows_fit_the_context(self) -> TrainConfig:
+        # the context C is what the model is trained on: no training row may reach past it
+        if max(self.data.seq_lens) > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_lens: a row of {max(self.data.seq_lens)} tokens exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings} (the context C)"
+            )
+        return self
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -143,6 +160,10 @@ def corpus_spec(data: DataSpec):
         max_literal=data.max_literal,
         heldout_fraction=data.heldout_fraction,
         p_binary=data.p_binary,
+        p_negative_literal=data.p_negative_literal,
+        max_abs_value=data.max_abs_value,
+        p_tight=data.p_tight,
+        digits_uniform=data.digits_uniform,
     )
 
 
@@ -262,6 +283,8 @@ def initial_params(cfg: TrainConfig, tok):
 
         mcfg, params = read_params(cfg.init_from)
         params = cast_params(params, "float32")
+        # the config's context C, not the checkpoint's (the shipped stages both say 4096)
+        mcfg = mcfg.model_copy(update={"max_position_embeddings": cfg.model.max_position_embeddings})
         if cfg.retokenize:
             from timjax.api import load_tokenizer as load_ckpt_tokenizer
 
