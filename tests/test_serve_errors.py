@@ -121,6 +121,24 @@ def test_bad_schema(oa, sub):
         sub.run(engine=MODEL, input={"instructions": "Calculate 1 + 1.", "answerFormat": {"type": 3}})
 
 
+def test_bad_function_calling_requests(oa):
+    import openai
+
+    fn = {"type": "function", "function": {"name": "calc", "parameters": {"type": "object", "properties": {}}}}
+    other = {"type": "function", "function": {"name": "nope"}}
+    with pytest.raises(openai.BadRequestError, match=r"tool_choice.*'nope' is not among the tools \(calc\)"):
+        oa.chat.completions.create(model=MODEL, messages=user("hi"), tools=[fn], tool_choice=other)
+    bad = {"type": "function", "function": {"name": "calc", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\]\.function\.parameters"):
+        oa.chat.completions.create(model=MODEL, messages=user("hi"), tools=[bad])
+    with pytest.raises(openai.BadRequestError, match=r"tools\[1\]\.function\.name"):
+        oa.chat.completions.create(model=MODEL, messages=user("hi"), tools=[fn, fn])
+    with pytest.raises(openai.BadRequestError, match="tool_choice: no tools"):
+        oa.chat.completions.create(model=MODEL, messages=user("hi"), tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\]\.tool_call_id"):
+        oa.chat.completions.create(model=MODEL, messages=user("hi") + [{"role": "tool", "content": "1"}], tools=[fn])
+
+
 def test_unknown_tool(sub, slow_tools):
     from subconscious.errors import ValidationError
 

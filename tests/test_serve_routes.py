@@ -102,6 +102,89 @@ def test_openai_json_schema_constrains_the_answer(oa):
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+NUM = {"type": "integer", "minimum": -999, "maximum": 999}
+CALC = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "exact arithmetic",
+        "parameters": {
+            "type": "object",
+            "properties": {"op": {"enum": ["add", "sub", "mul", "div"]}, "a": NUM, "b": NUM},
+            "required": ["op", "a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_openai_client_side_function_calling_round_trip(oa):
+    """The client offers a function; the output is a call matching its schema (finish_reason tool_calls,
+    streamed the same); the client runs it and resends the conversation with a tool message, which the
+    server prefills again (the prompt grows by the call and its result)."""
+    from timjax.tools.servers.calculator import calculate
+
+    messages = [{"role": "user", "content": "Calculate 2 + 5."}]
+    named = {"type": "function", "function": {"name": "calculator"}}
+    r = oa.chat.completions.create(model=MODEL, messages=messages, tools=[CALC], tool_choice=named, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "calculator" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, CALC["function"]["parameters"])
+    chunks = list(oa.chat.completions.create(model=MODEL, messages=messages, tools=[CALC], tool_choice=named,
+                                             max_tokens=200, stream=True))
+    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [("calculator", call.function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # the client runs the function and resends everything
+    result = calculate(args["op"], args["a"], args["b"])
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
+    again = oa.chat.completions.create(model=MODEL, messages=messages, tools=[CALC], tool_choice="required",
+                                       max_tokens=200)
+    assert again.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(again.choices[0].message.tool_calls[0].function.arguments),
+                        CALC["function"]["parameters"])
+    assert again.usage.prompt_tokens > r.usage.prompt_tokens + r.usage.completion_tokens  # re-prefilled
+    final = oa.chat.completions.create(model=MODEL, messages=messages, tools=[CALC], tool_choice="none")
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content
+    assert final.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
+
+
+def test_response_format_without_tim_constrains_the_whole_output(server):
+    """A server without TIM (the same model, plain generation): json_schema constrains the output itself."""
+    import openai
+
+    from timjax.serve.app import create_app
+    from timjax.serve.config import ServeConfig
+
+    model = server.app.state.backend.model
+    plain = Uvicorn(create_app(ServeConfig(tim=False, max_seq_len=512, served_model_name="plain"), model=model))
+    try:
+        client = openai.OpenAI(base_url=plain.url + "/v1", api_key="x", max_retries=0)
+        schema = {
+            "type": "object",
+            "properties": {"value": {"type": "string", "pattern": "^-?[0-9]{1,3}$"}, "ok": {"type": "boolean"}},
+            "required": ["value", "ok"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "v", "schema": schema}}
+        msgs = [{"role": "user", "content": "Calculate 2 + 5."}]
+        r = client.chat.completions.create(model="plain", messages=msgs, response_format=fmt, max_tokens=100)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop" and "reasoning" not in (r.choices[0].message.model_extra or {})
+        chunks = client.chat.completions.create(model="plain", messages=msgs, response_format=fmt, max_tokens=100,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+            client.chat.completions.create(model="plain", messages=msgs, response_format=bad)
+    finally:
+        plain.stop()
+
+
 def test_anthropic_messages_and_stream_events(server):
     import anthropic
 

@@ -55,7 +55,11 @@ class GenRequest:
     tools: Any = None  # a ToolRunner-like object (timjax.serve.tools.ToolSet) the controller calls
     timeout_s: float | None = None  # deadline from submission; the request ends timed_out
     on_close: Callable[[], None] | None = None  # called once when the job ends (closes per-request tools)
-    controller: Any = None  # an engine controller of the route's own (function calling): the lower door
+    kind: str = "text"  # "tim" (a reasoning tree), "text", "json" (response_format without TIM), "tools"
+    # a route's own engine controller (JSON-constrained output), built in ``submit`` off the event loop;
+    # its errors are 400s naming ``controller_param``
+    make_controller: Callable[[], Any] | None = None
+    controller_param: str | None = None
 
 
 @dataclasses.dataclass
@@ -197,8 +201,12 @@ class Backend:
             )
         rid = request_id or uuid.uuid4().hex
         try:
-            if req.controller is not None:
-                r = Request(req.prompt, req.max_new_tokens, req.temperature, 0, req.top_p, req.seed, req.controller)
+            if req.make_controller is not None:  # the engine's lower door: a Request with its own controller
+                try:
+                    ctrl = req.make_controller()
+                except (ValueError, RuntimeError) as e:
+                    raise RequestRejected(f"invalid {req.controller_param}: {e}", req.controller_param) from None
+                r = Request(req.prompt, req.max_new_tokens, req.temperature, 0, req.top_p, req.seed, ctrl)
                 handle = self.engine.add(r, rid, timeout_s=req.timeout_s)
             else:
                 params = RequestParams(
@@ -217,6 +225,8 @@ class Backend:
             raise QueueFull(str(e)) from None
         except EngineStopped as e:
             raise ShuttingDown(str(e)) from None
+        except RequestRejected:
+            raise
         except ParameterError as e:
             raise RequestRejected(str(e), getattr(e, "name", None)) from None
         except (ValueError, RuntimeError) as e:  # llguidance refuses the schema (GrammarError is a RuntimeError)

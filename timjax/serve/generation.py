@@ -72,6 +72,7 @@ def tim_request(
         pruning_buffer=state.config.pruning_buffer,
         tools=toolset,
         timeout_s=timeout_s,
+        kind="tim",
     )
 
 
@@ -85,6 +86,24 @@ def plain_request(state, messages, *, system, max_tokens, temperature, top_p, se
         seed=seed,
         stop=list(stop or []),
     )
+
+
+def json_request(state, messages, *, system, max_tokens, temperature, top_p, seed, schema: dict, param: str,
+                 kind: str = "json") -> GenRequest:
+    """Output constrained to the JSON ``schema`` (no reasoning tree): ``response_format`` on a model served
+    without TIM, and client-side function calling. A schema the grammar refuses is a 400 naming ``param``."""
+    from timjax.engine.controllers import default_stop_ids
+    from timjax.serve.constrained import JsonController
+
+    prompt = state.backend.encode_chat(messages, system=system)
+    budget = _budget(state, prompt, max_tokens)
+    model = state.backend.model
+
+    def make():
+        return JsonController(model, schema, max_new_tokens=budget, stop_ids=default_stop_ids(model))
+
+    return GenRequest(prompt=prompt, max_new_tokens=budget, temperature=temperature, top_p=top_p, seed=seed,
+                      kind=kind, make_controller=make, controller_param=param)
 
 
 def _budget(state, prompt: list[int], max_tokens: int | None) -> int:
