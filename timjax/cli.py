@@ -245,8 +245,11 @@ def add_generate_command(subparsers) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from timjax.demo import DEMO_QUESTION, run_demo, run_random_demo
+    from timjax.demo import DEMO_QUESTION, run_demo, run_long_demo, run_random_demo
 
+    if args.long:
+        kw = dict(context=args.context, k=args.times, pruning_buffer=args.buffer, impl=args.impl)
+        return 0 if run_long_demo(model_dir=args.model, **kw)["ok"] else 1
     if args.random_qwen3:
         return 0 if run_random_demo(args.work_dir, page_size=args.page_size, impl=args.impl)["ok"] else 1
     return 0 if run_demo(args.question or DEMO_QUESTION, impl=args.impl)["ok"] else 1
@@ -263,6 +266,17 @@ def add_demo_command(subparsers) -> None:
     )
     p.add_argument("--question", default=None, help="an arithmetic question (default: the built-in one)")
     p.add_argument("--random-qwen3", action="store_true", help="the runtime job on a random Qwen3 instead")
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="one problem whose reasoning tree is >= --times x --context tokens, solved with the working memory "
+        "capped at --context: pruning off (stops at the limit), then --buffer; tree length, peak working "
+        "memory, share pruned, checked answer",
+    )
+    p.add_argument("--context", type=int, default=1024, help="--long: the working-memory limit C in tokens")
+    p.add_argument("--times", type=int, default=2, help="--long: the reference tree is at least this many C")
+    p.add_argument("--buffer", type=int, default=1, help="--long: the prune buffer of the pruned run")
+    p.add_argument("--model", default=None, help="--long: a TIM checkpoint (default: the shipped tiny TIM)")
     p.add_argument("--work-dir", default=None, help="keep the checkpoints here (default: a temporary directory)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto")

@@ -5,6 +5,10 @@ timjax/train/configs/tiny_tim.json``) solves an arithmetic problem by recursive 
 calculator over MCP inside the inference, with subtask pruning (buffer 1); the tree is printed with its
 pruned subtask lists marked, with the stats, and the answer is checked against exact arithmetic.
 
+``run_long_demo`` (``timjax demo --long``): one problem whose reasoning tree is at least twice the working
+memory it is given, with pruning off (it stops at the limit) and on (full tree length, peak working memory,
+share pruned, answer checked).
+
 ``run_random_demo`` (``timjax demo --random-qwen3``): everything else timjax does, on a small random Qwen3
 with the real Qwen3 vocabulary, offline:
 
@@ -99,6 +103,98 @@ def run_demo(
         "pruned_share": st.pruned_share,
         "pruned_paths": r.pruned_paths,
         "wall_s": wall,
+    }
+
+
+def run_long_demo(
+    *,
+    model_dir: str | None = None,
+    context: int = 1024,
+    k: int = 2,
+    pruning_buffer: int = 1,
+    seed: int = 23,
+    impl: str = "auto",
+) -> dict:
+    """``timjax demo --long``: one problem of the beyond-context family (``timjax.eval.long``: a reference
+    tree of at least ``k`` x ``context`` tokens whose pruned working memory fits the context) solved with the
+    working memory capped at ``context`` tokens, once with pruning off (it must stop at the limit) and once
+    with ``pruning_buffer``; prints the full tree length, the peak working memory, the share pruned and the
+    checked answer. ``ok``: pruning off stopped at the limit and the pruned run's answer is right."""
+    import jax
+
+    import timjax
+    from timjax.api import default_model_path
+    from timjax.eval.long import long_problems
+    from timjax.eval.run import hit_context, is_correct
+    from timjax.tim.display import format_tree
+    from timjax.tim.schema import tim_schema
+    from timjax.tools.runner import ToolRunner
+    from timjax.train.tools_adapter import tool_servers
+
+    say = lambda *a: print(*a, flush=True)
+    t_start = time.perf_counter()
+    path = str(model_dir or default_model_path())
+    model = timjax.load(path, dtype="float32")
+    say(f"timjax demo --long on {jax.devices()[0].platform}: the TIM at {path}; working memory capped at C = {context}")
+    prob = long_problems(1, k, context, path, seed=seed)[0]
+    d = prob.data
+    say(f"question: {prob.question}   (exact answer: {prob.answer})")
+    say(
+        f"reference tree: {d['tree_tokens']} tokens = {d['tree_tokens'] / context:.2f} C; its peak working memory "
+        f"with buffer 1 / 2: {d['peak_buf1']} / {d['peak_buf2']} tokens ({d['peak_buf1'] / context:.2f} / "
+        f"{d['peak_buf2'] / context:.2f} C)"
+    )
+    runs = {}
+    with ToolRunner(tool_servers()) as runner:
+        for buf in (None, pruning_buffer):
+            t0 = time.perf_counter()
+            r = timjax.generate(
+                model,
+                prob.question,
+                schema=tim_schema(),
+                tools=runner,
+                pruning_buffer=buf,
+                max_seq_len=context,
+                max_new_tokens=(k + 2) * context,
+                impl=impl,
+            )
+            runs[buf] = r
+            st = r.stats
+            answer = None if r.response is None else r.response.answer
+            say(
+                f"pruning {'off' if buf is None else f'buffer {buf}'}: {r.finish_reason}"
+                f"{' (' + r.error + ')' if r.error else ''}; wrote {st.generated_tokens} tokens "
+                f"({st.generated_tokens / context:.2f} C), peak working memory {st.peak_working_tokens} "
+                f"({(st.peak_working_tokens or 0) / context:.2f} C), KV pruned {st.pruned_share:.0%}, "
+                f"{st.tool_calls} tool calls, {time.perf_counter() - t0:.0f}s; answer {answer!r}: "
+                f"{'correct' if is_correct(prob, r) else 'WRONG'}"
+            )
+    pruned = runs[pruning_buffer]
+    tree = pruned.response if pruned.response is not None else pruned.partial_response
+    if tree is not None:
+        say(f"the tree written with buffer {pruning_buffer} (pruned subtask lists marked):")
+        say("\n".join("  " + line for line in format_tree(tree, pruned.pruned_paths, width=100).splitlines()))
+    off_stopped = hit_context(runs[None])
+    ok = off_stopped and is_correct(prob, pruned)
+    say(
+        f"pruning off {'stopped at the context limit' if off_stopped else 'did NOT stop at the limit'}; "
+        f"with buffer {pruning_buffer} the answer is {'right' if is_correct(prob, pruned) else 'wrong'}"
+    )
+    say(f"demo --long {'OK' if ok else 'FAILED'} in {time.perf_counter() - t_start:.0f}s")
+    st = pruned.stats
+    return {
+        "ok": ok,
+        "question": prob.question,
+        "expected": prob.answer,
+        "answer": None if pruned.response is None else pruned.response.answer,
+        "context": context,
+        "reference_tree_tokens": d["tree_tokens"],
+        "tree_tokens": st.generated_tokens,
+        "peak_working_tokens": st.peak_working_tokens,
+        "pruned_share": st.pruned_share,
+        "finish_reason": pruned.finish_reason,
+        "no_pruning_finish": runs[None].finish_reason,
+        "no_pruning_error": runs[None].error,
     }
 
 

@@ -58,9 +58,8 @@ def peak_working(doc, buffer: int | None) -> int:
 @lru_cache(maxsize=2)
 def _replayer(tokenizer_dir: str):
     from timjax.train.runtime_view import Replayer
-    from timjax.train.sft import training_schema
     from timjax.train.tokenizer import load_tokenizer
-    from timjax.train.tools_adapter import default_backend
+    from timjax.train.tools_adapter import default_backend, training_schema
 
     tools = default_backend(0)
     return Replayer(load_tokenizer(tokenizer_dir), training_schema(tools), None), tools
