@@ -297,3 +297,22 @@ def test_train_config_refuses_rows_longer_than_its_context():
 
     with pytest.raises(ValueError, match="data.seq_lens.*max_position_embeddings"):
         TrainConfig(out_dir="x", model={"max_position_embeddings": 512}, data={"seq_lens": [256, 1024]})
+
+
+def test_fraction_option_writes_p_over_q_steps_the_runtime_grammar_accepts():
+    from timjax.api import default_model_path
+    from timjax.train.runtime_view import Replayer
+    from timjax.train.tokenizer import load_tokenizer
+
+    spec = CorpusSpec(seed=2, mix=(("arith", 3, 1.0), ("flat", 6, 1.0)), p_fraction=0.3)
+    fr = [p for p in problems(spec, "train", 60) if "/" in p.answer]
+    assert len(fr) >= 5
+    tools = default_backend()
+    replayer = Replayer(load_tokenizer(str(default_model_path())), training_schema(tools), None)
+    for p in fr[:3]:
+        doc = document(p, tools, restate=True)
+        assert Fraction(doc["answer"]) == _py(p.data["expr"])  # the steps' "p/q" values reach the exact answer
+        calls = list(iter_tasks_with_tools(doc))
+        assert any(isinstance(c["parameters"]["a"], str) and "/" in c["parameters"]["a"] for c in calls)
+        replayed = replayer.replay(p.question, document_text(p, tools, restate=True))  # raises if the grammar refuses
+        assert len(replayed.tokens) > 50

@@ -149,6 +149,9 @@ class ArithParams:
     p_div: float = 0.35  # a literal operand of a product becomes an exact divisor
     max_abs_value: int = 99_999
     digits_uniform: bool = False  # a literal's digit count is uniform in 1 .. digits of max_literal
+    # a literal operand of a product that is not an exact divisor becomes a divisor 2..12 anyway: values
+    # may then be fractions "p/q" (the calculator's form); 0 keeps every value an integer
+    p_fraction: float = 0.0
 
 
 def _literal(rng: random.Random, p: ArithParams) -> Num:
@@ -183,6 +186,8 @@ def _chain(rng: random.Random, d: int, p: ArithParams, parent_kind: str | None) 
                 if divs:
                     operands[i] = Num(rng.choice(divs))
                     op = "/"
+            if op == "*" and p.p_fraction > 0 and isinstance(operands[i], Num) and rng.random() < p.p_fraction:
+                operands[i], op = Num(rng.randint(2, 12)), "/"
             ops.append(op)
             acc = apply_op(acc, op, value(operands[i]))
     return Chain(kind, tuple(operands), tuple(ops))
@@ -198,7 +203,7 @@ def _values_ok(e: Expr, p: ArithParams) -> bool:
         if not _values_ok(o, p):
             return False
         acc = apply_op(acc, op, value(o))
-        if acc.denominator != 1 or abs(acc) > p.max_abs_value:
+        if (acc.denominator != 1 and not p.p_fraction) or max(abs(acc.numerator), acc.denominator) > p.max_abs_value:
             return False
     return _values_ok(e.operands[0], p)
 
@@ -289,6 +294,15 @@ def fmt_int(v: Fraction) -> str:
     return str(v.numerator)
 
 
+def fmt_num(v: Fraction) -> str:
+    """An integer as digits, a fraction as ``p/q`` in lowest terms (the calculator's form)."""
+    return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+
+
+def _calc_arg(v: Fraction) -> int | str:
+    return v.numerator if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+
+
 def arith_problem(rng: random.Random, p: ArithParams, *, p_tight: float = 0.0, flat: bool = False) -> Problem:
     """``p_tight``: share of questions typed without spaces around operators (drawn only when > 0, so a
     corpus without it draws exactly as before); ``flat``: a flat expression (``flat_expression``)."""
@@ -296,7 +310,7 @@ def arith_problem(rng: random.Random, p: ArithParams, *, p_tight: float = 0.0, f
     canonical = render(e)
     typed = render(e, spaced_parens=rng.random() < 0.5, tight=p_tight > 0 and rng.random() < p_tight)
     q = rng.choice(ARITH_TEMPLATES).format(typed)
-    return Problem("arith", q, fmt_int(value(e)), "arith:" + canonical, depth(e), {"expr": canonical})
+    return Problem("arith", q, fmt_num(value(e)), "arith:" + canonical, depth(e), {"expr": canonical})
 
 
 def lookup_problem(rng: random.Random, tools: ToolBackend, hops: int) -> Problem:
@@ -324,6 +338,8 @@ def flat_expression(rng: random.Random, p: ArithParams) -> Expr:
             divs = [q for q in range(2, 13) if a.value % q == 0]
             if divs and rng.random() < p.p_div:
                 b, op = Num(rng.choice(divs)), "/"
+            elif p.p_fraction > 0 and rng.random() < p.p_fraction:
+                b, op = Num(rng.randint(2, 12)), "/"
             terms.append(Chain("mul", (a, b), (op,)))
         e = Chain("add", tuple(terms), tuple(rng.choice("+-") for _ in range(k - 1)))
         if _values_ok(e, p):
@@ -356,6 +372,7 @@ class CorpusSpec:
     max_abs_value: int = ArithParams.max_abs_value
     p_tight: float = 0.0  # share of questions typed without spaces around operators
     digits_uniform: bool = False  # ArithParams.digits_uniform
+    p_fraction: float = 0.0  # ArithParams.p_fraction: division giving fractions "p/q"
 
 
 # consecutive draws without a new problem after which the stream counts as used up: a live group of a
@@ -385,6 +402,7 @@ def iter_problems(
                 p_negative_literal=spec.p_negative_literal,
                 max_abs_value=spec.max_abs_value,
                 digits_uniform=spec.digits_uniform,
+                p_fraction=spec.p_fraction,
             )
             prob = arith_problem(rng, ap, p_tight=spec.p_tight, flat=flat)
         else:
@@ -459,11 +477,11 @@ def _tool_task(thought: str, tooluse: dict, conclusion: str) -> dict:
 
 
 def _calc_step(tools: ToolBackend, a: Fraction, op: str, b: Fraction) -> tuple[dict, Fraction]:
-    expr = f"{fmt_int(a)} {op} {fmt_int(b)}"
-    tooluse, result = tools.calculate(int(a), op, int(b))
+    expr = f"{fmt_num(a)} {op} {fmt_num(b)}"
+    tooluse, result = tools.calculate(_calc_arg(a), op, _calc_arg(b))
     if result != apply_op(a, op, b):
         raise RuntimeError(f"calculator returned {result} for {expr}")
-    return _tool_task(f"Compute {expr}.", tooluse, fmt_int(result)), result
+    return _tool_task(f"Compute {expr}.", tooluse, fmt_num(result)), result
 
 
 def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[dict, Fraction]:
@@ -478,7 +496,7 @@ def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[d
     if isinstance(e, Neg):
         child, v = arith_task(e.child, tools, restate=restate)
         step, r = _calc_step(tools, Fraction(0), "-", v)
-        return {"thought": f"Compute -({render(e.child)}).", "subtasks": [child, step], "conclusion": fmt_int(r)}, r
+        return {"thought": f"Compute -({render(e.child)}).", "subtasks": [child, step], "conclusion": fmt_num(r)}, r
     subtasks: list[dict] = []
     vals: list[Fraction] = []
     for o in e.operands:
@@ -492,7 +510,7 @@ def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[d
         step, r = _calc_step(tools, vals[0], e.ops[0], vals[1])
         return step, r
     if restate and subtasks and len(e.operands) > 2:
-        solved = Chain(e.kind, tuple(Num(int(v)) for v in vals), e.ops)
+        solved = Chain(e.kind, tuple(Num(int(v) if v.denominator == 1 else v) for v in vals), e.ops)
         combine, acc = arith_task(solved, tools)
         subtasks.append(combine)
     else:
@@ -500,7 +518,7 @@ def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[d
         for op, v in zip(e.ops, vals[1:]):
             step, acc = _calc_step(tools, acc, op, v)
             subtasks.append(step)
-    return {"thought": f"Compute {render(e)}.", "subtasks": subtasks, "conclusion": fmt_int(acc)}, acc
+    return {"thought": f"Compute {render(e)}.", "subtasks": subtasks, "conclusion": fmt_num(acc)}, acc
 
 
 def lookup_task(prob: Problem, tools: ToolBackend) -> tuple[dict, str]:
@@ -521,7 +539,7 @@ def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool =
     tools = tools or default_backend()
     if prob.kind == "arith":
         task, v = arith_task(parse_expression(prob.data["expr"]), tools, restate=restate)
-        answer = fmt_int(v)
+        answer = fmt_num(v)
     else:
         task, answer = lookup_task(prob, tools)
     if answer != prob.answer:

@@ -71,6 +71,7 @@ class DataSpec(BaseModel):
     max_abs_value: int = Field(CorpusSpec.max_abs_value, ge=1)
     p_tight: float = Field(CorpusSpec.p_tight, ge=0.0, le=1.0)
     digits_uniform: bool = CorpusSpec.digits_uniform
+    p_fraction: float = Field(CorpusSpec.p_fraction, ge=0.0, le=1.0)  # division giving fractions "p/q"
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -164,6 +165,7 @@ def corpus_spec(data: DataSpec):
         max_abs_value=data.max_abs_value,
         p_tight=data.p_tight,
         digits_uniform=data.digits_uniform,
+        p_fraction=data.p_fraction,
     )
 
 
