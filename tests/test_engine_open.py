@@ -319,3 +319,16 @@ def test_soak_many_short_requests_leave_no_pages_or_memory_behind(model):
     assert s.requests_finished_total == SOAK + 200 and not eng._ids and not eng.loop.live()
     grew = _rss_mb() - rss0
     assert grew < 64, f"RSS grew by {grew:.1f} MiB over {SOAK} requests"
+
+
+def test_readme_open_engine_example(capsys):
+    """The README's open-engine block runs as written on the shipped tiny TIM and prints what it says."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- open-engine-example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md:open-engine-example", "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.strip().splitlines()
+    kinds = {line.split()[0] for line in lines[:-3]}
+    assert {"subtask_opened", "subtask_closed", "pruned", "tool_call_started", "tool_call_finished"} <= kinds
+    assert lines[-3:] == ["35 5", "cancelled", "0"], lines[-3:]
