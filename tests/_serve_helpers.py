@@ -9,6 +9,19 @@ from typing import Literal
 import uvicorn
 
 
+_MODEL = []
+
+
+def tiny_tim():
+    """The shipped tiny TIM, loaded once per test process (the serve test modules share it: one load)."""
+    if not _MODEL:
+        import timjax
+        from timjax.api import default_model_path
+
+        _MODEL.append(timjax.load(default_model_path(), dtype="float32"))
+    return _MODEL[0]
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests._serve_helpers import Uvicorn, tools_app
+from tests._serve_helpers import Uvicorn, tiny_tim, tools_app
 
 KEY = "k-errors"
 MODEL = "timjax-tiny-tim"
@@ -35,7 +35,7 @@ def server(slow_tools):
         max_body_bytes=4096,
         allow_tool_url=[f"127.0.0.1:{slow_tools.port}"],
     )
-    srv = Uvicorn(create_app(cfg))
+    srv = Uvicorn(create_app(cfg, model=tiny_tim()))
     yield srv
     srv.stop()
 

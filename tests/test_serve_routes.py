@@ -11,7 +11,7 @@ import time
 import jsonschema
 import pytest
 
-from tests._serve_helpers import Uvicorn, calculator_schema, tools_app
+from tests._serve_helpers import Uvicorn, calculator_schema, tiny_tim, tools_app
 
 KEY = "test-key-123"
 MODEL = "timjax-tiny-tim"
@@ -46,7 +46,7 @@ def server(tools_server, slow_tools_server):
         max_seq_len=1024,
         allow_tool_url=[f"127.0.0.1:{tools_server.port}", f"127.0.0.1:{slow_tools_server.port}"],
     )
-    srv = Uvicorn(create_app(cfg))
+    srv = Uvicorn(create_app(cfg, model=tiny_tim()))
     srv.app = srv.server.config.app
     yield srv
     srv.stop()
