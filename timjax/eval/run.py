@@ -356,6 +356,7 @@ def _failure(p: Problem, r) -> dict[str, Any]:
 
 def _sample(p: Problem, r, ok: bool) -> dict[str, Any]:
     return {
+        "question": p.question,
         "group": group_name(p),
         "depth": depth_name(p),
         "ok": ok,
