@@ -316,3 +316,13 @@ def test_fraction_option_writes_p_over_q_steps_the_runtime_grammar_accepts():
         assert any(isinstance(c["parameters"]["a"], str) and "/" in c["parameters"]["a"] for c in calls)
         replayed = replayer.replay(p.question, document_text(p, tools, restate=True))  # raises if the grammar refuses
         assert len(replayed.tokens) > 50
+
+
+def test_sum_kind_draws_long_sums_of_compound_operands():
+    probs = problems(CorpusSpec(seed=4, mix=(("sum", 6, 1.0),)), "train", 30)
+    sizes = {len(parse_expression(p.data["expr"]).operands) for p in probs}
+    assert min(sizes) >= 3 and max(sizes) == 6
+    for p in probs:
+        assert _py(p.data["expr"]) == Fraction(p.answer)
+        assert p.depth >= 2
+    assert document(probs[0], restate=True)["answer"] == probs[0].answer

@@ -303,10 +303,16 @@ def _calc_arg(v: Fraction) -> int | str:
     return v.numerator if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
 
 
-def arith_problem(rng: random.Random, p: ArithParams, *, p_tight: float = 0.0, flat: bool = False) -> Problem:
+def arith_problem(
+    rng: random.Random, p: ArithParams, *, p_tight: float = 0.0, flat: bool = False, sum_terms: int = 0
+) -> Problem:
     """``p_tight``: share of questions typed without spaces around operators (drawn only when > 0, so a
-    corpus without it draws exactly as before); ``flat``: a flat expression (``flat_expression``)."""
-    e = flat_expression(rng, p) if flat else random_expression(rng, p)
+    corpus without it draws exactly as before); ``flat``: a flat expression (``flat_expression``);
+    ``sum_terms``: a long sum of up to that many compound operands (``sum_expression``)."""
+    if sum_terms:
+        e = sum_expression(rng, p, sum_terms)
+    else:
+        e = flat_expression(rng, p) if flat else random_expression(rng, p)
     canonical = render(e)
     typed = render(e, spaced_parens=rng.random() < 0.5, tight=p_tight > 0 and rng.random() < p_tight)
     q = rng.choice(ARITH_TEMPLATES).format(typed)
@@ -347,6 +353,21 @@ def flat_expression(rng: random.Random, p: ArithParams) -> Expr:
     raise RuntimeError(f"could not draw a flat expression with {p}")
 
 
+def sum_expression(rng: random.Random, p: ArithParams, n_max: int) -> Expr:
+    """A long sum: 3 .. ``n_max`` operands, each an expression of depth 1-3 (``p.depth`` is ignored): the
+    shape of the beyond-context family (``timjax.eval.long``), whose tree outgrows the context while each
+    operand's subtask list is pruned once solved."""
+    from dataclasses import replace
+
+    for _ in range(1000):
+        k = rng.randint(3, max(3, n_max))
+        operands = tuple(random_expression(rng, replace(p, depth=rng.randint(1, 3))) for _ in range(k))
+        e = Chain("add", operands, tuple(rng.choice("+-") for _ in range(k - 1)))
+        if _values_ok(e, p):
+            return e
+    raise RuntimeError(f"could not draw a sum of up to {n_max} operands with {p}")
+
+
 @dataclass(frozen=True)
 class CorpusSpec:
     """What to draw. ``mix``: (kind, depth-or-hops, weight) triples."""
@@ -367,7 +388,8 @@ class CorpusSpec:
     # between literals and subtask values. The split does not depend on it (it hashes the problem).
     p_binary: float = ArithParams.p_binary
     # notation options (issue 23); the defaults draw exactly the corpus the shipped stages were trained on.
-    # A mix entry ("flat", N, w) draws flat sums of 3..N terms (flat_expression).
+    # A mix entry ("flat", N, w) draws flat sums of 3..N terms (flat_expression); ("sum", N, w) long sums
+    # of 3..N compound operands (sum_expression).
     p_negative_literal: float = ArithParams.p_negative_literal
     max_abs_value: int = ArithParams.max_abs_value
     p_tight: float = 0.0  # share of questions typed without spaces around operators
@@ -392,10 +414,10 @@ def iter_problems(
     misses = 0
     while True:
         kind, d, _ = rng.choices(spec.mix, weights)[0]
-        if kind in ("arith", "flat"):
+        if kind in ("arith", "flat", "sum"):
             flat = kind == "flat"
             ap = ArithParams(
-                depth=2 if flat else d,
+                depth=2 if kind != "arith" else d,
                 breadth=d if flat else spec.breadth,
                 max_literal=spec.max_literal,
                 p_binary=spec.p_binary,
@@ -404,7 +426,7 @@ def iter_problems(
                 digits_uniform=spec.digits_uniform,
                 p_fraction=spec.p_fraction,
             )
-            prob = arith_problem(rng, ap, p_tight=spec.p_tight, flat=flat)
+            prob = arith_problem(rng, ap, p_tight=spec.p_tight, flat=flat, sum_terms=d if kind == "sum" else 0)
         else:
             prob = lookup_problem(rng, tools, d)
         if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:
