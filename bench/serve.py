@@ -1,0 +1,420 @@
+"""timjax serve under load, and in-runtime tools vs client-side function calling, over real HTTP.
+
+    nice -n 10 python bench/serve.py --json bench/serve_cpu2_shared.json --plot bench/serve_cpu2_shared.png
+
+The server is ``timjax.serve.create_app`` (the open engine behind FastAPI on uvicorn, on loopback), with
+the shipped tiny TIM; the clients are the official ``openai`` client (async) and plain HTTP for the Runs API.
+
+(a) concurrency: N clients (``--clients``, default 1 4 16 64) each stream one chat completion (plain
+    generation, ``--max-tokens``, greedy) at once. Throughput = completion tokens / wall time of the
+    whole wave; TTFT = send -> first content chunk; ITL = gaps between content chunks (p50 / p99 over all
+    requests of the wave). "offline" = the same N prompts (same token ids, same budget) added straight to
+    the same running open engine (``engine.add_request``, no HTTP) and collected: the ratio is server
+    throughput over offline throughput (goal >= 0.9 at saturation).
+(b) k tool calls (``--calls``): one task answered (runtime) by ``POST /v1/runs`` with the tools called
+    inside the inference (the tree parks, the result is forced into the live KV cache, finished subtask
+    lists are pruned), vs (client) client-side function calling on ``/v1/chat/completions``: every call
+    ends the request; the client runs the tool and re-sends the whole conversation, which the server
+    prefills again (the engine has no prefix cache). The tiny TIM cannot write k calls itself, so both
+    replay a scripted document (``timjax.tools.traces.calculation_trace(k)``, the same running total over
+    calculator and lookup calls): the runtime replays the TIM document through the server's real
+    TimController (``ReplayText``: the sampled token is replaced by the document's; the tool results are
+    the real MCP servers' and must match the document byte for byte); the client loop's server replays
+    each turn's call JSON (``{"tool_calls": [...]}``) and finally the answer, through the server's own
+    function-calling path, the client computing each result with the same pure functions. Tokens
+    processed = prompt tokens prefilled + tokens written, over all requests of the task.
+
+Figures: median of ``--repeats`` with min-max. The machine is stated in the JSON (a shared 2-core CPU in
+the committed run: other agents ran at the same time; read the ratios, not the absolute figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/serve.py` from the repo root
+
+from timjax.platform_env import prepare_process  # noqa: E402
+
+prepare_process()
+
+import timjax  # noqa: E402
+from bench.common import environment, load_average, log, print_table, write_json  # noqa: E402
+
+MODEL = "timjax-tiny-tim"
+
+
+class Server:
+    def __init__(self, app):
+        import uvicorn
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.app = app
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def med(rows: list[dict], key: str) -> dict:
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else {}
+
+
+# ------------------------------------------------------------------------------------ (a) concurrency
+def questions(n: int) -> list[str]:
+    return [f"Calculate {3 + i % 17} * ({i % 11} - {5 + i % 7})." for i in range(n)]
+
+
+async def wave(url: str, qs: list[str], max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+
+    async def one(q):
+        t0 = time.perf_counter()
+        stamps, usage = [], None
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for c in stream:
+            if c.choices and c.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+            if c.usage is not None:
+                usage = c.usage
+        return t0, stamps, usage.completion_tokens
+
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(one(q) for q in qs))
+    wall = time.perf_counter() - t0
+    await client.close()
+    tokens = sum(o[2] for o in outs)
+    ttft = [o[1][0] - o[0] for o in outs if o[1]]
+    itl = [b - a for o in outs for a, b in zip(o[1], o[1][1:])]
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 50),
+            "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+def offline(backend, qs: list[str], max_tokens: int) -> dict:
+    from timjax.engine import RequestParams
+
+    prompts = [backend.encode_chat([{"role": "user", "content": q}]) for q in qs]
+    t0 = time.perf_counter()
+    handles = [backend.engine.add_request(p, RequestParams(max_new_tokens=max_tokens)) for p in prompts]
+    results = [h.result() for h in handles]
+    wall = time.perf_counter() - t0
+    tokens = sum(r.stats.generated_tokens for r in results)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}
+
+
+def bench_concurrency(args, model) -> list[dict]:
+    from timjax.serve.app import create_app
+    from timjax.serve.config import ServeConfig
+
+    cfg = ServeConfig(tim=False, max_batch=args.max_batch, max_seq_len=512, max_queue=1024)
+    srv = Server(create_app(cfg, model=model))
+    backend = srv.app.state.backend
+    rows = []
+    try:
+        for n in args.clients:  # warm-up: every shape a wave of N compiles (compile time is not measured)
+            asyncio.run(wave(srv.url, questions(n), args.max_tokens))
+            offline(backend, questions(n), args.max_tokens)
+        for rep in range(args.repeats):
+            for n in args.clients:
+                qs = questions(n)
+                s = asyncio.run(wave(srv.url, qs, args.max_tokens))
+                o = offline(backend, qs, args.max_tokens)
+                row = {"clients": n, "rep": rep, **s, "offline_tok_s": o["tok_s"], "offline_tokens": o["tokens"],
+                       "ratio": s["tok_s"] / o["tok_s"]}
+                rows.append(row)
+                log(f"rep {rep} N={n:3d} server {s['tok_s']:7.1f} tok/s  offline {o['tok_s']:7.1f} tok/s  "
+                    f"ratio {row['ratio']:.2f}  ttft p50 {s['ttft_p50']:.3f}s  load {load_average()}")
+    finally:
+        srv.stop()
+    return rows
+
+
+# ------------------------------------------------------------------------------ (b) k tool calls
+def tool_calls_of(doc: dict) -> list[dict]:
+    out = []
+
+    def walk(tasks):
+        for t in tasks:
+            if "tooluse" in t:
+                out.append(t["tooluse"])
+            walk(t.get("subtasks", []))
+
+    walk(doc["reasoning"])
+    return out
+
+
+class Scripted:
+    """A controller that writes ``ids`` (the sampled token replaced by the script's, one per step)."""
+
+    wants_mask = False
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def fill_mask(self, out):  # pragma: no cover
+        raise AssertionError
+
+    def on_token(self, token, seq):
+        from timjax.engine import Action
+
+        seq.generated.append(self.ids[len(seq.generated)])
+        if len(seq.generated) == len(self.ids):
+            return Action(feed=[], finish="stop")
+        return Action(feed=[seq.generated[-1]])
+
+    def finish(self, seq, result):
+        pass
+
+
+def tools_server(model, k_max: int):
+    """A TIM server whose requests replay a script: Runs requests the TIM document set in ``script["doc"]``
+    (through the real TimController and tools), chat function-calling requests ``script["turn"]``."""
+    from timjax.engine.controllers import default_stop_ids
+    from timjax.serve.app import create_app
+    from timjax.serve.config import ServeConfig
+    from timjax.tim.grammar import llg_tokenizer
+    from timjax.tim_controller import ReplayText, TimController
+
+    cfg = ServeConfig(max_seq_len=4096, max_tool_calls=k_max + 2, max_batch=1, max_tokens_default=4000)
+    srv = Server(create_app(cfg, model=model))
+    backend = srv.app.state.backend
+    script: dict[str, Any] = {}
+    stop_ids = default_stop_ids(model)
+    llt = llg_tokenizer(model.tokenizer, model.config.vocab_size, stop_ids)
+    submit = backend.submit
+
+    def replaying(req, request_id=None):
+        if req.kind == "tim":
+            doc = script["doc"]
+
+            def make():
+                return TimController(model, req.schema, max_new_tokens=req.max_new_tokens, prompt_len=len(req.prompt),
+                                     pruning_buffer=req.pruning_buffer, stop_ids=stop_ids, tools=req.tools,
+                                     override=ReplayText(doc, llt))
+            req.make_controller, req.controller_param = make, "script"
+        elif req.kind == "tools":
+            ids = list(model.tokenizer(script["turn"], add_special_tokens=False)["input_ids"])
+            req.make_controller, req.controller_param = (lambda: Scripted(ids)), "script"
+        return submit(req, request_id)
+
+    backend.submit = replaying
+    return srv, script
+
+
+def run_runtime(srv, script, doc_text: str) -> dict:
+    import requests
+
+    script["doc"] = doc_text
+    t0 = time.perf_counter()
+    r = requests.post(srv.url + "/v1/runs", json={"engine": MODEL, "input": {"instructions": "Compute the running total."}})
+    rid = r.json()["runId"]
+    while True:
+        v = requests.get(srv.url + f"/v1/runs/{rid}").json()
+        if v["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    if v["status"] != "succeeded":
+        raise RuntimeError(f"run {v}")
+    job = srv.app.state.runs[rid]
+    text = job.result.text
+    if json.loads(text) != json.loads(doc_text):
+        raise RuntimeError("the runtime did not reproduce the document")
+    u = v["usage"]
+    return {"wall_s": wall, "requests": 1, "prompt_tokens": u["inputTokens"], "written_tokens": u["outputTokens"],
+            "processed_tokens": u["inputTokens"] + u["outputTokens"], "tool_calls": len(job.result.tool_calls)}
+
+
+def run_client(srv, script, doc: dict) -> dict:
+    import openai
+
+    from timjax.tools.traces import tool_call
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=600)
+    from timjax.train.tools_adapter import listed_specs
+
+    tools = [{"type": "function", "function": {"name": s.name, "description": s.description,
+                                               "parameters": s.input_schema}} for s in listed_specs()]
+    messages: list[Any] = [{"role": "user", "content": "Compute the running total."}]
+    calls = tool_calls_of(doc)
+    prompt = written = requests_n = 0
+    t0 = time.perf_counter()
+    for use in calls + [None]:
+        if use is not None:
+            script["turn"] = json.dumps({"tool_calls": [{"name": use["tool_name"], "arguments": use["parameters"]}]})
+        else:
+            script["turn"] = json.dumps({"content": doc["answer"]})
+        r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="auto",
+                                           max_tokens=2000)
+        requests_n += 1
+        prompt += r.usage.prompt_tokens
+        written += r.usage.completion_tokens
+        msg = r.choices[0].message
+        if use is None:
+            if msg.content != doc["answer"]:
+                raise RuntimeError(f"client loop answer {msg.content!r} != {doc['answer']!r}")
+            break
+        (call,) = msg.tool_calls
+        _, value = tool_call(call.function.name, json.loads(call.function.arguments))  # the client runs it
+        if value != use["tool_result"]:
+            raise RuntimeError("the client's tool result differs from the document's")
+        messages += [msg.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps(value)}]
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "requests": requests_n, "prompt_tokens": prompt, "written_tokens": written,
+            "processed_tokens": prompt + written, "tool_calls": len(calls)}
+
+
+def bench_tools(args, model) -> list[dict]:
+    from timjax.tim.schema import dumps
+    from timjax.tools.traces import calculation_trace
+
+    srv, script = tools_server(model, max(args.calls))
+    rows = []
+    try:
+        docs = {k: calculation_trace(k, words=1) for k in args.calls}
+        for k in args.calls:  # warm-up: every prompt / step shape the task compiles
+            run_runtime(srv, script, dumps(docs[k]))
+            run_client(srv, script, docs[k])
+        for rep in range(args.repeats):
+            for k in args.calls:
+                for mode in ("runtime", "client"):
+                    r = run_runtime(srv, script, dumps(docs[k])) if mode == "runtime" else run_client(srv, script, docs[k])
+                    rows.append({"mode": mode, "k": k, "rep": rep, **r})
+                    log(f"rep {rep} k={k:3d} {mode:8s} wall {r['wall_s']:7.2f} s  requests {r['requests']:3d}  "
+                        f"processed {r['processed_tokens']:6d} tokens  load {load_average()}")
+    finally:
+        srv.stop()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def summarize(conc: list[dict], tools: list[dict]) -> dict:
+    out: dict[str, Any] = {"concurrency": [], "tools": []}
+    for n in sorted({r["clients"] for r in conc}):
+        rs = [r for r in conc if r["clients"] == n]
+        out["concurrency"].append({"clients": n, **{k: med(rs, k) for k in (
+            "tok_s", "offline_tok_s", "ratio", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}})
+    for k in sorted({r["k"] for r in tools}):
+        row: dict[str, Any] = {"k": k}
+        for mode in ("runtime", "client"):
+            rs = [r for r in tools if r["k"] == k and r["mode"] == mode]
+            row[mode] = {key: med(rs, key) for key in ("wall_s", "processed_tokens", "prompt_tokens", "requests")}
+        out["tools"].append(row)
+    return out
+
+
+def tables(summary: dict) -> None:
+    def f(d, digits=3):
+        return f"{d['median']:.{digits}g} ({d['min']:.{digits}g}-{d['max']:.{digits}g})" if d else "-"
+
+    print_table(["clients", "server tok/s", "offline tok/s", "ratio", "TTFT p50 s", "TTFT p99 s", "ITL p50 s",
+                 "ITL p99 s"],
+                [[r["clients"], f(r["tok_s"]), f(r["offline_tok_s"]), f(r["ratio"], 2), f(r["ttft_p50"]),
+                  f(r["ttft_p99"]), f(r["itl_p50"]), f(r["itl_p99"])] for r in summary["concurrency"]],
+                title="(a) N concurrent streaming clients")
+    print_table(["k calls", "runtime wall s", "client wall s", "client/runtime", "runtime tokens", "client tokens",
+                 "client requests"],
+                [[r["k"], f(r["runtime"]["wall_s"]), f(r["client"]["wall_s"]),
+                  f"{r['client']['wall_s']['median'] / r['runtime']['wall_s']['median']:.2f}",
+                  f(r["runtime"]["processed_tokens"], 5), f(r["client"]["processed_tokens"], 5),
+                  r["client"]["requests"]["median"]] for r in summary["tools"]],
+                title="(b) k tool calls: /v1/runs (in-runtime) vs client-side function calling")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    c = summary["concurrency"]
+    if c:
+        ax = axes[0]
+        xs = [r["clients"] for r in c]
+        for key, label in (("tok_s", "server (HTTP, streaming)"), ("offline_tok_s", "open engine offline")):
+            ys = [r[key]["median"] for r in c]
+            err = [[y - r[key]["min"] for y, r in zip(ys, c)], [r[key]["max"] - y for y, r in zip(ys, c)]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_title("(a) throughput")
+        ax.legend()
+    t = summary["tools"]
+    for ax, key, ylabel in ((axes[1], "wall_s", "wall time per task (s)"),
+                            (axes[2], "processed_tokens", "tokens processed per task")):
+        for mode, label in (("runtime", "in-runtime tools (/v1/runs)"), ("client", "client-side function calling")):
+            xs = [r["k"] for r in t]
+            ys = [r[mode][key]["median"] for r in t]
+            err = [[y - r[mode][key]["min"] for y, r in zip(ys, t)], [r[mode][key]["max"] - y for y, r in zip(ys, t)]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xlabel("tool calls k")
+        ax.set_ylabel(ylabel)
+        ax.set_title("(b) " + ylabel)
+        ax.legend()
+    fig.suptitle("timjax serve, tiny TIM, 2-core CPU shared with other agents")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--calls", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", choices=["concurrency", "tools"], default=None)
+    ap.add_argument("--json", default="bench/out/serve.json")
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args(argv)
+    env = environment()
+    from timjax.api import default_model_path
+
+    model = timjax.load(default_model_path(), dtype="float32")
+    conc = bench_concurrency(args, model) if args.skip != "concurrency" else []
+    tools = bench_tools(args, model) if args.skip != "tools" else []
+    summary = summarize(conc, tools)
+    tables(summary)
+    payload = {"environment": env, "args": vars(args), "summary": summary, "rows": {"concurrency": conc, "tools": tools}}
+    write_json(args.json, payload)
+    if args.plot:
+        plot(summary, Path(args.plot))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
