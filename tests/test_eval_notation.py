@@ -131,3 +131,15 @@ def test_tool_variants_change_the_contract_not_the_arithmetic():
     assert seen["result-bare"][2] == '"7/2"'
     assert seen["result-pretty"][2] == '{"result": "7/2"}'  # the runtime compacts the pretty-printed text
     assert VARIANTS["result-pretty"].result == "pretty"
+
+
+def test_saved_problems_read_back_into_the_same_groups_and_depths(tmp_path):
+    from timjax.eval.run import depth_name, group_name, save_problems
+    from timjax.train.corpus import load_problems_jsonl
+
+    probs = notation_problems(5, 4) + notation_problems(5, 7)
+    save_problems(probs, str(tmp_path / "p.jsonl"))
+    back = load_problems_jsonl(str(tmp_path / "p.jsonl"))
+    assert [(b.question, b.answer) for b in back] == [(p.question, p.answer) for p in probs]
+    assert [group_name(b) for b in back] == [group_name(p) for p in probs]
+    assert [depth_name(b) for b in back] == [depth_name(p) for p in probs]

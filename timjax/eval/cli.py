@@ -12,8 +12,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import timjax
     from timjax.api import default_model_path
-    from timjax.eval.run import SETTINGS, evaluate, family_problems, parse_groups, settings_from_labels, write_report
-    from timjax.train.corpus import load_problems_jsonl, save_problems_jsonl
+    from timjax.eval.run import (
+        SETTINGS,
+        evaluate,
+        family_problems,
+        parse_groups,
+        save_problems,
+        settings_from_labels,
+        write_report,
+    )
+    from timjax.train.corpus import load_problems_jsonl
 
     path = args.model or str(default_model_path())
     groups = None if args.problems else parse_groups(args.groups)  # a bad --groups fails before loading
@@ -30,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         probs = family_problems(groups, args.n, tokenizer_dir=path, context=context, seed=args.seed)
     if args.save_problems:
-        save_problems_jsonl(probs, args.save_problems)
+        save_problems(probs, args.save_problems)
         say(f"wrote {len(probs)} problems to {args.save_problems}")
     max_new = args.max_new_tokens
     if max_new is None:  # a long-K tree needs room for K x C written tokens and more

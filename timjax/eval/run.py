@@ -212,6 +212,19 @@ def family_problems(
     return out
 
 
+def save_problems(probs: Sequence[Problem], path: str) -> None:
+    """JSON lines that ``--problems`` reads back into the same groups and depths (``data`` kept: a
+    notation problem's tree depth, a long problem's reference tree length)."""
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in probs:
+            row = {**p.data, "question": p.question, "answer": p.answer, "kind": p.kind, "depth": p.depth}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def _group_stats(items: list[tuple[Problem, Any, bool]]) -> GroupStats:
     n = len(items)
     if not n:
