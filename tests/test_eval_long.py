@@ -67,7 +67,7 @@ def test_groups_and_tool_variant_settings():
 def test_plot_bins_by_reference_length_else_the_longest_run():
     from timjax.eval.plot import accuracy_by_length, tree_lengths
 
-    sample = lambda ok, tokens, ref=None: {"ok": ok, "tokens": tokens, "tree_tokens": ref}
+    sample = lambda ok, tokens, ref=None: {"ok": ok, "tokens": tokens, "tree_tokens": ref, "group": "long-2"}
     report = {
         "context": 100,
         "settings": [
@@ -77,5 +77,5 @@ def test_plot_bins_by_reference_length_else_the_longest_run():
     }
     assert tree_lengths(report) == [0.6, 2.5]
     acc = accuracy_by_length([report])
-    assert acc["off"] == [(0.625, 1.0, 1), (2.75, 0.0, 1)]
-    assert acc["buf1"][1] == (2.75, 1.0, 1)
+    assert acc["long: off"] == [(0.625, 1.0, 1), (2.75, 0.0, 1)]
+    assert acc["long: buf1"][1] == (2.75, 1.0, 1)

@@ -31,14 +31,16 @@ def tree_lengths(report: dict) -> list[float]:
 
 
 def accuracy_by_length(reports: list[dict]) -> dict[str, list[tuple[float, float, int]]]:
-    """setting label -> [(bin centre in C, accuracy, n)] over all reports."""
+    """``"<family>: <setting>"`` (family: the group's kind, e.g. ``notation``) -> [(bin centre in C, accuracy,
+    n)] over all reports; one line per family, since families of one length differ in difficulty."""
     acc: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for rep in reports:
         lengths = tree_lengths(rep)
         for s in rep["settings"]:
             for x, sample in zip(lengths, s["samples"]):
                 b = next(i for i in range(len(BINS) - 1) if BINS[i] <= x < BINS[i + 1])
-                acc[s["label"]][b].append(bool(sample["ok"]))
+                family = sample.get("group", "").rpartition("-")[0]
+                acc[f"{family}: {s['label']}" if family else s["label"]][b].append(bool(sample["ok"]))
     centre = lambda b: (BINS[b] + min(BINS[b + 1], BINS[b] + 1.0)) / 2
     return {
         label: [(centre(b), sum(v) / len(v), len(v)) for b, v in sorted(bins.items())] for label, bins in acc.items()
@@ -51,10 +53,10 @@ def plot(reports: list[dict], out: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, pts in sorted(accuracy_by_length(reports).items()):
         xs, ys, ns = zip(*pts)
-        style = "--" if label.startswith("off") else "-"
+        style = "--" if label.rpartition(" ")[2].startswith("off") else "-"
         ax.plot(xs, [100 * y for y in ys], style, marker="o", label=label)
         for x, y, n in pts:
             ax.annotate(str(n), (x, 100 * y), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
