@@ -199,17 +199,23 @@ def classify_result(result: Any, *, is_error: bool | None = None, max_chars: int
 
 
 def fit_tokens(
-    encoded: str, max_tokens: int, count_tokens: Callable[[str], int], *, over: bool = False
+    encoded: str,
+    max_tokens: int,
+    count_tokens: Callable[[str], int],
+    *,
+    over: bool = False,
+    message: str | None = None,
 ) -> tuple[str, int, bool]:
     """Cap an encoded result at ``max_tokens`` tokens: ``(text, n_tokens of text, truncated)``. ``over``:
     ``encoded`` is already a prefix of a longer result (``classify_result(max_chars=...)``). The text is only ever
     tokenized in prefixes of ``encoded`` (the caller keeps it to a few times the cap in characters). When
-    cut, ``text`` is ``{"error": truncation_message(...), "partial": "<the longest prefix that fits>…"}``."""
+    cut, ``text`` is ``{"error": truncation_message(...), "partial": "<the longest prefix that fits>…"}``
+    (``message`` in place of ``truncation_message``: a cut at the transport's byte cap names it)."""
     if not over:
         n = count_tokens(encoded)
         if n <= max_tokens:
             return encoded, n, False
-    message = truncation_message(max_tokens)
+    message = message or truncation_message(max_tokens)
 
     def wrap(k: int) -> str:
         return dumps({"error": message, "partial": encoded[:k] + "…"})

@@ -11,8 +11,8 @@ every tool server it starts, and by ``timjax serve`` to per-request tools.
   resolver you trust).
 * Server kinds: ``allow_stdio`` and ``allow_in_process`` (a server taking requests from others sets both
   False: a request must not start processes or import code).
-* Limits: per-call timeout, connect timeout, calls per inference, result cap (tokens, and characters read
-  before any tokenization), description and whole tool-block caps in the system prompt.
+* Limits: per-call timeout, connect timeout, calls per inference, result cap (tokens; characters encoded
+  before any tokenization; bytes read off the transport before any parsing), description and whole tool-block caps in the system prompt.
 
 ``ToolLimits`` (a dataclass, kept for callers) holds the four original limits; ``ToolPolicy.from_limits``
 turns it into a policy.
@@ -105,6 +105,9 @@ class ToolPolicy(BaseModel):
     max_result_tokens: int = Field(256, gt=0)
     # characters of a result read and encoded before any tokenization (None: 8 x max_result_tokens)
     max_result_chars: int | None = Field(None, gt=0)
+    # bytes of one answer read off the transport (HTTP body, stdio line) before it is cut unparsed
+    # (None: 8 x result_chars + 4096, room for the JSON-RPC envelope, escapes, UTF-8 and structuredContent)
+    max_result_bytes: int | None = Field(None, gt=0)
     max_description_chars: int = Field(1024, gt=0)  # a longer description is cut with "…"
     max_tool_block_chars: int = Field(16_384, gt=0)  # the tool list in the system prompt, all tools
 
@@ -124,6 +127,10 @@ class ToolPolicy(BaseModel):
     @property
     def result_chars(self) -> int:
         return self.max_result_chars or 8 * self.max_result_tokens
+
+    @property
+    def result_bytes(self) -> int:
+        return self.max_result_bytes or 8 * self.result_chars + 4096
 
     def check_url(self, url: str) -> None:
         """None, or ``ToolPolicyError`` naming the URL (credentials redacted) and the rule it breaks."""

@@ -26,6 +26,7 @@ yourself if the server needs it); URL credentials and header values never leave 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -39,8 +40,9 @@ from typing import Any
 
 from timjax.results import ToolCallRecord
 from timjax.tim.schema import ToolSpec, strict_input_schema
+from timjax.tools.capped import CappedLines, capped_http_client, error_message, over_cap_info
 from timjax.tools.connection import Connection, LoopThread, ServerDown, describe
-from timjax.tools.encoding import classify_result, encode_error, fit_tokens
+from timjax.tools.encoding import classify_result, encode_error, encode_value, fit_tokens
 from timjax.tools.policy import ToolConfigError, ToolLimits, ToolPolicy, ToolPolicyError
 from timjax.tools.redact import Redactor, header_secrets, redact_url, scrubbed_logs, url_secrets
 
@@ -141,27 +143,35 @@ def open_runner(tools: Any, limits: ToolLimits | ToolPolicy | None = None) -> tu
     return ToolRunner(tools, limits), True
 
 
-def _make_client(server: ToolServer) -> Callable[[], Any]:
+def _make_client(server: ToolServer, cap_bytes: int | None = None, meter: Any = None) -> Callable[[], Any]:
+    """``cap_bytes``: the transport's byte cap on one answer (``capped.py``; None: the SDK's transports
+    as they are). ``meter``: a list the capped streams are appended to (tests count the bytes read)."""
+
     def make():
         from mcp import Client, StdioServerParameters
 
         target = server.target
         if isinstance(target, StdioServerParameters):
-            return Client(_exact_env_stdio(target), cache=None)
-        if isinstance(target, str) and server.headers:
+            return Client(_exact_env_stdio(target, cap_bytes, meter), cache=None)
+        if isinstance(target, str) and (server.headers or cap_bytes):
             from mcp.client.streamable_http import streamable_http_client
             from mcp.shared._httpx_utils import create_mcp_http_client
 
-            http = create_mcp_http_client(headers=dict(server.headers))
+            headers = dict(server.headers or {})
+            if cap_bytes:
+                http = capped_http_client(cap_bytes, headers, meter)
+            else:
+                http = create_mcp_http_client(headers=headers)
             return Client(streamable_http_client(target, http_client=http), cache=None)
         return Client(target, cache=None)
 
     return make
 
 
-def _exact_env_stdio(params):
+def _exact_env_stdio(params, cap_bytes: int | None = None, meter: Any = None):
     """A stdio transport that gives the server exactly ``params.env`` (the SDK merges a default set of
-    the parent's variables into it; the model's tools must not see more than the user passed)."""
+    the parent's variables into it; the model's tools must not see more than the user passed), and whose
+    stdout reader never assembles a line over ``cap_bytes`` (``capped.CappedLines``)."""
     import contextlib as _cl
     import types
 
@@ -173,6 +183,15 @@ def _exact_env_stdio(params):
         return stdio_mod.stdio_client(params)
     g = dict(fn.__globals__)
     g["get_default_environment"] = dict
+    if cap_bytes and "TextReceiveStream" in g:
+        text_stream = g["TextReceiveStream"]
+
+        def capped_text(stream, *args, **kwargs):
+            return text_stream(CappedLines(stream, cap_bytes, meter), *args, **kwargs)
+
+        g["TextReceiveStream"] = capped_text
+    elif cap_bytes:
+        log.warning("mcp.client.stdio changed: stdio answers are not capped at the pipe")
     exact = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     return _cl.asynccontextmanager(exact)(params)
 
@@ -246,6 +265,7 @@ class ToolRunner:
         self._loops: list[LoopThread] = []
         self._conns: list[Connection] = []
         self._closed = False
+        self._meter: collections.deque = collections.deque(maxlen=64)  # the latest capped answer streams
         self._logs = contextlib.ExitStack()
         self._logs.enter_context(scrubbed_logs(self.redactor))
         try:
@@ -264,7 +284,7 @@ class ToolRunner:
         for server in self.servers:
             loop = LoopThread(server.label())
             self._loops.append(loop)
-            conn = Connection(server.label(), _make_client(server), loop)
+            conn = Connection(server.label(), _make_client(server, self.policy.result_bytes, self._meter), loop)
             self._conns.append(conn)
             declared = server.tools is not None and all(isinstance(t, ToolSpec) for t in server.tools)
             self._add_tools(server, conn, None if declared else self._list(conn))  # declared: connect at first call
@@ -448,6 +468,8 @@ class ToolRunner:
         except _Crashed as e:
             return end("server_crashed", error=str(e))
         except Exception as e:  # noqa: BLE001 - every fault becomes an answer for the model
+            if (cut := over_cap_info(e)) is not None:
+                return self._over_cap(name, cut, t0)
             return end("server_error", error=f"server {tool.conn.label!r} failed: {describe(e)}")
         text, status = classify_result(res, max_chars=self.policy.result_chars)
         if status == "over":
@@ -455,6 +477,20 @@ class ToolRunner:
         if status != "ok":
             return end(status, error=json.loads(text)["error"])
         return end("ok", self.redactor.encoded(text) if self.redactor else text)
+
+    def _over_cap(self, name: str, cut: dict, t0: float) -> _Outcome:
+        """The answer passed the transport's byte cap (``capped.py``): a ``truncated`` call whose text is
+        ``{"error": <names the tool and the cap>, "partial": <prefix>}`` when a prefix could be read, else
+        the error alone (``"over"`` lets ``ToolSession._record`` cut the prefix to the token cap)."""
+        message = error_message(name, int(cut.get("cap_bytes") or self.policy.result_bytes))
+        if not str(cut.get("message", "")).startswith("result truncated"):  # refused outright (compressed)
+            message = self.redactor.text(f"{name}: {cut.get('message')}")
+        t = time.perf_counter()
+        partial = cut.get("partial")
+        if isinstance(partial, str) and partial:
+            text = encode_value(partial[: self.policy.result_chars + 1])[: self.policy.result_chars + 1]
+            return _Outcome("over", self.redactor.text(text), message, t - t0, t)
+        return _Outcome("truncated", encode_error(message), message, t - t0, t)
 
     async def _call_with_retry(self, tool: _Tool, name: str, arguments: dict, timeout: float):
         from mcp import MCPError
@@ -549,7 +585,7 @@ class ToolSession:
         ``latency_s``: measured on the loop (submission to answer); else the host's clock up to now."""
         cap = self.limits.max_result_tokens
         if status in ("ok", "over"):
-            text, n, cut = fit_tokens(text, cap, self.count_tokens, over=status == "over")
+            text, n, cut = fit_tokens(text, cap, self.count_tokens, over=status == "over", message=error)
             if cut:
                 status, error = "truncated", json.loads(text)["error"]
         else:  # an error object: shorten its message, keep its status
