@@ -105,7 +105,7 @@ def http_server(mcp_server):
 
 
 # -- 1. a huge result --------------------------------------------------------------------------------
-def test_a_5mb_result_is_cut_by_characters_off_the_engine_thread(model, engine):
+def test_a_5mb_result_is_cut_at_the_transport_off_the_engine_thread(model, engine):
     import psutil
 
     proc = psutil.Process()
@@ -124,7 +124,9 @@ def test_a_5mb_result_is_cut_by_characters_off_the_engine_thread(model, engine):
 
             alone = call(runner.session(count), "big", {"megabytes": 5})
             assert alone.status == "truncated" and alone.result_tokens <= 64
-            assert json.loads(alone.result)["error"] == "result truncated: over the cap of 64 tokens"
+            cap = runner.policy.result_bytes  # read off the wire: the cap and at most one socket read more
+            assert runner._meter[-1].cut and runner._meter[-1].read <= cap + 65536
+            assert json.loads(alone.result)["error"] == f"result truncated: 'big' answered more than the cap of {cap:,} bytes"
             assert max(counted) <= 8 * 64 + 200  # never more than the character cap (plus the marker)
             docs = [doc("big", {"megabytes": 5}, alone.result), doc(*CONTROL)]
             results, ctrls = run_batch(model, engine, runner, docs)

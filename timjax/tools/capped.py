@@ -246,6 +246,8 @@ class CappedLines:
                 self.head, self.tail, self.skipped = held[:_HEAD], held[-256:], len(held)
                 self.pending.clear()
             elif self.head is not None:
+                if len(self.head) < _HEAD:
+                    self.head += piece[: _HEAD - len(self.head)]
                 self.tail = (self.tail + piece)[-256:]
                 self.skipped += len(piece)
             else:
