@@ -326,3 +326,32 @@ def test_sum_kind_draws_long_sums_of_compound_operands():
         assert _py(p.data["expr"]) == Fraction(p.answer)
         assert p.depth >= 2
     assert document(probs[0], restate=True)["answer"] == probs[0].answer
+
+
+def test_tool_contract_documents_match_what_variant_servers_write_and_their_grammar():
+    from timjax.api import default_model_path
+    from timjax.eval.tool_variants import variant_tools
+    from timjax.tools.runner import ToolRunner
+    from timjax.train.data import _replayer_for
+    from timjax.train.runtime_view import Replayer
+    from timjax.train.tokenizer import load_tokenizer
+
+    spec = CorpusSpec(seed=5, mix=(("arith", 2, 1.0),), p_tool_contract=1.0, p_fraction=0.5)
+    probs = problems(spec, "train", 40)
+    assert {tuple(p.data["contract"]["order"]) for p in probs} == {("op", "a", "b"), ("a", "b", "op"), ("a", "op", "b")}
+    # each result form reads as the runtime reads the eval's variant server for the same call
+    for form, variant in (("value", "result-value"), ("bare", "result-bare"), ("result", "own")):
+        p = next(p for p in probs if p.data["contract"]["result"] == form)
+        call = next(iter_tasks_with_tools(json.loads(document_text(p))))
+        assert list(call["parameters"]) == p.data["contract"]["order"]
+        with ToolRunner(variant_tools(variant)) as runner:
+            out = runner.submit("calculator", call["parameters"]).result(timeout=30)
+        assert json.loads(out.text) == call["tool_result"], form
+    # the grammar holds the parameters to the schema's order: only the contract's replayer accepts them
+    tools = default_backend()
+    shipped = Replayer(load_tokenizer(str(default_model_path())), training_schema(tools), None)
+    p = next(p for p in probs if p.data["contract"]["order"][0] == "a")
+    text = document_text(p, tools)
+    assert len(_replayer_for(p, shipped, tools).replay(p.question, text).tokens) > 20
+    with pytest.raises(ValueError, match="diverged"):
+        shipped.replay(p.question, text)

@@ -395,6 +395,9 @@ class CorpusSpec:
     p_tight: float = 0.0  # share of questions typed without spaces around operators
     digits_uniform: bool = False  # ArithParams.digits_uniform
     p_fraction: float = 0.0  # ArithParams.p_fraction: division giving fractions "p/q"
+    # share of arithmetic documents written under another calculator contract (CONTRACT_ORDERS x
+    # CONTRACT_RESULTS, drawn uniformly); the problem carries it in data["contract"]
+    p_tool_contract: float = 0.0
 
 
 # consecutive draws without a new problem after which the stream counts as used up: a live group of a
@@ -427,6 +430,9 @@ def iter_problems(
                 p_fraction=spec.p_fraction,
             )
             prob = arith_problem(rng, ap, p_tight=spec.p_tight, flat=flat, sum_terms=d if kind == "sum" else 0)
+            if spec.p_tool_contract > 0 and rng.random() < spec.p_tool_contract:  # drawn only when on
+                order, form = rng.choice(CONTRACT_ORDERS), rng.choice(CONTRACT_RESULTS)
+                prob.data["contract"] = {"order": list(order), "result": form}
         else:
             prob = lookup_problem(rng, tools, d)
         if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:
@@ -555,10 +561,54 @@ def lookup_task(prob: Problem, tools: ToolBackend) -> tuple[dict, str]:
     return {"thought": f"Start from {prob.data['start']}: {plan}.", "subtasks": hops, "conclusion": entity}, entity
 
 
+# calculator contracts a document may be written under (issue 23): the order of the call's parameters (the
+# grammar writes them in the input schema's order) and the result's form, as a server that returns
+# {"result": x}, {"value": x} or a bare number reads after the runtime's canonical encoding
+CONTRACT_ORDERS = (("op", "a", "b"), ("a", "b", "op"), ("a", "op", "b"))
+CONTRACT_RESULTS = ("result", "value", "bare")
+
+
+class ContractTools:
+    """``tools`` whose calculator calls are written under ``contract`` (``{"order", "result"}``)."""
+
+    def __init__(self, tools: ToolBackend, contract: dict):
+        self.tools, self.order, self.form = tools, tuple(contract["order"]), contract["result"]
+
+    def calculate(self, a, op: str, b) -> tuple[dict, Fraction]:
+        from timjax.tools.encoding import encode_result, encode_value
+
+        tooluse, result = self.tools.calculate(a, op, b)
+        x = _calc_arg(result)
+        if self.form == "value":
+            tooluse["tool_result"] = Raw(encode_result({"value": x}))
+        elif self.form == "bare":
+            tooluse["tool_result"] = Raw(encode_value(x))
+        tooluse["parameters"] = {k: tooluse["parameters"][k] for k in self.order}
+        return tooluse, result
+
+    def __getattr__(self, name):
+        return getattr(self.tools, name)
+
+
+def contract_specs(specs: Sequence, order: Sequence[str]) -> list:
+    """The tool specs with the calculator's parameters listed in ``order`` (what a server whose function
+    takes them in that order lists)."""
+    out = []
+    for s in specs:
+        if s.name == "calculator":
+            props = s.input_schema["properties"]
+            schema = {**s.input_schema, "properties": {k: props[k] for k in order}, "required": list(order)}
+            s = s.model_copy(update={"input_schema": schema})
+        out.append(s)
+    return out
+
+
 def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False) -> dict:
     """The complete TIM response (a dict whose ``tool_result`` values are ``Raw`` encoded text);
-    ``restate``: see ``arith_task``."""
+    ``restate``: see ``arith_task``; a problem with ``data["contract"]`` calls the calculator under it."""
     tools = tools or default_backend()
+    if prob.data.get("contract"):
+        tools = ContractTools(tools, prob.data["contract"])
     if prob.kind == "arith":
         task, v = arith_task(parse_expression(prob.data["expr"]), tools, restate=restate)
         answer = fmt_num(v)

@@ -86,10 +86,30 @@ def _buffer_choices(n: int, buffers: Sequence[tuple[int | None, float]], seed: i
     return out
 
 
+_CONTRACT_REPLAYERS: dict[tuple[int, tuple[str, ...]], Replayer] = {}
+
+
+def _replayer_for(p: Problem, replayer: Replayer, tools: ToolBackend) -> Replayer:
+    """The replayer whose grammar lists the calculator's parameters in the order of ``p``'s contract
+    (``corpus.CorpusSpec.p_tool_contract``); the given one for the shipped order."""
+    from timjax.train.corpus import CONTRACT_ORDERS, contract_specs
+
+    order = tuple((p.data.get("contract") or {}).get("order", CONTRACT_ORDERS[0]))
+    if order == CONTRACT_ORDERS[0]:
+        return replayer
+    key = (id(replayer), order)
+    if key not in _CONTRACT_REPLAYERS:
+        from timjax.tim.schema import tim_schema
+
+        schema = tim_schema(tools=contract_specs(tools.specs(), order))
+        _CONTRACT_REPLAYERS[key] = Replayer(replayer.tok, schema, replayer.vocab_size, eos=replayer.eos)
+    return _CONTRACT_REPLAYERS[key]
+
+
 def _problem_segments(
     p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend, restate: bool = False
 ) -> list[Segment]:
-    doc = replayer.replay(p.question, document_text(p, tools, restate=restate))
+    doc = _replayer_for(p, replayer, tools).replay(p.question, document_text(p, tools, restate=restate))
     out = pruned_segments(doc, None)
     if buf is not False:
         segs = pruned_segments(doc, buf)

@@ -72,6 +72,7 @@ class DataSpec(BaseModel):
     p_tight: float = Field(CorpusSpec.p_tight, ge=0.0, le=1.0)
     digits_uniform: bool = CorpusSpec.digits_uniform
     p_fraction: float = Field(CorpusSpec.p_fraction, ge=0.0, le=1.0)  # division giving fractions "p/q"
+    p_tool_contract: float = Field(CorpusSpec.p_tool_contract, ge=0.0, le=1.0)  # other calculator contracts
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -166,6 +167,7 @@ def corpus_spec(data: DataSpec):
         p_tight=data.p_tight,
         digits_uniform=data.digits_uniform,
         p_fraction=data.p_fraction,
+        p_tool_contract=data.p_tool_contract,
     )
 
 
