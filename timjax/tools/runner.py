@@ -8,7 +8,9 @@ keep a subset) and runs calls on that server's loop thread (``connection.py``). 
 inference's view: the engine thread ``submit``s a call (validated here, handed over without waiting) and
 ``poll``s it; every call ends as a ``ToolCallRecord`` whose ``result`` is the exact text to force after
 ``"tool_result": `` (``encoding.py``), encoded and cut to the character cap on the server's loop, so the
-engine thread only ever tokenizes a few times the token cap.
+engine thread only ever tokenizes a few times the token cap. Before that, the transport reads at most
+``ToolPolicy.result_bytes`` of one answer (``capped.py``: an HTTP body or a stdio line past it is cut
+unparsed, and the call is ``truncated`` naming the tool and the cap).
 
 Every fault becomes an error object the model reads, and the inference goes on: arguments that fail the
 tool's input schema (checked here with ``jsonschema``, strictly: the SDK's server side coerces types and
