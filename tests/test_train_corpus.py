@@ -355,3 +355,10 @@ def test_tool_contract_documents_match_what_variant_servers_write_and_their_gram
     assert len(_replayer_for(p, shipped, tools).replay(p.question, text).tokens) > 20
     with pytest.raises(ValueError, match="diverged"):
         shipped.replay(p.question, text)
+
+
+def test_a_mix_of_an_unknown_kind_is_refused():
+    from timjax.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="unknown kind 'notation'"):
+        problems(CorpusSpec(mix=(("notation", 5, 1.0),)), "train", 1)

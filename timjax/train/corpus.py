@@ -433,8 +433,10 @@ def iter_problems(
             if spec.p_tool_contract > 0 and rng.random() < spec.p_tool_contract:  # drawn only when on
                 order, form = rng.choice(CONTRACT_ORDERS), rng.choice(CONTRACT_RESULTS)
                 prob.data["contract"] = {"order": list(order), "result": form}
-        else:
+        elif kind == "lookup":
             prob = lookup_problem(rng, tools, d)
+        else:  # e.g. an eval family name (notation-5) handed to a corpus mix: never lookups in disguise
+            raise ParameterError(f"corpus mix: unknown kind {kind!r}; use arith, flat, sum or lookup")
         if prob.key in seen or split_of(prob.key, spec.heldout_fraction) != split:
             misses += 1
             if misses >= MAX_MISSES:  # every group of the mix is used up (a small KB has few lookups)
