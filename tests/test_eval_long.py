@@ -31,7 +31,7 @@ def test_long_family_refuses_what_cannot_fit():
     from timjax.eval.long import long_problems
 
     with pytest.raises(ParameterError, match="smaller k or a larger context"):
-        long_problems(1, 4, 256, str(default_model_path()))
+        long_problems(1, 4, 256, str(default_model_path()), attempts=5)
 
 
 def test_without_pruning_a_long_tree_stops_at_the_context_and_is_reported(long_probs):

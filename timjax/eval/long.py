@@ -74,6 +74,7 @@ def long_problems(
     seed: int = 23,
     fit: float = 0.95,
     operand_depth: int = 3,
+    attempts: int = 50,
 ) -> list[Problem]:
     """``n`` problems of family ``long-<k>`` for context ``context`` with the tokenizer in ``tokenizer_dir``
     (a model directory); raises ``ParameterError`` naming ``k`` when no such tree fits the context."""
@@ -92,10 +93,10 @@ def long_problems(
             misses = 0
             continue
         misses += 1
-        if misses >= 50:
+        if misses >= attempts:
             raise ParameterError(
                 f"long family: no tree of >= {k} x {context} tokens whose pruned working memory fits "
-                f"{fit:.0%} of the context in 50 draws; use a smaller k or a larger context"
+                f"{fit:.0%} of the context in {attempts} draws; use a smaller k or a larger context"
             )
     return out
 
