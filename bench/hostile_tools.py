@@ -1,11 +1,11 @@
 """What a hostile tool server costs the rows beside it (issue 22): the control rows' wall time in a batch
 with a faulty row, over the same batch without it, on the shipped tiny TIM.
 
-    python bench/hostile_tools.py --repeats 5 --json bench/out/hostile_tools_cpu.json
+    python bench/hostile_tools.py --repeats 7 --json bench/hostile_tools_cpu.json
 
 Each batch replays fixed TIM documents (``ReplayText``), so both batches write exactly the same control
 tokens and only the faulty row differs. Faults: ``big`` (a 5 MB result over streamable HTTP on loopback,
-cut by characters on the server's thread) and ``block`` (an in-process tool that blocks its event loop for
+cut at the transport's byte cap, ``ToolPolicy.result_bytes``, before any parsing) and ``block`` (an in-process tool that blocks its event loop for
 longer than the call's deadline). The two batches alternate; the figure is the median over repeats of
 (mean control-row wall time with the fault) / (without), with the spread, plus the process RSS before and
 after. Goal (issue 22): within 1.2x, and RSS back within 100 MB.
@@ -166,6 +166,9 @@ def main(argv=None) -> dict:
                     time.sleep(0.01)
                 m = measure(model, engine, runner, doc(tool, params, rec.result), args.controls, args.repeats)
                 m["fault_status"] = rec.status
+                if tool == "big" and runner._meter:  # the byte cap: bytes taken off the wire for the answer
+                    m["cap_bytes"] = runner.policy.result_bytes
+                    m["fault_read_bytes"] = runner._meter[-1].read
             out[name] = m
             rows.append(
                 [name, f"{m['ratio_median']:.2f}", f"{m['ratio_min']:.2f}-{m['ratio_max']:.2f}",
