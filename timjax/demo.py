@@ -125,7 +125,8 @@ def run_long_demo(
     import timjax
     from timjax.api import default_model_path
     from timjax.eval.long import long_problems
-    from timjax.eval.run import hit_context, is_correct
+    from timjax.eval.run import hit_context
+    from timjax.train.corpus import solved
     from timjax.tim.display import format_tree
     from timjax.tim.schema import tim_schema
     from timjax.tools.runner import ToolRunner
@@ -167,7 +168,7 @@ def run_long_demo(
                 f"({st.generated_tokens / context:.2f} C), peak working memory {st.peak_working_tokens} "
                 f"({(st.peak_working_tokens or 0) / context:.2f} C), KV pruned {st.pruned_share:.0%}, "
                 f"{st.tool_calls} tool calls, {time.perf_counter() - t0:.0f}s; answer {answer!r}: "
-                f"{'correct' if is_correct(prob, r) else 'WRONG'}"
+                f"{'correct' if solved(prob, r) else 'WRONG'}"
             )
     pruned = runs[pruning_buffer]
     tree = pruned.response if pruned.response is not None else pruned.partial_response
@@ -175,10 +176,10 @@ def run_long_demo(
         say(f"the tree written with buffer {pruning_buffer} (pruned subtask lists marked):")
         say("\n".join("  " + line for line in format_tree(tree, pruned.pruned_paths, width=100).splitlines()))
     off_stopped = hit_context(runs[None])
-    ok = off_stopped and is_correct(prob, pruned)
+    ok = off_stopped and solved(prob, pruned)
     say(
         f"pruning off {'stopped at the context limit' if off_stopped else 'did NOT stop at the limit'}; "
-        f"with buffer {pruning_buffer} the answer is {'right' if is_correct(prob, pruned) else 'wrong'}"
+        f"with buffer {pruning_buffer} the answer is {'right' if solved(prob, pruned) else 'wrong'}"
     )
     say(f"demo --long {'OK' if ok else 'FAILED'} in {time.perf_counter() - t_start:.0f}s")
     st = pruned.stats

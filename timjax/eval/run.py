@@ -27,7 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from timjax.train.corpus import CorpusSpec, Problem, check_answer, problems
+from timjax.train import corpus
+from timjax.train.corpus import CorpusSpec, Problem, problems, solved
 
 
 @dataclass(frozen=True)
@@ -161,24 +162,14 @@ def depth_name(p: Problem) -> str:
     return f"{p.kind} d{p.data.get('tree_depth', p.depth)}"
 
 
-# group kinds and their depth ranges: notation-N = N terms, long-K = trees >= K x the context
-GROUP_RANGES = {"arith": (1, 6), "lookup": (1, 4), "notation": (3, 8), "long": (1, 4)}
+# group kinds and their depth ranges: the corpus's, and eval's own families (notation-N = N terms,
+# long-K = trees >= K x the context)
+GROUP_RANGES = {**corpus.GROUP_RANGES, "notation": (3, 8), "long": (1, 4)}
 
 
 def parse_groups(text: str | Sequence[str]) -> tuple[tuple[str, int], ...]:
-    """``"arith-3,lookup-2"`` -> ``(("arith", 3), ("lookup", 2))``; a bad entry raises naming it."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out = []
-    for item in (i.strip() for i in items):
-        kind, _, depth = item.partition("-")
-        lo, hi = GROUP_RANGES.get(kind, (1, 0))
-        if not depth.isdigit() or not lo <= int(depth) <= hi:
-            names = ", ".join(f"{k}-{a}..{k}-{b}" for k, (a, b) in GROUP_RANGES.items())
-            raise ValueError(f"--groups: {item!r} is not one of {names}")
-        out.append((kind, int(depth)))
-    if not out:
-        raise ValueError("--groups: no group given")
-    return tuple(out)
+    """``"arith-3,notation-5"`` -> ``(("arith", 3), ("notation", 5))``: the corpus's groups and eval's."""
+    return corpus.parse_groups(text, GROUP_RANGES)
 
 
 def heldout_problems(
@@ -260,10 +251,6 @@ def hit_context(r) -> bool:
     return r.finish_reason == "length" and "max_seq_len" in (r.error or "")
 
 
-def is_correct(p: Problem, r) -> bool:
-    return r.finish_reason == "stop" and r.response is not None and check_answer(p.answer, r.response.answer)
-
-
 def evaluate(
     model,
     probs: Sequence[Problem],
@@ -335,7 +322,7 @@ def run_setting(model, probs: Sequence[Problem], s: Setting, runner, *, context:
     by_depth: dict[str, list] = defaultdict(list)
     items = []
     for p, r in zip(probs, results):
-        it = (p, r, is_correct(p, r))
+        it = (p, r, solved(p, r))
         items.append(it)
         by_group[group_name(p)].append(it)
         by_depth[depth_name(p)].append(it)

@@ -636,6 +636,35 @@ def check_answer(prob_answer: str, response_answer) -> bool:
         return False
 
 
+def solved(problem: Problem, result) -> bool:
+    """A generation result (``timjax.generate``'s) solved ``problem``: a complete tree whose answer the
+    verifier accepts. The reward of GRPO and the accuracy of ``timjax eval``."""
+    return result.finish_reason == "stop" and result.response is not None and check_answer(
+        problem.answer, result.response.answer
+    )
+
+
+# problem groups KIND-DEPTH the corpus draws (``timjax eval`` adds its own families to these)
+GROUP_RANGES = {"arith": (1, 6), "lookup": (1, 4)}
+
+
+def parse_groups(text: str | Sequence[str], ranges: dict[str, tuple[int, int]] = GROUP_RANGES) -> tuple:
+    """``"arith-3,lookup-2"`` -> ``(("arith", 3), ("lookup", 2))``; a bad entry raises naming it and the
+    groups ``ranges`` allows."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in (i.strip() for i in items):
+        kind, _, depth = item.partition("-")
+        lo, hi = ranges.get(kind, (1, 0))
+        if not depth.isdigit() or not lo <= int(depth) <= hi:
+            names = ", ".join(f"{k}-{a}..{k}-{b}" for k, (a, b) in ranges.items())
+            raise ValueError(f"--groups: {item!r} is not one of {names}")
+        out.append((kind, int(depth)))
+    if not out:
+        raise ValueError("--groups: no group given")
+    return tuple(out)
+
+
 def load_problems_jsonl(path: str) -> list[Problem]:
     """``{"question", "answer"}`` lines (other fields kept in ``data``) as problems of kind 'external'."""
     out = []

@@ -56,9 +56,9 @@ def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-
 
 
 def verifier_reward(problem, result) -> float:
-    from timjax.eval.run import is_correct
+    from timjax.train.corpus import solved
 
-    return 1.0 if is_correct(problem, result) else 0.0
+    return 1.0 if solved(problem, result) else 0.0
 
 
 def rollout_segments(replayer, prompt_ids: list[int], result, advantage: float, buffer: int | None):
@@ -213,7 +213,7 @@ def run_grpo(
     replayer = Replayer(model.tokenizer, _schema(), model.config.vocab_size)
     spec = CorpusSpec(seed=cfg.corpus_seed)
     if cfg.groups:
-        from timjax.eval.run import parse_groups
+        from timjax.train.corpus import parse_groups  # the corpus's groups: eval's own families are not drawn
 
         spec = CorpusSpec(seed=cfg.corpus_seed, mix=tuple((k, d, 1.0) for k, d in parse_groups(cfg.groups)))
     pool = problems(spec, "train", cfg.steps * cfg.problems_per_step, stream=7)
