@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import ml_dtypes
-from timjax.platform_env import prepare_process  # noqa: E402
+
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 

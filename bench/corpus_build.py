@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/corpus_build.py` from the repo root
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 

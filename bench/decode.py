@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 
@@ -45,13 +45,14 @@ from bench.common import (
     print_table,
     write_json,
 )
-from timjax import kernels, steps
-from timjax.buckets import cdiv
-from timjax.cache import create_cache, kv_bytes_per_token
-from timjax.config import Qwen3Config
-from timjax.model import as_dtype, random_model
-from timjax.params import FLOAT32_PARAMS, param_shapes
-from timjax.sampling import SamplingParams
+from timjax import kernels
+from timjax.base.buckets import cdiv
+from timjax.base.config import Qwen3Config
+from timjax.qwen3.model import as_dtype, random_model
+from timjax.qwen3.params import FLOAT32_PARAMS, param_shapes
+from timjax.runtime import steps
+from timjax.runtime.cache import create_cache, kv_bytes_per_token
+from timjax.runtime.sampling import SamplingParams
 
 QWEN_VOCAB = 151936
 
@@ -252,7 +253,7 @@ def bench_ragged_step(model, B, prompt, n_new, page_size, impl, repeats) -> dict
     """ms per decode step of the bare ragged step (``steps.ragged_generate_step``) on the cache and shapes the
     engine uses for the same request (``Engine``'s slots, page-table width and window), inputs kept on the
     device: the engine's floor. Prefill through the same step."""
-    from timjax.buckets import bucket, cdiv, pow2
+    from timjax.base.buckets import bucket, cdiv, pow2
     from timjax.engine import Engine
     from timjax.engine.runner import MIN_KV_WINDOW
 

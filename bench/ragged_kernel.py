@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 

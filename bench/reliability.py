@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import ml_dtypes
-from timjax.platform_env import prepare_process  # noqa: E402
+
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 
@@ -90,8 +91,8 @@ def bench_partial(repeats: int) -> dict:
 
 def bench_validation(repeats: int) -> dict:
     import timjax
-    from timjax.config import Qwen3Config
-    from timjax.validation import check_generate
+    from timjax.base.config import Qwen3Config
+    from timjax.base.validation import check_generate
 
     cfg = Qwen3Config(
         vocab_size=64,

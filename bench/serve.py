@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/serve.py` from the repo root
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()
 
@@ -201,10 +201,10 @@ def tools_server(model, k_max: int):
     """A TIM server whose requests replay a script: Runs requests the TIM document set in ``script["doc"]``
     (through the real TimController and tools), chat function-calling requests ``script["turn"]``."""
     from timjax.engine.controllers import default_stop_ids
+    from timjax.engine.tim_controller import ReplayText, TimController
     from timjax.serve.app import create_app
     from timjax.serve.config import ServeConfig
     from timjax.tim.grammar import llg_tokenizer
-    from timjax.tim_controller import ReplayText, TimController
 
     cfg = ServeConfig(max_seq_len=4096, max_tool_calls=k_max + 2, max_batch=1, max_tokens_default=4000)
     srv = Server(create_app(cfg, model=model))

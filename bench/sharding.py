@@ -55,7 +55,7 @@ if ARGS is not None and ARGS.devices > 0:  # must precede the first jax import
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 
@@ -64,9 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import environment, print_table, time_fn
-from timjax import sharding
-from timjax.config import Qwen3Config
-from timjax.model import random_model
+from timjax.base.config import Qwen3Config
+from timjax.qwen3.model import random_model
+from timjax.runtime import sharding
 
 SHAPES = {
     # Small enough for a 2-core CPU, with heads / MLP / vocab that split 8 ways and a vocabulary that does
@@ -100,7 +100,7 @@ def config(args) -> Qwen3Config:
 
 
 def sampling(rows: int):
-    from timjax.sampling import SamplingParams
+    from timjax.runtime.sampling import SamplingParams
 
     return SamplingParams(
         jnp.zeros(rows),
@@ -113,8 +113,8 @@ def sampling(rows: int):
 
 def packed(rows: int, chunk: int, lengths: np.ndarray):
     """Every row feeds ``chunk`` tokens (the engine's packed layout, see timjax/engine/runner.py)."""
-    from timjax import steps
-    from timjax.buckets import bucket
+    from timjax.base.buckets import bucket
+    from timjax.runtime import steps
 
     q_len = np.full(rows, chunk, np.int32)
     n = bucket(rows * chunk)
@@ -128,8 +128,8 @@ def packed(rows: int, chunk: int, lengths: np.ndarray):
 
 def replica_state(model, mesh, args):
     """One replica: its cache prefilled to ``--context`` tokens per row and its compiled decode step."""
-    from timjax.buckets import cdiv
-    from timjax.steps import ragged_generate_step, ragged_logits_step
+    from timjax.base.buckets import cdiv
+    from timjax.runtime.steps import ragged_generate_step, ragged_logits_step
 
     cfg, R, ps = model.config, args.rows, args.page_size
     max_len = args.context + 64
@@ -158,7 +158,7 @@ def replica_state(model, mesh, args):
 
 def steps_edits_keep(e):
     """Decode steps keep every length: edits that shrink nothing (lengths = a large value, min() keeps)."""
-    from timjax import steps
+    from timjax.runtime import steps
 
     return steps.Edits(np.full_like(e.lengths, 2**30), e.slot, e.start, e.end, e.length)
 

@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/tools.py` from the repo root
 
 
-from timjax.platform_env import prepare_process  # noqa: E402
+from timjax.base.platform_env import prepare_process  # noqa: E402
 
 prepare_process()  # before JAX starts: the CPU when CUDA cannot start (no plugin traceback), no torch notice
 
@@ -50,9 +50,9 @@ from bench.common import environment, load_average, log, print_table, write_json
 from bench.common import table as table_text
 from bench.pruning import SHAPES, CompileWatch, qwen3_tokenizer
 from timjax.engine import Action, Engine, Request
+from timjax.engine.tim_controller import ReplayText, TimController
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import dumps, tim_schema
-from timjax.tim_controller import ReplayText, TimController
 from timjax.tools.runner import ToolLimits, ToolRunner
 from timjax.tools.servers import calculator, kb
 from timjax.tools.traces import calculation_trace

@@ -9,7 +9,7 @@ Public API::
 
 ``params`` is nested: ``{"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
 "layers": {"attn_norm": [L, D], "q_proj": [L, D, Hq, hd], ...}}`` of host numpy arrays, in the layout of
-:func:`timjax.params.param_shapes` (norms, :data:`timjax.params.FLOAT32_PARAMS`, always float32).
+:func:`timjax.qwen3.params.param_shapes` (norms, :data:`timjax.qwen3.params.FLOAT32_PARAMS`, always float32).
 
 Reading HF checkpoints needs no torch: ``model.safetensors`` or ``model.safetensors.index.json`` plus shards,
 tensors in BF16/F16/F32. Shards are streamed; memory stays near one layer (plus a layer split across shards).
@@ -50,7 +50,7 @@ Policies
   differs it is refused (the model would not really be tied).
 * Outputs are written to a temp dir beside ``OUT_DIR`` and renamed into place at the end; any failure leaves
   no ``OUT_DIR`` and no temp dir. An existing ``OUT_DIR`` is refused unless ``overwrite``.
-* All input problems raise :class:`timjax.errors.TimjaxError` subclasses with one-line messages naming the
+* All input problems raise :class:`timjax.base.errors.TimjaxError` subclasses with one-line messages naming the
   file (and tensor).
 """
 

@@ -11,31 +11,31 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from timjax.config import Qwen3Config
-from timjax.errors import (
+from timjax.base.config import Qwen3Config
+from timjax.base.errors import (
     MissingFileError,
     TensorMissingError,
     TensorShapeError,
     TimjaxError,
     UnexpectedTensorError,
 )
-from timjax.params import (
+from timjax.base.validation import check_convert, path_like
+from timjax.base.validation import dtype as dtype_check
+from timjax.qwen3.params import (
     Mapping,
     expected_hf_names,
     hf_shape,
     match_hf_name,
     param_shapes,
 )
-from timjax.validation import check_convert, path_like
-from timjax.validation import dtype as dtype_check
 
 from .safetensors_io import (
+    _ST_TO_NP,
     HFWeights,
     TensorInfo,
     check_dtype,
     check_finite,
     check_readable,
-    _ST_TO_NP,
     copy_side_files,
     dtype_name,
     release_memory,
@@ -242,12 +242,12 @@ def convert_hf_to_timjax(
 
     Streams shard by shard and writes layer by layer, so host memory stays near one layer (plus any layer
     split across two shards). Writes into a temp dir beside ``out_dir`` and renames it at the end: on failure
-    nothing is left behind. Raises a :class:`timjax.errors.TimjaxError` subclass for any problem with the input.
+    nothing is left behind. Raises a :class:`timjax.base.errors.TimjaxError` subclass for any problem with the input.
     """
     check_convert(hf_dir, out_dir, dtype, overwrite, progress)
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.exists() and not overwrite:  # fail before scanning
-        from timjax.errors import OutputExistsError
+        from timjax.base.errors import OutputExistsError
 
         raise OutputExistsError(
             f"{out.absolute()}: output directory exists (pass --overwrite / overwrite=True to replace it)"

@@ -26,7 +26,7 @@ import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype, which safe_
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from timjax.errors import (
+from timjax.base.errors import (
     CorruptFileError,
     MissingFileError,
     NonFiniteTensorError,

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from timjax.config import Qwen3Config
-from timjax.errors import (
+from timjax.base.config import Qwen3Config
+from timjax.base.errors import (
     CorruptFileError,
     MissingFileError,
     OutputWriteError,
@@ -25,7 +25,7 @@ from timjax.errors import (
     TensorShapeError,
     UnexpectedTensorError,
 )
-from timjax.params import FLOAT32_PARAMS, param_shapes
+from timjax.qwen3.params import FLOAT32_PARAMS, param_shapes
 
 from .safetensors_io import dtype_name, resolve_dtype
 
@@ -301,7 +301,7 @@ class TimjaxCheckpoint:
 
     def read_layer(self, i: int, *, shardings: Mapping[str, Any] | None = None, dtype=None) -> dict[str, Any]:
         """One layer's params, keyed by the path without ``layers.`` (``"q_proj"``...), unstacked.
-        ``shardings`` (by key) restores them as sharded device arrays (``timjax.sharding.load_params``)."""
+        ``shardings`` (by key) restores them as sharded device arrays (``timjax.runtime.sharding.load_params``)."""
         rel = self.meta["checkpoints"]["layers"].format(i)
         tree = self._restore(rel, shardings, dtype)
         shapes = param_shapes(self.cfg)

@@ -8,15 +8,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from timjax.config import Qwen3Config
-from timjax.errors import (
+from timjax.base.config import Qwen3Config
+from timjax.base.errors import (
     TensorMissingError,
     TensorShapeError,
     TimjaxError,
     UnexpectedTensorError,
 )
-from timjax.params import HF_TABLE, hf_name, hf_shape, param_shapes
-from timjax.validation import check_export
+from timjax.base.validation import check_export
+from timjax.qwen3.params import HF_TABLE, hf_name, hf_shape, param_shapes
 
 from .safetensors_io import (
     INDEX_FILE,

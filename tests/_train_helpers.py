@@ -52,8 +52,8 @@ def tiny_random_tim() -> Path:
     import jax
     from timjax.convert import export_timjax_to_hf
 
-    from timjax.config import Qwen3Config
-    from timjax.model import init_params
+    from timjax.base.config import Qwen3Config
+    from timjax.qwen3.model import init_params
 
     tok = tokenizer()
     cfg = Qwen3Config(

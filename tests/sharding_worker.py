@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import timjax
-from timjax import sharding
-from timjax.config import Qwen3Config
-from timjax.model import random_model
+from timjax.base.config import Qwen3Config
+from timjax.qwen3.model import random_model
+from timjax.runtime import sharding
 
 # Tiny, float32, and shaped so every axis tp splits divides by 4 (vocab, heads, MLP) while the vocab
 # does not dominate (so "bytes per device ~ total / tp" is a real test of the weights' split).
@@ -75,8 +75,8 @@ def bytes_report(tree, mesh) -> dict:
 
 def ragged_args(cache, chunks: list[list[int]], lengths=None, compactions=()):
     """Packed rows (one per slot; an empty chunk = no row) and edits for ``steps.ragged_*_step``."""
-    from timjax import steps
-    from timjax.buckets import bucket, cdiv
+    from timjax.base.buckets import bucket, cdiv
+    from timjax.runtime import steps
 
     S = cache.max_seqs
     q_len = np.array([len(c) for c in chunks] + [0] * (S - len(chunks)), np.int32)
@@ -99,7 +99,7 @@ def ragged_args(cache, chunks: list[list[int]], lengths=None, compactions=()):
 
 def flat_step_args(cache, chunks, **edit):
     """The engine's per-step inputs (``steps.flatten_inputs``) and static kwargs for ``flat_*_step``."""
-    from timjax.steps import flat_layout, flatten_inputs
+    from timjax.runtime.steps import flat_layout, flatten_inputs
 
     packed, edits, kw = ragged_args(cache, chunks, **edit)
     ints, floats = flatten_inputs(packed, edits, decode_inputs(cache.max_seqs)[3])
@@ -110,7 +110,7 @@ def flat_step_args(cache, chunks, **edit):
 def step_hlo(model, mesh, cache, impl: str) -> str:
     """The compiled step the engine runs (``flat_generate_step``: edits + forward + sample over a mixed
     batch of extend and decode rows) on the sharded params and pool."""
-    from timjax.steps import flat_generate_step
+    from timjax.runtime.steps import flat_generate_step
 
     ints, floats, kw = flat_step_args(cache, [[1] * 8, [2], [3] * 5, [4]], compactions=[(0, 1, 2, 3)])
     lowered = flat_generate_step.lower(model.params(), cache, ints, floats, cfg=model.config, impl=impl, **kw)
@@ -121,9 +121,9 @@ def paged_parity(model, ref, mesh) -> dict:
     """The ragged step on the mesh against one device: extend chunks, then decode rows, then a step whose
     edits compact one slot (shift-mode pruning) and cut another (re-encode), and a key rotation, all
     through the shard_map'd kernels."""
-    from timjax import cache as cache_mod
     from timjax import kernels
-    from timjax.steps import ragged_logits_step
+    from timjax.runtime import cache as cache_mod
+    from timjax.runtime.steps import ragged_logits_step
 
     impl = sharding.sharded_impl(mesh, "xla")
     kw = {"num_pages": 32, "page_size": 4, "max_seqs": 4, "max_seq_len": 64, "dtype": jnp.float32}
@@ -231,10 +231,10 @@ def tim_replay(model, doc, reposition: str, buffer: int = 1) -> dict:
     """Replay a TIM tree through the runtime with pruning; record the model's own (masked greedy) token at
     every step: it depends on the whole cache after every prune, re-encode and shift."""
     from timjax.engine import Engine, Request
+    from timjax.engine.tim_controller import ReplayText, TimController
     from timjax.tim.grammar import llg_tokenizer
     from timjax.tim.schema import tim_schema
     from timjax.tim.traces import serialise
-    from timjax.tim_controller import ReplayText, TimController
 
     llt = llg_tokenizer(model.tokenizer, model.config.vocab_size, [151645])
     prompt = model.tokenizer("Think it through.")["input_ids"]
@@ -319,8 +319,8 @@ def cli_tp4(root: Path, tok_dir: Path, cfg: Qwen3Config, ref_model) -> dict:
 
 def tim_trees(root: Path) -> dict:
     """TIM generation with pruning in both reposition modes: tp=4 (kv heads replicated) against one device."""
+    from timjax.base.vocab import build_qwen3_tokenizer, load_qwen3_tokenizer
     from timjax.tim.traces import synthetic_document
-    from timjax.vocab import build_qwen3_tokenizer, load_qwen3_tokenizer
 
     tok_dir = build_qwen3_tokenizer(root / "tok")
     tok = load_qwen3_tokenizer(str(tok_dir))
@@ -353,7 +353,7 @@ def export_cuda(mesh_name: str) -> dict:
 
     from jax import export
 
-    from timjax.steps import flat_generate_step
+    from timjax.runtime.steps import flat_generate_step
 
     tp, dp = (int(x) for x in mesh_name.split("x"))
     mesh = sharding.make_mesh(tp=tp, dp=dp)
@@ -378,7 +378,7 @@ def export_cuda(mesh_name: str) -> dict:
 
 
 def decode_inputs(rows: int):
-    from timjax.sampling import SamplingParams
+    from timjax.runtime.sampling import SamplingParams
 
     sp = SamplingParams(
         jnp.zeros(rows),

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timjax.cache import check_invariants, create_cache, release, reserve, truncate
-from timjax.config import Qwen3Config
+from timjax.base.config import Qwen3Config
+from timjax.runtime.cache import check_invariants, create_cache, release, reserve, truncate
 
 CFG = Qwen3Config(
     vocab_size=32,

@@ -16,7 +16,6 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
-
 from timjax.kernels import sm90_compile as SC
 from timjax.kernels import tune_sm90
 from timjax.kernels.ragged_paged_attention.v1 import TUNED, get_tuned
@@ -76,7 +75,7 @@ def test_tuned_table_covers_served_classes():
 
 
 def _tiny_cfg():
-    from timjax.config import Qwen3Config
+    from timjax.base.config import Qwen3Config
 
     return Qwen3Config(
         vocab_size=512,
@@ -94,10 +93,10 @@ def _tiny_cfg():
 def test_generate_step_lowers_and_compiles_for_cuda(chunk):
     """The whole jitted step (reserve pages, write K/V, attention through the Pallas kernels, LM head,
     sampling) exports for CUDA with impl="pallas", and each of its kernels compiles for sm_90a."""
-    from timjax import steps
-    from timjax.cache import create_cache
-    from timjax.model import init_params
-    from timjax.sampling import SamplingParams
+    from timjax.qwen3.model import init_params
+    from timjax.runtime import steps
+    from timjax.runtime.cache import create_cache
+    from timjax.runtime.sampling import SamplingParams
 
     cfg = _tiny_cfg()
     rows, max_seqs = 4, 8
@@ -122,10 +121,10 @@ def test_generate_step_lowers_and_compiles_for_cuda(chunk):
 def test_ragged_generate_step_lowers_and_compiles_for_cuda(n_tokens, n_edits):
     """The engine's ragged step (cache edits incl. the compaction kernel, the packed forward through the ragged
     kernel, sampling) exports for CUDA with impl="pallas"; every Triton call compiles for sm_90a."""
-    from timjax import steps
-    from timjax.cache import create_cache
-    from timjax.model import init_params
-    from timjax.sampling import SamplingParams
+    from timjax.qwen3.model import init_params
+    from timjax.runtime import steps
+    from timjax.runtime.cache import create_cache
+    from timjax.runtime.sampling import SamplingParams
 
     cfg = _tiny_cfg()
     rows, max_seqs, ps = 8, 8, 16
@@ -160,9 +159,9 @@ def test_ragged_generate_step_lowers_and_compiles_for_cuda(n_tokens, n_edits):
 
 def test_flat_generate_step_lowers_and_compiles_for_cuda():
     """The engine's hot path (one int32 + one float32 transfer a step) with impl="pallas", compiled for sm_90a."""
-    from timjax import steps
-    from timjax.cache import create_cache
-    from timjax.model import init_params
+    from timjax.qwen3.model import init_params
+    from timjax.runtime import steps
+    from timjax.runtime.cache import create_cache
 
     cfg = _tiny_cfg()
     n, s, e, ps = 32, 8, 2, 16

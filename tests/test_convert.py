@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
-
-from timjax import errors
-from timjax.config import ConfigError
 from timjax.convert import convert_hf_to_timjax, export_timjax_to_hf, read_params
-from timjax.errors import TimjaxError
+
+from timjax.base import errors
+from timjax.base.config import ConfigError
+from timjax.base.errors import TimjaxError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

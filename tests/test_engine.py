@@ -10,14 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import timjax
-from timjax import cache as cache_mod
-from timjax import steps
-from timjax.buckets import cdiv
-from timjax.cache import check_invariants
-from timjax.config import Qwen3Config
+from timjax.base.buckets import cdiv
+from timjax.base.config import Qwen3Config
 from timjax.engine import Action, Engine, PlainController, PruneOp, Request, SeqState
 from timjax.engine.runner import Runner
 from timjax.engine.scheduler import Scheduler
+from timjax.runtime import cache as cache_mod
+from timjax.runtime import steps
+from timjax.runtime.cache import check_invariants
 
 N_NEW = 8
 

@@ -20,8 +20,9 @@ import pytest
 from conftest import make_hf_model, timjax_from_hf
 from test_engine import MaskedForcingPruner, ParkingController
 
-from timjax.buckets import cdiv
-from timjax.cache import check_invariants
+from timjax.base.buckets import cdiv
+from timjax.base.errors import ParameterError
+from timjax.base.validation import ENGINE_OPTIONS
 from timjax.engine import (
     Engine,
     EngineFull,
@@ -33,8 +34,7 @@ from timjax.engine import (
     RequestParams,
     TokenEvent,
 )
-from timjax.errors import ParameterError
-from timjax.validation import ENGINE_OPTIONS
+from timjax.runtime.cache import check_invariants
 
 N_NEW = 10
 # One shape for the module (8 slots, a pool of 40 pages of 4 tokens, at most 16 tokens a step): the steps
@@ -129,7 +129,7 @@ def test_bad_params_name_the_field_and_the_queue_is_bounded(model):
         eng.add_request([1])
     # generate's engine_options table matches the Engine signature (validation may not import the engine)
     sig = inspect.signature(Engine.__init__).parameters
-    extra = {p for p, v in sig.items() if v.kind == v.KEYWORD_ONLY} - set(__import__("timjax.validation").validation.GENERATE)
+    extra = {p for p, v in sig.items() if v.kind == v.KEYWORD_ONLY} - set(__import__("timjax.base.validation").base.validation.GENERATE)
     assert extra == set(ENGINE_OPTIONS)
 
 

@@ -27,7 +27,7 @@ def test_long_trees_are_twice_the_context_and_their_pruned_memory_fits(long_prob
 
 
 def test_long_family_refuses_what_cannot_fit():
-    from timjax.errors import ParameterError
+    from timjax.base.errors import ParameterError
     from timjax.eval.long import long_problems
 
     with pytest.raises(ParameterError, match="smaller k or a larger context"):

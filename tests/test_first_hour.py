@@ -229,9 +229,10 @@ def test_float32_checkpoint_computes_and_converts_in_float32(tmp_path):
     """No dtype given: a float32 checkpoint is loaded and converted in float32 and greedy tokens equal
     transformers' own; a bfloat16 checkpoint stays bfloat16."""
     torch = pytest.importorskip("torch")
+    from timjax.convert import checkpoint_dtype, convert_hf_to_timjax
+
     import timjax
     from tests.conftest import make_hf_model
-    from timjax.convert import checkpoint_dtype, convert_hf_to_timjax
 
     hf = make_hf_model(seed=3)
     src = _save_hf(hf, tmp_path / "f32")
@@ -291,7 +292,7 @@ def test_bench_decode_without_torch_skips_that_row_and_writes_json(tmp_path):
 
 def test_every_bench_script_prepares_the_process_before_jax():
     """The CLI and every benchmark choose the platform before JAX starts (the shared fix)."""
-    heavy = re.compile(r"^(jax|transformers|torch|bench|timjax(?!\.platform_env))\b")
+    heavy = re.compile(r"^(jax|transformers|torch|bench|timjax(?!\.base\.platform_env))\b")
     for f in sorted((ROOT / "bench").glob("*.py")):
         if f.name in ("__init__.py", "common.py", "gpu_report.py"):
             continue

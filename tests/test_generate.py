@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import timjax
-from timjax import steps
-from timjax.cache import check_invariants, create_cache
-from timjax.sampling import SamplingParams
+from timjax.runtime import steps
+from timjax.runtime.cache import check_invariants, create_cache
+from timjax.runtime.sampling import SamplingParams
 
 N_NEW = 10
 

@@ -14,15 +14,15 @@ import re
 import signal
 
 import pytest
+from conftest import PLUGIN_NOISE as NOISE  # noqa: E402
+from conftest import TINY_CFG
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import timjax
+from timjax.base.config import ConfigError, Qwen3Config
+from timjax.base.errors import ParameterError
 from timjax.cli import main
-from timjax.config import ConfigError, Qwen3Config
-from timjax.errors import ParameterError
-
-from conftest import PLUGIN_NOISE as NOISE, TINY_CFG  # noqa: E402
 
 I32, U32 = 2**31 - 1, 2**32 - 1
 CFG = TINY_CFG

@@ -91,7 +91,7 @@ def test_bytes_cut_inside_a_utf8_character():
 
 
 def test_tim_controller_reexport():
-    from timjax import tim_controller
+    from timjax.engine import tim_controller
 
     assert tim_controller.close_partial_json is close_partial_json
 

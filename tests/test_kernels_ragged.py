@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from timjax.kernels.ragged_paged_attention import ragged_paged_attention_reference as reference
 
 from timjax import kernels as K
-from timjax.kernels.ragged_paged_attention import ragged_paged_attention_reference as reference
 
 
 def _f32(x):
@@ -346,10 +346,10 @@ class TestRaggedValidation:
 def test_ragged_step_pallas_interpret_matches_xla():
     """The engine's ragged step end to end (prefill chunks beside a padding row, then decode rows beside an
     extend row): logits and the cache agree between the Pallas kernel (interpreted) and the XLA path."""
-    from timjax import steps
-    from timjax.cache import create_cache
-    from timjax.config import Qwen3Config
-    from timjax.model import init_params
+    from timjax.base.config import Qwen3Config
+    from timjax.qwen3.model import init_params
+    from timjax.runtime import steps
+    from timjax.runtime.cache import create_cache
 
     cfg = Qwen3Config(
         vocab_size=64,

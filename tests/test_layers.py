@@ -71,6 +71,6 @@ def _timjax_imports(folder: Path) -> set[str]:
 def test_kernels_and_convert_import_only_lower_layers():
     kernels = _timjax_imports(ROOT / "kernels")
     assert all(n.startswith("timjax.kernels") for n in kernels), sorted(kernels)
-    base = ("timjax.errors", "timjax.config", "timjax.params", "timjax.validation", "timjax.convert", "timjax.results")
+    base = ("timjax.base.errors", "timjax.base.config", "timjax.qwen3.params", "timjax.base.validation", "timjax.convert", "timjax.base.results")
     convert = _timjax_imports(ROOT / "convert")
     assert all(n.startswith(base) for n in convert), sorted(convert)

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_hf_model, timjax_from_hf
 
 import timjax
-from timjax.config import ConfigError, Qwen3Config
-from conftest import make_hf_model, timjax_from_hf
+from timjax.base.config import ConfigError, Qwen3Config
 
 CONFIGS = {
     # untied, GQA 2, head_dim != hidden/heads (64/4 = 16 vs 24)

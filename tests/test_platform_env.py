@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from timjax import platform_env
-from timjax.platform_env import cpu_when_cuda_cannot_start
+from timjax.base import platform_env
+from timjax.base.platform_env import cpu_when_cuda_cannot_start
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from timjax.sampling import SamplingParams, pack_bitmask, unpack_bitmask
-from timjax.steps import sample_step as sample  # jitted: one compile per shape
+from timjax.runtime.sampling import SamplingParams, pack_bitmask, unpack_bitmask
+from timjax.runtime.steps import sample_step as sample  # jitted: one compile per shape
 
 
 def _params(b, temperature=0.0, top_k=0, top_p=1.0, seed=0, counter=0):

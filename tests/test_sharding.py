@@ -158,8 +158,8 @@ def test_sharded_step_lowers_for_cuda(report):
 
 
 def test_mesh_errors_are_clear():
-    from timjax.config import Qwen3Config
-    from timjax.sharding import kv_repeat, make_mesh
+    from timjax.base.config import Qwen3Config
+    from timjax.runtime.sharding import kv_repeat, make_mesh
 
     with pytest.raises(ValueError, match="needs 64 devices"):
         make_mesh(tp=8, dp=8)

@@ -7,17 +7,16 @@ import time
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tokenizers import AddedToken
+from test_tim_tree import TOOLS, Ref, rand_doc
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from timjax.vocab import (  # noqa: F401 (fixtures)
+from timjax.base.vocab import (  # noqa: F401 (fixtures)
     IM_END_ID,
     QWEN3_ADDED_TOKENS,
     QWEN3_MODEL_VOCAB,
     QWEN3_N_RANKS,
     qwen_tiktoken_path,
 )
-from test_tim_tree import TOOLS, Ref, rand_doc
 from timjax.tim import GrammarError, LLGuidanceGrammar, dumps, llg_tokenizer, make_grammar, mask_words, tim_schema
 
 SCHEMA = tim_schema(TOOLS, max_depth=4, max_subtasks=3)
@@ -36,7 +35,7 @@ def test_qwen_vocab_matches_tiktoken(qwen3_tokenizer):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    from timjax.vocab import QWEN_PATTERN
+    from timjax.base.vocab import QWEN_PATTERN
 
     enc = tiktoken.Encoding(
         "qwen",

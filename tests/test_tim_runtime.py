@@ -9,14 +9,14 @@ import pytest
 from conftest import random_tim_model
 
 import timjax
-from timjax import steps
-from timjax.cache import check_invariants, compact_slot, create_cache, gather_slots
 from timjax.engine import Engine, Request
-from timjax.model import apply_rope, rope_cos_sin
+from timjax.engine.tim_controller import ReplayText, TimController, close_partial_json
+from timjax.qwen3.model import apply_rope, rope_cos_sin
+from timjax.runtime import steps
+from timjax.runtime.cache import check_invariants, compact_slot, create_cache, gather_slots
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import tim_schema
 from timjax.tim.traces import pruned_view, serialise, synthetic_document
-from timjax.tim_controller import ReplayText, TimController, close_partial_json
 
 VOCAB = 151_936
 SCHEMA = tim_schema(max_depth=5)

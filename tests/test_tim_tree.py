@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from timjax.vocab import QWEN3_MODEL_VOCAB
-from timjax.tim.traces import pruned_view
+from timjax.base.vocab import QWEN3_MODEL_VOCAB
 from timjax.tim import (
     DocumentComplete,
     ListCompleted,
@@ -28,6 +27,7 @@ from timjax.tim import (
     tim_schema,
 )
 from timjax.tim.schema import ITEM_SEPARATOR, KEY_SEPARATOR
+from timjax.tim.traces import pruned_view
 
 TOOLS = [
     ToolSpec(

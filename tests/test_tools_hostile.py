@@ -20,9 +20,9 @@ import pytest
 import timjax
 from timjax.api import default_model_path
 from timjax.engine import Engine, Request
+from timjax.engine.tim_controller import ReplayText, TimController
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import ToolSpec, dumps, tim_schema
-from timjax.tim_controller import ReplayText, TimController
 from timjax.tools.runner import ToolConfigError, ToolPolicy, ToolPolicyError, ToolRunner, ToolServer, stdio_server
 from timjax.tools.servers import calculator, faulty
 

@@ -10,9 +10,9 @@ from conftest import random_tim_model
 import timjax
 import timjax.api as timjax_api
 from timjax.engine import Engine, Request
+from timjax.engine.tim_controller import ReplayText, TimController
 from timjax.tim.grammar import llg_tokenizer
 from timjax.tim.schema import dumps, tim_schema
-from timjax.tim_controller import ReplayText, TimController
 from timjax.tools.runner import ToolLimits, ToolRunner
 from timjax.tools.servers import calculator, faulty, kb
 from timjax.tools.traces import calculation_trace
@@ -150,7 +150,7 @@ def test_a_hanging_tool_parks_one_sequence_while_the_others_finish(model, llt):
 def test_generate_with_tools_starts_offers_and_closes_the_servers(model, llt, monkeypatch):
     """timjax.generate(tools=[...]): the schema offers the listed tools, the system prompt names them, calls
     run inside the inference, and the runner is closed afterwards (replay via the controller's override)."""
-    import timjax.tim_controller as tc
+    import timjax.engine.tim_controller as tc
 
     use = {
         "tool_name": "calculator",

@@ -128,7 +128,7 @@ def test_asking_for_more_problems_than_a_group_has_is_an_error_naming_it():
     names the group and the count instead of drawing forever."""
     import re
 
-    from timjax.errors import ParameterError
+    from timjax.base.errors import ParameterError
 
     spec = CorpusSpec(seed=0, mix=(("lookup", 2, 1.0),))
     with pytest.raises(ParameterError, match=r"only \d+ distinct heldout problems of lookup-2") as err:
@@ -358,7 +358,7 @@ def test_tool_contract_documents_match_what_variant_servers_write_and_their_gram
 
 
 def test_a_mix_of_an_unknown_kind_is_refused():
-    from timjax.errors import ParameterError
+    from timjax.base.errors import ParameterError
 
     with pytest.raises(ParameterError, match="unknown kind 'notation'"):
         problems(CorpusSpec(mix=(("notation", 5, 1.0),)), "train", 1)

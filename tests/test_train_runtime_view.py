@@ -43,7 +43,7 @@ class _FakeToolSession:
 
 def _run_controller(question, text, buffer):
     """The runtime's TimController, host side only, replaying ``text`` (no device steps needed)."""
-    from timjax.tim_controller import ReplayText, TimController
+    from timjax.engine.tim_controller import ReplayText, TimController
 
     rp = replayer()
     tok = tokenizer()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _train_helpers import tokenizer_dir
 
-from timjax.model import causal_attention
+from timjax.qwen3.model import causal_attention
 from timjax.train.sft import (
     DataSpec,
     ModelSpec,
@@ -99,7 +99,7 @@ def test_export_loads_with_timjax_and_config_errors_name_the_file(tmp_path):
     assert (tmp_path / "curve.png").is_file()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"out_dir": "x", "steps": "many"}))
-    from timjax.errors import TimjaxError
+    from timjax.base.errors import TimjaxError
 
     with pytest.raises(TimjaxError, match="bad.json.*steps"):
         load_config(bad)

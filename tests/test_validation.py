@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PLUGIN_NOISE as NOISE  # noqa: E402
+from conftest import TINY_CFG
 
 import timjax
-from timjax.cli import main
-from timjax.config import ConfigError, Qwen3Config
-from timjax.errors import (
+from timjax.base.config import ConfigError, Qwen3Config
+from timjax.base.errors import (
     OutputWriteError,
     ParameterError,
     TimjaxError,
     UnreadableFileError,
 )
-
-from conftest import PLUGIN_NOISE as NOISE, TINY_CFG  # noqa: E402
+from timjax.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HF_CFG = dict(
@@ -599,7 +599,7 @@ def test_nan_weights_are_refused_at_conversion(hf_dir, tmp_path, capsys):
     it refuses one (chunked check) naming the file and tensor, and writes nothing."""
     from timjax.convert import read_params
 
-    from timjax.errors import NonFiniteTensorError
+    from timjax.base.errors import NonFiniteTensorError
 
     d = nan_checkpoint(hf_dir, tmp_path / "nan", "model.layers.1.mlp.down_proj.weight", float("nan"))
     rc, err = cli(capsys, "convert", d, tmp_path / "o", "--no-progress")

@@ -9,13 +9,13 @@ from importlib import import_module
 _EXPORTS = {
     "load": "timjax.api",
     "generate": "timjax.api",
-    "logits": "timjax.model",
-    "Qwen3": "timjax.model",
-    "random_model": "timjax.model",
-    "Qwen3Config": "timjax.config",
+    "logits": "timjax.qwen3.model",
+    "Qwen3": "timjax.qwen3.model",
+    "random_model": "timjax.qwen3.model",
+    "Qwen3Config": "timjax.base.config",
     "Engine": "timjax.engine",
-    "GenerationResult": "timjax.results",
-    "GenerationStats": "timjax.results",
+    "GenerationResult": "timjax.base.results",
+    "GenerationStats": "timjax.base.results",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

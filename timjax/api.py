@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from timjax.engine.controllers import default_stop_ids, encode_prompt
-from timjax.model import Qwen3
+from timjax.qwen3.model import Qwen3
 
 Prompt = str | list[int]
 
@@ -18,7 +18,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "tiny_tim"
 def default_model_path() -> Path:
     """The shipped tiny TIM checkpoint directory (Hugging Face format)."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        from timjax.errors import TimjaxError
+        from timjax.base.errors import TimjaxError
 
         raise TimjaxError(f"{DEFAULT_MODEL_DIR}: the default model is missing from this install")
     return DEFAULT_MODEL_DIR
@@ -37,13 +37,13 @@ def load_tokenizer(path: str | Path):
 def load(path: str | Path, dtype=None, *, tokenizer: bool = True, mesh=None) -> Qwen3:
     """Load a converted timjax checkpoint directory, or a Hugging Face checkpoint directory directly.
     ``dtype`` (bfloat16/float16/float32) defaults to the dtype the checkpoint stores its weights in, so a
-    float32 checkpoint gives transformers' float32 tokens. ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``)
+    float32 checkpoint gives transformers' float32 tokens. ``mesh`` (``timjax.runtime.sharding.make_mesh(tp, dp)``)
     loads straight into the sharded layout."""
-    from timjax.validation import check_load
+    from timjax.base.validation import check_load
 
     check_load(path, dtype, tokenizer)
     if mesh is not None:
-        from timjax import sharding
+        from timjax.runtime import sharding
 
         return sharding.load(path, dtype, mesh=mesh, tokenizer=load_tokenizer(path) if tokenizer else None)
     from timjax.convert import read_params
@@ -104,11 +104,11 @@ def generate(
     offers their tools) with ``tool_limits`` (``timjax.tools.runner.ToolLimits``: timeout, call cap, result cap).
     ``model`` may be a ``timjax.Engine``: it serves the call with its cache and compiled steps (no
     recompilation across calls); the cache options (max_batch ... engine_options) are then the engine's.
-    ``mesh`` (``timjax.sharding.make_mesh(tp, dp)``) shards the model over it; dp > 1 splits the prompts
-    over dp engine replicas (``timjax.sharding.generate_data_parallel``).
+    ``mesh`` (``timjax.runtime.sharding.make_mesh(tp, dp)``) shards the model over it; dp > 1 splits the prompts
+    over dp engine replicas (``timjax.runtime.sharding.generate_data_parallel``).
     """
     args = dict(locals())  # first: the call's own arguments, forwarded to each dp replica
-    from timjax.validation import check_generate
+    from timjax.base.validation import check_generate
 
     check_generate(args)  # every argument, before any device work (issue 10)
     from timjax.engine import Engine
@@ -128,7 +128,7 @@ def generate(
             if close_runner:
                 runner.close()
     if engine is None and (mesh is not None or getattr(model, "mesh", None) is not None):
-        from timjax import sharding
+        from timjax.runtime import sharding
 
         model = sharding.on_mesh(model, mesh)
         if model.mesh.shape[sharding.DP] > 1:

@@ -5,7 +5,7 @@ Each subcommand is one ``add_<name>_command(subparsers)`` function that register
 function and append it to :data:`COMMANDS`. Keep imports of jax & co. inside the ``func`` so that
 ``import timjax.cli`` and ``timjax --help`` stay fast.
 
-User errors (:class:`timjax.errors.TimjaxError`, and ``OSError`` for file problems) are printed as
+User errors (:class:`timjax.base.errors.TimjaxError`, and ``OSError`` for file problems) are printed as
 ``timjax: error: <message>`` on stderr with exit code 2 (1 for OSError), without a traceback.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from timjax.errors import TimjaxError
+from timjax.base.errors import TimjaxError
 
 DTYPES = ("bfloat16", "float16", "float32")
 # Default token budgets of `timjax generate`: a plain continuation is cut where the user looks at it; a TIM
@@ -92,9 +92,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     import timjax
-
     from timjax.api import default_model_path
-    from timjax.sharding import mesh_from_args
+    from timjax.runtime.sharding import mesh_from_args
 
     model = timjax.load(args.model or default_model_path(), dtype=args.dtype, mesh=mesh_from_args(args))
     prompts = list(args.prompt or []) + ([args.tim] if isinstance(args.tim, str) else [])
@@ -238,7 +237,7 @@ def add_generate_command(subparsers) -> None:
     add_tool_arguments(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one plain prompt)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    from timjax.mesh_args import add_mesh_arguments
+    from timjax.base.mesh_args import add_mesh_arguments
 
     add_mesh_arguments(p)
     p.set_defaults(func=_cmd_generate)
@@ -342,8 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, already printed): a code, for in-process callers
         return e.code if isinstance(e.code, int) else 2
     try:
-        from timjax.platform_env import prepare_process
-        from timjax.validation import check_cli
+        from timjax.base.platform_env import prepare_process
+        from timjax.base.validation import check_cli
 
         prepare_process()  # before JAX starts: no CUDA-plugin traceback without a GPU, no torch notice
         check_cli(args)  # every flag, before a model is loaded (issue 10)

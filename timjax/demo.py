@@ -126,10 +126,10 @@ def run_long_demo(
     from timjax.api import default_model_path
     from timjax.eval.long import long_problems
     from timjax.eval.run import hit_context
-    from timjax.train.corpus import solved
     from timjax.tim.display import format_tree
     from timjax.tim.schema import tim_schema
     from timjax.tools.runner import ToolRunner
+    from timjax.train.corpus import solved
     from timjax.train.tools_adapter import tool_servers
 
     say = lambda *a: print(*a, flush=True)
@@ -206,16 +206,16 @@ def run_random_demo(
     import jax
 
     import timjax
-    from timjax.config import Qwen3Config
+    from timjax.base.config import Qwen3Config
+    from timjax.base.vocab import IM_END_ID, QWEN3_MODEL_VOCAB, build_qwen3_tokenizer
     from timjax.convert import convert_hf_to_timjax, export_timjax_to_hf
     from timjax.engine import Engine, Request
-    from timjax.model import init_params
+    from timjax.engine.tim_controller import ReplayText, TimController
+    from timjax.qwen3.model import init_params
     from timjax.tim.display import format_tree
     from timjax.tim.grammar import llg_tokenizer
     from timjax.tim.schema import tim_schema
     from timjax.tim.traces import serialise, synthetic_document
-    from timjax.tim_controller import ReplayText, TimController
-    from timjax.vocab import IM_END_ID, QWEN3_MODEL_VOCAB, build_qwen3_tokenizer
 
     tmp = tempfile.TemporaryDirectory(prefix="timjax-demo-") if work_dir is None else None
     root = Path(work_dir or tmp.name)
@@ -251,7 +251,7 @@ def run_random_demo(
     ids = model.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
     ref = timjax.logits(model, ids)
     engine = Engine(model, max_batch=1, page_size=page_size, max_seq_len=64, impl=impl)
-    from timjax import steps
+    from timjax.runtime import steps
 
     logits, _ = steps.logits_step(
         model.params(),

@@ -11,6 +11,7 @@
 - ``core``: ``Engine``: ``add_request``, ``abort``, ``step``, ``start`` / ``stop``, ``stats``, ``run``.
 """
 
+from timjax.base.errors import EngineFull, EngineStopped
 from timjax.engine.core import Engine
 from timjax.engine.handle import RequestHandle
 from timjax.engine.outputs import EngineStats, FinishedEvent, TokenEvent, TreeEvent
@@ -23,7 +24,6 @@ from timjax.engine.protocol import (
     Request,
     SeqState,
 )
-from timjax.errors import EngineFull, EngineStopped
 
 __all__ = [
     "Action",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from timjax.base.validation import Int, fail
 from timjax.engine.params import RequestParams
 from timjax.engine.protocol import PlainController, Request
-from timjax.validation import Int, fail
 
 
 def encode_prompt(model: Any, prompt: str | list[int], *, chat: bool = False, system: str | None = None) -> list[int]:
@@ -95,7 +95,7 @@ def build_request(model: Any, prompt: str | list[int], params: RequestParams, *,
     if tools_runner is None and hasattr(params.tools, "session"):  # a started ToolRunner, shared
         tools_runner = params.tools
     if params.tim:
-        from timjax.tim_controller import TimController
+        from timjax.engine.tim_controller import TimController
 
         schema = tim_schema_of(params, tools_runner.specs if tools_runner is not None else None)
         ids = tim_prompt(model, prompt, params, schema)

@@ -32,8 +32,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from timjax.buckets import bucket, cdiv, pow2
-from timjax.cache import check_invariants, pages_for_budget
+from timjax.base.buckets import bucket, cdiv, pow2
+from timjax.base.errors import EngineFull, EngineStopped
+from timjax.base.results import GenerationResult, GenerationStats
+from timjax.base.validation import fail
 from timjax.engine.controllers import build_request, check_for_model, open_tools
 from timjax.engine.handle import RequestHandle
 from timjax.engine.loop import Loop
@@ -41,9 +43,7 @@ from timjax.engine.outputs import EngineStats
 from timjax.engine.params import RequestParams
 from timjax.engine.protocol import PlainController, Request, SeqState
 from timjax.engine.runner import Runner
-from timjax.errors import EngineFull, EngineStopped
-from timjax.results import GenerationResult, GenerationStats
-from timjax.validation import fail
+from timjax.runtime.cache import check_invariants, pages_for_budget
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Engine:
     """Owns the paged cache and the compiled steps for one model; serves requests as they come.
 
     Shapes come from buckets (slots: a power of two >= ``max_batch``; pages per sequence: a power of two;
-    the pool: ``timjax.buckets.bucket`` pages unless ``kv_tokens`` fixes it), so one engine, or engines
+    the pool: ``timjax.base.buckets.bucket`` pages unless ``kv_tokens`` fixes it), so one engine, or engines
     built with nearby settings, reuse the same compiled steps. ``max_step_tokens`` is the per-step token
     budget (long prompts are chunked against it). ``max_waiting`` bounds the waiting queue.
     """

@@ -21,8 +21,8 @@ import threading
 from collections import deque
 from typing import Any
 
+from timjax.base.results import GenerationResult
 from timjax.engine.outputs import Detokenizer, Event, FinishedEvent, TokenEvent, TreeEvent
-from timjax.results import GenerationResult
 
 
 class RequestHandle:

@@ -17,12 +17,12 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from timjax.cache import release
+from timjax.base.results import FinishReason, GenerationResult, GenerationStats
 from timjax.engine.outputs import EngineStats
 from timjax.engine.protocol import Action, SeqState
 from timjax.engine.runner import Runner
 from timjax.engine.scheduler import Row, Scheduler
-from timjax.results import FinishReason, GenerationResult, GenerationStats
+from timjax.runtime.cache import release
 
 
 class Loop:

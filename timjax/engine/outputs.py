@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from timjax.results import GenerationResult
+from timjax.base.results import GenerationResult
 
 TreeEventKind = Literal["subtask_opened", "subtask_closed", "pruned", "tool_call_started", "tool_call_finished"]
 

@@ -3,8 +3,8 @@
 ``RequestParams`` holds everything one request asks for (sampling, stops, the TIM schema and pruning, the
 position mode, tools and their limits, a deadline). ``Engine.add_request(prompt, params)`` takes it, or a
 plain dict of the same fields; ``RequestParams.coerce`` turns either into a checked model and turns a bad
-field into a one-line :class:`timjax.errors.ParameterError` naming it (``invalid top_p=2.0: ...``), the
-same wording as ``timjax.generate``'s checks (``timjax.validation``). Checks that need the model (stop ids
+field into a one-line :class:`timjax.base.errors.ParameterError` naming it (``invalid top_p=2.0: ...``), the
+same wording as ``timjax.generate``'s checks (``timjax.base.validation``). Checks that need the model (stop ids
 below the vocabulary, a tokenizer for text prompts, stop strings or schemas) run in ``add_request``.
 
 Fields
@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from timjax.errors import ParameterError
-from timjax.validation import U32_MAX, fail, stop_strings
+from timjax.base.errors import ParameterError
+from timjax.base.validation import U32_MAX, fail, stop_strings
 
 
 class RequestParams(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from timjax.results import FinishReason, GenerationResult
+from timjax.base.results import FinishReason, GenerationResult
 
 
 @dataclasses.dataclass(frozen=True)

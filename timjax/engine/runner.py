@@ -1,7 +1,7 @@
 """The runner: device state (parameters, the paged cache), packing a step, the dispatches and the one sync.
 
 Per iteration the scheduler's rows become one ``Packed`` batch: every row's chunk back to back in a flat
-token array whose length is a bucket (``timjax.buckets.bucket``), one row per cache slot. Cache edits
+token array whose length is a bucket (``timjax.base.buckets.bucket``), one row per cache slot. Cache edits
 that pruning and the scheduler asked for (cuts for re-encode, releases of finished or preempted slots,
 shift-mode compactions) travel with the step and are applied at its start, for every slot at once. So an
 iteration costs one dispatch, or two when a row samples under a grammar mask: the forward runs while the
@@ -16,12 +16,12 @@ import dataclasses
 import jax
 import numpy as np
 
-from timjax import sharding, steps
-from timjax.buckets import bucket, cdiv, pow2
-from timjax.cache import create_cache
+from timjax.base.buckets import bucket, cdiv, pow2
 from timjax.engine.protocol import PruneOp, SeqState
 from timjax.engine.scheduler import Row
-from timjax.sampling import SamplingParams
+from timjax.runtime import sharding, steps
+from timjax.runtime.cache import create_cache
+from timjax.runtime.sampling import SamplingParams
 
 MAX_COMPACTIONS = 2  # shift-mode compactions per step (more in one step fall back to re-encode)
 MIN_KV_WINDOW = 256  # tokens: the smallest page-table window attention looks at

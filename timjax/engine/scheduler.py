@@ -10,7 +10,7 @@ back to the head of the queue to resume by writing its working memory again. A s
 pages only when its working memory alone needs more than the whole pool.
 
 The scheduler sees pages through the page size and the tokens each slot caches: the device allocator
-(``timjax.cache``) grants exactly ``cdiv(length, page_size)`` pages per slot, so the host's count is
+(``timjax.runtime.cache``) grants exactly ``cdiv(length, page_size)`` pages per slot, so the host's count is
 exact without reading the device.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from timjax.buckets import bucket, cdiv
+from timjax.base.buckets import bucket, cdiv
 from timjax.engine.protocol import SeqState
 
 

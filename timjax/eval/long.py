@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
-from timjax.errors import ParameterError
+from timjax.base.errors import ParameterError
 from timjax.train.corpus import (
     ArithParams,
     Chain,

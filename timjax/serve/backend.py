@@ -191,8 +191,8 @@ class Backend:
     def submit(self, req: GenRequest, request_id: str | None = None) -> Job:
         """Add a request to the engine (it joins the running batch at the next step). Raises
         ``RequestRejected``, ``QueueFull`` or ``ShuttingDown``. Call ``job.attach()`` on the event loop next."""
+        from timjax.base.errors import ParameterError
         from timjax.engine import EngineFull, EngineStopped, Request, RequestParams
-        from timjax.errors import ParameterError
 
         if len(req.prompt) + 1 > self.max_seq_len:
             raise RequestRejected(

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from timjax.errors import TimjaxError
+from timjax.base.errors import TimjaxError
 from timjax.tools.redact import redact_url
 
 __all__ = ["ToolConfigError", "ToolLimits", "ToolPolicy", "ToolPolicyError", "is_loopback"]

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from timjax.results import ToolCallRecord
+from timjax.base.results import ToolCallRecord
 from timjax.tim.schema import ToolSpec, strict_input_schema
 from timjax.tools.capped import CappedLines, capped_http_client, error_message, over_cap_info
 from timjax.tools.connection import Connection, LoopThread, ServerDown, describe

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Literal, Union
 
-from timjax.errors import ParameterError
+from timjax.base.errors import ParameterError
 from timjax.train.tools_adapter import Raw, ToolBackend, default_backend
 
 Split = Literal["train", "heldout"]

@@ -81,7 +81,7 @@ def pg_loss(params, mcfg, batch, n_tokens):
     import jax
     import jax.numpy as jnp
 
-    from timjax.model import forward
+    from timjax.qwen3.model import forward
     from timjax.train.sft import packed_attention
 
     tokens, positions, segments, weights = batch
@@ -128,7 +128,7 @@ def grpo_step(
     import jax
 
     import timjax
-    from timjax.model import Qwen3
+    from timjax.qwen3.model import Qwen3
     from timjax.tim.schema import tim_schema
     from timjax.train.data import bucketed
 
@@ -197,7 +197,7 @@ def run_grpo(
     import optax
 
     import timjax
-    from timjax.model import cast_params
+    from timjax.qwen3.model import cast_params
     from timjax.tools.runner import ToolRunner
     from timjax.train.corpus import CorpusSpec, problems
     from timjax.train.runtime_view import Replayer

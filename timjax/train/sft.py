@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a TIM with optax over the runtime's own forward (``timjax.model.forward``).
+"""Supervised fine-tuning of a TIM with optax over the runtime's own forward (``timjax.qwen3.model.forward``).
 
 ``train(config)`` (``timjax train CONFIG``) does, in ``config.out_dir``:
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from timjax.errors import TimjaxError
+from timjax.base.errors import TimjaxError
 from timjax.train.corpus import CorpusSpec
 from timjax.train.tools_adapter import training_schema
 
@@ -256,7 +256,7 @@ def prepare_data(cfg: TrainConfig, say=print, progress: bool = True):
 
 
 def model_config(cfg: TrainConfig, tok):
-    from timjax.config import Qwen3Config
+    from timjax.base.config import Qwen3Config
     from timjax.tim.grammar import tokenizer_size
 
     m = cfg.model
@@ -280,7 +280,7 @@ def model_config(cfg: TrainConfig, tok):
 def initial_params(cfg: TrainConfig, tok):
     import jax
 
-    from timjax.model import cast_params, init_params
+    from timjax.qwen3.model import cast_params, init_params
 
     if cfg.init_from:
         from timjax.convert import read_params
@@ -357,7 +357,7 @@ def loss_fn(params, mcfg, batch):
     import jax
     import jax.numpy as jnp
 
-    from timjax.model import forward
+    from timjax.qwen3.model import forward
 
     tokens, positions, segments, weights = batch
     logits, _ = forward(params, mcfg, tokens, positions, partial(packed_attention, segments=segments))

@@ -14,7 +14,7 @@ class TimjaxError(Exception):
 
 class ParameterError(TimjaxError, ValueError):
     """A bad argument of the API or the CLI: ``invalid <parameter>=<value>: <what is allowed>`` (see
-    ``timjax.validation``). Also a ValueError, which is what callers of a Python API expect."""
+    ``timjax.base.validation``). Also a ValueError, which is what callers of a Python API expect."""
 
 
 class CheckpointError(TimjaxError):

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from timjax.errors import TimjaxError
+from timjax.base.errors import TimjaxError
 
 
 class ConfigError(TimjaxError, ValueError):

@@ -1,8 +1,8 @@
 """Tensor and data parallelism over a device mesh, with XLA's SPMD partitioner doing the work.
 
 The mesh has two axes, ``dp`` (data parallel: batch / engine rows) and ``tp`` (tensor parallel: heads,
-MLP columns, vocabulary). Every parameter declares its logical axes once, in ``timjax.params.param_specs``,
-and the KV pool next to its layout (``timjax.cache.POOL_AXES``). One rules table (``ShardingRules``, after
+MLP columns, vocabulary). Every parameter declares its logical axes once, in ``timjax.qwen3.params.param_specs``,
+and the KV pool next to its layout (``timjax.runtime.cache.POOL_AXES``). One rules table (``ShardingRules``, after
 jax-llm-examples' ``ShardingRules`` / ``logical_to_physical`` and bonsai's ``ShardConfig``) maps logical
 axes to mesh axes, and the jitted functions are left to XLA's SPMD partitioner, except the kernels: a Pallas
 call cannot be partitioned automatically, so ``sharded_impl(mesh, impl)`` registers a ``shard_map`` wrapper
@@ -49,8 +49,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from timjax.config import Qwen3Config
-from timjax.params import param_specs
+from timjax.base.config import Qwen3Config
+from timjax.qwen3.params import param_specs
 
 DP, TP = "dp", "tp"
 BATCH = "batch"  # logical axis of per-row activations
@@ -196,7 +196,7 @@ def shard_params(params: Mapping[str, Any], cfg: Qwen3Config, mesh: Mesh) -> tup
 
 def shard_model(model, mesh: Mesh):
     """The same model with its parameters placed on ``mesh`` (a new ``Qwen3``)."""
-    from timjax.model import Qwen3
+    from timjax.qwen3.model import Qwen3
 
     run_cfg, params = shard_params(model.params(), model.config, mesh)
     out = Qwen3(
@@ -263,10 +263,10 @@ def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict
     with its sharding. Returns (checkpoint config, runtime config, params)."""
     from pathlib import Path
 
+    from timjax.base.errors import MissingFileError
     from timjax.convert.hf_to_timjax import scan_hf_checkpoint
     from timjax.convert.safetensors_io import resolve_dtype
     from timjax.convert.timjax_format import CONFIG_FILE, META_FILE, TimjaxCheckpoint
-    from timjax.errors import MissingFileError
 
     path = Path(path)
     if (path / META_FILE).is_file():
@@ -287,7 +287,7 @@ def load_params(path, dtype, mesh: Mesh) -> tuple[Qwen3Config, Qwen3Config, dict
 
 def load(path, dtype=None, *, mesh: Mesh, tokenizer: Any = None):
     """A sharded ``Qwen3`` read from ``path`` (see ``load_params``; ``dtype`` None: as stored)."""
-    from timjax.model import Qwen3
+    from timjax.qwen3.model import Qwen3
 
     cfg, run_cfg, params = load_params(path, dtype, mesh)
     model = Qwen3(
@@ -329,7 +329,7 @@ def batch_placer(mesh: Mesh) -> Callable[[Any], jax.Array]:
 def cache_shardings(cache, mesh: Mesh, rules: ShardingRules = RULES):
     """A pytree like ``cache`` (a ``KVCache`` or its ``eval_shape``) of NamedShardings: the pool split over
     its kv-head axis, page table / lengths / allocator state replicated."""
-    from timjax.cache import POOL_AXES
+    from timjax.runtime.cache import POOL_AXES
 
     pool = NamedSharding(mesh, logical_to_spec(POOL_AXES, cache.k.shape, mesh, rules, name="KV pool"))
     replicated = NamedSharding(mesh, P())
@@ -338,8 +338,8 @@ def cache_shardings(cache, mesh: Mesh, rules: ShardingRules = RULES):
 
 
 def create_cache(cfg: Qwen3Config, mesh: Mesh, **kwargs):
-    """``timjax.cache.create_cache`` built directly in its sharded layout (never whole on one device)."""
-    from timjax import cache as cache_mod
+    """``timjax.runtime.cache.create_cache`` built directly in its sharded layout (never whole on one device)."""
+    from timjax.runtime import cache as cache_mod
 
     make = partial(cache_mod.create_cache, cfg, **kwargs)
     return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh))()
@@ -600,7 +600,7 @@ def _restrict(x: jax.Array, sub: Mesh) -> jax.Array:
 
 def replicas(model) -> list:
     """The model as one ``Qwen3`` per dp replica, each on its (1, tp) sub-mesh, sharing the weights' buffers."""
-    from timjax.model import Qwen3
+    from timjax.qwen3.model import Qwen3
 
     mesh = model.mesh
     if mesh is None or mesh.shape[DP] == 1:
@@ -684,7 +684,7 @@ def initialize_distributed(
 
 
 def mesh_from_args(args) -> Mesh | None:
-    """The mesh that ``--tp`` / ``--dp`` / ``--distributed`` (``timjax.mesh_args``) ask for, or None."""
+    """The mesh that ``--tp`` / ``--dp`` / ``--distributed`` (``timjax.base.mesh_args``) ask for, or None."""
     if args.distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.dp > 1 and jax.process_count() > 1:

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timjax import kernels, sharding
-from timjax.buckets import cdiv
-from timjax.cache import KVCache, layer_pages, reserve, shrink
-from timjax.config import Qwen3Config
-from timjax.model import Params, forward_hidden, lm_head
-from timjax.sampling import SamplingParams, sample
+from timjax import kernels
+from timjax.base.buckets import cdiv
+from timjax.base.config import Qwen3Config
+from timjax.qwen3.model import Params, forward_hidden, lm_head
+from timjax.runtime import sharding
+from timjax.runtime.cache import KVCache, layer_pages, reserve, shrink
+from timjax.runtime.sampling import SamplingParams, sample
 
 
 def _paged_attend(q, k, v, layer, kv, *, page_table, q_start, q_len, page_size, num_pages, impl):

@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from timjax import kernels
-from timjax.buckets import cdiv
-from timjax.config import Qwen3Config
+from timjax.base.buckets import cdiv
+from timjax.base.config import Qwen3Config
 
-
-# Logical axes of the pool k / v (timjax.sharding maps them to mesh axes: kv heads over tensor parallel).
+# Logical axes of the pool k / v (timjax.runtime.sharding maps them to mesh axes: kv heads over tensor parallel).
 POOL_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 

@@ -16,12 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from timjax.config import Qwen3Config
+from timjax.base.config import Qwen3Config
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter: its shape and the logical name of each axis (``timjax.sharding`` maps names to mesh axes)."""
+    """One parameter: its shape and the logical name of each axis (``timjax.runtime.sharding`` maps names to mesh axes)."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]

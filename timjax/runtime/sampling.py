@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timjax.buckets import cdiv
+from timjax.base.buckets import cdiv
 
 
 @partial(

@@ -1,7 +1,7 @@
 """One validation layer for every parameter of the public API and the CLI.
 
 Each public entry point calls one ``check_*`` function first, before any device work; a bad value raises
-:class:`timjax.errors.ParameterError` (a ``TimjaxError`` and a ``ValueError``) whose message is one line::
+:class:`timjax.base.errors.ParameterError` (a ``TimjaxError`` and a ``ValueError``) whose message is one line::
 
     invalid <parameter>=<value>: <what is allowed>
 
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from timjax.errors import ParameterError
+from timjax.base.errors import ParameterError
 
 U32_MAX = 2**32 - 1  # seeds are uint32 on the device
 I32_MAX = 2**31 - 1  # counts, ids and sizes are int32 on the device
@@ -203,7 +203,7 @@ GENERATE: dict[str, Callable[[str, Any], None]] = {
 
 
 def _model_config(model: Any):
-    from timjax.config import Qwen3Config
+    from timjax.base.config import Qwen3Config
 
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, Qwen3Config):
@@ -350,7 +350,7 @@ def check_engine(
 
 
 def check_random_model(cfg: Any, dtype_: Any, seed: Any) -> None:
-    from timjax.config import Qwen3Config
+    from timjax.base.config import Qwen3Config
 
     if not isinstance(cfg, Qwen3Config):
         raise fail("cfg", cfg, "expected a timjax.Qwen3Config (Qwen3Config.from_file(...) or Qwen3Config(...))")

@@ -2,7 +2,7 @@
 
 The computation is a set of plain functions over an explicit parameter pytree (``forward``), so the
 runtime can jit them over ``model.params()`` with the KV cache donated; ``Qwen3`` is the NNX module that
-holds those parameters (stacked along a leading layer axis, see ``timjax.params``) and offers a
+holds those parameters (stacked along a leading layer axis, see ``timjax.qwen3.params``) and offers a
 convenient ``__call__`` for the full-sequence reference forward.
 
 Numerics follow transformers' ``Qwen3ForCausalLM``: RMSNorm in float32 as ``w * x_norm``; per-head
@@ -10,7 +10,7 @@ q/k RMSNorm before rotate-half RoPE; grouped-query attention with float32 scores
 float32 logits.
 
 Attention is a seam: ``forward`` takes an ``attend(q, k, v, layer, cache) -> (out, cache)`` callable.
-``causal_attention`` is the dense reference; the paged runtime (``timjax.steps``) passes one that writes
+``causal_attention`` is the dense reference; the paged runtime (``timjax.runtime.steps``) passes one that writes
 K/V into the page pool and calls the kernels in ``timjax.kernels``.
 """
 
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from timjax.config import Qwen3Config
-from timjax.params import FLOAT32_PARAMS, param_shapes
+from timjax.base.config import Qwen3Config
+from timjax.qwen3.params import FLOAT32_PARAMS, param_shapes
 
 Params = dict[str, Any]
 # attend(q [B,T,Hq,hd], k [B,T,Hkv,hd], v [B,T,Hkv,hd], layer index (traced int), cache) -> (o [B,T,Hq,hd], cache)
@@ -136,7 +136,7 @@ def _dense_logits(params: Params, cfg: Qwen3Config, tokens: jax.Array, lengths: 
 
 
 class _Layers(nnx.Module):
-    """Per-layer weights stacked along a leading [L] axis (see ``timjax.params.param_shapes``)."""
+    """Per-layer weights stacked along a leading [L] axis (see ``timjax.qwen3.params.param_shapes``)."""
 
     def __init__(self, arrays: dict[str, jax.Array]):
         for name, value in arrays.items():
@@ -145,8 +145,8 @@ class _Layers(nnx.Module):
 
 class Qwen3(nnx.Module):
     """Qwen3ForCausalLM. Build with random weights (``rngs``) or from a params dict (``params``).
-    ``mesh``: the device mesh the params are sharded over (``timjax.sharding``), None on one device;
-    ``place_batch``: how ``__call__`` places token rows on that mesh (``timjax.sharding`` passes its batch
+    ``mesh``: the device mesh the params are sharded over (``timjax.runtime.sharding``), None on one device;
+    ``place_batch``: how ``__call__`` places token rows on that mesh (``timjax.runtime.sharding`` passes its batch
     rule: the model layer does not import the sharding layer above it)."""
 
     def __init__(
@@ -239,7 +239,7 @@ def init_params(cfg: Qwen3Config, dtype, key: jax.Array, *, std: float = 0.02) -
 
 
 def random_model(cfg: Qwen3Config, *, dtype="bfloat16", seed: int = 0, tokenizer: Any = None) -> Qwen3:
-    from timjax.validation import check_random_model
+    from timjax.base.validation import check_random_model
 
     check_random_model(cfg, dtype, seed)
     return Qwen3(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed), tokenizer=tokenizer)
@@ -247,7 +247,7 @@ def random_model(cfg: Qwen3Config, *, dtype="bfloat16", seed: int = 0, tokenizer
 
 def logits(model: Qwen3, token_ids) -> np.ndarray:
     """The full-sequence reference forward: float32 logits [T, V] for [T] ids, [B, T, V] for [B, T]."""
-    from timjax.validation import check_logits
+    from timjax.base.validation import check_logits
 
     check_logits(model, token_ids)
     ids = np.asarray(token_ids)
