@@ -7,6 +7,10 @@
 - ``runner``: device state, packing a ragged step, pruning edits, the dispatches and the one sync;
 - ``loop``: the state across steps and one iteration (scheduler + runner + controllers + outputs);
 - ``controllers``: ``RequestParams`` -> a ``Request`` with its controller (plain or TIM, tools opened);
+- ``tim_controller``: the TIM controller (grammar + tree tracker + pruning for one sequence). It and
+  ``controllers`` plug into the loop through the protocol: ``loop``, ``scheduler``, ``runner``,
+  ``protocol``, ``handle`` and ``outputs`` never import them, nor ``timjax.tim`` or ``timjax.tools`` (an
+  import-linter contract in pyproject.toml);
 - ``handle`` / ``outputs``: ``RequestHandle`` (streams of events, cancel, result), the events, ``EngineStats``;
 - ``core``: ``Engine``: ``add_request``, ``abort``, ``step``, ``start`` / ``stop``, ``stats``, ``run``.
 """
