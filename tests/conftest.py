@@ -142,3 +142,18 @@ def pytest_sessionstart(session):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop every compiled executable after each test module. XLA:CPU maps memory for each one it keeps,
+    and one process running the whole suite otherwise passes the kernel's limit on memory maps
+    (vm.max_map_count, 65,530 by default: 13,584 maps after test_engine.py and test_kernels_ragged.py
+    alone); the next compile's mmap then fails inside LLVM and the interpreter dies with a segfault."""
+    yield
+    import gc
+    import sys
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
