@@ -7,10 +7,10 @@ the same answers as the shipped calculator."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Literal
 
 import pytest
+from _loopback import call
 from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel
@@ -65,15 +65,6 @@ def formats_server() -> MCPServer:
         return CallToolResult(content=[TextContent(type="text", text="a is too big")], is_error=True)
 
     return s
-
-
-def call(session, name, args, *, deadline=30.0):
-    p = session.submit(name, json.dumps(args))
-    t0 = time.perf_counter()
-    while (rec := session.poll(p)) is None:
-        assert time.perf_counter() - t0 < deadline
-        time.sleep(0.005)
-    return rec
 
 
 @pytest.mark.parametrize(

@@ -6,16 +6,14 @@ the runtime writes every tool result itself and a control row diverging from its
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
-import socket
 import sys
-import threading
 import time
 
 import pytest
+from _loopback import call, serve_on_loopback
 
 import timjax
 from timjax.api import default_model_path
@@ -67,41 +65,9 @@ def run_batch(model, engine, runner, docs):
     return results, ctrls
 
 
-def call(session, name, args, *, deadline=60.0):
-    p = session.submit(name, json.dumps(args))
-    t0 = time.perf_counter()
-    while (rec := session.poll(p)) is None:
-        assert time.perf_counter() - t0 < deadline
-        time.sleep(0.005)
-    return rec
-
-
 def assert_control(result):
     assert result.finish_reason == "stop", result.error
     assert result.text == doc(*CONTROL) and [c.status for c in result.tool_calls] == ["ok"]
-
-
-@contextlib.contextmanager
-def http_server(mcp_server):
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(mcp_server.streamable_http_app(), host="127.0.0.1", port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    while not server.started:
-        assert time.perf_counter() - t0 < 30, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # -- 1. a huge result --------------------------------------------------------------------------------
@@ -109,7 +75,7 @@ def test_a_5mb_result_is_cut_at_the_transport_off_the_engine_thread(model, engin
     import psutil
 
     proc = psutil.Process()
-    with http_server(faulty.make_server()) as port:
+    with serve_on_loopback(faulty.make_server().streamable_http_app()) as port:
         servers = [calculator.make_server(), ToolServer(f"http://127.0.0.1:{port}/mcp", tools=["big"])]
         with ToolRunner(servers, ToolPolicy(timeout_s=30, max_result_tokens=64)) as runner:
             run_batch(model, engine, runner, [doc(*CONTROL)] * 2)  # compiles the steps before RSS is read
@@ -210,7 +176,7 @@ def test_credentials_never_reach_the_model_the_output_or_the_logs(model, engine,
         input_schema={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
     )
     dead = ToolServer("http://admin:hunter2@127.0.0.1:9/mcp?api_key=SECRET123", tools=[echo])
-    with http_server(faulty.make_server()) as port:
+    with serve_on_loopback(faulty.make_server().streamable_http_app()) as port:
         live = ToolServer(
             f"http://admin:hunter2@127.0.0.1:{port}/mcp?api_key=SECRET123",
             tools=["raw"],

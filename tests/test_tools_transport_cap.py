@@ -9,45 +9,17 @@ import asyncio
 import contextlib
 import gzip
 import json
-import socket
 import sys
-import threading
 import time
+
+from _loopback import serve_on_loopback as serve
+from _loopback import wait
 
 from timjax.tools.capped import OVER_CAP, CappedLines, _line_id, capped_http_client, readable_prefix
 from timjax.tools.runner import ToolPolicy, ToolRunner, ToolServer, stdio_server
 from timjax.tools.servers import faulty
 
 SOCKET_READ = 65536  # httpcore's read size: the client takes at most one read past the cap off the wire
-
-
-@contextlib.contextmanager
-def serve(app):
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    while not server.started:
-        assert time.perf_counter() - t0 < 30, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def wait(session, pending, deadline=30.0):
-    t0 = time.perf_counter()
-    while (rec := session.poll(pending)) is None:
-        assert time.perf_counter() - t0 < deadline
-        time.sleep(0.005)
-    return rec
 
 
 def test_an_http_answer_over_the_byte_cap_is_cut_before_parsing():
