@@ -3,12 +3,15 @@ with a faulty row, over the same batch without it, on the shipped tiny TIM.
 
     python bench/hostile_tools.py --repeats 7 --json bench/hostile_tools_cpu.json
 
-Each batch replays fixed TIM documents (``ReplayText``), so both batches write exactly the same control
-tokens and only the faulty row differs. Faults: ``big`` (a 5 MB result over streamable HTTP on loopback,
-cut at the transport's byte cap, ``ToolPolicy.result_bytes``, before any parsing) and ``block`` (an in-process tool that blocks its event loop for
-longer than the call's deadline). The two batches alternate; the figure is the median over repeats of
-(mean control-row wall time with the fault) / (without), with the spread, plus the process RSS before and
-after. Goal (issue 22): within 1.2x, and RSS back within 100 MB.
+Each batch replays fixed TIM documents (``ReplayText``), so every batch writes exactly the same control
+tokens. Faults: ``big`` (a 5 MB result over streamable HTTP on loopback, cut at the transport's byte cap,
+``ToolPolicy.result_bytes``, before any parsing) and ``block`` (an in-process tool that blocks its event
+loop for longer than the call's deadline). Three batches take turns: the controls beside the benign call
+of the same tool (a 40-byte answer; an answer at once), beside the faulty call, and alone. The figure is
+the median over repeats of (mean control-row wall time beside the fault) / (beside the benign call), with
+the spread: what the hostility costs the others, the fourth row's own ordinary work set aside (the ratio to
+the controls alone is given too). RSS: growth of the runtime's process after warm-up. Goal (issue 22):
+within 1.2x, and RSS within 100 MB.
 """
 
 from __future__ import annotations
@@ -94,32 +97,34 @@ def run_batch(model, engine, runner, docs) -> list:
     return results
 
 
-def measure(model, engine, runner, fault_doc: str, controls: int, repeats: int) -> dict:
+def measure(model, engine, runner, fault_doc: str, benign_doc: str, controls: int, repeats: int) -> dict:
+    """Three batches in turn: the controls beside the benign call of the same tool (the peer: the same
+    rows, the same tool, an ordinary answer), beside the faulty call, and alone."""
     import psutil
 
     base_docs = [doc(*CONTROL)] * controls
-    ratios, base_s, fault_s = [], [], []
-    run_batch(model, engine, runner, base_docs)  # warm: compiles both batch shapes, connects
-    run_batch(model, engine, runner, [fault_doc, *base_docs])
+    batches = {"benign": [benign_doc, *base_docs], "fault": [fault_doc, *base_docs], "alone": base_docs}
+    for docs in batches.values():  # warm: compiles every batch shape, connects
+        run_batch(model, engine, runner, docs)
     gc.collect()
     rss0 = psutil.Process().memory_info().rss
+    times: dict[str, list[float]] = {k: [] for k in batches}
     for _ in range(repeats):
-        a = run_batch(model, engine, runner, base_docs)
-        b = run_batch(model, engine, runner, [fault_doc, *base_docs])[1:]
-        ta = statistics.mean(r.stats.time_s for r in a)
-        tb = statistics.mean(r.stats.time_s for r in b)
-        base_s.append(ta)
-        fault_s.append(tb)
-        ratios.append(tb / ta)
+        for k, docs in batches.items():
+            rows = run_batch(model, engine, runner, docs)[len(docs) - controls :]
+            times[k].append(statistics.mean(r.stats.time_s for r in rows))
     gc.collect()
+    vs_benign = [f / b for f, b in zip(times["fault"], times["benign"])]
+    vs_alone = [f / a for f, a in zip(times["fault"], times["alone"])]
     return {
         "rss_growth_mb": (psutil.Process().memory_info().rss - rss0) / 2**20,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "control_s_without": statistics.median(base_s),
-        "control_s_with": statistics.median(fault_s),
-        "ratios": ratios,
+        "ratio_median": statistics.median(vs_benign),
+        "ratio_min": min(vs_benign),
+        "ratio_max": max(vs_benign),
+        "ratio_vs_alone_median": statistics.median(vs_alone),
+        "control_s": {k: statistics.median(v) for k, v in times.items()},
+        "ratios": vs_benign,
+        "ratios_vs_alone": vs_alone,
     }
 
 
@@ -148,23 +153,32 @@ def main(argv=None) -> dict:
                 [calculator.make_server(), ToolServer(f"http://127.0.0.1:{port}/mcp", tools=["big"])],
                 ToolPolicy(timeout_s=60, max_result_tokens=64),
                 ("big", {"megabytes": args.megabytes}),
+                {"megabytes": 0.00004},  # the benign peer: the same tool, a 40-byte answer
             ),
             "block (loop blocked 1.5 s, deadline 1 s)": (
                 [calculator.make_server(), ToolServer(faulty.make_server(), tools=["block"])],
                 ToolPolicy(timeout_s=1.0, max_result_tokens=64),
                 ("block", {"seconds": 1.5}),
+                {"seconds": 0.0},  # the benign peer: answers at once
             ),
         }
-        for name, (servers, policy, (tool, params)) in setups.items():
+        for name, (servers, policy, (tool, params), benign) in setups.items():
             log(f"fault: {name}")
             with ToolRunner(servers, policy) as runner:
                 # the answer the runtime writes: cut to the token cap with the model's own tokenizer
                 llt = llg_tokenizer(model.tokenizer, model.config.vocab_size, [model.config.eos_token_id])
                 s = runner.session(lambda text: len(llt.tokenize_bytes(text.encode())))
-                pending = s.submit(tool, json.dumps(params))
-                while (rec := s.poll(pending)) is None:
-                    time.sleep(0.01)
-                m = measure(model, engine, runner, doc(tool, params, rec.result), args.controls, args.repeats)
+
+                def answer(args_):
+                    pending = s.submit(tool, json.dumps(args_))
+                    while (r := s.poll(pending)) is None:
+                        time.sleep(0.01)
+                    return r
+
+                rec, ok = answer(params), answer(benign)
+                assert ok.status == "ok", ok
+                fault_doc, benign_doc = doc(tool, params, rec.result), doc(tool, benign, ok.result)
+                m = measure(model, engine, runner, fault_doc, benign_doc, args.controls, args.repeats)
                 m["fault_status"] = rec.status
                 if tool == "big" and runner._meter:  # the byte cap: bytes taken off the wire for the answer
                     m["cap_bytes"] = runner.policy.result_bytes
@@ -172,10 +186,12 @@ def main(argv=None) -> dict:
             out[name] = m
             rows.append(
                 [name, f"{m['ratio_median']:.2f}", f"{m['ratio_min']:.2f}-{m['ratio_max']:.2f}",
-                 f"{m['control_s_without']:.3f}", f"{m['control_s_with']:.3f}", f"{m['rss_growth_mb']:.0f}"]
+                 f"{m['ratio_vs_alone_median']:.2f}", f"{m['control_s']['benign']:.3f}",
+                 f"{m['control_s']['fault']:.3f}", f"{m['rss_growth_mb']:.0f}"]
             )
     table = print_table(
-        ["fault", "control time ratio (median)", "spread", "control s without", "control s with", "RSS growth MB"],
+        ["fault", "controls: fault / benign (median)", "spread", "fault / controls alone", "control s benign",
+         "control s fault", "RSS growth MB"],
         rows,
         title=f"control rows beside a hostile tool ({args.controls} controls, {args.repeats} repeats, tiny TIM)",
     )
