@@ -10,7 +10,8 @@ the shipped tiny TIM; the clients are the official ``openai`` client (async) and
     whole wave; TTFT = send -> first content chunk; ITL = gaps between content chunks (p50 / p99 over all
     requests of the wave). "offline" = the same N prompts (same token ids, same budget) added straight to
     the same running open engine (``engine.add_request``, no HTTP) and collected: the ratio is server
-    throughput over offline throughput (goal >= 0.9 at saturation).
+    throughput over offline throughput (goal >= 0.9 at saturation). The clients run in one process of
+    their own (``--clients-in-process``: in the server's, sharing its GIL, a lower bound).
 (b) k tool calls (``--calls``): one task answered (runtime) by ``POST /v1/runs`` with the tools called
     inside the inference (the tree parks, the result is forced into the live KV cache, finished subtask
     lists are pruned), vs (client) client-side function calling on ``/v1/chat/completions``: every call
@@ -121,6 +122,34 @@ async def wave(url: str, qs: list[str], max_tokens: int) -> dict:
             "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
+def wave_sync(url: str, qs: list[str], max_tokens: int) -> dict:
+    """``wave`` to completion: what a client process runs (its own interpreter, not the server's GIL)."""
+    return asyncio.run(wave(url, qs, max_tokens))
+
+
+class Clients:
+    """Where the clients run: in this process (``--clients-in-process``: they share the server's GIL, a lower
+    bound), or in one separate process, as real clients are (the default)."""
+
+    def __init__(self, separate: bool):
+        self.pool = None
+        if separate:
+            import concurrent.futures
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds JAX and threads
+            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
+
+    def wave(self, url: str, qs: list[str], max_tokens: int) -> dict:
+        if self.pool is None:
+            return wave_sync(url, qs, max_tokens)
+        return self.pool.submit(wave_sync, url, qs, max_tokens).result()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def offline(backend, qs: list[str], max_tokens: int) -> dict:
     from timjax.engine import RequestParams
 
@@ -141,14 +170,15 @@ def bench_concurrency(args, model) -> list[dict]:
     srv = Server(create_app(cfg, model=model))
     backend = srv.app.state.backend
     rows = []
+    clients = Clients(separate=not args.clients_in_process)
     try:
         for n in args.clients:  # warm-up: every shape a wave of N compiles (compile time is not measured)
-            asyncio.run(wave(srv.url, questions(n), args.max_tokens))
+            clients.wave(srv.url, questions(n), args.max_tokens)
             offline(backend, questions(n), args.max_tokens)
         for rep in range(args.repeats):
             for n in args.clients:
                 qs = questions(n)
-                s = asyncio.run(wave(srv.url, qs, args.max_tokens))
+                s = clients.wave(srv.url, qs, args.max_tokens)
                 o = offline(backend, qs, args.max_tokens)
                 row = {"clients": n, "rep": rep, **s, "offline_tok_s": o["tok_s"], "offline_tokens": o["tokens"],
                        "ratio": s["tok_s"] / o["tok_s"]}
@@ -156,6 +186,7 @@ def bench_concurrency(args, model) -> list[dict]:
                 log(f"rep {rep} N={n:3d} server {s['tok_s']:7.1f} tok/s  offline {o['tok_s']:7.1f} tok/s  "
                     f"ratio {row['ratio']:.2f}  ttft p50 {s['ttft_p50']:.3f}s  load {load_average()}")
     finally:
+        clients.close()
         srv.stop()
     return rows
 
@@ -397,6 +428,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--calls", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--clients-in-process",
+        action="store_true",
+        help="run the clients in the server's process (they then share its GIL: a lower bound)",
+    )
     ap.add_argument("--skip", choices=["concurrency", "tools"], default=None)
     ap.add_argument("--json", default="bench/out/serve.json")
     ap.add_argument("--plot", default=None)
