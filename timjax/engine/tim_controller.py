@@ -17,10 +17,10 @@ import numpy as np
 
 from timjax.engine.protocol import Action, PruneOp
 from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar, token_at
-from timjax.tim.partial_json import close_partial_json  # noqa: F401  (re-exported: its old home)
+from timjax.tim.partial_json import close_partial_json
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
 from timjax.tim.schema import KEY_SEPARATOR, TimSchema
-from timjax.tim.tree import DocumentComplete, ListCompleted, ListOpened, Split, ToolCallReady, TreeTracker
+from timjax.tim.tree import ListCompleted, ListOpened, Split, ToolCallReady, TreeTracker
 
 
 class TimController:
@@ -99,7 +99,7 @@ class TimController:
             token = self.override(bytes(self.tracker.buf))
         if self.tracker.done or token in self.stop_ids:
             if not self.tracker.done:
-                return Action(feed=[], finish="grammar", error=f"end of sequence before the document was complete")
+                return Action(feed=[], finish="grammar", error="end of sequence before the document was complete")
             return Action(feed=[], finish="stop")
         return self._advance([token], seq)
 
