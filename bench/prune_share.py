@@ -32,27 +32,17 @@ BUFFERS = [0, 1, 2]
 def share_and_peak(doc, buffer: int) -> tuple[float, int]:
     """(pruned share of the generated KV, peak working tokens) of one replayed document, from the
     runtime's own ``WorkingMemory`` bookkeeping."""
-    from timjax.tim.pruning import PruneBuffer, WorkingMemory
+    from timjax.train.runtime_view import memory_after
 
-    ends: dict[int, list] = {}
-    for i, lst in doc.lists:
-        ends.setdefault(i, []).append(lst)
-    pbuf, wm = PruneBuffer(buffer), WorkingMemory(doc.prompt)
-    for i, t in enumerate(doc.tokens):
-        wm.append(t)
-        for lst in ends.get(i, ()):
-            for old in pbuf.push(lst):
-                wm.prune(old)
-    st = wm.stats()
+    st = memory_after(doc, buffer).stats()
     return st.pruned_tokens / len(doc.tokens), st.peak_working_len
 
 
 def measure(n: int, model_dir: str, restate: bool = False) -> list[dict]:
     from timjax.train.corpus import CorpusSpec, document_text, problems
     from timjax.train.runtime_view import Replayer
-    from timjax.train.sft import training_schema
     from timjax.train.tokenizer import load_tokenizer
-    from timjax.train.tools_adapter import default_backend
+    from timjax.train.tools_adapter import default_backend, training_schema
 
     tools = default_backend(0)
     replayer = Replayer(load_tokenizer(model_dir), training_schema(tools), None)

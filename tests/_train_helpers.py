@@ -20,8 +20,8 @@ def small_problems(n: int = 150):
 @lru_cache(maxsize=1)
 def tokenizer_dir() -> Path:
     from timjax.tim.prompt import tim_system_prompt
-    from timjax.train.sft import training_schema
     from timjax.train.tokenizer import save_tokenizer, train_tokenizer
+    from timjax.train.tools_adapter import training_schema
 
     probs = small_problems()
     tools = default_backend()
@@ -41,7 +41,7 @@ def tokenizer():
 @lru_cache(maxsize=1)
 def replayer():
     from timjax.train.runtime_view import Replayer
-    from timjax.train.sft import training_schema
+    from timjax.train.tools_adapter import training_schema
 
     return Replayer(tokenizer(), training_schema(default_backend()))
 

@@ -26,8 +26,7 @@ from timjax.train.corpus import (
     value,
     widest_chain,
 )
-from timjax.train.sft import training_schema
-from timjax.train.tools_adapter import default_backend, tool_servers
+from timjax.train.tools_adapter import default_backend, tool_servers, training_schema
 
 
 def test_same_seed_same_corpus_other_seed_other_corpus():

@@ -150,8 +150,9 @@ def test_replay_writes_a_spelled_name_letter_by_letter_wherever_it_sits(tmp_path
     whole-word piece matched and the model was taught two spellings of one name)."""
     from timjax.tim.grammar import llg_tokenizer, token_at, tokenizer_size
     from timjax.train.runtime_view import Replayer
-    from timjax.train.sft import name_words, training_schema
+    from timjax.train.sft import name_words
     from timjax.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from timjax.train.tools_adapter import training_schema
 
     tools = default_backend()
     probs = small_problems()

@@ -41,8 +41,7 @@ def test_no_token_straddles_a_list_bracket_or_the_tool_result_key():
 
 def test_llguidance_accepts_the_tokenizer_and_every_document():
     from timjax.tim.grammar import make_grammar
-    from timjax.train.sft import training_schema
-    from timjax.train.tools_adapter import default_backend
+    from timjax.train.tools_adapter import default_backend, training_schema
 
     tok = tokenizer()
     schema = training_schema(default_backend())

@@ -41,18 +41,9 @@ def peak_working(doc, buffer: int | None) -> int:
     from the runtime's own ``PruneBuffer`` / ``WorkingMemory``."""
     if buffer is None:
         return len(doc.prompt) + len(doc.tokens)
-    from timjax.tim.pruning import PruneBuffer, WorkingMemory
+    from timjax.train.runtime_view import memory_after
 
-    ends: dict[int, list] = {}
-    for i, lst in doc.lists:
-        ends.setdefault(i, []).append(lst)
-    pbuf, wm = PruneBuffer(buffer), WorkingMemory(doc.prompt)
-    for i, t in enumerate(doc.tokens):
-        wm.append(t)
-        for lst in ends.get(i, ()):
-            for old in pbuf.push(lst):
-                wm.prune(old)
-    return wm.stats().peak_working_len
+    return memory_after(doc, buffer).stats().peak_working_len
 
 
 @lru_cache(maxsize=2)

@@ -22,7 +22,7 @@ the new sampled tokens only.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,25 +125,37 @@ class Replayer:
         return out
 
 
+def replay_memory(doc: RuntimeDoc, buffer: int | None) -> Iterator[tuple[int, int, WorkingMemory]]:
+    """Walk ``doc``'s tokens through the runtime's prune buffer (``buffer``; None = off) and working
+    memory, as the TIM controller writes them: yields (token index, KV entries pruned right after that
+    token, the working memory then)."""
+    ends: dict[int, list[ListCompleted]] = {}
+    for i, lst in doc.lists:
+        ends.setdefault(i, []).append(lst)
+    pbuf, wm = PruneBuffer(buffer), WorkingMemory(doc.prompt)
+    for i, t in enumerate(doc.tokens):
+        wm.append(t)
+        pruned = sum(wm.prune(old).n_pruned for lst in ends.get(i, ()) for old in pbuf.push(lst))
+        yield i, pruned, wm
+
+
+def memory_after(doc: RuntimeDoc, buffer: int | None) -> WorkingMemory:
+    """The working memory once all of ``doc`` is written under ``buffer`` (its ``stats()``: peak, pruned)."""
+    wm = WorkingMemory(doc.prompt)
+    for _, _, wm in replay_memory(doc, buffer):
+        pass
+    return wm
+
+
 def pruned_segments(doc: RuntimeDoc, buffer: int | None) -> list[Segment]:
     """The training sequences for one document written with prune buffer ``buffer`` (None = pruning off:
     one sequence). Each is the working memory at the start of a stretch between prune events, then the
     stretch's tokens; the loss is on the stretch's sampled tokens."""
-    ends = {i: [] for i, _ in doc.lists}
-    for i, lst in doc.lists:
-        ends[i].append(lst)
-    pbuf = PruneBuffer(buffer)
-    wm = WorkingMemory(doc.prompt)
     segments: list[Segment] = []
     context = list(doc.prompt)
     start = 0
     n = len(doc.tokens)
-    for i, t in enumerate(doc.tokens):
-        wm.append(t)
-        pruned = 0
-        for lst in ends.get(i, ()):
-            for old in pbuf.push(lst):
-                pruned += wm.prune(old).n_pruned
+    for i, pruned, wm in replay_memory(doc, buffer):
         if pruned or i == n - 1:
             segments.append(_segment(context, doc.tokens[start : i + 1], doc.kinds[start : i + 1]))
             context = wm.kept_tokens()
