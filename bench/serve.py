@@ -192,19 +192,6 @@ def bench_concurrency(args, model) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ (b) k tool calls
-def tool_calls_of(doc: dict) -> list[dict]:
-    out = []
-
-    def walk(tasks):
-        for t in tasks:
-            if "tooluse" in t:
-                out.append(t["tooluse"])
-            walk(t.get("subtasks", []))
-
-    walk(doc["reasoning"])
-    return out
-
-
 class Scripted:
     """A controller that writes ``ids`` (the sampled token replaced by the script's, one per step)."""
 
@@ -291,14 +278,15 @@ def run_client(srv, script, doc: dict) -> dict:
     import openai
 
     from timjax.tools.traces import tool_call
+    from timjax.train.corpus import iter_tasks_with_tools
+    from timjax.train.tools_adapter import listed_specs
 
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=600)
-    from timjax.train.tools_adapter import listed_specs
 
     tools = [{"type": "function", "function": {"name": s.name, "description": s.description,
                                                "parameters": s.input_schema}} for s in listed_specs()]
     messages: list[Any] = [{"role": "user", "content": "Compute the running total."}]
-    calls = tool_calls_of(doc)
+    calls = list(iter_tasks_with_tools(doc))
     prompt = written = requests_n = 0
     t0 = time.perf_counter()
     for use in calls + [None]:

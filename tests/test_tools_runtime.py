@@ -16,6 +16,7 @@ from timjax.tim.schema import dumps, tim_schema
 from timjax.tools.runner import ToolLimits, ToolRunner
 from timjax.tools.servers import calculator, faulty, kb
 from timjax.tools.traces import calculation_trace
+from timjax.train.corpus import iter_tasks_with_tools
 
 VOCAB = 151_936
 EOS = 151645
@@ -52,19 +53,6 @@ def _controller(model, llt, runner, doc: str, *, buffer, prompt):
     )
 
 
-def _tool_uses(doc: dict):
-    out = []
-
-    def walk(tasks):
-        for t in tasks:
-            if "tooluse" in t:
-                out.append(t["tooluse"])
-            walk(t.get("subtasks", []))
-
-    walk(doc["reasoning"])
-    return out
-
-
 def test_thirty_tool_calls_in_one_inference_with_pruning(model, llt, runner):
     doc = calculation_trace(30, words=1)
     text = dumps(doc)
@@ -75,7 +63,7 @@ def test_thirty_tool_calls_in_one_inference_with_pruning(model, llt, runner):
     assert r.finish_reason == "stop", r.error
     # the runtime wrote every result, byte for byte what the pure functions + encode_result give
     assert r.text == text
-    uses = _tool_uses(doc)
+    uses = list(iter_tasks_with_tools(doc))
     assert len(uses) == len(r.tool_calls) == r.stats.tool_calls == 30 and r.stats.tool_errors == 0
     for rec, use in zip(r.tool_calls, uses):
         assert (rec.tool, rec.arguments, rec.status) == (use["tool_name"], use["parameters"], "ok")
