@@ -1,5 +1,5 @@
-"""Helpers the tool tests share: an ASGI app served by uvicorn on a free loopback port, and waiting for a
-tool call's record."""
+"""Helpers the tests share: an ASGI app served by uvicorn on a free loopback port, and waiting for a tool
+call's record."""
 
 from __future__ import annotations
 
@@ -10,29 +10,45 @@ import threading
 import time
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Uvicorn:
+    """An ASGI app served by uvicorn on a thread (a real HTTP server on 127.0.0.1)."""
+
+    def __init__(self, app, log_level: str = "warning"):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > 60 or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
 @contextlib.contextmanager
 def serve_on_loopback(app):
     """Serve ``app`` (an MCP server's ``streamable_http_app()`` or any ASGI app) on 127.0.0.1; yield the port."""
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    while not server.started:
-        assert time.perf_counter() - t0 < 30, "uvicorn did not start"
-        time.sleep(0.02)
+    srv = Uvicorn(app, log_level="error")
     try:
-        yield port
+        yield srv.port
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        srv.stop()
 
 
-def wait(session, pending, deadline: float = 30.0):
+def wait(session, pending, deadline: float = 60.0):
     """The record of a submitted call, polled as the engine polls it."""
     t0 = time.perf_counter()
     while (rec := session.poll(pending)) is None:
@@ -41,6 +57,6 @@ def wait(session, pending, deadline: float = 30.0):
     return rec
 
 
-def call(session, name: str, args: dict, *, deadline: float = 30.0):
+def call(session, name: str, args: dict, *, deadline: float = 60.0):
     """Submit one call and wait for its record."""
     return wait(session, session.submit(name, json.dumps(args)), deadline)

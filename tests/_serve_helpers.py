@@ -1,13 +1,10 @@
 """Servers for tests/test_serve_*.py: timjax serve in-process under uvicorn on a free loopback port, and
 the outside tools a request may bring (an MCP server over streamable HTTP, an HTTP function)."""
 
-import socket
-import threading
 import time
 from typing import Literal
 
-import uvicorn
-
+from _loopback import Uvicorn, free_port  # noqa: F401  (the serve tests take both from here)
 
 _MODEL = []
 
@@ -20,34 +17,6 @@ def tiny_tim():
 
         _MODEL.append(timjax.load(default_model_path(), dtype="float32"))
     return _MODEL[0]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Uvicorn:
-    """An ASGI app served by uvicorn on a thread (a real HTTP server on 127.0.0.1)."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 60 or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def tools_app(calls: list, delay_s: float = 0.0):

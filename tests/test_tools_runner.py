@@ -2,12 +2,11 @@
 and every fault turned into an error object (the runner never raises at call time)."""
 
 import json
-import socket
 import sys
-import threading
 import time
 
 import pytest
+from _loopback import Uvicorn, call
 
 from timjax.tim.schema import ToolSpec
 from timjax.tools.runner import (
@@ -20,16 +19,6 @@ from timjax.tools.runner import (
 from timjax.tools.servers import calculator, faulty, kb
 
 PY = sys.executable
-
-
-def call(session, name, args, *, deadline=60.0):
-    """Submit and poll like the host loop does (never blocking on the future)."""
-    p = session.submit(name, args if isinstance(args, str) else json.dumps(args))
-    t0 = time.perf_counter()
-    while (rec := session.poll(p)) is None:
-        assert time.perf_counter() - t0 < deadline
-        time.sleep(0.005)
-    return rec
 
 
 @pytest.fixture(scope="module")
@@ -179,31 +168,14 @@ def test_stdio_garbage_on_stdout_and_a_server_that_never_starts():
 
 
 # -- streamable HTTP --------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_streamable_http_server_on_localhost():
-    import uvicorn
-
-    port = _free_port()
-    app = calculator.make_server().streamable_http_app()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    srv = Uvicorn(calculator.make_server().streamable_http_app(), log_level="error")
     try:
-        t0 = time.perf_counter()
-        while not server.started:
-            assert time.perf_counter() - t0 < 30, "uvicorn did not start"
-            time.sleep(0.02)
-        with ToolRunner([f"http://127.0.0.1:{port}/mcp"], ToolLimits(timeout_s=10)) as r:
+        with ToolRunner([f"{srv.url}/mcp"], ToolLimits(timeout_s=10)) as r:
             assert [t.name for t in r.specs] == ["calculator"]
             s = r.session()
             assert call(s, "calculator", {"op": "div", "a": 10, "b": 4}).result == '{"result": "5/2"}'
             assert call(s, "calculator", {"op": "add", "a": 1, "b": "x"}).status == "invalid_arguments"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive()
+        srv.stop()
+    assert not srv.thread.is_alive()
