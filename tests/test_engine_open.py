@@ -260,6 +260,42 @@ def test_streamed_tokens_and_text_equal_the_final_result(text_model, prompts):
     assert any(ev.token_ids and not ev.text for _, evs in streams for ev in evs if isinstance(ev, TokenEvent))
 
 
+def test_a_busy_asyncio_consumer_gets_one_wakeup_and_one_event_for_what_it_missed(model, prompts, alone, monkeypatch):
+    """The loop thread posts each request's tokens to the consumers' asyncio loop through one mailbox: while
+    that loop is busy, every post joins the one drain already scheduled, and each handle then yields the
+    tokens it missed as one TokenEvent (not one wakeup and one event per token)."""
+    from timjax.engine import handle as handle_mod
+
+    drains = []
+    real = handle_mod._Mailbox._drain
+    monkeypatch.setattr(handle_mod._Mailbox, "_drain", lambda self: (drains.append(1), real(self)))
+    eng = Engine(model, **SHAPE)
+    eng.start()
+    try:
+
+        async def main():
+            hs = [eng.add(_make("plain", p)) for p in prompts[:4]]
+            tasks = [asyncio.ensure_future(_collect(h)) for h in hs]
+            await asyncio.sleep(0)  # the consumers subscribe (the first tokens may already be buffered)
+            for h in hs:  # this loop is busy (blocked) until every request has finished
+                h.result(timeout=60)
+            return hs, await asyncio.gather(*tasks)
+
+        hs, streams = asyncio.run(main())
+    finally:
+        eng.stop()
+    for i, (h, evs) in enumerate(zip(hs, streams)):
+        toks = [t for ev in evs if isinstance(ev, TokenEvent) for t in ev.token_ids]
+        assert toks == h.result().tokens == alone[("plain", i)]
+        assert isinstance(evs[-1], FinishedEvent)
+        assert len(evs) <= 3  # what arrived before the loop blocked, one event for the rest, the end
+    assert len(drains) <= 2, drains  # at most one before the loop blocked, one after, for 4 x 10 tokens
+
+
+async def _collect(h):
+    return [ev async for ev in h]
+
+
 # -- the loop thread -------------------------------------------------------------------------------------
 def test_stop_drains_running_requests_and_cancels_when_asked(model, prompts, alone):
     eng = Engine(model, **SHAPE)

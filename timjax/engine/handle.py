@@ -3,9 +3,12 @@
 The engine's loop thread pushes into the handle (``_push_tokens``, ``_push_tree``, ``_finish``); any other
 thread reads it:
 
-- ``for event in handle`` (blocking) or ``async for event in handle`` (from an asyncio loop on any thread:
-  the loop thread hands events over with ``loop.call_soon_threadsafe``). One consumer per handle: the first
-  ``async for`` moves what was buffered into its asyncio queue.
+- ``for event in handle`` (blocking) or ``async for event in handle`` (from an asyncio loop on any thread).
+  One consumer per handle: the first ``async for`` moves what was buffered into its asyncio queue. The
+  loop thread hands items to an asyncio loop through that loop's ``_Mailbox``: one wakeup
+  (``call_soon_threadsafe``, a write to the loop's self-pipe) per batch of items, not per token, so a step
+  that writes a token for 64 streaming requests wakes the server once. A consumer that falls behind gets
+  the token ids written meanwhile as one ``TokenEvent`` (one text delta), never one event per token.
 - ``handle.result(timeout=None)`` / ``await handle.aresult()``: the final ``GenerationResult`` (independent
   of the event stream; reading both is fine).
 - ``handle.cancel()``: ``engine.abort([request_id])``; the request ends at the next step boundary with
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import deque
 from typing import Any
 
@@ -42,8 +46,8 @@ class RequestHandle:
     def _push(self, item: Any) -> None:
         with self._cv:
             if self._async is not None:
-                loop, q = self._async
-                _threadsafe(loop, q.put_nowait, item)
+                mailbox, q = self._async
+                mailbox.post(q.put_nowait, item)
             else:
                 self._buf.append(item)
                 self._cv.notify_all()
@@ -91,23 +95,38 @@ class RequestHandle:
             self._waiters.append((loop, fut))
         return await fut
 
-    def _events(self, item: Any) -> list[Event]:
-        if isinstance(item, tuple):  # ("tokens", ids): the text delta is decoded here, off the loop thread
-            return [TokenEvent(self.request_id, item[1], self._detok(item[1]))]
-        if isinstance(item, FinishedEvent) and self._detok.read < len(self._detok.ids):
-            tail = self._detok([], final=True)  # a trailing partial character: released as is at the end
-            if tail:
-                return [TokenEvent(self.request_id, [], tail), item]
-        return [item]
+    def _events(self, items: list[Any]) -> list[Event]:
+        """Events for raw items in order; consecutive token items become one ``TokenEvent``."""
+        out: list[Event] = []
+        ids: list[int] = []
+        for item in items:
+            if isinstance(item, tuple):  # ("tokens", ids)
+                ids += item[1]
+                continue
+            if ids:
+                out.append(self._token_event(ids))
+                ids = []
+            if isinstance(item, FinishedEvent) and self._detok.read < len(self._detok.ids):
+                tail = self._detok([], final=True)  # a trailing partial character: released as is at the end
+                if tail:
+                    out.append(TokenEvent(self.request_id, [], tail))
+            out.append(item)
+        if ids:
+            out.append(self._token_event(ids))
+        return out
+
+    def _token_event(self, ids: list[int]) -> TokenEvent:
+        return TokenEvent(self.request_id, ids, self._detok(ids))  # decoded here, off the loop thread
 
     def __iter__(self):
         while True:
             with self._cv:
                 while not self._buf:
                     self._cv.wait()
-                item = self._buf.popleft()
-            yield from self._events(item)
-            if isinstance(item, FinishedEvent):
+                items = list(self._buf)
+                self._buf.clear()
+            yield from self._events(items)
+            if isinstance(items[-1], FinishedEvent):
                 return
 
     async def __aiter__(self):
@@ -117,14 +136,50 @@ class RequestHandle:
                 q: asyncio.Queue = asyncio.Queue()
                 while self._buf:
                     q.put_nowait(self._buf.popleft())
-                self._async = (loop, q)
+                self._async = (_mailbox(loop), q)
             q = self._async[1]
         while True:
-            item = await q.get()
-            for ev in self._events(item):
+            items = [await q.get()]
+            while not q.empty():
+                items.append(q.get_nowait())
+            for ev in self._events(items):
                 yield ev
-            if isinstance(item, FinishedEvent):
+            if isinstance(items[-1], FinishedEvent):
                 return
+
+
+class _Mailbox:
+    """Items posted from other threads to one asyncio loop, delivered in order by one callback per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[Any, Any]] = []
+
+    def post(self, deliver, item: Any) -> None:
+        with self.lock:
+            self.items.append((deliver, item))
+            if len(self.items) > 1:  # a drain is already scheduled and has not run yet: it takes this one too
+                return
+        _threadsafe(self.loop, self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for deliver, item in items:
+            deliver(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

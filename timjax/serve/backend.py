@@ -126,9 +126,19 @@ class Job:
         return self.result is not None
 
     async def events(self) -> AsyncIterator[Delta | Any]:
-        """``Delta``s as tokens come, then the ``GenerationResult`` (the last item). One consumer."""
+        """``Delta``s as tokens come, then the ``GenerationResult`` (the last item). One consumer. The
+        deltas that queued up while the consumer was busy (sending the last chunk) come as one: under load
+        a stream sends fewer, longer chunks instead of falling further behind, one chunk per token."""
+        q = self._events
         while True:
-            ev = await self._events.get()
+            ev = await q.get()
+            while isinstance(ev, Delta) and not q.empty():
+                nxt = q.get_nowait()
+                if not isinstance(nxt, Delta):
+                    yield ev
+                    ev = nxt
+                    break
+                ev = Delta(ev.text + nxt.text, ev.tokens + nxt.tokens)
             yield ev
             if not isinstance(ev, Delta):
                 return
