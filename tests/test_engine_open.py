@@ -209,6 +209,33 @@ def test_deadline_ends_a_request_with_timeout_and_frees_its_pages(engine, prompt
     assert int(engine.cache.num_free) == engine.cache.num_pages
 
 
+def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, alone):
+    """After ``Engine.warmup`` the loop never compiles a step: requests of every kind (masked, forced,
+    pruning, parked) joining at staggered moments meet only shapes compiled ahead of them."""
+    import jax
+
+    from timjax.runtime import steps
+
+    jax.clear_caches()  # the module's earlier tests compiled these shapes: start from none
+    compiled = (steps.flat_generate_step, steps.flat_logits_step, steps.sample_step)
+    eng = Engine(model, **SHAPE)
+    n = eng.warmup()
+    assert n == 6  # packed lengths 8, 12, 16 (budget 16) x one KV window (the whole 64-token table) x masked or not
+    before = [f._cache_size() for f in compiled]
+    assert before[0] == 3 and before[1] == 3 and before[2] >= 1
+    eng.start()
+    try:
+        handles = []
+        for i, p in enumerate(prompts):
+            handles.append((KINDS[i % 3], i, eng.add(_make(KINDS[i % 3], p))))
+            time.sleep(0.02 * (i % 3))  # joins at staggered steps
+        for kind, i, h in handles:
+            assert h.result(timeout=120).tokens == alone[(kind, i)]
+    finally:
+        eng.stop()
+    assert [f._cache_size() for f in compiled] == before
+
+
 # -- streaming -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def text_model(qwen3_tokenizer):

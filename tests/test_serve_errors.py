@@ -34,6 +34,7 @@ def server(slow_tools):
         max_queue=1,
         max_body_bytes=4096,
         allow_tool_url=[f"127.0.0.1:{slow_tools.port}"],
+        max_step_tokens=16,  # warmup (on by default): 6 packed lengths x one KV window x masked or not
     )
     srv = Uvicorn(create_app(cfg, model=tiny_tim()))
     yield srv
@@ -63,6 +64,15 @@ def sub(server):
 
 def user(text):
     return [{"role": "user", "content": text}]
+
+
+def test_the_server_compiled_its_steps_before_taking_requests(server):
+    from timjax.runtime import steps
+
+    # packed lengths 1, 2, 4, 8, 12, 16 (one slot, a 16-token budget), one KV window (the 256-token table)
+    assert steps.flat_generate_step._cache_size() == 6
+    assert steps.flat_logits_step._cache_size() == 6
+    assert requests.get(server.url + "/health").status_code == 200
 
 
 def test_malformed_bodies(server, oa, an):

@@ -305,6 +305,22 @@ class Engine:
     def _busy(self) -> bool:
         return bool(self._inbox or self._aborts or self.loop.live())
 
+    def warmup(self, *, progress: bool = False, masked: bool = True) -> int:
+        """Compile every step shape this engine can take (each packed-length bucket up to
+        ``max_step_tokens`` times each KV window; with ``masked`` also the grammar-masked variant) before the
+        first request, so that no request waits on a compile: a server's requests arrive at staggered
+        moments and meet many shapes that a batch run never does. Call it before ``start``. Returns the
+        number of steps compiled."""
+        if self._thread is not None or self.loop.live():
+            raise RuntimeError("Engine.warmup runs before start() and before any request: the loop thread owns the device")
+        from tqdm.auto import tqdm
+
+        shift = self.reposition == "shift"
+        jobs = [(n, w, m) for n, w in self.runner.step_shapes(self.max_step_tokens) for m in ((False, True) if masked else (False,))]
+        for n, w, m in tqdm(jobs, desc="compiling steps", unit="shape", disable=not progress):
+            self.runner.warm(n, w, masked=m, shift=shift)
+        return len(jobs)
+
     def start(self) -> None:
         """Run the loop on a background thread (it owns the device until ``stop``)."""
         with self._lock:

@@ -127,25 +127,54 @@ class Runner:
     def launch(self, rows: list[Row], slots: list[SeqState | None]) -> Launched:
         """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once."""
         edits = self._edits(slots)
-        packed, N = pack_rows(rows, self.slots, min_tokens=min(MIN_DECODE_TOKENS, self.slots))
-        ints, floats = steps.flatten_inputs(packed, edits, self._sampling(rows))
+        packed, N = pack_rows(rows, self.slots, min_tokens=self.min_tokens)
+        masked = any(r.samples and r.seq.controller.wants_mask for r in rows)
+        out, mask = self._dispatch(packed, edits, self._sampling(rows), self._kv_pages(rows, edits), masked)
+        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N)
+
+    @property
+    def min_tokens(self) -> int:
+        return min(MIN_DECODE_TOKENS, self.slots)
+
+    def _dispatch(self, packed: steps.Packed, edits: steps.Edits, sampling: SamplingParams, kv_pages: int, masked: bool):
+        N = packed.tokens.shape[0]
+        ints, floats = steps.flatten_inputs(packed, edits, sampling)
         if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
             ints, floats = jax.device_put((ints, floats), self.host_inputs)
         kw = dict(
             cfg=self.cfg,
             impl=self.impl,
-            kv_pages=self._kv_pages(rows, edits),
+            kv_pages=kv_pages,
             max_new_pages=cdiv(N, self.cache.page_size) + 1,
             layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]),
         )
-        if any(r.samples and r.seq.controller.wants_mask for r in rows):
-            logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)
-            out, mask = (logits, bad, sampling), np.full((self.slots, self.words), -1, np.int32)
-        else:
-            tokens, bad, self.cache = steps.flat_generate_step(self.params, self.cache, ints, floats, **kw)
-            out, mask = (tokens, bad, None), None
         self.dispatches += 1
-        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N)
+        if masked:
+            logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)
+            return (logits, bad, sampling), np.full((self.slots, self.words), -1, np.int32)
+        tokens, bad, self.cache = steps.flat_generate_step(self.params, self.cache, ints, floats, **kw)
+        return (tokens, bad, None), None
+
+    # -- compiling ahead of the first request ------------------------------------------------------
+    def step_shapes(self, max_step_tokens: int) -> list[tuple[int, int]]:
+        """Every (packed length, KV window in pages) a step of this engine can take: the token buckets up
+        to the step budget times the power-of-two windows up to the page table's width."""
+        ps, widest = self.cache.page_size, self.cache.max_pages_per_seq
+        lengths = sorted({bucket(n) for n in range(self.min_tokens, bucket(max_step_tokens) + 1)})
+        windows = sorted({min(pow2(p, lo=cdiv(MIN_KV_WINDOW, ps)), widest) for p in range(1, widest + 1)})
+        return [(n, w) for n in lengths for w in windows]
+
+    def warm(self, n_tokens: int, kv_pages: int, *, masked: bool, shift: bool) -> None:
+        """Run the step once at this shape on an idle cache, so its compile happens now and not under a
+        request. No row has a token and every slot's length is 0: nothing is written, nothing allocated.
+        Only while no sequence holds a slot (the edits release every slot)."""
+        packed, _ = pack_rows([], self.slots, min_tokens=n_tokens)
+        edits = make_edits([None] * self.slots, {}, MAX_COMPACTIONS if shift else 0)
+        out, mask = self._dispatch(packed, edits, SamplingParams(**SamplingParams.host(self.slots)), kv_pages, masked)
+        first, _, sampling = out
+        if mask is not None:
+            first = steps.sample_step(first, sampling, mask if self.host_inputs is None else jax.device_put(mask, self.host_inputs))
+        jax.block_until_ready(first)
 
     def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S])."""

@@ -57,6 +57,7 @@ def build_state(cfg: ServeConfig, model=None) -> dict:
         page_size=cfg.page_size,
         impl=cfg.impl,
         reposition=cfg.reposition,
+        engine_options={"max_step_tokens": cfg.max_step_tokens},
         on_finish=metrics.on_finish,
     )
     metrics.watch(backend.stats)
@@ -77,6 +78,8 @@ def create_app(cfg: ServeConfig, *, model=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if state["config"].warmup:  # before uvicorn accepts: the first requests meet compiled steps
+            await run_in_threadpool(state["backend"].engine.warmup, progress=True)
         state["backend"].start()
         try:
             yield

@@ -45,6 +45,9 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-step-tokens", type=int, default=512, help="tokens one engine step computes (default 512)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every engine step shape before taking requests, so that none waits on a compile")
     p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer; -1 turns pruning off")
@@ -72,6 +75,8 @@ def config_from_args(args):
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
         page_size=args.page_size,
+        max_step_tokens=args.max_step_tokens,
+        warmup=args.warmup,
         impl=args.impl,
         reposition=args.reposition,
         pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer,

@@ -24,6 +24,8 @@ class ServeConfig(BaseModel):
     max_batch: int = Field(8, ge=1)
     max_seq_len: int = Field(2048, ge=16)
     page_size: int = Field(16, ge=1)
+    max_step_tokens: int = Field(512, ge=1)  # tokens one engine step computes (long prompts are chunked)
+    warmup: bool = True  # compile every step shape before taking requests (no request waits on a compile)
     impl: str = "auto"
     reposition: str = "reencode"
     pruning_buffer: int | None = 2
