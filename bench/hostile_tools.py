@@ -23,7 +23,6 @@ import json
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 

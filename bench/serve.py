@@ -166,7 +166,7 @@ def bench_concurrency(args, model) -> list[dict]:
     from timjax.serve.app import create_app
     from timjax.serve.config import ServeConfig
 
-    cfg = ServeConfig(tim=False, max_batch=args.max_batch, max_seq_len=512, max_queue=1024)
+    cfg = ServeConfig(tim=False, max_batch=args.max_batch, max_seq_len=512, max_queue=1024, warmup="eager")
     srv = Server(create_app(cfg, model=model))
     backend = srv.app.state.backend
     rows = []

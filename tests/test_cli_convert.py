@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401
-import numpy as np
 import pytest
 from safetensors import safe_open
 

@@ -211,7 +211,8 @@ def test_deadline_ends_a_request_with_timeout_and_frees_its_pages(engine, prompt
 
 def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, alone):
     """After ``Engine.warmup`` the loop never compiles a step: requests of every kind (masked, forced,
-    pruning, parked) joining at staggered moments meet only shapes compiled ahead of them."""
+    pruning, parked) joining at staggered moments meet only shapes compiled ahead of them. In the background
+    the warmup yields to requests: one sent while it runs is served, with its greedy tokens."""
     import jax
 
     from timjax.runtime import steps
@@ -219,12 +220,14 @@ def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, 
     jax.clear_caches()  # the module's earlier tests compiled these shapes: start from none
     compiled = (steps.flat_generate_step, steps.flat_logits_step, steps.sample_step)
     eng = Engine(model, **SHAPE)
-    n = eng.warmup()
-    assert n == 6  # packed lengths 8, 12, 16 (budget 16) x one KV window (the whole 64-token table) x masked or not
-    before = [f._cache_size() for f in compiled]
-    assert before[0] == 3 and before[1] == 3 and before[2] >= 1
     eng.start()
     try:
+        assert eng.warmup(background=True) == 6  # packed lengths 8, 12, 16 (budget 16) x one KV window x mask or not
+        early = eng.add(_make("pruner", prompts[0]))
+        assert early.result(timeout=120).tokens == alone[("pruner", 0)]
+        _wait(lambda: eng.stats().warmup_shapes_left == 0, timeout=120)
+        before = [f._cache_size() for f in compiled]
+        assert before[0] == 3 and before[1] == 3 and before[2] >= 1
         handles = []
         for i, p in enumerate(prompts):
             handles.append((KINDS[i % 3], i, eng.add(_make(KINDS[i % 3], p))))

@@ -44,7 +44,7 @@ def server(tools_server, slow_tools_server):
     cfg = ServeConfig(
         api_key=KEY,
         max_seq_len=1024,
-        warmup=False,  # the steps compile as the tests meet them (test_serve_errors covers warmup)
+        warmup="off",  # the steps compile as the tests meet them (test_serve_errors and test_engine_open cover it)
         allow_tool_url=[f"127.0.0.1:{tools_server.port}", f"127.0.0.1:{slow_tools_server.port}"],
     )
     srv = Uvicorn(create_app(cfg, model=tiny_tim()))
@@ -162,7 +162,7 @@ def test_response_format_without_tim_constrains_the_whole_output(server):
     from timjax.serve.config import ServeConfig
 
     model = server.app.state.backend.model
-    plain = Uvicorn(create_app(ServeConfig(tim=False, max_seq_len=512, served_model_name="plain", warmup=False), model=model))
+    plain = Uvicorn(create_app(ServeConfig(tim=False, max_seq_len=512, served_model_name="plain", warmup="off"), model=model))
     try:
         client = openai.OpenAI(base_url=plain.url + "/v1", api_key="x", max_retries=0)
         schema = {

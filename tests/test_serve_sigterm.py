@@ -18,7 +18,7 @@ def test_sigterm_drains_running_requests_and_exits(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "timjax.cli", "serve", "--port", str(port), "--max-seq-len", "512", "--no-warmup", "--grace", "60"]
+    cmd = [sys.executable, "-m", "timjax.cli", "serve", "--port", str(port), "--max-seq-len", "512", "--warmup", "off", "--grace", "60"]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -91,8 +91,7 @@ def qwen_tiktoken_path() -> Path:
 
 @lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers import Regex
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     tok = TikTokenConverter(vocab_file=str(qwen_tiktoken_path()), pattern=QWEN_PATTERN).tokenizer()

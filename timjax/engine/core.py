@@ -131,6 +131,7 @@ class Engine:
         self._closed = False
         self._draining = False
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._warm_jobs: deque[tuple[int, int, bool]] = deque()  # background warmup: shapes left to compile
         self._stats = self.loop.snapshot()
         self.failure: BaseException | None = None  # the last exception a step raised (the loop goes on)
 
@@ -151,7 +152,8 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             extra = len(self._inbox) + len(self._opening)
-        return self._stats.model_copy(update={"waiting": self._stats.waiting + extra})
+            warm = len(self._warm_jobs)
+        return self._stats.model_copy(update={"waiting": self._stats.waiting + extra, "warmup_shapes_left": warm})
 
     # -- the door ---------------------------------------------------------------------------------
     def add_request(
@@ -305,21 +307,44 @@ class Engine:
     def _busy(self) -> bool:
         return bool(self._inbox or self._aborts or self.loop.live())
 
-    def warmup(self, *, progress: bool = False, masked: bool = True) -> int:
+    def warmup(self, *, progress: bool = False, masked: bool = True, background: bool = False) -> int:
         """Compile every step shape this engine can take (each packed-length bucket up to
-        ``max_step_tokens`` times each KV window; with ``masked`` also the grammar-masked variant) before the
-        first request, so that no request waits on a compile: a server's requests arrive at staggered
-        moments and meet many shapes that a batch run never does. Call it before ``start``. Returns the
-        number of steps compiled."""
-        if self._thread is not None or self.loop.live():
-            raise RuntimeError("Engine.warmup runs before start() and before any request: the loop thread owns the device")
+        ``max_step_tokens`` times each KV window; with ``masked`` also the grammar-masked variant), so that
+        no request waits on a compile: a server's requests arrive at staggered moments and meet many shapes
+        that a batch run never does. Smallest shapes first (decode steps), the ones a request meets first.
+
+        ``background=False``: now, before ``start`` (a progress bar with ``progress``). ``background=True``:
+        the loop thread compiles one shape at a time whenever no request is live, so the engine serves at
+        once and a request waits on at most the one compile in progress (``stats().warmup_shapes_left``).
+        Returns the number of shapes."""
+        if self.loop.live() or (self._thread is not None and not background):
+            raise RuntimeError("Engine.warmup runs before any request (and, unless background, before start())")
+        variants = (False, True) if masked else (False,)
+        jobs = [(n, w, m) for n, w in self.runner.step_shapes(self.max_step_tokens) for m in variants]
+        if background:
+            with self._lock:
+                self._warm_jobs.extend(jobs)
+            self._wake.set()
+            return len(jobs)
         from tqdm.auto import tqdm
 
-        shift = self.reposition == "shift"
-        jobs = [(n, w, m) for n, w in self.runner.step_shapes(self.max_step_tokens) for m in ((False, True) if masked else (False,))]
-        for n, w, m in tqdm(jobs, desc="compiling steps", unit="shape", disable=not progress):
-            self.runner.warm(n, w, masked=m, shift=shift)
+        for job in tqdm(jobs, desc="compiling steps", unit="shape", disable=not progress):
+            self._warm(job)
         return len(jobs)
+
+    def _warm(self, job: tuple[int, int, bool]) -> None:
+        self.loop.release_idle()  # the warm step releases every slot: drop what finished sequences left
+        n, window, masked = job
+        self.runner.warm(n, window, masked=masked, shift=self.reposition == "shift")
+
+    def _warm_one_if_idle(self) -> bool:
+        """The loop thread, nothing live: compile the next background-warmup shape, if any."""
+        with self._lock:
+            if not self._warm_jobs or self._inbox or self._aborts or self._opening:
+                return False
+            job = self._warm_jobs.popleft()
+        self._warm(job)
+        return True
 
     def start(self) -> None:
         """Run the loop on a background thread (it owns the device until ``stop``)."""
@@ -338,6 +363,13 @@ class Engine:
                     opening = bool(self._opening)
                 if self._draining and not opening:
                     return
+                try:
+                    if self._warm_one_if_idle():
+                        continue
+                except Exception:  # noqa: BLE001 - a shape that fails to compile now fails its request later
+                    log.exception("background warmup failed; the remaining shapes compile when first met")
+                    with self._lock:
+                        self._warm_jobs.clear()
                 self._wake.wait(0.05)
                 continue
             try:

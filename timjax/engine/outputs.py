@@ -67,6 +67,7 @@ class EngineStats(BaseModel):
     requests_finished_total: int = 0
     preemptions_total: int = 0
     steps_total: int = 0
+    warmup_shapes_left: int = 0  # step shapes a background warmup has still to compile
 
 
 class Detokenizer:

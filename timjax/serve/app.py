@@ -78,8 +78,11 @@ def create_app(cfg: ServeConfig, *, model=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if state["config"].warmup:  # before uvicorn accepts: the first requests meet compiled steps
-            await run_in_threadpool(state["backend"].engine.warmup, progress=True)
+        engine, warmup = state["backend"].engine, state["config"].warmup
+        if warmup == "eager":  # before uvicorn accepts: the first requests meet compiled steps
+            await run_in_threadpool(engine.warmup, progress=True)
+        elif warmup == "background":
+            engine.warmup(background=True)
         state["backend"].start()
         try:
             yield

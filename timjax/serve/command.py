@@ -46,8 +46,9 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-step-tokens", type=int, default=512, help="tokens one engine step computes (default 512)")
-    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile every engine step shape before taking requests, so that none waits on a compile")
+    p.add_argument("--warmup", choices=("background", "eager", "off"), default="background",
+                   help="compile every engine step shape ahead of requests: while idle (background), before "
+                   "accepting requests (eager), or each when first met (off)")
     p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer; -1 turns pruning off")

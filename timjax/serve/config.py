@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -25,7 +27,9 @@ class ServeConfig(BaseModel):
     max_seq_len: int = Field(2048, ge=16)
     page_size: int = Field(16, ge=1)
     max_step_tokens: int = Field(512, ge=1)  # tokens one engine step computes (long prompts are chunked)
-    warmup: bool = True  # compile every step shape before taking requests (no request waits on a compile)
+    # compile every step shape ahead of requests: "background" (the loop compiles while idle; the server
+    # answers at once), "eager" (before accepting requests), "off" (each shape when first met)
+    warmup: Literal["background", "eager", "off"] = "background"
     impl: str = "auto"
     reposition: str = "reencode"
     pruning_buffer: int | None = 2

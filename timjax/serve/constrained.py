@@ -24,7 +24,6 @@ class JsonController:
 
     def __init__(self, model, schema: dict, *, max_new_tokens: int, stop_ids: list[int]):
         from timjax.tim.grammar import make_grammar
-
         from timjax.tim.schema import JSON_OPTIONS
 
         # no free whitespace, the separators json.dumps writes (else a small model pads with newlines)

@@ -26,6 +26,7 @@ _ENGINE = {
     "requests_finished_total": ("timjax_engine_requests_finished", "requests the engine finished", "counter"),
     "preemptions_total": ("timjax_preemptions", "sequences preempted for pages", "counter"),
     "steps_total": ("timjax_engine_steps", "engine iterations", "counter"),
+    "warmup_shapes_left": ("timjax_warmup_shapes_left", "step shapes the background warmup has still to compile", "gauge"),
 }
 
 
