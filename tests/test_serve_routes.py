@@ -137,7 +137,11 @@ def test_openai_client_side_function_calling_round_trip(oa):
     chunks = list(oa.chat.completions.create(model=MODEL, messages=messages, tools=[CALC], tool_choice=named,
                                              max_tokens=200, stream=True))
     streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(t.function.name, t.function.arguments) for t in streamed] == [("calculator", call.function.arguments)]
+    # the call as it is written: its id, type and name first, then its arguments in several fragments
+    assert streamed[0].id.startswith("call_") and streamed[0].type == "function"
+    assert streamed[0].function.name == "calculator" and streamed[0].function.arguments == ""
+    assert {t.index for t in streamed} == {0} and len(streamed) > 2
+    assert "".join(t.function.arguments for t in streamed) == call.function.arguments  # the same call as unstreamed
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     # the client runs the function and resends everything
     result = calculate(args["op"], args["a"], args["b"])

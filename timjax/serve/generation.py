@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from typing import Any
 
 from pydantic import RootModel
@@ -161,10 +162,12 @@ def reasoning_tree(result) -> list[dict] | None:
 
 
 class StreamAnswer:
-    """Text deltas of the TIM answer as the document grows: the answer string of the partial document,
-    sent once it can only grow (a prefix of what was sent is never taken back)."""
+    """Text deltas of a string field (the TIM ``answer``; ``content`` of a function-calling reply) as the
+    document grows: the field's string in the partial document, sent once it can only grow (a prefix of
+    what was sent is never taken back)."""
 
-    def __init__(self):
+    def __init__(self, key: str = "answer"):
+        self.key = key
         self.doc = ""
         self.sent = ""
 
@@ -172,13 +175,13 @@ class StreamAnswer:
         from timjax.tim.partial_json import close_partial_json
 
         self.doc += text
-        if '"answer": "' not in self.doc:
+        if f'"{self.key}": "' not in self.doc:
             return ""
         try:
             value = close_partial_json(self.doc)
         except Exception:  # noqa: BLE001 - an unparseable prefix: wait for more
             return ""
-        ans = value.get("answer") if isinstance(value, dict) else None
+        ans = value.get(self.key) if isinstance(value, dict) else None
         if not isinstance(ans, str) or not ans.startswith(self.sent):
             return ""
         # the last character may be half an escape: keep it back until the string closes
@@ -189,6 +192,74 @@ class StreamAnswer:
 
     def rest(self, final: str) -> str:
         return final[len(self.sent) :] if final.startswith(self.sent) else ""
+
+
+class StreamCalls:
+    """OpenAI ``delta.tool_calls`` entries as a function-calling document (``{"tool_calls": [{"name": ...,
+    "arguments": {...}}, ...]}``) grows: a call's first entry once its name is complete (id, type, name, empty
+    arguments), then its arguments' JSON text as the model writes it, in fragments that concatenate to it.
+    The grammar writes ``name`` before ``arguments``, so a call's name is final once its arguments start."""
+
+    def __init__(self):
+        self.doc = ""
+        self.calls: list[dict] = []  # per call begun: {"id", "name", "sent"} (arguments text sent so far)
+
+    def feed(self, text: str) -> list[dict]:
+        self.doc += text
+        out = []
+        for k, (name, args) in enumerate(calls_so_far(self.doc)):
+            if k == len(self.calls):
+                self.calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "name": name, "sent": ""})
+                out.append({"index": k, "id": self.calls[k]["id"], "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+            call = self.calls[k]
+            if len(args) > len(call["sent"]):
+                out.append({"index": k, "function": {"arguments": args[len(call["sent"]):]}})
+                call["sent"] = args
+        return out
+
+
+def calls_so_far(doc: str) -> list[tuple[str, str]]:
+    """(name, the arguments' JSON text written so far) of each call whose arguments have begun."""
+    from timjax.tim.partial_json import close_partial_json
+
+    marker = '"arguments": '
+    if '"tool_calls"' not in doc or marker not in doc:
+        return []
+    try:
+        calls = close_partial_json(doc).get("tool_calls") or []
+    except Exception:  # noqa: BLE001 - an unparseable prefix: wait for more
+        return []
+    out, pos = [], 0
+    for call in calls:
+        start = doc.find(marker, pos)
+        if not isinstance(call, dict) or "arguments" not in call or start < 0:
+            break
+        start += len(marker)
+        end = _json_value_end(doc, start)
+        out.append((call["name"], doc[start:end]))
+        if end == len(doc):
+            break
+        pos = end
+    return out
+
+
+def _json_value_end(text: str, start: int) -> int:
+    """The index just past the JSON object or array starting at ``start`` (``len(text)`` while it is open)."""
+    depth, in_str, esc = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_str:
+            esc, in_str = (False, in_str) if esc else (c == "\\", c != '"')
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
 
 
 async def submit(request, greq: GenRequest, request_id: str | None = None):

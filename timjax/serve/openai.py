@@ -199,11 +199,10 @@ def _tool_message(result) -> tuple[dict, str]:
     if result.finish_reason == "length":  # the JSON was cut: what was written, as content
         return {"role": "assistant", "content": text}, "length"
     doc = json.loads(text)
-    if "tool_calls" in doc:
+    if "tool_calls" in doc:  # the arguments as the model wrote them (what a stream sends, fragment by fragment)
         calls = [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for c in doc["tool_calls"]
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
+            for name, args in gen.calls_so_far(text)
         ]
         return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
     return {"role": "assistant", "content": doc["content"]}, "stop"
@@ -266,12 +265,15 @@ async def _chunks(job, cid, created, model, kind: str, include_usage: bool):
 
     tim = kind == "tim"
     yield chunk({"role": "assistant", "content": ""})
-    answer = gen.StreamAnswer()
+    answer = gen.StreamAnswer("content" if kind == "tools" else "answer")
+    calls = gen.StreamCalls()
     async for ev in job.events():
         if isinstance(ev, Delta):
-            if kind == "tools":  # a call is sent whole once its JSON is complete
-                continue
-            text = answer.feed(ev.text) if tim else ev.text
+            if kind == "tools":  # each call as it is written: its name, then its arguments in fragments
+                entries = calls.feed(ev.text)
+                if entries:
+                    yield chunk({"tool_calls": entries})
+            text = answer.feed(ev.text) if tim or kind == "tools" else ev.text
             if text:
                 yield chunk({"content": text})
             continue
@@ -281,11 +283,16 @@ async def _chunks(job, cid, created, model, kind: str, include_usage: bool):
             return
         if kind == "tools":
             message, finish = _tool_message(result)
-            if message.get("tool_calls"):
-                for i, c in enumerate(message["tool_calls"]):
-                    yield chunk({"tool_calls": [{"index": i, **c}]})
-            elif message["content"]:
-                yield chunk({"content": message["content"]})
+            final = result.text or ""
+            rest = calls.feed(final[len(calls.doc):]) if final.startswith(calls.doc) else []
+            if rest:  # text the deltas had not carried yet
+                yield chunk({"tool_calls": rest})
+            if finish == "length" and not calls.calls and not answer.sent:
+                tail = message["content"]  # cut before a call or an answer began: what was written, as is
+            else:
+                tail = answer.rest(message["content"] or "") if not message.get("tool_calls") else ""
+            if tail:
+                yield chunk({"content": tail})
         else:
             finish = _finish_reason(result)
             rest = answer.rest(gen.answer_text(result, tim)) if tim else ""
