@@ -6,7 +6,8 @@ The server is ``timjax.serve.create_app`` (the open engine behind FastAPI on uvi
 the shipped tiny TIM; the clients are the official ``openai`` client (async) and plain HTTP for the Runs API.
 
 (a) concurrency: N clients (``--clients``, default 1 4 16 64) each stream one chat completion (plain
-    generation, ``--max-tokens``, greedy) at once. Throughput = completion tokens / wall time of the
+    generation, ``--max-tokens``, greedy) at once, over raw SSE (``--client openai``: the official client).
+    The server warms up eagerly (every step shape compiled before the first wave). Throughput = completion tokens / wall time of the
     whole wave; TTFT = send -> first content chunk; ITL = gaps between content chunks (p50 / p99 over all
     requests of the wave). "offline" = the same N prompts (same token ids, same budget) added straight to
     the same running open engine (``engine.add_request``, no HTTP) and collected: the ratio is server
@@ -92,7 +93,9 @@ def questions(n: int) -> list[str]:
     return [f"Calculate {3 + i % 17} * ({i % 11} - {5 + i % 7})." for i in range(n)]
 
 
-async def wave(url: str, qs: list[str], max_tokens: int) -> dict:
+async def wave(url: str, qs: list[str], max_tokens: int, client_kind: str = "raw") -> dict:
+    if client_kind == "raw":
+        return await wave_raw(url, qs, max_tokens)
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
@@ -122,9 +125,42 @@ async def wave(url: str, qs: list[str], max_tokens: int) -> dict:
             "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
-def wave_sync(url: str, qs: list[str], max_tokens: int) -> dict:
+async def wave_raw(url: str, qs: list[str], max_tokens: int) -> dict:
+    """``wave`` with a light client, as vLLM's benchmark_serving does (aiohttp, ``data:`` lines parsed by
+    hand): on a 2-core machine the load generator's own CPU is taken from the server it measures, and the
+    official client parses every chunk into pydantic objects."""
+    import httpx2 as httpx  # the HTTP client the openai package itself depends on
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(qs) + 4)) as http:
+
+        async def one(q):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            t0, stamps, tokens = time.perf_counter(), [], 0
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    if '"content":"' in line and '"content":""' not in line:
+                        stamps.append(time.perf_counter())
+                    elif '"usage":' in line:
+                        tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            return t0, stamps, tokens
+
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(one(q) for q in qs))
+        wall = time.perf_counter() - t0
+    tokens = sum(o[2] for o in outs)
+    ttft = [o[1][0] - o[0] for o in outs if o[1]]
+    itl = [b - a for o in outs for a, b in zip(o[1], o[1][1:])]
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 50),
+            "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+def wave_sync(url: str, qs: list[str], max_tokens: int, client_kind: str = "raw") -> dict:
     """``wave`` to completion: what a client process runs (its own interpreter, not the server's GIL)."""
-    return asyncio.run(wave(url, qs, max_tokens))
+    return asyncio.run(wave(url, qs, max_tokens, client_kind))
 
 
 class Clients:
@@ -140,10 +176,10 @@ class Clients:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds JAX and threads
             self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
 
-    def wave(self, url: str, qs: list[str], max_tokens: int) -> dict:
+    def wave(self, url: str, qs: list[str], max_tokens: int, client_kind: str = "raw") -> dict:
         if self.pool is None:
-            return wave_sync(url, qs, max_tokens)
-        return self.pool.submit(wave_sync, url, qs, max_tokens).result()
+            return wave_sync(url, qs, max_tokens, client_kind)
+        return self.pool.submit(wave_sync, url, qs, max_tokens, client_kind).result()
 
     def close(self):
         if self.pool is not None:
@@ -173,12 +209,12 @@ def bench_concurrency(args, model) -> list[dict]:
     clients = Clients(separate=not args.clients_in_process)
     try:
         for n in args.clients:  # warm-up: every shape a wave of N compiles (compile time is not measured)
-            clients.wave(srv.url, questions(n), args.max_tokens)
+            clients.wave(srv.url, questions(n), args.max_tokens, args.client)
             offline(backend, questions(n), args.max_tokens)
         for rep in range(args.repeats):
             for n in args.clients:
                 qs = questions(n)
-                s = clients.wave(srv.url, qs, args.max_tokens)
+                s = clients.wave(srv.url, qs, args.max_tokens, args.client)
                 o = offline(backend, qs, args.max_tokens)
                 row = {"clients": n, "rep": rep, **s, "offline_tok_s": o["tok_s"], "offline_tokens": o["tokens"],
                        "ratio": s["tok_s"] / o["tok_s"]}
@@ -414,13 +450,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--calls", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    ap.add_argument("--calls", type=int, nargs="+", default=[1, 2, 5, 10, 20, 40])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--clients-in-process",
         action="store_true",
         help="run the clients in the server's process (they then share its GIL: a lower bound)",
     )
+    ap.add_argument("--client", choices=["raw", "openai"], default="raw",
+                    help="(a)'s load generator: raw SSE lines over httpx (as vLLM's benchmark_serving), or the "
+                    "official openai client (heavier: every chunk becomes pydantic objects)")
     ap.add_argument("--skip", choices=["concurrency", "tools"], default=None)
     ap.add_argument("--json", default="bench/out/serve.json")
     ap.add_argument("--plot", default=None)
