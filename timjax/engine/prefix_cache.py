@@ -14,9 +14,9 @@ after the step that wrote them, while the slot still holds them; a partly filled
 any token past the prompt (generated reasoning, pruned subtasks). Each index page counts the slots that
 map it; one that no slot maps is evictable and stays cached until the allocator needs it (LRU order).
 
-The device learns of all this through ``borrowed`` (each slot's index pages, sent with every step so a
-release in that step leaves them cached) and ``timjax.runtime.cache.map_prefix`` (evictions, and mapping
-a hit into a newly admitted slot), dispatched before a step when there is something to send.
+The device learns of all this through the step's edits (``borrowed``: each slot's index pages, so a release
+in that step leaves them cached; ``evict``: pages back to the free stack) and, on a step that admits a hit,
+``timjax.runtime.cache.map_prefix`` dispatched just before it (mapping the cached pages into the new slots).
 """
 
 from __future__ import annotations
@@ -161,27 +161,31 @@ class PrefixCache:
 
     # -- the device edits ----------------------------------------------------------------------------
     def flush(self, slots: list[SeqState | None]) -> tuple | None:
-        """Arguments for ``timjax.runtime.cache.map_prefix`` (None when nothing is pending): the evictions
-        and the maps of slots still held by the sequence that was admitted into them."""
+        """Arguments for ``timjax.runtime.cache.map_prefix`` (None when nothing is to map): the maps of slots
+        still held by the sequence admitted into them."""
         maps = [(slot, pages) for slot, (seq, pages) in self.maps.items() if slots[slot] is seq]
         self.maps.clear()
-        if not maps and not self.evicted:
+        if not maps:
             return None
-        S = len(slots)
-        K = pow2(max(len(maps), 1))
-        slot_ids = np.full(K, S, np.int32)  # padding: out of range, dropped
+        K = pow2(len(maps))
+        slot_ids = np.full(K, len(slots), np.int32)  # padding: out of range, dropped
         pages = np.zeros((K, self.max_pages), np.int32)
         n = np.zeros(K, np.int32)
         for i, (slot, p) in enumerate(maps):
             slot_ids[i], n[i] = slot, len(p)
             pages[i, : len(p)] = p
-        evict = np.full(pow2(max(len(self.evicted), 8)), -1, np.int32)
-        evict[: len(self.evicted)] = self.evicted
-        self.evicted = []
         borrowed = self.dev_borrowed.copy()
         for slot, p in maps:
             self.dev_borrowed[slot] = len(p)
-        return borrowed, evict, slot_ids, pages, n
+        return borrowed, slot_ids, pages, n
+
+    def take_evicted(self, capacity: int) -> np.ndarray:
+        """The evicted pages for the next step's edits, padded with -1 to ``capacity``."""
+        assert len(self.evicted) <= capacity, f"{len(self.evicted)} evictions, the step carries {capacity}"
+        out = np.full(capacity, -1, np.int32)
+        out[: len(self.evicted)] = self.evicted
+        self.evicted = []
+        return out
 
     def sync(self, slots: list[SeqState | None]) -> None:
         """After a release reached the device: each slot's count is its occupant's (0 when free)."""

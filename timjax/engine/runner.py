@@ -157,10 +157,8 @@ class Runner:
         if self.prefix is not None:
             self.prefix.dev_borrowed[np.asarray(mask)] = 0
 
-    def _prefix_edits(self, slots: list[SeqState | None], evict: int) -> None:
-        """Evictions and maps for admitted hits go to the device first (``map_prefix``)."""
-        if evict:
-            self.prefix.evict(evict)
+    def _map_prefixes(self, slots: list[SeqState | None]) -> None:
+        """Cached prefixes of newly admitted sequences go into their slots first (one ``map_prefix``)."""
         args = self.prefix.flush(slots)
         if args is not None:
             if self.host_inputs is not None:
@@ -171,13 +169,19 @@ class Runner:
     def launch(self, rows: list[Row], slots: list[SeqState | None], evict: int = 0) -> Launched:
         """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once.
         ``evict``: cached pages the prefix index hands back to the free stack first."""
-        if self.prefix is not None:
-            self._prefix_edits(slots, evict)
-        edits = self._edits(slots)
-        if self.prefix is not None:
-            edits = dataclasses.replace(edits, borrowed=self.prefix.dev_borrowed.copy())
-            self.prefix.sync(slots)  # after this step's releases, each slot holds its occupant's pages
         packed, N = pack_rows(rows, self.slots, min_tokens=min(MIN_DECODE_TOKENS, self.slots))
+        edits = self._edits(slots)
+        n_evict = 0
+        if self.prefix is not None:
+            self._map_prefixes(slots)
+            # evictions are bounded by the pages this step can reserve: a capacity the layout fixes anyway
+            n_evict = cdiv(N, self.cache.page_size) + self.slots
+            if evict:
+                self.prefix.evict(evict)
+            edits = dataclasses.replace(
+                edits, borrowed=self.prefix.dev_borrowed.copy(), evict=self.prefix.take_evicted(n_evict)
+            )
+            self.prefix.sync(slots)  # after this step's releases, each slot holds its occupant's pages
         ints, floats = steps.flatten_inputs(packed, edits, self._sampling(rows))
         if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
             ints, floats = jax.device_put((ints, floats), self.host_inputs)
@@ -186,7 +190,7 @@ class Runner:
             impl=self.impl,
             kv_pages=self._kv_pages(rows, edits),
             max_new_pages=cdiv(N, self.cache.page_size) + 1,
-            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]),
+            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0], n_evict),
         )
         if any(r.samples and r.seq.controller.wants_mask for r in rows):
             logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)

@@ -15,7 +15,7 @@ Prefix sharing (``timjax.engine.prefix_cache`` decides it on the host): the firs
 row are pages the host's prefix index holds, read-only and possibly mapped by other rows too. They are
 neither free nor owned by the row: ``shrink`` unmaps them without freeing, and a row writes only past them
 (the host never lets a row's length fall inside a borrowed page without unmapping it). ``map_prefix``
-maps index pages into rows and returns evicted index pages to the free stack.
+maps index pages into rows; ``push_free`` returns evicted index pages to the free stack.
 """
 
 from __future__ import annotations
@@ -203,23 +203,23 @@ def raise_borrowed(cache: KVCache, borrowed: jax.Array | None) -> KVCache:
     return cache.replace(borrowed=jnp.maximum(cache.borrowed, borrowed))
 
 
+def push_free(cache: KVCache, pages: jax.Array) -> KVCache:
+    """Hand ``pages`` (-1 = padding) back to the free stack: cached pages the host's prefix index evicted."""
+    ok = pages >= 0
+    dest = jnp.where(ok, cache.num_free + jnp.cumsum(ok) - 1, cache.num_pages)  # padding -> dropped
+    return cache.replace(free_stack=cache.free_stack.at[dest].set(pages, mode="drop"), num_free=cache.num_free + ok.sum())
+
+
 @partial(jax.jit, donate_argnums=0)
-def map_prefix(
-    cache: KVCache, borrowed: jax.Array, evict: jax.Array, slots: jax.Array, pages: jax.Array, n: jax.Array
-) -> KVCache:
-    """The prefix index's device edits, before a step: ``borrowed`` [S] (see ``raise_borrowed``); evicted
-    index pages ``evict`` [Ev] (-1 = padding) go back to the free stack; row ``slots[i]`` (padding: >= S) drops
-    its previous occupant's pages and maps ``pages[i, :n[i]]`` as its first ``n[i]`` borrowed (full) pages."""
+def map_prefix(cache: KVCache, borrowed: jax.Array, slots: jax.Array, pages: jax.Array, n: jax.Array) -> KVCache:
+    """Map cached prefixes into newly admitted rows, before their first step: ``borrowed`` [S] (see
+    ``raise_borrowed``); row ``slots[i]`` (padding: >= S) drops its previous occupant's own pages and maps
+    ``pages[i, :n[i]]`` as its first ``n[i]`` borrowed (full) pages."""
     cache = raise_borrowed(cache, borrowed)
     cache = shrink(cache, cache.lengths.at[slots].set(0, mode="drop"))
-    ok = evict >= 0
-    dest = jnp.where(ok, cache.num_free + jnp.cumsum(ok) - 1, cache.num_pages)
-    free_stack = cache.free_stack.at[dest].set(evict, mode="drop")
     j = jnp.arange(pages.shape[1])[None, :]
     col = jnp.where(j < n[:, None], j, cache.max_pages_per_seq)  # out of range -> dropped
     return cache.replace(
-        free_stack=free_stack,
-        num_free=cache.num_free + ok.sum(),
         page_table=cache.page_table.at[slots[:, None], col].set(pages, mode="drop"),
         lengths=cache.lengths.at[slots].set(n * cache.page_size, mode="drop"),
         pages_owned=cache.pages_owned.at[slots].set(n, mode="drop"),
