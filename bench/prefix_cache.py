@@ -139,7 +139,15 @@ def main() -> None:
                 ]
             )
     text = print_table(
-        ["prompts", "prefix cache", "batch tok/s", "batch TTFT p50 ms", "batch TTFT p99 ms", "alone TTFT ms", "hit tokens"],
+        [
+            "prompts",
+            "prefix cache",
+            "batch tok/s",
+            "batch TTFT p50 ms",
+            "batch TTFT p99 ms",
+            "alone TTFT ms",
+            "hit tokens",
+        ],
         rows,
         title=f"{args.requests} requests, {args.new_tokens} new tokens, max_batch {args.max_batch}, page 16, "
         f"512 tokens a step; median (min-max) of {args.repeats}",

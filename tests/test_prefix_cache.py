@@ -152,3 +152,59 @@ def test_pages_stay_consistent_under_random_mixes(model, prompts, alone, mix):
         else:
             assert r.tokens == alone[k], (k, r.finish_reason, r.error)
     assert int(eng.cache.num_free) + eng.stats().prefix_cache_pages == eng.cache.num_pages
+
+
+# -- TIM: schema-constrained replays with subtask pruning, over one shared instruction prompt ----------------
+@pytest.mark.parametrize("reposition", ["reencode", "shift"])
+def test_tim_replays_sample_the_same_with_the_cache_on(qwen3_tokenizer, reposition):
+    """Three TIM replays (grammar masks, forced tokens, subtask pruning) over one shared prompt, in a pool
+    that forces preemption: every token the device sampled and every working memory equal the cache-off
+    run's, and the shared prompt pages were mapped."""
+    from conftest import random_tim_model
+
+    from timjax.engine.tim_controller import ReplayText, TimController
+    from timjax.tim.grammar import llg_tokenizer
+    from timjax.tim.schema import tim_schema
+    from timjax.tim.traces import serialise, synthetic_document
+
+    model = random_tim_model(qwen3_tokenizer, max_position_embeddings=256)
+    llt = llg_tokenizer(model.tokenizer, 151_936, [151645])
+    schema = tim_schema(max_depth=5)
+    prompt = model.tokenizer("Think it through, step by step, and answer in the format. " * 3)["input_ids"]
+    docs = [synthetic_document(depth=3, breadth=2, roots=1, words=4, seed=40 + i) for i in range(3)]
+
+    def run(prefix_cache):
+        raw: dict = {}
+        reqs = []
+        for i, doc in enumerate(docs):
+            ctrl = TimController(
+                model,
+                schema,
+                max_new_tokens=20_000,
+                prompt_len=len(prompt),
+                pruning_buffer=1,
+                override=ReplayText(serialise(doc), llt),
+            )
+            on_token, log = ctrl.on_token, raw.setdefault(i, [])
+            ctrl.on_token = lambda token, seq, _f=on_token, _log=log: (_log.append(token), _f(token, seq))[1]
+            reqs.append(Request(prompt, 20_000, controller=ctrl))
+        eng = Engine(
+            model,
+            max_batch=3,
+            page_size=4,
+            max_seq_len=256,
+            kv_tokens=200,
+            reposition=reposition,
+            check_cache=True,
+            prefix_cache=prefix_cache,
+            max_step_tokens=32,
+        )
+        res = eng.run(reqs)
+        assert all(r.finish_reason == "stop" for r in res), [r.error for r in res]
+        return raw, [r.working_memory for r in res], eng.stats()
+
+    raw_off, wm_off, s_off = run(False)
+    raw_on, wm_on, s_on = run(True)
+    assert raw_on == raw_off and wm_on == wm_off
+    assert s_on.prefix_cache_hit_tokens_total >= (len(prompt) - 1) // 4 * 4  # a replay mapped the prompt
+    assert s_on.preemptions_total > 0 and s_on.pruned_tokens_total > 0

@@ -203,7 +203,9 @@ class PrefixCache:
             for n in s.shared:
                 counts[n.page] = counts.get(n.page, 0) + 1
         for page, node in self.by_page.items():
-            assert node.refs == counts.get(page, 0), f"page {page}: {node.refs} references, {counts.get(page, 0)} owners"
+            assert node.refs == counts.get(page, 0), (
+                f"page {page}: {node.refs} references, {counts.get(page, 0)} owners"
+            )
             assert (node.refs == 0) == (page in self.lru), f"page {page}: refs {node.refs} but LRU membership wrong"
             assert self.index[node.key] is node
         assert set(self.lru) <= set(self.by_page)

@@ -6,7 +6,9 @@ that pruning and the scheduler asked for (cuts for re-encode, releases of finish
 shift-mode compactions) travel with the step and are applied at its start, for every slot at once. So an
 iteration costs one dispatch, or two when a row samples under a grammar mask: the forward runs while the
 host fills the masks, then one sample dispatch. The sampled tokens, a non-finite flag per row and the
-allocator's out-of-pages flags come back in one sync.
+allocator's out-of-pages flags come back in one sync. Prefix caching (``timjax.engine.prefix_cache``) adds
+each slot's cached-page count and the evicted pages to the step's edits, one ``map_prefix`` dispatch before
+a step that admits a cached prefix, and the page table to the sync after a step that completes prompt pages.
 """
 
 from __future__ import annotations
