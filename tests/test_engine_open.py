@@ -34,7 +34,6 @@ from timjax.engine import (
     RequestParams,
     TokenEvent,
 )
-from timjax.runtime.cache import check_invariants
 
 N_NEW = 10
 # One shape for the module (8 slots, a pool of 40 pages of 4 tokens, at most 16 tokens a step): the steps
@@ -155,7 +154,7 @@ def test_a_request_joining_mid_run_gets_its_greedy_tokens_alone(model, engine, p
     _step_until(eng, lambda: late.done and all(h.done for h in hs))
     assert late.result().tokens == alone[("plain", 7)]
     assert [h.result().tokens for h in hs] == [alone[(kind, i)] for i in range(7)]
-    assert int(eng.cache.num_free) == eng.cache.num_pages
+    assert int(eng.cache.num_free) + eng.stats().prefix_cache_pages == eng.cache.num_pages
 
 
 # -- cancellation ----------------------------------------------------------------------------------------
@@ -180,9 +179,11 @@ def test_cancel_at_random_points_of_mixed_requests(engine, prompts, alone):
             handles[rng.choice(live)].cancel()
         engine.step()
         n_steps += 1
-        check_invariants(engine.cache)
+        engine.check_invariants()
         free = _slot_pages_match(engine, free)
-    assert int(engine.cache.num_free) == engine.cache.num_pages
+    # every page is free again, or cached by the prefix index with no slot mapping it
+    assert int(engine.cache.num_free) + engine.stats().prefix_cache_pages == engine.cache.num_pages
+    assert engine.stats().kv_pages_free == engine.cache.num_pages
     cancelled = 0
     for j, h in handles.items():
         r, want = h.result(), alone[h.key]
@@ -206,7 +207,7 @@ def test_deadline_ends_a_request_with_timeout_and_frees_its_pages(engine, prompt
     assert r.finish_reason == "timeout" and len(r.tokens) == 2 and time.monotonic() - t0 < 5
     assert other.result().finish_reason == "length"
     engine.step()
-    assert int(engine.cache.num_free) == engine.cache.num_pages
+    assert int(engine.cache.num_free) + engine.stats().prefix_cache_pages == engine.cache.num_pages
 
 
 def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, alone):
@@ -381,7 +382,8 @@ def test_soak_many_short_requests_leave_no_pages_or_memory_behind(model):
     del hs, results, warm
     gc.collect()
     s = eng.stats()
-    assert s.kv_pages_free == s.kv_pages_total and int(eng.cache.num_free) == eng.cache.num_pages
+    assert s.kv_pages_free == s.kv_pages_total
+    assert int(eng.cache.num_free) + s.prefix_cache_pages == eng.cache.num_pages
     assert s.requests_finished_total == SOAK + 200 and not eng._ids and not eng.loop.live()
     grew = _rss_mb() - rss0
     assert grew < 64, f"RSS grew by {grew:.1f} MiB over {SOAK} requests"

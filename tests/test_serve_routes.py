@@ -336,6 +336,10 @@ def test_health_and_metrics(server):
     assert values["timjax_kv_pages_free"] == engine.kv_pages_free == engine.kv_pages_total  # idle: all free
     assert values["timjax_kv_pages_used"] == 0 and values["timjax_queue_depth"] == 0 and values["timjax_running"] == 0
     assert "timjax_tool_call_seconds_bucket" in text
+    # every request above sent the same system prompt and tool list: its pages were computed once
+    assert values["timjax_prefix_cache_hit_tokens_total"] == engine.prefix_cache_hit_tokens_total > 0
+    assert values["timjax_prefix_cache_pages"] == engine.prefix_cache_pages > 0
+    assert values["timjax_prefix_cache_evictions_total"] == engine.prefix_cache_evictions_total
 
 
 def test_readme_client_examples(server):

@@ -137,6 +137,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer,
             reposition=args.reposition,
             tools=tools,
+            engine_options=None if args.prefix_cache else {"prefix_cache": False},
         )
     finally:
         if tools is not None:
@@ -228,6 +229,12 @@ def add_generate_command(subparsers) -> None:
     )
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer size; -1 turns pruning off")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
+    p.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the KV pages of common prompt prefixes (default on; --no-prefix-cache computes every prompt)",
+    )
     p.add_argument("--max-depth", type=int, default=None, help="TIM schema: maximum nesting depth (default: unlimited)")
     p.add_argument(
         "--max-subtasks", type=int, default=None, help="TIM schema: maximum subtasks per list (default: unlimited)"

@@ -60,6 +60,8 @@ class Engine:
     the pool: ``timjax.base.buckets.bucket`` pages unless ``kv_tokens`` fixes it), so one engine, or engines
     built with nearby settings, reuse the same compiled steps. ``max_step_tokens`` is the per-step token
     budget (long prompts are chunked against it). ``max_waiting`` bounds the waiting queue.
+    ``prefix_cache``: full pages of prompt tokens are cached and shared by requests that start with the
+    same tokens (``timjax.engine.prefix_cache``); False computes every prompt from scratch.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Engine:
         reposition: str = "reencode",
         check_cache: bool = False,
         max_waiting: int = 1024,
+        prefix_cache: bool = True,
     ):
         for name, value in (
             ("max_batch", max_batch),
@@ -111,6 +114,7 @@ class Engine:
             num_pages=num_pages,
             impl=impl,
             reposition=reposition,
+            prefix_cache=prefix_cache,
         )
         self.loop = Loop(
             self.runner,
@@ -148,6 +152,15 @@ class Engine:
     def counters(self) -> dict[str, int]:
         """Iterations, dispatches, tokens packed, tokens computed (with padding), preemptions."""
         return self.loop.counters
+
+    def check_invariants(self) -> None:
+        """Audit the pages (tests): every page free, owned by one slot, or held by the prefix index, once;
+        each cached page's reference count equals the slots that map it."""
+        prefix = self.runner.prefix
+        if prefix is None:
+            return check_invariants(self.cache)
+        check_invariants(self.cache, prefix.pages(), prefix.dev_borrowed)
+        prefix.check(self.loop.live())
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -282,7 +295,7 @@ class Engine:
         self._take_inbox()
         ran = self.loop.iteration() if self.loop.live() else False
         if self.check_cache:
-            check_invariants(self.cache)
+            self.check_invariants()
         if not self.loop.live():
             self.loop.release_idle()
         self._stats = self.loop.snapshot()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from timjax.base.results import FinishReason, GenerationResult, GenerationStats
@@ -22,7 +21,6 @@ from timjax.engine.outputs import EngineStats
 from timjax.engine.protocol import Action, SeqState
 from timjax.engine.runner import Runner
 from timjax.engine.scheduler import Row, Scheduler
-from timjax.runtime.cache import release
 
 
 class Loop:
@@ -37,6 +35,7 @@ class Loop:
             num_pages=cache.num_pages,
             page_size=cache.page_size,
             max_step_tokens=max_step_tokens,
+            prefix=runner.prefix,
         )
         self.counters = {"iterations": 0, "dispatches": 0, "tokens": 0, "computed": 0, "preemptions": 0}
         self.totals = EngineStats(kv_pages_total=cache.num_pages, kv_pages_free=cache.num_pages)
@@ -63,7 +62,9 @@ class Loop:
         for sequences that are gone."""
         if self.dirty:
             self.runner.compactions.clear()
-            self.runner.cache = release(self.runner.cache, jnp.ones(self.runner.slots, bool))
+            if self.runner.prefix is not None:
+                self.runner.prefix.maps.clear()  # their sequences are gone
+            self.runner.release(np.ones(self.runner.slots, bool))
             self.dirty = False
             self.snapshot()
 
@@ -77,15 +78,14 @@ class Loop:
         self.counters["preemptions"] += len(plan.preempted)
         if not plan.rows:
             if self.dirty:  # no step to carry the releases (every live sequence waits): release them now
-                free = jnp.asarray([s is None for s in self.sched.slots])
-                self.runner.cache = release(self.runner.cache, free)
+                self.runner.release(np.array([s is None for s in self.sched.slots]))
                 self.dirty = False
             return False
         t0 = time.perf_counter()
-        step = self.runner.launch(plan.rows, self.sched.slots)
+        step = self.runner.launch(plan.rows, self.sched.slots, self.sched.evictions(plan.rows))
         self.dirty = False  # the step's edits released every freed slot
         mask_errors = self.fill_masks(step.rows, step.mask) if step.mask is not None else {}
-        tokens, bad, oom = self.runner.collect(step)
+        tokens, bad, oom, page_table = self.runner.collect(step)
         elapsed = time.perf_counter() - t0
         st = self.counters
         st["iterations"] += 1
@@ -94,7 +94,10 @@ class Loop:
         st["computed"] += step.computed
         for row in plan.rows:
             slot = row.seq.slot
-            self.after_step(row, int(tokens[slot]), bool(bad[slot]), bool(oom[slot]), mask_errors.get(id(row.seq)), elapsed)
+            pages = page_table[slot] if page_table is not None else None
+            self.after_step(
+                row, int(tokens[slot]), bool(bad[slot]), bool(oom[slot]), mask_errors.get(id(row.seq)), elapsed, pages
+            )
         return True
 
     def fill_masks(self, rows: list[Row], mask: np.ndarray) -> dict[int, str]:
@@ -109,12 +112,17 @@ class Loop:
                     errors[id(r.seq)] = f"controller.fill_mask raised {type(e).__name__}: {e}"
         return errors
 
-    def after_step(self, row: Row, token: int, bad: bool, oom: bool, mask_error: str | None, elapsed: float):
+    def after_step(
+        self, row: Row, token: int, bad: bool, oom: bool, mask_error: str | None, elapsed: float, pages=None
+    ):
+        """``pages``: the slot's page table row when its full prompt pages may enter the prefix index."""
         s = row.seq
         if oom:  # the scheduler's page count rules this out: an internal error, reported, not hidden
             return self.finish(s, "error", "internal: the KV allocator refused pages the scheduler counted as free")
         s.cached += s.pending[: row.n]
         s.pending = s.pending[row.n :]
+        if pages is not None:  # before the controller: it may prune or finish the sequence
+            self.runner.prefix.register(s, pages)
         s.peak_cached = max(s.peak_cached, len(s.cached))
         if row.n > 1:
             s.extend_time_s += elapsed
@@ -238,7 +246,8 @@ class Loop:
         """The stats as of now (the loop thread calls this after each step)."""
         sched, t = self.sched, self.totals
         resident = sched.resident
-        used = sum(sched.pages(s) for s in resident)
+        used = sched.used_pages()
+        prefix = self.runner.prefix
         return t.model_copy(
             update=dict(
                 waiting=len(sched.waiting) + waiting_extra,
@@ -248,5 +257,8 @@ class Loop:
                 kv_pages_free=sched.num_pages - used,
                 preemptions_total=self.counters["preemptions"],
                 steps_total=self.counters["iterations"],
+                prefix_cache_hit_tokens_total=prefix.hit_tokens_total if prefix else 0,
+                prefix_cache_pages=prefix.held if prefix else 0,
+                prefix_cache_evictions_total=prefix.evictions_total if prefix else 0,
             )
         )

@@ -58,8 +58,8 @@ class EngineStats(BaseModel):
     waiting: int = 0  # requests accepted but not yet holding a cache slot (queue depth)
     running: int = 0  # requests holding a cache slot
     parked: int = 0  # requests waiting on something outside the device (a tool call)
-    kv_pages_used: int = 0
-    kv_pages_free: int = 0
+    kv_pages_used: int = 0  # pages slots own, and cached pages some slot maps
+    kv_pages_free: int = 0  # the rest, unreferenced cached pages included (reclaimable)
     kv_pages_total: int = 0
     tokens_generated_total: int = 0  # tokens written for requests (sampled and forced), since start
     pruned_tokens_total: int = 0  # KV entries dropped by subtask pruning, since start
@@ -68,6 +68,9 @@ class EngineStats(BaseModel):
     preemptions_total: int = 0
     steps_total: int = 0
     warmup_shapes_left: int = 0  # step shapes a background warmup has still to compile
+    prefix_cache_hit_tokens_total: int = 0  # prompt tokens mapped from cached pages instead of computed
+    prefix_cache_pages: int = 0  # KV pages the prefix index holds (mapped or evictable)
+    prefix_cache_evictions_total: int = 0  # cached pages reclaimed for the allocator (LRU)
 
 
 class Detokenizer:

@@ -85,6 +85,10 @@ class SeqState:
     reencoded: int = 0
     preemptions: int = 0
     peak_cached: int = 0  # the most tokens its cache slot held
+    # prefix caching (timjax.engine.prefix_cache): the index pages its slot maps as its first pages, in order
+    # (read-only: shared with other slots), and whether its next prompt page can no longer enter the index
+    shared: list = dataclasses.field(default_factory=list)
+    share_blocked: bool = False
     # the open engine's bookkeeping (timjax.engine.loop): who hears about it, and when it must end
     request_id: str = ""
     handle: Any = None  # a RequestHandle (or None): gets token deltas, tree events and the result

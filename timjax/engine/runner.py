@@ -6,7 +6,9 @@ that pruning and the scheduler asked for (cuts for re-encode, releases of finish
 shift-mode compactions) travel with the step and are applied at its start, for every slot at once. So an
 iteration costs one dispatch, or two when a row samples under a grammar mask: the forward runs while the
 host fills the masks, then one sample dispatch. The sampled tokens, a non-finite flag per row and the
-allocator's out-of-pages flags come back in one sync.
+allocator's out-of-pages flags come back in one sync. Prefix caching (``timjax.engine.prefix_cache``) adds
+each slot's cached-page count and the evicted pages to the step's edits, one ``map_prefix`` dispatch before
+a step that admits a cached prefix, and the page table to the sync after a step that completes prompt pages.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import jax
 import numpy as np
 
 from timjax.base.buckets import bucket, cdiv, pow2
+from timjax.engine.prefix_cache import PrefixCache
 from timjax.engine.protocol import PruneOp, SeqState
 from timjax.engine.scheduler import Row
 from timjax.runtime import sharding, steps
-from timjax.runtime.cache import create_cache
+from timjax.runtime.cache import create_cache, map_prefix, release
 from timjax.runtime.sampling import SamplingParams
 
 MAX_COMPACTIONS = 2  # shift-mode compactions per step (more in one step fall back to re-encode)
@@ -37,6 +40,7 @@ class Launched:
     mask: np.ndarray | None  # int32 [S, words] when a row samples under a mask
     tokens: int  # real tokens packed
     computed: int  # packed length N (real + padding)
+    want_pages: bool = False  # read the page table back with the sync (prompt pages enter the prefix index)
 
 
 class Runner:
@@ -50,6 +54,7 @@ class Runner:
         num_pages: int,
         impl: str,
         reposition: str = "reencode",
+        prefix_cache: bool = True,
     ):
         self.cfg = model.config
         self.params = model.params()
@@ -67,6 +72,20 @@ class Runner:
         # slot -> (sequence, start, end, length) for the next step; dropped if the slot changed hands meanwhile
         self.compactions: dict[int, tuple[SeqState, int, int, int]] = {}
         self.dispatches = 0
+        # The index belongs to this pool, and the pool to these weights: the salt tells pages of other
+        # weights, dtypes or page sizes apart should an index ever outlive them.
+        salt = (type(model).__name__, id(self.params), str(model.dtype), page_size)
+        self.prefix = (
+            PrefixCache(
+                page_size=page_size,
+                num_slots=self.cache.max_seqs,
+                max_pages_per_seq=self.cache.max_pages_per_seq,
+                salt=salt,
+                mode=reposition,
+            )
+            if prefix_cache
+            else None
+        )
 
     @property
     def slots(self) -> int:
@@ -88,12 +107,21 @@ class Runner:
             seq.pending = kept[n:]
             return
         lo, hi = gone[0], gone[-1] + 1
+        shared = len(seq.shared) * self.cache.page_size  # read-only index pages: never compacted or written
         can_shift = (
             (seq.request.reposition or self.reposition) == "shift"
             and hi - lo == len(gone)
+            and lo >= shared
             and seq.slot not in self.compactions
             and len(self.compactions) < MAX_COMPACTIONS
         )
+        if lo < len(seq.request.prompt):
+            # kept prompt tokens may now sit in a context they were not computed in (a shift keeps their K/V):
+            # none of this slot's later pages may enter the index
+            seq.share_blocked = True
+        if lo < shared:  # copy-on-write by recompute: unmap from the page the cut falls in, re-encode from there
+            lo = lo // self.cache.page_size * self.cache.page_size
+            self.prefix.truncate(seq, lo // self.cache.page_size)
         if can_shift:
             self.compactions[seq.slot] = (seq, lo, hi, n)
             seq.cached, seq.pending = kept[: n - len(gone)], kept[n - len(gone) :]
@@ -124,19 +152,50 @@ class Runner:
         # A few buckets, few compiles: powers of two from a 256-token window up to the page table's width.
         return min(pow2(need, lo=cdiv(MIN_KV_WINDOW, ps)), self.cache.max_pages_per_seq)
 
-    def launch(self, rows: list[Row], slots: list[SeqState | None]) -> Launched:
-        """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once."""
-        edits = self._edits(slots)
-        packed, N = pack_rows(rows, self.slots, min_tokens=self.min_tokens)
-        masked = any(r.samples and r.seq.controller.wants_mask for r in rows)
-        out, mask = self._dispatch(packed, edits, self._sampling(rows), self._kv_pages(rows, edits), masked)
-        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N)
+    def release(self, mask) -> None:
+        """Free the masked slots now (no step carries the releases); their index pages stay cached."""
+        borrowed = None if self.prefix is None else self.prefix.dev_borrowed.copy()
+        self.cache = release(self.cache, mask, None, borrowed)
+        if self.prefix is not None:
+            self.prefix.dev_borrowed[np.asarray(mask)] = 0
+
+    def _map_prefixes(self, slots: list[SeqState | None]) -> None:
+        """Cached prefixes of newly admitted sequences go into their slots first (one ``map_prefix``)."""
+        args = self.prefix.flush(slots)
+        if args is not None:
+            if self.host_inputs is not None:
+                args = jax.device_put(args, self.host_inputs)
+            self.cache = map_prefix(self.cache, *args)
+            self.dispatches += 1
 
     @property
     def min_tokens(self) -> int:
         return min(MIN_DECODE_TOKENS, self.slots)
 
-    def _dispatch(self, packed: steps.Packed, edits: steps.Edits, sampling: SamplingParams, kv_pages: int, masked: bool):
+    def _evict_capacity(self, n_tokens: int) -> int:
+        # evictions are bounded by the pages a step can reserve: a capacity the layout fixes anyway
+        return 0 if self.prefix is None else cdiv(n_tokens, self.cache.page_size) + self.slots
+
+    def launch(self, rows: list[Row], slots: list[SeqState | None], evict: int = 0) -> Launched:
+        """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once.
+        ``evict``: cached pages the prefix index hands back to the free stack first."""
+        packed, N = pack_rows(rows, self.slots, min_tokens=self.min_tokens)
+        edits = self._edits(slots)
+        n_evict = self._evict_capacity(N)
+        if self.prefix is not None:
+            self._map_prefixes(slots)
+            if evict:
+                self.prefix.evict(evict)
+            edits = dataclasses.replace(
+                edits, borrowed=self.prefix.dev_borrowed.copy(), evict=self.prefix.take_evicted(n_evict)
+            )
+            self.prefix.sync(slots)  # after this step's releases, each slot holds its occupant's pages
+        masked = any(r.samples and r.seq.controller.wants_mask for r in rows)
+        out, mask = self._dispatch(packed, edits, self._sampling(rows), self._kv_pages(rows, edits), masked, n_evict)
+        want = self.prefix is not None and any(self.prefix.may_register(r.seq, r.n) for r in rows)
+        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N, want)
+
+    def _dispatch(self, packed, edits: steps.Edits, sampling: SamplingParams, kv_pages: int, masked: bool, n_evict: int):
         N = packed.tokens.shape[0]
         ints, floats = steps.flatten_inputs(packed, edits, sampling)
         if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
@@ -146,7 +205,7 @@ class Runner:
             impl=self.impl,
             kv_pages=kv_pages,
             max_new_pages=cdiv(N, self.cache.page_size) + 1,
-            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0]),
+            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0], n_evict),
         )
         self.dispatches += 1
         if masked:
@@ -166,25 +225,35 @@ class Runner:
 
     def warm(self, n_tokens: int, kv_pages: int, *, masked: bool, shift: bool) -> None:
         """Run the step once at this shape on an idle cache, so its compile happens now and not under a
-        request. No row has a token and every slot's length is 0: nothing is written, nothing allocated.
-        Only while no sequence holds a slot (the edits release every slot)."""
+        request. No row has a token and every slot's length is 0: nothing is written, nothing allocated
+        (cached prefix pages stay cached). Only while no sequence
+        holds a slot (the edits release every slot)."""
         packed, _ = pack_rows([], self.slots, min_tokens=n_tokens)
         edits = make_edits([None] * self.slots, {}, MAX_COMPACTIONS if shift else 0)
-        out, mask = self._dispatch(packed, edits, SamplingParams(**SamplingParams.host(self.slots)), kv_pages, masked)
+        n_evict = self._evict_capacity(n_tokens)
+        if self.prefix is not None:  # as ``launch`` with every slot free
+            edits = dataclasses.replace(
+                edits, borrowed=self.prefix.dev_borrowed.copy(), evict=self.prefix.take_evicted(n_evict)
+            )
+            self.prefix.sync([None] * self.slots)
+        sampling = SamplingParams(**SamplingParams.host(self.slots))
+        out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict)
         first, _, sampling = out
         if mask is not None:
             first = steps.sample_step(first, sampling, mask if self.host_inputs is None else jax.device_put(mask, self.host_inputs))
         jax.block_until_ready(first)
 
-    def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S])."""
+    def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S], the
+        page table when a prompt page may enter the prefix index, else None)."""
         first, bad, sampling = step.out
         if step.mask is not None:
             mask = step.mask if self.host_inputs is None else jax.device_put(step.mask, self.host_inputs)
             first = steps.sample_step(first, sampling, mask)
             self.dispatches += 1
-        tokens, bad, oom = jax.device_get((first, bad, self.cache.oom))
-        return tokens, bad, oom
+        pt = self.cache.page_table if step.want_pages else None
+        tokens, bad, oom, pt = jax.device_get((first, bad, self.cache.oom, pt))
+        return tokens, bad, oom, pt
 
 
 def make_edits(slots: list[SeqState | None], compactions: dict, capacity: int) -> steps.Edits:

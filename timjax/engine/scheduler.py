@@ -11,7 +11,10 @@ pages only when its working memory alone needs more than the whole pool.
 
 The scheduler sees pages through the page size and the tokens each slot caches: the device allocator
 (``timjax.runtime.cache``) grants exactly ``cdiv(length, page_size)`` pages per slot, so the host's count is
-exact without reading the device.
+exact without reading the device. With prefix caching (``timjax.engine.prefix_cache``) a slot's leading
+index pages are not its own: each cached page is counted once, and unreferenced cached pages count as
+free (they are evicted, least recently used first, when a step needs them). A request admitted with a hit
+maps the cached pages of its longest cached prefix and computes only the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import dataclasses
 from collections import deque
 
 from timjax.base.buckets import bucket, cdiv
+from timjax.engine.prefix_cache import PrefixCache
 from timjax.engine.protocol import SeqState
 
 
@@ -38,7 +42,17 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, *, slots: int, max_batch: int, num_pages: int, page_size: int, max_step_tokens: int):
+    def __init__(
+        self,
+        *,
+        slots: int,
+        max_batch: int,
+        num_pages: int,
+        page_size: int,
+        max_step_tokens: int,
+        prefix: PrefixCache | None = None,
+    ):
+        self.prefix = prefix
         self.slots: list[SeqState | None] = [None] * slots
         self.max_batch = max_batch
         self.num_pages = num_pages
@@ -60,16 +74,32 @@ class Scheduler:
         return self.resident + list(self.waiting) + self.parked_waiting
 
     def pages(self, seq: SeqState, extra: int = 0) -> int:
-        return cdiv(len(seq.cached) + extra, self.page_size)
+        """The slot's own pages (its index pages are counted once, by the index) with ``extra`` more tokens."""
+        return cdiv(len(seq.cached) + extra, self.page_size) - len(seq.shared)
+
+    def used_pages(self) -> int:
+        """Pages not reclaimable: slots' own pages and index pages some slot maps."""
+        return sum(self.pages(s) for s in self.resident) + (self.prefix.referenced if self.prefix else 0)
 
     def free_pages(self) -> int:
-        return self.num_pages - sum(self.pages(s) for s in self.resident)
+        return self.num_pages - self.used_pages()
+
+    def evictions(self, rows: list[Row]) -> int:
+        """Cached pages to reclaim so the free stack covers this step's rows (the stack holds neither
+        slots' pages nor cached ones)."""
+        if self.prefix is None:
+            return 0
+        n = {id(r.seq): r.n for r in rows}
+        own = sum(self.pages(s, n.get(id(s), 0)) for s in self.resident)
+        return max(0, own + self.prefix.held - self.num_pages)
 
     def remove(self, seq: SeqState) -> None:
         """Forget a finished sequence (its slot's pages are released by the next step's edits)."""
         if seq.slot is not None:
             self.slots[seq.slot] = None
             seq.slot = None
+        if self.prefix is not None:
+            self.prefix.release(seq)
         for queue in (self.waiting, self.parked_waiting):
             if seq in queue:
                 queue.remove(seq)
@@ -84,6 +114,8 @@ class Scheduler:
         """Free the sequence's slot and pages; its working memory is written again when it resumes."""
         self.slots[seq.slot] = None
         seq.slot = None
+        if self.prefix is not None:
+            self.prefix.release(seq)  # the cached prefix stays in the index; it may hit again on resume
         seq.pending = seq.cached + seq.pending
         seq.cached = []
         seq.preemptions += 1
@@ -139,20 +171,21 @@ class Scheduler:
         """Oldest first, give each row its pages; short of pages, an extend chunk shrinks to what fits, else
         the newest resident sequence is preempted (possibly the row itself)."""
         preempted: list[SeqState] = []
-        free = self.free_pages()
+        consumed = 0  # pages granted to the rows before this one
         for row in sorted(rows, key=lambda r: r.seq.index):
             s = row.seq
             while s.slot is not None:
+                # recounted each time: a preempted victim frees its own pages and maybe cached ones it mapped
+                free = self.free_pages() - consumed
                 need = self.pages(s, row.n) - self.pages(s)
                 if need <= free:
-                    free -= need
+                    consumed += need
                     break
-                fits = (self.pages(s) + free) * self.page_size - len(s.cached)
+                fits = (cdiv(len(s.cached), self.page_size) + free) * self.page_size - len(s.cached)
                 if row.n > 1 and fits >= 1:
                     row.n, row.samples = fits, False
                     continue
                 victim = max(self.resident, key=lambda v: v.index)
-                free += self.pages(victim)
                 self.preempt(victim)
                 preempted.append(victim)
         rows[:] = [r for r in rows if r.seq.slot is not None]
@@ -168,13 +201,19 @@ class Scheduler:
                 failed.append((s, msg))
                 continue
             # The whole pending (a prompt, a resumed working memory) must fit beside the others, with a page
-            # of headroom per running sequence, unless nothing else runs.
+            # of headroom per running sequence, unless nothing else runs. Cached pages of its prefix are
+            # mapped, not allocated; mapping evictable ones takes them out of the free count.
+            hit = self.prefix.lookup(s) if self.prefix is not None else []
+            lost = PrefixCache.reclaimable(hit)
             headroom = len(self.resident)
-            if self.resident and cdiv(len(s.pending), self.page_size) + headroom > free:
+            if self.resident and cdiv(len(s.pending), self.page_size) - len(hit) + lost + headroom > free:
                 break
             self.waiting.popleft()
             s.slot = self.slots.index(None)
             self.slots[s.slot] = s
+            if hit:
+                self.prefix.acquire(s, hit)
+                free -= lost
             n = min(len(s.pending), budget, free * self.page_size)
             if n <= 0:
                 break

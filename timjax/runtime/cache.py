@@ -10,6 +10,12 @@ call would copy it). Slot ``s`` of sequence ``b`` lives at page ``page_table[b, 
 boundary takes its page with no host round trip. A request that cannot be met sets ``oom[b]`` and
 allocates nothing for ``b``; the host reads the flag with the sampled tokens (it syncs then anyway)
 and fails or preempts that one sequence.
+
+Prefix sharing (``timjax.engine.prefix_cache`` decides it on the host): the first ``borrowed[b]`` entries of a
+row are pages the host's prefix index holds, read-only and possibly mapped by other rows too. They are
+neither free nor owned by the row: ``shrink`` unmaps them without freeing, and a row writes only past them
+(the host never lets a row's length fall inside a borrowed page without unmapping it). ``map_prefix``
+maps index pages into rows; ``push_free`` returns evicted index pages to the free stack.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ POOL_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k", "v", "page_table", "lengths", "pages_owned", "free_stack", "num_free", "oom"],
+    data_fields=["k", "v", "page_table", "lengths", "pages_owned", "borrowed", "free_stack", "num_free", "oom"],
     meta_fields=["page_size", "num_layers"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,8 @@ class KVCache:
     v: jax.Array  # [Hkv, L * P, ps, hd]
     page_table: jax.Array  # int32 [S, max_pages_per_seq]
     lengths: jax.Array  # int32 [S] tokens cached per sequence slot
-    pages_owned: jax.Array  # int32 [S] pages held per sequence slot
+    pages_owned: jax.Array  # int32 [S] pages in each row's page table (borrowed ones included)
+    borrowed: jax.Array  # int32 [S] leading pages of each row held by the host's prefix index (never freed here)
     free_stack: jax.Array  # int32 [P]; free_stack[:num_free] are free
     num_free: jax.Array  # int32 []
     oom: jax.Array  # bool [S] an allocation for this slot failed
@@ -105,6 +112,7 @@ def create_cache(
         page_table=jnp.zeros((max_seqs, max_pages), jnp.int32),
         lengths=jnp.zeros((max_seqs,), jnp.int32),
         pages_owned=jnp.zeros((max_seqs,), jnp.int32),
+        borrowed=jnp.zeros((max_seqs,), jnp.int32),
         # Popping from the top hands out low page ids first, which keeps small runs readable.
         free_stack=jnp.arange(num_pages - 1, -1, -1, dtype=jnp.int32),
         num_free=jnp.int32(num_pages),
@@ -167,27 +175,65 @@ def reserve(cache: KVCache, rows: jax.Array, new_tokens: jax.Array, *, max_new_p
 
 
 def shrink(cache: KVCache, new_lengths: jax.Array) -> KVCache:
-    """Set every slot's length to ``new_lengths`` (<= current) and return the pages past it to the pool."""
+    """Set every slot's length to ``new_lengths`` (<= current) and return the pages past it to the pool.
+    Borrowed pages past it are unmapped, not freed: the prefix index holds them."""
     ps = cache.page_size
     keep = (new_lengths + ps - 1) // ps
-    freed = jnp.maximum(cache.pages_owned - keep, 0)  # [S]
+    lo = jnp.maximum(keep, cache.borrowed)  # the first page this slot may free
+    freed = jnp.maximum(cache.pages_owned - lo, 0)  # [S]
     offset = cache.num_free + jnp.cumsum(freed) - freed  # where each slot's freed pages go on the stack
     j = jnp.arange(cache.max_pages_per_seq)[None, :]
-    give = (j >= keep[:, None]) & (j < cache.pages_owned[:, None])  # [S, maxp]
-    dest = jnp.where(give, offset[:, None] + j - keep[:, None], cache.num_pages)  # out of range -> dropped
+    give = (j >= lo[:, None]) & (j < cache.pages_owned[:, None])  # [S, maxp]
+    dest = jnp.where(give, offset[:, None] + j - lo[:, None], cache.num_pages)  # out of range -> dropped
     free_stack = cache.free_stack.at[dest].set(cache.page_table, mode="drop")
     return cache.replace(
         free_stack=free_stack,
         num_free=cache.num_free + freed.sum(),
         pages_owned=jnp.minimum(cache.pages_owned, keep),
+        borrowed=jnp.minimum(cache.borrowed, keep),
         lengths=new_lengths,
     )
 
 
+def raise_borrowed(cache: KVCache, borrowed: jax.Array | None) -> KVCache:
+    """The host's count of index pages per row (it only grows here: a row's own prompt pages entering the
+    index). Lowering happens through ``shrink``, which unmaps rather than frees."""
+    if borrowed is None:
+        return cache
+    return cache.replace(borrowed=jnp.maximum(cache.borrowed, borrowed))
+
+
+def push_free(cache: KVCache, pages: jax.Array) -> KVCache:
+    """Hand ``pages`` (-1 = padding) back to the free stack: cached pages the host's prefix index evicted."""
+    ok = pages >= 0
+    dest = jnp.where(ok, cache.num_free + jnp.cumsum(ok) - 1, cache.num_pages)  # padding -> dropped
+    return cache.replace(free_stack=cache.free_stack.at[dest].set(pages, mode="drop"), num_free=cache.num_free + ok.sum())
+
+
 @partial(jax.jit, donate_argnums=0)
-def release(cache: KVCache, mask: jax.Array, clear_oom: jax.Array | None = None) -> KVCache:
-    """Free every page of the masked slots and clear their lengths and oom flags; ``clear_oom`` also
-    clears the flags of slots that keep their pages (they retry the step)."""
+def map_prefix(cache: KVCache, borrowed: jax.Array, slots: jax.Array, pages: jax.Array, n: jax.Array) -> KVCache:
+    """Map cached prefixes into newly admitted rows, before their first step: ``borrowed`` [S] (see
+    ``raise_borrowed``); row ``slots[i]`` (padding: >= S) drops its previous occupant's own pages and maps
+    ``pages[i, :n[i]]`` as its first ``n[i]`` borrowed (full) pages."""
+    cache = raise_borrowed(cache, borrowed)
+    cache = shrink(cache, cache.lengths.at[slots].set(0, mode="drop"))
+    j = jnp.arange(pages.shape[1])[None, :]
+    col = jnp.where(j < n[:, None], j, cache.max_pages_per_seq)  # out of range -> dropped
+    return cache.replace(
+        page_table=cache.page_table.at[slots[:, None], col].set(pages, mode="drop"),
+        lengths=cache.lengths.at[slots].set(n * cache.page_size, mode="drop"),
+        pages_owned=cache.pages_owned.at[slots].set(n, mode="drop"),
+        borrowed=cache.borrowed.at[slots].set(n, mode="drop"),
+    )
+
+
+@partial(jax.jit, donate_argnums=0)
+def release(
+    cache: KVCache, mask: jax.Array, clear_oom: jax.Array | None = None, borrowed: jax.Array | None = None
+) -> KVCache:
+    """Free every owned page of the masked slots and clear their lengths and oom flags; ``clear_oom`` also
+    clears the flags of slots that keep their pages (they retry the step); ``borrowed``: see ``raise_borrowed``."""
+    cache = raise_borrowed(cache, borrowed)
     cache = shrink(cache, jnp.where(mask, 0, cache.lengths))
     keep = ~mask if clear_oom is None else ~(mask | clear_oom)
     return cache.replace(oom=cache.oom & keep)
@@ -243,16 +289,23 @@ def compact_slot(
     return shrink(cache, cache.lengths.at[slot].set(length - n))
 
 
-def check_invariants(cache: KVCache) -> None:
-    """Host-side audit (tests): every page is either free or owned by exactly one slot, once."""
+def check_invariants(cache: KVCache, index_pages=None, borrowed=None) -> None:
+    """Host-side audit (tests): every page is free, owned by exactly one slot, or held by the host's prefix
+    index (``index_pages``, none by default), exactly once; a slot's borrowed pages are index pages.
+    ``borrowed``: the host's counts not sent yet (pages entered the index after the last step)."""
     pt = np.asarray(cache.page_table)
     owned = np.asarray(cache.pages_owned)
+    borrowed = np.maximum(np.asarray(cache.borrowed), 0 if borrowed is None else borrowed)
     n_free = int(cache.num_free)
     free = np.asarray(cache.free_stack)[:n_free]
-    held = np.concatenate([pt[s, : owned[s]] for s in range(pt.shape[0])] + [np.zeros(0, np.int32)])
-    all_pages = np.concatenate([held, free])
+    assert (borrowed <= owned).all(), f"a slot borrows more pages than its row maps: {borrowed} > {owned}"
+    held = np.concatenate([pt[s, borrowed[s] : owned[s]] for s in range(pt.shape[0])] + [np.zeros(0, np.int32)])
+    index = np.asarray(sorted(index_pages or ()), np.int32)
+    all_pages = np.concatenate([held, free, index])
     assert all_pages.size == cache.num_pages, f"{all_pages.size} pages accounted for, pool has {cache.num_pages}"
-    assert np.unique(all_pages).size == cache.num_pages, "a page is owned twice or both owned and free"
+    assert np.unique(all_pages).size == all_pages.size, "a page is owned twice, or both owned and free or cached"
+    lent = np.concatenate([pt[s, : borrowed[s]] for s in range(pt.shape[0])] + [np.zeros(0, np.int32)])
+    assert np.isin(lent, index).all(), "a slot borrows a page the prefix index does not hold"
     lengths = np.asarray(cache.lengths)
     need = cdiv(lengths, cache.page_size)
     assert (owned >= need).all(), f"a slot holds fewer pages than its length needs: {owned} < {need}"

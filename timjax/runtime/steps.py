@@ -23,7 +23,7 @@ from timjax.base.buckets import cdiv
 from timjax.base.config import Qwen3Config
 from timjax.qwen3.model import Params, forward_hidden, lm_head
 from timjax.runtime import sharding
-from timjax.runtime.cache import KVCache, layer_pages, reserve, shrink
+from timjax.runtime.cache import KVCache, layer_pages, push_free, raise_borrowed, reserve, shrink
 from timjax.runtime.sampling import SamplingParams, sample
 
 
@@ -179,7 +179,11 @@ class Packed:
     cu_q_lens: jax.Array
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["lengths", "slot", "start", "end", "length"], meta_fields=[])
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["lengths", "slot", "start", "end", "length", "borrowed", "evict"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class Edits:
     """Cache edits applied at the start of a step, for every affected slot at once (dimension E: edit rows).
@@ -187,17 +191,25 @@ class Edits:
     lengths int32 [S]: every slot's length after the edits (<= its length now): 0 releases a finished or
     preempted slot, a cut point truncates for re-encode, ``length - (end - start)`` follows a compaction.
     slot, start, end, length int32 [E]: shift-mode compactions (remove [start, end) of ``length`` cached
-    slots, move the suffix down and re-rotate its keys); unused entries have start == end."""
+    slots, move the suffix down and re-rotate its keys); unused entries have start == end.
+    borrowed int32 [S] or None: each slot's leading pages held by the host's prefix index, applied first
+    (``timjax.runtime.cache.raise_borrowed``) so a release in the same step leaves them cached.
+    evict int32 [Ev] or None: cached pages the prefix index evicted, back to the free stack before the step's
+    pages are reserved (-1 = padding)."""
 
     lengths: jax.Array
     slot: jax.Array
     start: jax.Array
     end: jax.Array
     length: jax.Array
+    borrowed: jax.Array | None = None
+    evict: jax.Array | None = None
 
 
 def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: float, impl: str) -> KVCache:
-    """Compactions (only when one is pending: ``lax.cond``), then one shrink for releases and cuts."""
+    """Index pages first, compactions (only when one is pending: ``lax.cond``), then one shrink for releases
+    and cuts."""
+    cache = raise_borrowed(cache, edits.borrowed)
     if edits.slot.shape[0]:
         L, P = cache.num_layers, cache.num_pages
 
@@ -213,6 +225,8 @@ def _apply_edits(cache: KVCache, edits: Edits, *, kv_pages: int, rope_theta: flo
         k, v = jax.lax.cond(jnp.any(edits.end > edits.start), compact, lambda kv: kv, (cache.k, cache.v))
         cache = cache.replace(k=k, v=v)
     cache = shrink(cache, jnp.minimum(edits.lengths, cache.lengths))
+    if edits.evict is not None:
+        cache = push_free(cache, edits.evict)
     return cache.replace(oom=jnp.zeros_like(cache.oom))  # the host read last step's flags in its sync
 
 
@@ -300,9 +314,9 @@ def ragged_generate_step(params, cache, packed, edits, sampling, *, cfg, impl="a
 
 
 # ---------------------------------------------------------------------------------------------- one transfer a step
-def flat_layout(n_tokens: int, n_slots: int, n_edits: int) -> tuple[int, int, int]:
-    """The static layout of ``flatten_inputs``: (N, S, E)."""
-    return n_tokens, n_slots, n_edits
+def flat_layout(n_tokens: int, n_slots: int, n_edits: int, n_evict: int = 0) -> tuple[int, int, int, int]:
+    """The static layout of ``flatten_inputs``: (N, S, E, Ev)."""
+    return n_tokens, n_slots, n_edits, n_evict
 
 
 def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +333,8 @@ def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tu
             edits.start,
             edits.end,
             edits.length,
+            edits.borrowed if edits.borrowed is not None else np.zeros_like(edits.lengths),
+            edits.evict if edits.evict is not None else np.zeros(0, np.int32),
             sampling.top_k,
             np.asarray(sampling.seed, np.uint32).view(np.int32),
             sampling.counter,
@@ -328,17 +344,17 @@ def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tu
     return ints, floats
 
 
-def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, int, int]):
-    N, S, E = layout
-    sizes = [N, N, S, S + 1, S, E, E, E, E, S, S, S]
+def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, ...]):
+    N, S, E, Ev = (*layout, 0)[:4]
+    sizes = [N, N, S, S + 1, S, E, E, E, E, S, Ev, S, S, S]
     parts, at = [], 0
     for n in sizes:
         parts.append(ints[at : at + n])
         at += n
-    tokens, token_row, q_len, cu, lengths, slot, start, end, length, top_k, seed, counter = parts
+    tokens, token_row, q_len, cu, lengths, slot, start, end, length, borrowed, evict, top_k, seed, counter = parts
     packed = Packed(tokens, token_row, jnp.arange(S, dtype=jnp.int32), q_len, cu)
     sampling = SamplingParams(floats[:S], top_k, floats[S:], jax.lax.bitcast_convert_type(seed, jnp.uint32), counter)
-    return packed, Edits(lengths, slot, start, end, length), sampling
+    return packed, Edits(lengths, slot, start, end, length, borrowed, evict if Ev else None), sampling
 
 
 _FLAT_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages", "layout")

@@ -57,7 +57,7 @@ def build_state(cfg: ServeConfig, model=None) -> dict:
         page_size=cfg.page_size,
         impl=cfg.impl,
         reposition=cfg.reposition,
-        engine_options={"max_step_tokens": cfg.max_step_tokens},
+        engine_options={"max_step_tokens": cfg.max_step_tokens, "prefix_cache": cfg.prefix_cache},
         on_finish=metrics.on_finish,
     )
     metrics.watch(backend.stats)

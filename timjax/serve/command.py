@@ -51,6 +51,13 @@ def add_serve_command(subparsers) -> None:
                    "accepting requests (eager), or each when first met (off)")
     p.add_argument("--impl", choices=("auto", "xla", "pallas", "pallas_interpret"), default="auto")
     p.add_argument("--reposition", choices=("reencode", "shift"), default="reencode")
+    p.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the KV pages of common prompt prefixes, e.g. a repeated system prompt and tool list "
+        "(default on; --no-prefix-cache computes every prompt)",
+    )
     p.add_argument("--pruning-buffer", type=int, default=2, help="TIM prune buffer; -1 turns pruning off")
     p.add_argument("--max-tokens-default", type=int, default=1024, help="when a request sets no max_tokens")
     p.add_argument("--grace", type=float, default=30.0, help="SIGTERM: seconds running requests get to finish")
@@ -80,6 +87,7 @@ def config_from_args(args):
         warmup=args.warmup,
         impl=args.impl,
         reposition=args.reposition,
+        prefix_cache=args.prefix_cache,
         pruning_buffer=None if args.pruning_buffer < 0 else args.pruning_buffer,
         max_tokens_default=args.max_tokens_default,
         grace_s=args.grace,

@@ -32,6 +32,7 @@ class ServeConfig(BaseModel):
     warmup: Literal["background", "eager", "off"] = "background"
     impl: str = "auto"
     reposition: str = "reencode"
+    prefix_cache: bool = True  # share KV pages of common prompt prefixes (the system prompt, the tool list)
     pruning_buffer: int | None = 2
     max_tokens_default: int = Field(1024, ge=1)  # when a request gives no max_tokens
     grace_s: float = Field(30.0, ge=0)  # SIGTERM: running requests get this long to finish

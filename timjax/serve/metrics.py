@@ -27,6 +27,17 @@ _ENGINE = {
     "preemptions_total": ("timjax_preemptions", "sequences preempted for pages", "counter"),
     "steps_total": ("timjax_engine_steps", "engine iterations", "counter"),
     "warmup_shapes_left": ("timjax_warmup_shapes_left", "step shapes the background warmup has still to compile", "gauge"),
+    "prefix_cache_hit_tokens_total": (
+        "timjax_prefix_cache_hit_tokens",
+        "prompt tokens mapped from cached KV pages instead of computed",
+        "counter",
+    ),
+    "prefix_cache_pages": ("timjax_prefix_cache_pages", "KV pages the prefix cache holds", "gauge"),
+    "prefix_cache_evictions_total": (
+        "timjax_prefix_cache_evictions",
+        "cached KV pages reclaimed for the allocator (LRU)",
+        "counter",
+    ),
 }
 
 
