@@ -167,7 +167,9 @@ def test_flat_generate_step_lowers_and_compiles_for_cuda():
     n, s, e, ps = 32, 8, 2, 16
     params = jax.eval_shape(lambda: init_params(cfg, "bfloat16", jax.random.key(0)))
     cache = jax.eval_shape(lambda: create_cache(cfg, num_pages=64, page_size=ps, max_seqs=s, max_seq_len=256))
-    ints = jax.ShapeDtypeStruct((2 * n + 6 * s + 1 + 4 * e,), jnp.int32)
+    # tokens, token_row (n each); q_len, lengths, borrowed, top_k, seed, counter (s each); cu_q_lens (s + 1);
+    # the compactions (4 x e); no evictions
+    ints = jax.ShapeDtypeStruct((2 * n + 7 * s + 1 + 4 * e,), jnp.int32)
     floats = jax.ShapeDtypeStruct((2 * s,), jnp.float32)
     fn = functools.partial(
         steps.flat_generate_step,
