@@ -390,6 +390,30 @@ def decode_inputs(rows: int):
     return jnp.arange(rows, dtype=jnp.int32), jnp.zeros((rows, 1), jnp.int32), jnp.ones(rows, jnp.int32), sp
 
 
+def prefix_cache(root: Path) -> dict:
+    """Prompts sharing a 37-token prefix: greedy tokens with the prefix cache on, on tp=2 (one engine) and
+    on dp=2 x tp=2 (``generate``: an index per replica), against one device with the cache off."""
+    from timjax.engine import Engine, Request
+
+    _, tj = checkpoint(root / "prefix")
+    model = timjax.load(tj, "float32", tokenizer=False)
+    rs = np.random.RandomState(0)
+    base = rs.randint(0, 256, 37).tolist()
+    prompts = [base + rs.randint(0, 256, k).tolist() for k in (3, 5, 9, 2)]
+    shape = dict(max_batch=2, page_size=4, max_seq_len=96)
+    ref = Engine(model, **shape, prefix_cache=False).run([Request(p, 6) for p in prompts])
+    tp = Engine(sharding.shard_model(model, sharding.make_mesh(tp=2, dp=1)), **shape, check_cache=True)
+    got = tp.run([Request(p, 6) for p in prompts])
+    dp = timjax.generate(model, prompts, max_new_tokens=6, max_batch=2, page_size=4, stop_ids=[],
+                         mesh=sharding.make_mesh(tp=2, dp=2))
+    return {
+        "ref": [r.tokens for r in ref],
+        "tp2": [r.tokens for r in got],
+        "tp2_hit_tokens": tp.stats().prefix_cache_hit_tokens_total,
+        "dp2": [r.tokens for r in dp],
+    }
+
+
 def main() -> None:
     """``python tests/sharding_worker.py OUT.json meshes MESH...`` or ``... OUT.json runtime`` (two halves
     that a test runs side by side)."""
@@ -427,6 +451,7 @@ def main() -> None:
             result["kv_replicated"] = timed("kv_replicated", kv_replicated, root)
             result["tim"] = timed("tim", tim_trees, root)
             result["export_cuda"] = timed("export", export_cuda, "4x2")
+            result["prefix_cache"] = timed("prefix_cache", prefix_cache, root)
     result["seconds"] = seconds
     Path(dest).write_text(json.dumps(result))
 

@@ -86,6 +86,15 @@ def test_tim_with_pruning_gives_the_same_tree(report, mode):
         assert got[key] == ref[key], key
 
 
+def test_prefix_cache_under_sharding_keeps_the_greedy_tokens(report):
+    """Shared prompt pages are hit on a tensor-parallel pool (each device holds its kv heads of every page)
+    and per replica under data parallel; the tokens are one device's with the cache off."""
+    pc = report["prefix_cache"]
+    assert pc["tp2"] == pc["ref"] and pc["dp2"] == pc["ref"]
+    # the first two prompts run together (two slots) and miss; the last two map 9 full 4-token pages each
+    assert pc["tp2_hit_tokens"] == 2 * 36
+
+
 def test_cli_generate_tp4_equals_one_device(report):
     cli = report["tim"]["cli"]
     assert cli["rc"] == [0, 0] and all(cli["equal"]) and cli["n_tokens"] == [4, 4]
