@@ -77,6 +77,32 @@ def test_thirty_tool_calls_in_one_inference_with_pruning(model, llt, runner):
     assert [t.tooluse.tool_result for t in _all_tasks(r.response) if t.tooluse] == [u["tool_result"] for u in uses]
 
 
+def test_tool_calls_with_the_prefix_cache_equal_it_off(model, llt, runner):
+    """Three replays with real MCP tool calls (parked sequences, forced results, pruning) over one shared
+    prompt (two slots: the third request joins when the first two have cached it): with the prefix cache on, the texts, the tool calls and the
+    working memories equal the cache-off run's, and the shared prompt pages were mapped."""
+    prompt = model.tokenizer("Compute the total of these numbers, step by step, with the tools. " * 4)["input_ids"]
+    docs = [dumps(calculation_trace(k, words=1)) for k in (3, 4, 5)]
+
+    def run(prefix_cache):
+        eng = Engine(model, max_batch=2, page_size=8, max_seq_len=1024, kv_tokens=640, check_cache=True,
+                     prefix_cache=prefix_cache)
+        reqs = [Request(prompt, 20_000, controller=_controller(model, llt, runner, d, buffer=1, prompt=prompt))
+                for d in docs]
+        return eng.run(reqs), eng.stats()
+
+    on, on_stats = run(True)
+    off, _ = run(False)
+    for a, b, doc in zip(on, off, docs):
+        assert a.finish_reason == b.finish_reason == "stop", (a.error, b.error)
+        assert a.text == b.text == doc
+        assert [(c.tool, c.arguments, c.result) for c in a.tool_calls] == [
+            (c.tool, c.arguments, c.result) for c in b.tool_calls
+        ]
+        assert a.working_memory_text == b.working_memory_text
+    assert on_stats.prefix_cache_hit_tokens_total >= (len(prompt) - 1) // 8 * 8  # the full prompt pages
+
+
 def _all_tasks(resp):
     out = []
 
