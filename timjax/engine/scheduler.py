@@ -171,22 +171,22 @@ class Scheduler:
         """Oldest first, give each row its pages; short of pages, an extend chunk shrinks to what fits, else
         the newest resident sequence is preempted (possibly the row itself)."""
         preempted: list[SeqState] = []
-        consumed = 0  # pages granted to the rows before this one
+        free = self.free_pages()  # counted once (a sum over the resident): per row only what changes
         for row in sorted(rows, key=lambda r: r.seq.index):
             s = row.seq
             while s.slot is not None:
-                # recounted each time: a preempted victim frees its own pages and maybe cached ones it mapped
-                free = self.free_pages() - consumed
                 need = self.pages(s, row.n) - self.pages(s)
                 if need <= free:
-                    consumed += need
+                    free -= need
                     break
                 fits = (cdiv(len(s.cached), self.page_size) + free) * self.page_size - len(s.cached)
                 if row.n > 1 and fits >= 1:
                     row.n, row.samples = fits, False
                     continue
                 victim = max(self.resident, key=lambda v: v.index)
-                self.preempt(victim)
+                before = self.free_pages()
+                self.preempt(victim)  # frees its own pages, and the cached ones only it mapped
+                free += self.free_pages() - before
                 preempted.append(victim)
         rows[:] = [r for r in rows if r.seq.slot is not None]
         return preempted
