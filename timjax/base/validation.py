@@ -297,7 +297,7 @@ def check_generate(args: Mapping[str, Any]) -> None:
 
 # Engine keyword arguments that generate does not take itself (tests/test_engine_open.py checks this list
 # against Engine's signature; the engine sits above this module, which must not import it)
-ENGINE_OPTIONS = ("max_step_tokens", "check_cache", "max_waiting", "prefix_cache")
+ENGINE_OPTIONS = ("max_step_tokens", "check_cache", "max_waiting", "prefix_cache", "overlap")
 
 
 def _engine_options(options: Any) -> None:
@@ -319,7 +319,7 @@ def _engine_options(options: Any) -> None:
             )
         if key in ("max_chunk", "max_step_tokens", "max_waiting"):
             Int(1)(f"engine_options[{key!r}]", value)
-        elif key in ("check_cache", "prefix_cache"):
+        elif key in ("check_cache", "prefix_cache", "overlap"):
             check_bool(f"engine_options[{key!r}]", value)
 
 

@@ -52,7 +52,9 @@ def check_for_model(model: Any, params: RequestParams) -> None:
             raise fail("stop", list(params.stop), "stop strings need a tokenizer; pass stop_ids instead")
         if params.tim:
             raise fail(
-                "schema", params.schema, "TIM generation needs the model's tokenizer (load a checkpoint with tokenizer files)"
+                "schema",
+                params.schema,
+                "TIM generation needs the model's tokenizer (load a checkpoint with tokenizer files)",
             )
 
 

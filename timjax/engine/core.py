@@ -62,6 +62,8 @@ class Engine:
     budget (long prompts are chunked against it). ``max_waiting`` bounds the waiting queue.
     ``prefix_cache``: full pages of prompt tokens are cached and shared by requests that start with the
     same tokens (``timjax.engine.prefix_cache``); False computes every prompt from scratch.
+    ``overlap``: launch each step before the host has read the one before (``timjax.engine.loop``); the
+    tokens are the same with it off, which syncs every step.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Engine:
         check_cache: bool = False,
         max_waiting: int = 1024,
         prefix_cache: bool = True,
+        overlap: bool = True,
     ):
         for name, value in (
             ("max_batch", max_batch),
@@ -122,6 +125,7 @@ class Engine:
             max_seq_len=self.max_seq_len,
             max_step_tokens=self.max_step_tokens,
             tokenizer=model.tokenizer,
+            overlap=overlap,
         )
         # shared with other threads, under _lock: the inbox, aborts, ids in flight, tool openings
         self._lock = threading.Lock()
@@ -293,10 +297,11 @@ class Engine:
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise RuntimeError("the engine's loop thread owns the device: call stop() before step()")
         self._take_inbox()
-        ran = self.loop.iteration() if self.loop.live() else False
-        if self.check_cache:
+        ran = self.loop.iteration() if self.loop.live() or self.loop.prev is not None else False
+        if self.check_cache:  # waits for the step in flight (overlap stays on: its bookkeeping is tested too)
             self.check_invariants()
         if not self.loop.live():
+            self.loop.drain()
             self.loop.release_idle()
         self._stats = self.loop.snapshot()
         return ran
@@ -472,5 +477,6 @@ class Engine:
             if not self.step():
                 time.sleep(0.001)  # every live sequence waits on something outside the device
             if on_step is not None:
+                self.loop.drain()  # the cache and the host agree only with no step in flight
                 on_step(self, self.loop.sched.resident)
         return [h.result() for h in handles]

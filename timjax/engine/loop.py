@@ -18,14 +18,18 @@ import numpy as np
 
 from timjax.base.results import FinishReason, GenerationResult, GenerationStats
 from timjax.engine.outputs import EngineStats
-from timjax.engine.protocol import Action, SeqState
+from timjax.engine.protocol import SPEC, Action, SeqState
 from timjax.engine.runner import Runner
 from timjax.engine.scheduler import Row, Scheduler
 
 
 class Loop:
-    def __init__(self, runner: Runner, *, max_batch: int, max_seq_len: int, max_step_tokens: int, tokenizer):
+    def __init__(
+        self, runner: Runner, *, max_batch: int, max_seq_len: int, max_step_tokens: int, tokenizer, overlap: bool = True
+    ):
         self.runner = runner
+        self.overlap = overlap
+        self.prev = None  # overlap: the step whose sample is in flight (a ``Launched``)
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
         cache = runner.cache
@@ -38,6 +42,8 @@ class Loop:
             prefix=runner.prefix,
         )
         self.counters = {"iterations": 0, "dispatches": 0, "tokens": 0, "computed": 0, "preemptions": 0}
+        # overlap: rows launched on a sample not read yet whose write was kept / voided by the controller
+        self.counters.update(spec_kept=0, spec_voided=0)
         self.totals = EngineStats(kv_pages_total=cache.num_pages, kv_pages_free=cache.num_pages)
         self.dirty = False  # a slot was freed since the last step: its pages go back with the next edits
         self.vocab = runner.cfg.vocab_size
@@ -70,42 +76,77 @@ class Loop:
 
     # -- one iteration ----------------------------------------------------------------------------
     def iteration(self) -> bool:
-        """One step; False when no sequence could run (every live one waits on something off the device)."""
+        """One step; False when no sequence could run (every live one waits on something off the device).
+
+        With ``overlap`` the step's sample stays in flight: the next iteration plans and launches its step
+        first (a decode row's input is that sample, read on the device: ``SPEC``) and only then syncs and
+        runs the controllers on it, so the host's bookkeeping of step N runs while the device computes step
+        N+1. A controller's answer that the speculation did not foresee (forced tokens, a prune, a tool
+        call, the end) voids that row of step N+1: the row joins one step later; the others go on."""
         self.poll_parked()
+        if self.prev is not None and self.prev.want_pages:  # its page table is read before another step
+            self.drain()
         plan = self.sched.plan()
         for seq, msg in plan.failed:
             self.finish(seq, "error", msg)
         self.counters["preemptions"] += len(plan.preempted)
         if not plan.rows:
+            if self.prev is not None:
+                self.drain()
+                return True
             if self.dirty:  # no step to carry the releases (every live sequence waits): release them now
                 self.runner.release(np.array([s is None for s in self.sched.slots]))
                 self.dirty = False
             return False
-        t0 = time.perf_counter()
-        step = self.runner.launch(plan.rows, self.sched.slots, self.sched.evictions(plan.rows))
+        prev, self.prev = self.prev, None
+        step = self.runner.launch(plan.rows, self.sched.slots, self.sched.evictions(plan.rows), prev)
         self.dirty = False  # the step's edits released every freed slot
+        for row in step.rows:
+            row.seq.flights.append(row)
+            if row.samples:
+                row.seq.pending.append(SPEC)
+        if prev is not None:
+            self.finish_step(prev)  # while the device runs ``step``
         mask_errors = self.fill_masks(step.rows, step.mask) if step.mask is not None else {}
+        step.mask_errors = mask_errors
+        self.runner.sample(step)
+        if self.overlap:
+            self.prev = step
+        else:
+            self.finish_step(step)
+        return True
+
+    def drain(self) -> None:
+        """Sync and hand over the step in flight, if any (before reading the cache, or going idle)."""
+        if self.prev is not None:
+            prev, self.prev = self.prev, None
+            self.finish_step(prev)
+
+    def finish_step(self, step) -> None:
+        """The sync of a sampled step, then each (not voided) row's tokens to its sequence and controller."""
         tokens, bad, oom, page_table = self.runner.collect(step)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - step.launched_s
         st = self.counters
         st["iterations"] += 1
         st["dispatches"] = self.runner.dispatches
         st["tokens"] += step.tokens
         st["computed"] += step.computed
-        for row in plan.rows:
+        errors = getattr(step, "mask_errors", {})
+        for row in step.rows:
+            if row.void:
+                continue
             slot = row.seq.slot
             pages = page_table[slot] if page_table is not None else None
             self.after_step(
-                row, int(tokens[slot]), bool(bad[slot]), bool(oom[slot]), mask_errors.get(id(row.seq)), elapsed, pages
+                row, int(tokens[slot]), bool(bad[slot]), bool(oom[slot]), errors.get(id(row.seq)), elapsed, pages
             )
-        return True
 
     def fill_masks(self, rows: list[Row], mask: np.ndarray) -> dict[int, str]:
         """Runs while the device computes the forward. A failing fill leaves its row unmasked; that
         sequence ends with the error after the sync."""
         errors = {}
         for r in rows:
-            if r.samples and r.seq.controller.wants_mask:
+            if r.samples and not (r.void or r.void_sample) and r.seq.controller.wants_mask:
                 try:
                     r.seq.controller.fill_mask(mask[r.seq.slot])
                 except Exception as e:  # noqa: BLE001 - one sequence's failure never takes down the others
@@ -117,8 +158,11 @@ class Loop:
     ):
         """``pages``: the slot's page table row when its full prompt pages may enter the prefix index."""
         s = row.seq
+        assert s.flights and s.flights[0] is row, "steps are collected in launch order"
+        s.flights.pop(0)
         if oom:  # the scheduler's page count rules this out: an internal error, reported, not hidden
             return self.finish(s, "error", "internal: the KV allocator refused pages the scheduler counted as free")
+        assert SPEC not in s.pending[: row.n], "a chunk's speculated token was not resolved before its sync"
         s.cached += s.pending[: row.n]
         s.pending = s.pending[row.n :]
         if pages is not None:  # before the controller: it may prune or finish the sequence
@@ -126,7 +170,7 @@ class Loop:
         s.peak_cached = max(s.peak_cached, len(s.cached))
         if row.n > 1:
             s.extend_time_s += elapsed
-        if not row.samples:  # a chunk of a longer write: the sample is not needed
+        if not row.samples or row.void_sample:  # a chunk of a longer write, or forced tokens come first
             return None
         if mask_error:
             return self.finish(s, "error", mask_error)
@@ -140,13 +184,35 @@ class Loop:
         s.sampled += 1
         if s.first_token_s is None:
             s.first_token_s = time.perf_counter() - s.started
+        nxt = s.flights[0] if s.flights else None  # its row in the step launched after this one
+        assert all(t == SPEC for t in s.pending), "a sampling row's chunk ends its pending tokens"
+        s.flights, s.pending = [], []  # the placeholders go; ``apply`` writes what the controller wants
+        if nxt is not None:
+            nxt.void = True  # unless the controller's answer is what the speculation assumed (below)
         try:
             action = s.controller.on_token(token, s)
         except Exception as e:  # noqa: BLE001
             return self.finish(s, "error", f"controller.on_token raised {type(e).__name__}: {e}")
         if s.on_token is not None:
             s.on_token(token)
-        return self.apply(s, action)
+        self.apply(s, action)
+        if nxt is not None:
+            self.keep_or_void(s, nxt, token, action)
+        return None
+
+    def keep_or_void(self, s: SeqState, nxt: Row, token: int, action: Action) -> None:
+        """``nxt`` (launched with ``token`` before the controller saw it) stays void unless the controller
+        wrote ``token`` next and nothing else moved: no park, no prune, still resident."""
+        keep = s.slot is not None and not s.parked and not action.prune and s.pending[:1] == [token]
+        self.counters["spec_kept" if keep else "spec_voided"] += 1
+        if not keep:
+            return
+        nxt.void = False  # the step in flight wrote the right token
+        s.flights = [nxt]
+        if s.pending == [token]:
+            s.pending.append(SPEC)  # and its sample is the sequence's next one
+        else:
+            nxt.void_sample = True  # forced tokens come before the next sample
 
     def poll_parked(self) -> None:
         for s in [s for s in self.sched.live() if s.parked]:
@@ -201,6 +267,10 @@ class Loop:
     def finish(self, s: SeqState, reason: FinishReason, error: str | None = None) -> None:
         if s.slot is not None:
             self.dirty = True
+        for row in s.flights:  # a step in flight wrote for it: nothing of it is read
+            row.void = True
+        s.flights = []
+        s.pending = [t for t in s.pending if t != SPEC]
         self.sched.remove(s)
         s.parked = False
         result = self._result(s, reason, error)

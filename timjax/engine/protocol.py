@@ -16,6 +16,8 @@ import numpy as np
 
 from timjax.base.results import FinishReason, GenerationResult
 
+SPEC = -1  # in ``SeqState.pending``: a sample still on the device (packed as is: the step reads it there)
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneOp:
@@ -96,10 +98,28 @@ class SeqState:
     deadline: float | None = None  # time.monotonic() past which it ends with "timeout"
     on_token: Any = None  # Engine.run's callback(position, sampled token)
     on_finish: Any = None  # callback(seq, result) after the handle has the result (closing tools, ...)
+    # steps launched but not collected yet (``timjax.engine.loop``, oldest first): their chunks are the first
+    # ``flight`` tokens of ``pending``; a chunk's sample not read yet is a ``SPEC`` placeholder in ``pending``
+    flights: list = dataclasses.field(default_factory=list)
 
     @property
     def working_tokens(self) -> int:
         return len(self.cached) + len(self.pending)
+
+    @property
+    def flight(self) -> int:
+        """Pending tokens that steps in flight are writing."""
+        return sum(r.n for r in self.flights)
+
+    @property
+    def device_len(self) -> int:
+        """Tokens its slot holds once the steps in flight are done."""
+        return len(self.cached) + self.flight
+
+    @property
+    def unfed(self) -> int:
+        """Pending tokens no step has been launched with yet."""
+        return len(self.pending) - self.flight
 
 
 class PlainController:

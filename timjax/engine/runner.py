@@ -14,6 +14,7 @@ a step that admits a cached prefix, and the page table to the sync after a step 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -36,11 +37,13 @@ class Launched:
     """A step in flight: ``mask`` rows are filled by the host before ``Runner.collect``."""
 
     rows: list[Row]
-    out: tuple  # device arrays: (tokens, bad, None) or (logits, bad, sampling settings)
+    out: tuple  # device arrays: (tokens, flags, None) or (logits, flags, sampling settings)
     mask: np.ndarray | None  # int32 [S, words] when a row samples under a mask
     tokens: int  # real tokens packed
     computed: int  # packed length N (real + padding)
     want_pages: bool = False  # read the page table back with the sync (prompt pages enter the prefix index)
+    sampled: jax.Array | None = None  # int32 [S] once sampled (``Runner.sample``): the next step may read it
+    launched_s: float = 0.0
 
 
 class Runner:
@@ -72,6 +75,7 @@ class Runner:
         # slot -> (sequence, start, end, length) for the next step; dropped if the slot changed hands meanwhile
         self.compactions: dict[int, tuple[SeqState, int, int, int]] = {}
         self.dispatches = 0
+        self._zeros: jax.Array | None = None  # ``prev`` of a step with no step before it in flight
         # The index belongs to this pool, and the pool to these weights: the salt tells pages of other
         # weights, dtypes or page sizes apart should an index ever outlive them.
         salt = (type(model).__name__, id(self.params), str(model.dtype), page_size)
@@ -143,12 +147,14 @@ class Runner:
         for r in rows:
             q, i = r.seq.request, r.seq.slot
             host["temperature"][i], host["top_k"][i], host["top_p"][i] = q.temperature, q.top_k, q.top_p
-            host["seed"][i], host["counter"][i] = q.seed, r.seq.sampled
+            # draws in flight count: the draw index is the same whether the step before was read yet or not
+            ahead = sum(f.samples and not f.void_sample for f in r.seq.flights)
+            host["seed"][i], host["counter"][i] = q.seed, r.seq.sampled + ahead
         return SamplingParams(**host)
 
     def _kv_pages(self, rows: list[Row], edits: steps.Edits) -> int:
         ps = self.cache.page_size
-        need = max([cdiv(len(r.seq.cached) + r.n, ps) for r in rows] + [cdiv(int(x), ps) for x in edits.length])
+        need = max([cdiv(r.seq.device_len + r.n, ps) for r in rows] + [cdiv(int(x), ps) for x in edits.length])
         # A few buckets, few compiles: powers of two from a 256-token window up to the page table's width.
         return min(pow2(need, lo=cdiv(MIN_KV_WINDOW, ps)), self.cache.max_pages_per_seq)
 
@@ -176,9 +182,13 @@ class Runner:
         # evictions are bounded by the pages a step can reserve: a capacity the layout fixes anyway
         return 0 if self.prefix is None else cdiv(n_tokens, self.cache.page_size) + self.slots
 
-    def launch(self, rows: list[Row], slots: list[SeqState | None], evict: int = 0) -> Launched:
+    def launch(
+        self, rows: list[Row], slots: list[SeqState | None], evict: int = 0, prev: Launched | None = None
+    ) -> Launched:
         """Dispatch the step (edits + forward, and the sample unless a row needs a mask); returns at once.
-        ``evict``: cached pages the prefix index hands back to the free stack first."""
+        ``evict``: cached pages the prefix index hands back to the free stack first. ``prev``: the step in
+        flight before it, whose samples (``SPEC`` in a row's chunk) are read on the device."""
+        t0 = time.perf_counter()
         packed, N = pack_rows(rows, self.slots, min_tokens=self.min_tokens)
         edits = self._edits(slots)
         n_evict = self._evict_capacity(N)
@@ -191,11 +201,22 @@ class Runner:
             )
             self.prefix.sync(slots)  # after this step's releases, each slot holds its occupant's pages
         masked = any(r.samples and r.seq.controller.wants_mask for r in rows)
-        out, mask = self._dispatch(packed, edits, self._sampling(rows), self._kv_pages(rows, edits), masked, n_evict)
+        kv_pages = self._kv_pages(rows, edits)
         want = self.prefix is not None and any(self.prefix.may_register(r.seq, r.n) for r in rows)
-        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N, want)
+        sampling = self._sampling(rows)
+        prev_tokens = prev.sampled if prev is not None else None
+        out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, prev_tokens)
+        return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N, want, launched_s=t0)
 
-    def _dispatch(self, packed, edits: steps.Edits, sampling: SamplingParams, kv_pages: int, masked: bool, n_evict: int):
+    def _no_prev(self) -> jax.Array:
+        if self._zeros is None:
+            z = np.zeros(self.slots, np.int32)
+            self._zeros = jax.device_put(z, self.host_inputs) if self.host_inputs is not None else jax.device_put(z)
+        return self._zeros
+
+    def _dispatch(
+        self, packed, edits: steps.Edits, sampling: SamplingParams, kv_pages: int, masked: bool, n_evict: int, prev=None
+    ):
         N = packed.tokens.shape[0]
         ints, floats = steps.flatten_inputs(packed, edits, sampling)
         if self.host_inputs is not None:  # on a mesh: whole on every device (and every process)
@@ -208,11 +229,14 @@ class Runner:
             layout=steps.flat_layout(N, self.slots, edits.slot.shape[0], n_evict),
         )
         self.dispatches += 1
+        prev = self._no_prev() if prev is None else prev  # always an array: one compiled variant per shape
         if masked:
-            logits, bad, sampling, self.cache = steps.flat_logits_step(self.params, self.cache, ints, floats, **kw)
-            return (logits, bad, sampling), np.full((self.slots, self.words), -1, np.int32)
-        tokens, bad, self.cache = steps.flat_generate_step(self.params, self.cache, ints, floats, **kw)
-        return (tokens, bad, None), None
+            logits, flags, sampling, self.cache = steps.flat_logits_step(
+                self.params, self.cache, ints, floats, prev, **kw
+            )
+            return (logits, flags, sampling), np.full((self.slots, self.words), -1, np.int32)
+        tokens, flags, self.cache = steps.flat_generate_step(self.params, self.cache, ints, floats, prev, **kw)
+        return (tokens, flags, None), None
 
     # -- compiling ahead of the first request ------------------------------------------------------
     def step_shapes(self, max_step_tokens: int) -> list[tuple[int, int]]:
@@ -238,28 +262,32 @@ class Runner:
             self.prefix.sync([None] * self.slots)
         sampling = SamplingParams(**SamplingParams.host(self.slots))
         out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict)
-        first, _, sampling = out
-        if mask is not None:
-            first = steps.sample_step(first, sampling, mask if self.host_inputs is None else jax.device_put(mask, self.host_inputs))
-        jax.block_until_ready(first)
+        step = Launched([], out, mask, 0, n_tokens)
+        self.sample(step)
+        jax.block_until_ready(step.sampled)
 
-    def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """The sample dispatch (masked steps), then the one sync: (tokens [S], non-finite [S], oom [S], the
-        page table when a prompt page may enter the prefix index, else None)."""
-        first, bad, sampling = step.out
+    def sample(self, step: Launched) -> None:
+        """The sample dispatch of a masked step (its masks filled); the step's tokens stay on the device."""
+        first, _, sampling = step.out
         if step.mask is not None:
             mask = step.mask if self.host_inputs is None else jax.device_put(step.mask, self.host_inputs)
             first = steps.sample_step(first, sampling, mask)
             self.dispatches += 1
+        step.sampled = first
+
+    def collect(self, step: Launched) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The one sync of a sampled step: (tokens [S], non-finite [S], oom [S], the page table when a
+        prompt page may enter the prefix index, else None: read before any later step takes the cache)."""
         pt = self.cache.page_table if step.want_pages else None
-        tokens, bad, oom, pt = jax.device_get((first, bad, self.cache.oom, pt))
-        return tokens, bad, oom, pt
+        tokens, flags, pt = jax.device_get((step.sampled, step.out[1], pt))
+        return tokens, (flags & 1) != 0, (flags & 2) != 0, pt
 
 
 def make_edits(slots: list[SeqState | None], compactions: dict, capacity: int) -> steps.Edits:
-    """Every slot's length as the host sees it (0 for a free slot: its pages go back), and the pending
+    """Every slot's length as the host sees it, steps in flight included (0 for a free slot: its pages go
+    back; less than the device holds for a row a controller voided: the write is cut), and the pending
     compactions of slots whose sequence still holds them (``capacity`` entries, unused ones empty)."""
-    lengths = np.array([len(s.cached) if s is not None else 0 for s in slots], np.int32)
+    lengths = np.array([s.device_len if s is not None else 0 for s in slots], np.int32)
     comp = np.zeros((4, capacity), np.int32)
     live = [(slot, c) for slot, c in compactions.items() if slots[slot] is c[0]]
     for i, (slot, (_, start, end, length)) in enumerate(live):
@@ -273,7 +301,8 @@ def pack_rows(rows: list[Row], num_slots: int, min_tokens: int = 1) -> tuple[ste
     chunks: list[list[int]] = [[] for _ in range(num_slots)]
     for r in rows:
         q_len[r.seq.slot] = r.n
-        chunks[r.seq.slot] = r.seq.pending[: r.n]
+        f = r.seq.flight
+        chunks[r.seq.slot] = r.seq.pending[f : f + r.n]  # may end in SPEC (-1): read on the device
     total = int(q_len.sum())
     N = bucket(max(total, min_tokens))
     tokens = np.zeros(N, np.int32)

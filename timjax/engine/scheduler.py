@@ -24,14 +24,19 @@ from collections import deque
 
 from timjax.base.buckets import bucket, cdiv
 from timjax.engine.prefix_cache import PrefixCache
-from timjax.engine.protocol import SeqState
+from timjax.engine.protocol import SPEC, SeqState
 
 
 @dataclasses.dataclass
 class Row:
     seq: SeqState
-    n: int  # tokens of ``seq.pending`` written this step
+    n: int  # tokens of ``seq.pending`` written this step (after the ``seq.flight`` ones in flight)
     samples: bool  # the chunk ends the pending tokens: the step's sample is the sequence's next token
+    # set while the step is in flight (overlap), when the controller's answer to the sample before shows the
+    # speculation wrong: ``void``: nothing of the row is kept (the next edits cut its write); ``void_sample``:
+    # the write is kept, the sample is not (forced tokens come first)
+    void: bool = False
+    void_sample: bool = False
 
 
 @dataclasses.dataclass
@@ -75,7 +80,7 @@ class Scheduler:
 
     def pages(self, seq: SeqState, extra: int = 0) -> int:
         """The slot's own pages (its index pages are counted once, by the index) with ``extra`` more tokens."""
-        return cdiv(len(seq.cached) + extra, self.page_size) - len(seq.shared)
+        return cdiv(seq.device_len + extra, self.page_size) - len(seq.shared)
 
     def used_pages(self) -> int:
         """Pages not reclaimable: slots' own pages and index pages some slot maps."""
@@ -116,7 +121,10 @@ class Scheduler:
         seq.slot = None
         if self.prefix is not None:
             self.prefix.release(seq)  # the cached prefix stays in the index; it may hit again on resume
-        seq.pending = seq.cached + seq.pending
+        for row in seq.flights:  # a step in flight wrote for it: dropped (its sample is drawn again on resume)
+            row.void = True
+        seq.flights = []
+        seq.pending = seq.cached + [t for t in seq.pending if t != SPEC]
         seq.cached = []
         seq.preemptions += 1
         if seq.parked:
@@ -153,7 +161,7 @@ class Scheduler:
 
     def _want(self, s: SeqState) -> int:
         # A parked sequence writes all but its last pending token: the sample after the last one waits.
-        return len(s.pending) - 1 if s.parked else len(s.pending)
+        return s.unfed - 1 if s.parked else s.unfed
 
     def _budget(self) -> list[Row]:
         """Decode rows first, then extend rows oldest first, within the step's token budget."""
@@ -163,7 +171,7 @@ class Scheduler:
         for s in decode + [s for s in running if s not in decode]:
             n = min(self._want(s), budget)
             if n > 0:
-                rows.append(Row(s, n, samples=n == len(s.pending)))
+                rows.append(Row(s, n, samples=n == s.unfed))
                 budget -= n
         return rows
 
@@ -179,7 +187,7 @@ class Scheduler:
                 if need <= free:
                     free -= need
                     break
-                fits = (cdiv(len(s.cached), self.page_size) + free) * self.page_size - len(s.cached)
+                fits = (cdiv(s.device_len, self.page_size) + free) * self.page_size - s.device_len
                 if row.n > 1 and fits >= 1:
                     row.n, row.samples = fits, False
                     continue
@@ -236,7 +244,7 @@ class Scheduler:
             if extra_pages > free:
                 continue
             r.n += more
-            r.samples = r.n == len(r.seq.pending)
+            r.samples = r.n == r.seq.unfed
             spare -= more
             free -= extra_pages
             if spare == 0:

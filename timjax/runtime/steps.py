@@ -360,21 +360,32 @@ def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, ...]
 _FLAT_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages", "layout")
 
 
-@partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
-def flat_logits_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
-    """``ragged_logits_step`` over ``flatten_inputs``; also returns the sampling settings for ``sample_step``."""
+def _flat_forward(params, cache, ints, floats, prev, *, cfg, impl, kv_pages, max_new_pages, layout):
     packed, edits, sampling = unflatten_inputs(ints, floats, layout)
+    if prev is not None:  # overlap: a decode row's input is the previous step's sample, never read by the host
+        tokens = jnp.where(packed.tokens < 0, prev[packed.token_row], packed.tokens)
+        packed = dataclasses.replace(packed, tokens=tokens)
     logits, bad, cache = ragged_forward(
         params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
     )
-    return logits, bad, sampling, cache
+    # one flag word per row, so the host never reads the (donated) cache for them: 1 non-finite, 2 out of pages
+    flags = bad.astype(jnp.int32) | (cache.oom[packed.rows].astype(jnp.int32) << 1)
+    return logits, flags, sampling, cache
 
 
 @partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
-def flat_generate_step(params, cache, ints, floats, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
-    """``ragged_generate_step`` over ``flatten_inputs``."""
-    packed, edits, sampling = unflatten_inputs(ints, floats, layout)
-    logits, bad, cache = ragged_forward(
-        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
-    )
-    return sample(logits, sampling), bad, cache
+def flat_logits_step(params, cache, ints, floats, prev=None, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
+    """``ragged_logits_step`` over ``flatten_inputs``; also returns the sampling settings for ``sample_step``.
+    ``prev`` int32 [S] (or None): a negative packed token is replaced by its row's entry (the token that
+    slot sampled in the step before, never read by the host). The second output is
+    the flag word per row (1: non-finite logits, 2: out of pages)."""
+    kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages, layout=layout)
+    return _flat_forward(params, cache, ints, floats, prev, **kw)
+
+
+@partial(jax.jit, static_argnames=_FLAT_STATIC, donate_argnames=("cache",))
+def flat_generate_step(params, cache, ints, floats, prev=None, *, cfg, impl="auto", kv_pages, max_new_pages, layout):
+    """``ragged_generate_step`` over ``flatten_inputs`` (``prev`` and the flags as ``flat_logits_step``)."""
+    kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages, layout=layout)
+    logits, flags, sampling, cache = _flat_forward(params, cache, ints, floats, prev, **kw)
+    return sample(logits, sampling), flags, cache
