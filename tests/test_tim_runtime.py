@@ -155,7 +155,7 @@ def test_pruning_runs_far_past_the_position_limit(tim_model, llt):
     doc = synthetic_document(depth=4, breadth=3, roots=1, words=4, seed=11)
     limit = tim_model.config.max_position_embeddings
     off, _ = _replay(tim_model, llt, doc, buffer=None, max_seq_len=limit)
-    assert off.finish_reason == "length" and "max_seq_len" in off.error  # without pruning it cannot finish
+    assert off.finish_reason == "length" and "max_seq_len" in off.error, off.error  # without pruning it cannot finish
     on, _ = _replay(tim_model, llt, doc, buffer=1, max_seq_len=limit)
     assert on.finish_reason == "stop", on.error
     assert len(on.tokens) > 3 * limit and on.stats.peak_working_tokens < limit

@@ -140,10 +140,11 @@ class Scheduler:
         self.waiting.insert(i, seq)
 
     def too_big(self, seq: SeqState) -> str | None:
-        need = cdiv(seq.working_tokens, self.page_size)
+        n = seq.working_tokens - seq.pending[-1:].count(SPEC)  # a sample in flight is judged after its sync
+        need = cdiv(n, self.page_size)
         if need > self.num_pages:
             return (
-                f"its working memory of {seq.working_tokens} tokens needs {need} KV pages, more than the whole "
+                f"its working memory of {n} tokens needs {need} KV pages, more than the whole "
                 f"pool of {self.num_pages} pages of {self.page_size} tokens (raise kv_tokens)"
             )
         return None
@@ -191,12 +192,15 @@ class Scheduler:
                 if row.n > 1 and fits >= 1:
                     row.n, row.samples = fits, False
                     continue
+                if row.n == s.unfed and s.pending[-1] == SPEC:
+                    row.n = 0  # a speculative row preempts nobody: it waits for its sample's sync instead
+                    break
                 victim = max(self.resident, key=lambda v: v.index)
                 before = self.free_pages()
                 self.preempt(victim)  # frees its own pages, and the cached ones only it mapped
                 free += self.free_pages() - before
                 preempted.append(victim)
-        rows[:] = [r for r in rows if r.seq.slot is not None]
+        rows[:] = [r for r in rows if r.seq.slot is not None and r.n > 0]
         return preempted
 
     def _admit(self, rows: list[Row], failed: list) -> None:
