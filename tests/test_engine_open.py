@@ -223,7 +223,8 @@ def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, 
     eng = Engine(model, **SHAPE)
     eng.start()
     try:
-        assert eng.warmup(background=True) == 6  # packed lengths 8, 12, 16 (budget 16) x one KV window x mask or not
+        # packed lengths 8, 12, 16 (budget 16) and the pure-decode 8 x one KV window x mask or not
+        assert eng.warmup(background=True) == 8
         early = eng.add(_make("pruner", prompts[0]))
         assert early.result(timeout=120).tokens == alone[("pruner", 0)]
         _wait(lambda: eng.stats().warmup_shapes_left == 0, timeout=120)

@@ -432,3 +432,51 @@ def test_q_block_row_search_covers_every_token_once(block_q):
             t = t[t < cu[r + 1] - cu[r]]
             seen[cu[r] + t] += 1
         assert np.all(seen[: cu[-1]] == 1) and np.all(seen[cu[-1] :] == 0)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_pure_decode_specialization_equals_the_ragged_step(impl):
+    """A step where no row feeds more than one token (idle and padding slots among them) gives the same
+    logits and cache through the decode kernel (``decode=True``, what the engine takes then) as through the
+    ragged kernel, over three steps of growing rows."""
+    from timjax.base.config import Qwen3Config
+    from timjax.qwen3.model import init_params
+    from timjax.runtime import steps
+    from timjax.runtime.cache import create_cache
+
+    cfg = Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
+    )  # fmt: skip
+    params = init_params(cfg, "float32", jax.random.key(1), std=0.2)
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    keep = steps.Edits(lengths=i32([99] * 4), slot=i32([]), start=i32([]), end=i32([]), length=i32([]))
+
+    def packed(chunks, n):
+        q_len = [len(c) for c in chunks]
+        cu = np.concatenate([[0], np.cumsum(q_len)])
+        toks, rows = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        for r, c in enumerate(chunks):
+            toks[cu[r] : cu[r + 1]], rows[cu[r] : cu[r + 1]] = c, r
+        return steps.Packed(i32(toks), i32(rows), i32(np.arange(len(chunks))), i32(q_len), i32(cu))
+
+    prefill = packed([[1, 2, 3, 4, 5], [6, 7], [], [9, 10, 11, 12, 13, 14, 15]], 16)
+    decodes = [packed([[20], [21], [], [22]], 8), packed([[23], [], [24], [25]], 8), packed([[26], [27], [28], [29]], 4)]
+    out = {}
+    for decode in (False, True):
+        cache = create_cache(cfg, num_pages=16, page_size=4, max_seqs=4, max_seq_len=32, dtype=jnp.float32)
+        kw = dict(cfg=cfg, impl=impl, kv_pages=8, max_new_pages=5)
+        _, _, cache = steps.ragged_logits_step(params, cache, prefill, keep, **kw)
+        logits = []
+        for p in decodes:
+            lg, bad, cache = steps.ragged_logits_step(params, cache, p, keep, **kw, decode=decode)
+            assert not np.any(np.asarray(bad)[np.asarray(p.q_len) > 0])
+            logits.append(np.asarray(lg))
+        out[decode] = logits, np.asarray(cache.k), np.asarray(cache.lengths)
+    (la, ka, na), (lb, kb, nb) = out[False], out[True]
+    np.testing.assert_array_equal(na, nb)
+    np.testing.assert_array_equal(nb, [8, 4, 2, 10])
+    np.testing.assert_allclose(kb, ka, atol=2e-5, rtol=2e-5)
+    for a, b, p in zip(la, lb, decodes, strict=True):
+        live = np.asarray(p.q_len) > 0
+        np.testing.assert_allclose(b[live], a[live], atol=2e-5, rtol=2e-5)

@@ -139,7 +139,7 @@ class Engine:
         self._closed = False
         self._draining = False
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
-        self._warm_jobs: deque[tuple[int, int, bool]] = deque()  # background warmup: shapes left to compile
+        self._warm_jobs: deque[tuple[int, int, bool, bool]] = deque()  # background warmup: shapes left to compile
         self._stats = self.loop.snapshot()
         self.failure: BaseException | None = None  # the last exception a step raised (the loop goes on)
 
@@ -338,7 +338,7 @@ class Engine:
         if self.loop.live() or (self._thread is not None and not background):
             raise RuntimeError("Engine.warmup runs before any request (and, unless background, before start())")
         variants = (False, True) if masked else (False,)
-        jobs = [(n, w, m) for n, w in self.runner.step_shapes(self.max_step_tokens) for m in variants]
+        jobs = [(n, w, m, d) for n, w, d in self.runner.step_shapes(self.max_step_tokens) for m in variants]
         if background:
             with self._lock:
                 self._warm_jobs.extend(jobs)
@@ -350,10 +350,10 @@ class Engine:
             self._warm(job)
         return len(jobs)
 
-    def _warm(self, job: tuple[int, int, bool]) -> None:
+    def _warm(self, job: tuple[int, int, bool, bool]) -> None:
         self.loop.release_idle()  # the warm step releases every slot: drop what finished sequences left
-        n, window, masked = job
-        self.runner.warm(n, window, masked=masked, shift=self.reposition == "shift")
+        n, window, masked, decode = job
+        self.runner.warm(n, window, masked=masked, shift=self.reposition == "shift", decode=decode)
 
     def _warm_one_if_idle(self) -> bool:
         """The loop thread, nothing live: compile the next background-warmup shape, if any."""

@@ -205,7 +205,9 @@ class Runner:
         want = self.prefix is not None and any(self.prefix.may_register(r.seq, r.n) for r in rows)
         sampling = self._sampling(rows)
         prev_tokens = prev.sampled if prev is not None else None
-        out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, prev_tokens)
+        # a pure decode step (no row feeds more than a token) takes the decode kernel: no price for raggedness
+        decode = bool(packed.q_len.max(initial=0) <= 1)
+        out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, prev_tokens, decode)
         return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N, want, launched_s=t0)
 
     def _no_prev(self) -> jax.Array:
@@ -215,7 +217,15 @@ class Runner:
         return self._zeros
 
     def _dispatch(
-        self, packed, edits: steps.Edits, sampling: SamplingParams, kv_pages: int, masked: bool, n_evict: int, prev=None
+        self,
+        packed,
+        edits: steps.Edits,
+        sampling: SamplingParams,
+        kv_pages: int,
+        masked: bool,
+        n_evict: int,
+        prev=None,
+        decode: bool = False,
     ):
         N = packed.tokens.shape[0]
         ints, floats = steps.flatten_inputs(packed, edits, sampling)
@@ -226,7 +236,7 @@ class Runner:
             impl=self.impl,
             kv_pages=kv_pages,
             max_new_pages=cdiv(N, self.cache.page_size) + 1,
-            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0], n_evict),
+            layout=steps.flat_layout(N, self.slots, edits.slot.shape[0], n_evict, decode),
         )
         self.dispatches += 1
         prev = self._no_prev() if prev is None else prev  # always an array: one compiled variant per shape
@@ -239,15 +249,17 @@ class Runner:
         return (tokens, flags, None), None
 
     # -- compiling ahead of the first request ------------------------------------------------------
-    def step_shapes(self, max_step_tokens: int) -> list[tuple[int, int]]:
-        """Every (packed length, KV window in pages) a step of this engine can take: the token buckets up
-        to the step budget times the power-of-two windows up to the page table's width."""
+    def step_shapes(self, max_step_tokens: int) -> list[tuple[int, int, bool]]:
+        """Every (packed length, KV window in pages, decode) a step of this engine can take: the token
+        buckets up to the step budget times the power-of-two windows up to the page table's width; the
+        lengths a pure decode step reaches (one token a slot at most) also in the decode variant."""
         ps, widest = self.cache.page_size, self.cache.max_pages_per_seq
         lengths = sorted({bucket(n) for n in range(self.min_tokens, bucket(max_step_tokens) + 1)})
         windows = sorted({min(pow2(p, lo=cdiv(MIN_KV_WINDOW, ps)), widest) for p in range(1, widest + 1)})
-        return [(n, w) for n in lengths for w in windows]
+        most = bucket(max(self.slots, self.min_tokens))  # the longest pure decode step
+        return [(n, w, d) for n in lengths for w in windows for d in (True, False) if n <= most or not d]
 
-    def warm(self, n_tokens: int, kv_pages: int, *, masked: bool, shift: bool) -> None:
+    def warm(self, n_tokens: int, kv_pages: int, *, masked: bool, shift: bool, decode: bool = False) -> None:
         """Run the step once at this shape on an idle cache, so its compile happens now and not under a
         request. No row has a token and every slot's length is 0: nothing is written, nothing allocated
         (cached prefix pages stay cached). Only while no sequence
@@ -261,7 +273,7 @@ class Runner:
             )
             self.prefix.sync([None] * self.slots)
         sampling = SamplingParams(**SamplingParams.host(self.slots))
-        out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict)
+        out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, decode=decode)
         step = Launched([], out, mask, 0, n_tokens)
         self.sample(step)
         jax.block_until_ready(step.sampled)

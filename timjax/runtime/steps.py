@@ -240,8 +240,12 @@ def prepare(
     return cache, jnp.where(cache.oom[packed.rows], 0, packed.q_len)
 
 
-def _ragged_attend(q, k, v, layer, kv, *, packed, page_table, q_start, slot, valid, page_size, num_pages, impl):
-    """Write the packed chunk's K/V into the pool, then attend: q [1, N, Hq, hd], k, v [1, N, Hkv, hd]."""
+def _ragged_attend(
+    q, k, v, layer, kv, *, packed, page_table, q_start, slot, valid, page_size, num_pages, impl, decode=False
+):
+    """Write the packed chunk's K/V into the pool, then attend: q [1, N, Hq, hd], k, v [1, N, Hkv, hd].
+    ``decode`` (static): every row feeds at most one token, so each token attends over its own row's pages
+    up to its position with the decode kernel (no tiles, no causal mask inside a chunk)."""
     k_pool, v_pool = kv
     pages = layer_pages(page_table, layer, num_pages)  # [R, W] this layer's physical pages
     col = jnp.clip(slot // page_size, 0, pages.shape[1] - 1)
@@ -249,7 +253,11 @@ def _ragged_attend(q, k, v, layer, kv, *, packed, page_table, q_start, slot, val
     off = slot % page_size
     k_pool = k_pool.at[:, page, off].set(k[0].transpose(1, 0, 2).astype(k_pool.dtype), mode="drop")
     v_pool = v_pool.at[:, page, off].set(v[0].transpose(1, 0, 2).astype(v_pool.dtype), mode="drop")
-    out = kernels.ragged_attention(q[0], k_pool, v_pool, pages, q_start, packed.q_len, packed.cu_q_lens, impl=impl)
+    if decode:
+        lengths = jnp.where(valid, slot + 1, 0)  # padding tokens attend to nothing (their output is zero)
+        out = kernels.decode_attention(q[0], k_pool, v_pool, lengths, pages[packed.token_row], impl=impl)
+    else:
+        out = kernels.ragged_attention(q[0], k_pool, v_pool, pages, q_start, packed.q_len, packed.cu_q_lens, impl=impl)
     return out[None].astype(q.dtype), (k_pool, v_pool)
 
 
@@ -263,8 +271,9 @@ def ragged_forward(
     impl: str,
     kv_pages: int,
     max_new_pages: int,
+    decode: bool = False,
 ) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Apply ``edits``, then feed every row's chunk; return float32 logits [R, V] at each row's last token,
+    """Apply ``edits``, then feed every row's chunk (``decode``: each chunk is at most one token); return float32 logits [R, V] at each row's last token,
     a non-finite flag per row (bool [R]), and the cache. Rows whose pages do not fit (``cache.oom``; the
     scheduler's accounting makes it an internal error) write nothing."""
     cache, q_len = prepare(
@@ -285,6 +294,7 @@ def ragged_forward(
         page_size=cache.page_size,
         num_pages=cache.num_pages,
         impl=impl,
+        decode=decode,
     )
     x, (k, v) = forward_hidden(params, cfg, packed.tokens[None], slot[None], attend, (cache.k, cache.v))
     last = jnp.clip(packed.cu_q_lens[1:] - 1, 0, packed.tokens.shape[0] - 1)  # [R]
@@ -293,30 +303,31 @@ def ragged_forward(
     return logits, bad, cache.replace(k=k, v=v, lengths=cache.lengths.at[packed.rows].add(q_len))
 
 
-_RAGGED_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages")
+_RAGGED_STATIC = ("cfg", "impl", "kv_pages", "max_new_pages", "decode")
 
 
 @partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
-def ragged_logits_step(params, cache, packed, edits, *, cfg, impl="auto", kv_pages, max_new_pages):
+def ragged_logits_step(params, cache, packed, edits, *, cfg, impl="auto", kv_pages, max_new_pages, decode=False):
     """The ragged forward alone: for iterations with grammar-masked rows (the host fills masks meanwhile)."""
-    return ragged_forward(
-        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
-    )
+    kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages, decode=decode)
+    return ragged_forward(params, cache, packed, edits, **kw)
 
 
 @partial(jax.jit, static_argnames=_RAGGED_STATIC, donate_argnames=("cache",))
-def ragged_generate_step(params, cache, packed, edits, sampling, *, cfg, impl="auto", kv_pages, max_new_pages):
+def ragged_generate_step(
+    params, cache, packed, edits, sampling, *, cfg, impl="auto", kv_pages, max_new_pages, decode=False
+):
     """Edits, forward and sample in one dispatch: (int32 [R] next tokens, bool [R] non-finite, cache)."""
-    logits, bad, cache = ragged_forward(
-        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
-    )
+    kw = dict(cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages, decode=decode)
+    logits, bad, cache = ragged_forward(params, cache, packed, edits, **kw)
     return sample(logits, sampling), bad, cache
 
 
 # ---------------------------------------------------------------------------------------------- one transfer a step
-def flat_layout(n_tokens: int, n_slots: int, n_edits: int, n_evict: int = 0) -> tuple[int, int, int, int]:
-    """The static layout of ``flatten_inputs``: (N, S, E, Ev)."""
-    return n_tokens, n_slots, n_edits, n_evict
+def flat_layout(n_tokens: int, n_slots: int, n_edits: int, n_evict: int = 0, decode: bool = False) -> tuple:
+    """The static layout of ``flatten_inputs``: (N, S, E, Ev, decode); ``decode``: no row feeds more than one
+    token (the decode attention kernel, not the ragged one)."""
+    return n_tokens, n_slots, n_edits, n_evict, decode
 
 
 def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +356,7 @@ def flatten_inputs(packed: Packed, edits: Edits, sampling: SamplingParams) -> tu
 
 
 def unflatten_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, ...]):
-    N, S, E, Ev = (*layout, 0)[:4]
+    N, S, E, Ev = (*layout, 0)[:4]  # (a 5th entry, ``decode``, is for the forward)
     sizes = [N, N, S, S + 1, S, E, E, E, E, S, Ev, S, S, S]
     parts, at = [], 0
     for n in sizes:
@@ -365,8 +376,9 @@ def _flat_forward(params, cache, ints, floats, prev, *, cfg, impl, kv_pages, max
     if prev is not None:  # overlap: a decode row's input is the previous step's sample, never read by the host
         tokens = jnp.where(packed.tokens < 0, prev[packed.token_row], packed.tokens)
         packed = dataclasses.replace(packed, tokens=tokens)
+    decode = bool(layout[4]) if len(layout) > 4 else False
     logits, bad, cache = ragged_forward(
-        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages
+        params, cache, packed, edits, cfg=cfg, impl=impl, kv_pages=kv_pages, max_new_pages=max_new_pages, decode=decode
     )
     # one flag word per row, so the host never reads the (donated) cache for them: 1 non-finite, 2 out of pages
     flags = bad.astype(jnp.int32) | (cache.oom[packed.rows].astype(jnp.int32) << 1)
