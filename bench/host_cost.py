@@ -258,12 +258,15 @@ def run_config(ctx, texts, scripts, *, repeats, **kw) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+MODES = {"on": True, "off": False, "auto": "auto"}  # Engine(overlap=...)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--step-ms", type=float, nargs="+", default=[2.0, 5.0, 10.0], help="the stand-in's step time T")
     ap.add_argument("--buffers", nargs="+", default=["off", "2"], help="'off' and FIFO pruning buffer sizes")
-    ap.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--overlap", nargs="+", default=["on", "off", "auto"], choices=["on", "off", "auto"])
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--breadth", type=int, default=3)
     ap.add_argument("--words", type=int, default=3)
@@ -271,11 +274,48 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="write a PNG of the host share here")
+    ap.add_argument("--plot-from", default=None, help="only plot this JSON of an earlier run (no run)")
     return ap.parse_args(argv)
+
+
+def plot(results: list[dict[str, Any]], path: str, *, title: str) -> None:
+    """Host share (the device waiting for the host) against batch, one panel per step time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ts = sorted({r["step_ms"] for r in results})
+    fig, axes = plt.subplots(1, len(Ts), figsize=(4.2 * len(Ts), 3.6), sharey=True, squeeze=False)
+    for ax, T in zip(axes[0], Ts, strict=True):
+        styles = {("on", 2): "o-", ("off", 2): "o--", ("auto", 2): "o:", ("on", None): "s-", ("off", None): "s--"}
+        for (ov, buf), style in styles.items():
+            rs = sorted((r for r in results if r["step_ms"] == T and r["overlap"] == ov and r["buffer"] == buf),
+                        key=lambda r: r["batch"])  # fmt: skip
+            if rs:
+                label = f"overlap {ov}, pruning {'off' if buf is None else f'buffer {buf}'}"
+                ax.plot([r["batch"] for r in rs], [max(r["host_share"], 0) for r in rs], style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"T = {T:g} ms")
+        ax.set_xlabel("batch")
+        ax.axhline(0.10, color="gray", lw=0.6, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("host share (device idle)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.plot_from:
+        import json
+
+        payload = json.loads(Path(args.plot_from).read_text())
+        plot(payload["results"], args.plot, title=f"{payload['env']['cpu_model']}, {payload['env']['date']}")
+        return payload
     env = environment()
     B_max = max(args.batch)
     setup = SimpleNamespace(
@@ -295,7 +335,7 @@ def main(argv=None) -> dict[str, Any]:
             scripts = record_scripts(ctx, texts, **kw)
             for T in args.step_ms:
                 for ov in args.overlap:
-                    r = run_config(ctx, texts, scripts, repeats=args.repeats, step_s=T / 1e3, overlap=ov == "on", **kw)
+                    r = run_config(ctx, texts, scripts, repeats=args.repeats, step_s=T / 1e3, overlap=MODES[ov], **kw)
                     r.update(batch=B, buffer=buf, step_ms=T, overlap=ov)
                     results.append(r)
                     log(
@@ -319,6 +359,8 @@ def main(argv=None) -> dict[str, Any]:
                "results": results, "table": table}  # fmt: skip
     if args.json:
         write_json(args.json, payload)
+    if args.plot:
+        plot(results, args.plot, title=f"{env['cpu_model']}, {env['date']}")
     return payload
 
 

@@ -83,8 +83,25 @@ def test_seeded_sampling_draws_the_same_tokens_with_overlap(model, prompts):
     ]
     off, _ = _run(model, reqs(), False)
     on, c_on = _run(model, reqs(), True)
-    assert [r.tokens for r in on] == [r.tokens for r in off]
+    auto, _ = _run(model, reqs(), "auto")
+    assert [r.tokens for r in on] == [r.tokens for r in off] == [r.tokens for r in auto]
     assert len({tuple(r.tokens) for r in on}) == len(on) and c_on["spec_kept"] > 0
+
+
+def test_auto_overlaps_where_it_pays():
+    """Per token: synchronous T + h, overlapped max(T, h) / (1 - m) (``timjax.engine.overlap``)."""
+    from timjax.engine.overlap import OverlapPolicy
+
+    def decide(T, h, m):
+        p = OverlapPolicy("auto")
+        p.device_s, p.host_s, p.miss = T, h, m
+        return p.overlap()
+
+    assert decide(5e-3, 3e-3, 0.2)  # a big batch: the host is 60% of the step, 20% of samples force a run
+    assert not decide(5e-3, 0.3e-3, 0.2)  # batch 1: a small host does not pay for 20% lost steps
+    assert decide(5e-3, 0.3e-3, 0.0)  # plain decoding loses nothing
+    assert not decide(1e-3, 10e-3, 0.2)  # host-bound: overlap hides only the small device step
+    assert OverlapPolicy(True).overlap() and not OverlapPolicy(False).overlap()
 
 
 def test_late_joiners_and_cancels_at_random_steps_match_the_synchronous_engine(model, prompts):

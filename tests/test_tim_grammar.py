@@ -247,3 +247,35 @@ def test_bits_past_tokenizer_cleared():
     assert b.tolist() == [t for t in a.tolist() if t < 200]
     with pytest.raises(GrammarError, match="outside"):
         cut.consume([201])
+
+
+def test_batched_mask_fill_equals_one_at_a_time(qwen3_tokenizer, doc_text):
+    """``fill_masks`` (every row on llguidance's threads) writes each grammar's own mask into its row, the
+    padding ids cleared, and leaves other rows alone; a grammar in an error state gets an error and an
+    all-allowed row while the others are filled."""
+    from timjax.tim.grammar import fill_masks
+
+    ids = qwen3_tokenizer.encode(doc_text, add_special_tokens=False)
+    W = mask_words(QWEN3_MODEL_VOCAB)
+    grammars, states = [], [0, 1, 7, len(ids) // 2, len(ids) - 1]  # different places in the document
+    for n in states:
+        g = make_grammar(qwen3_tokenizer, SCHEMA.json_schema(), QWEN3_MODEL_VOCAB)
+        g.consume(ids[:n])
+        grammars.append(g)
+    rows = [4, 0, 6, 2, 5]  # slots out of order; rows 1, 3 and 7 belong to nobody
+    out = np.full((8, W), 0x5A5A5A5A, np.int32)
+    assert fill_masks(grammars, out, rows) == {}
+    for g, r in zip(grammars, rows):
+        one = np.zeros(W, np.int32)
+        g.fill_mask(one)
+        np.testing.assert_array_equal(out[r], one)
+    for r in (1, 3, 7):
+        assert (out[r] == 0x5A5A5A5A).all()
+
+    broken = make_grammar(qwen3_tokenizer, SCHEMA.json_schema(), QWEN3_MODEL_VOCAB)
+    broken._m.consume_token(ids[1])  # the wrong first token (the raw matcher: no check) puts it in error
+    assert broken._m.is_error()
+    out[:] = 0
+    errors = fill_masks([grammars[0], broken], out, [0, 1])
+    assert list(errors) == [1] and "error state" in errors[1]
+    assert (out[1] == -1).all() and bits(out[0]).sum() > 0

@@ -135,6 +135,11 @@ def check_bool(name: str, v: Any) -> None:
         raise fail(name, v, "expected True or False")
 
 
+def check_overlap(name: str, v: Any) -> None:
+    if not (isinstance(v, bool) or v == "auto"):
+        raise fail(name, v, "expected True, False or 'auto'")
+
+
 def optional_str(name: str, v: Any) -> None:
     if v is not None and not isinstance(v, str):
         raise fail(name, v, "expected a string or None")
@@ -319,8 +324,10 @@ def _engine_options(options: Any) -> None:
             )
         if key in ("max_chunk", "max_step_tokens", "max_waiting"):
             Int(1)(f"engine_options[{key!r}]", value)
-        elif key in ("check_cache", "prefix_cache", "overlap"):
+        elif key in ("check_cache", "prefix_cache"):
             check_bool(f"engine_options[{key!r}]", value)
+        elif key == "overlap":
+            check_overlap(f"engine_options[{key!r}]", value)
 
 
 def check_engine(

@@ -35,7 +35,7 @@ from typing import Any
 from timjax.base.buckets import bucket, cdiv, pow2
 from timjax.base.errors import EngineFull, EngineStopped
 from timjax.base.results import GenerationResult, GenerationStats
-from timjax.base.validation import fail
+from timjax.base.validation import check_overlap, fail
 from timjax.engine.controllers import build_request, check_for_model, open_tools
 from timjax.engine.handle import RequestHandle
 from timjax.engine.loop import Loop
@@ -62,8 +62,9 @@ class Engine:
     budget (long prompts are chunked against it). ``max_waiting`` bounds the waiting queue.
     ``prefix_cache``: full pages of prompt tokens are cached and shared by requests that start with the
     same tokens (``timjax.engine.prefix_cache``); False computes every prompt from scratch.
-    ``overlap``: launch each step before the host has read the one before (``timjax.engine.loop``); the
-    tokens are the same with it off, which syncs every step.
+    ``overlap``: launch each step before the host has read the one before (``timjax.engine.loop``): True,
+    False (sync every step), or "auto" (``timjax.engine.overlap``: measured, where it pays). The tokens are
+    the same in every mode.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class Engine:
         check_cache: bool = False,
         max_waiting: int = 1024,
         prefix_cache: bool = True,
-        overlap: bool = True,
+        overlap: bool | str = "auto",
     ):
         for name, value in (
             ("max_batch", max_batch),
@@ -92,6 +93,7 @@ class Engine:
             _positive(name, value)
         if reposition not in ("reencode", "shift"):
             raise ValueError(f"reposition must be 'reencode' or 'shift', got {reposition!r}")
+        check_overlap("overlap", overlap)
         self.model = model
         self.cfg = model.config
         self.max_batch = max_batch

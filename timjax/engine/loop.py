@@ -18,6 +18,7 @@ import numpy as np
 
 from timjax.base.results import FinishReason, GenerationResult, GenerationStats
 from timjax.engine.outputs import EngineStats
+from timjax.engine.overlap import OverlapPolicy
 from timjax.engine.protocol import SPEC, Action, SeqState
 from timjax.engine.runner import Runner
 from timjax.engine.scheduler import Row, Scheduler
@@ -25,11 +26,19 @@ from timjax.engine.scheduler import Row, Scheduler
 
 class Loop:
     def __init__(
-        self, runner: Runner, *, max_batch: int, max_seq_len: int, max_step_tokens: int, tokenizer, overlap: bool = True
+        self,
+        runner: Runner,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        max_step_tokens: int,
+        tokenizer,
+        overlap: bool | str = "auto",
     ):
         self.runner = runner
-        self.overlap = overlap
+        self.policy = OverlapPolicy(overlap)
         self.prev = None  # overlap: the step whose sample is in flight (a ``Launched``)
+        self._waited = 0.0  # this iteration's time blocked on the device
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
         cache = runner.cache
@@ -82,7 +91,14 @@ class Loop:
         first (a decode row's input is that sample, read on the device: ``SPEC``) and only then syncs and
         runs the controllers on it, so the host's bookkeeping of step N runs while the device computes step
         N+1. A controller's answer that the speculation did not foresee (forced tokens, a prune, a tool
-        call, the end) voids that row of step N+1: the row joins one step later; the others go on."""
+        call, the end) voids that row of step N+1: the row joins one step later; the others go on.
+        Whether to overlap is ``OverlapPolicy``'s call (``timjax.engine.overlap``)."""
+        t0, self._waited = time.perf_counter(), 0.0
+        ran = self._iteration()
+        self.policy.iteration(time.perf_counter() - t0 - self._waited)
+        return ran
+
+    def _iteration(self) -> bool:
         self.poll_parked()
         if self.prev is not None and self.prev.want_pages:  # its page table is read before another step
             self.drain()
@@ -100,6 +116,7 @@ class Loop:
             return False
         prev, self.prev = self.prev, None
         step = self.runner.launch(plan.rows, self.sched.slots, self.sched.evictions(plan.rows), prev)
+        step.dispatched_s = time.perf_counter()
         self.dirty = False  # the step's edits released every freed slot
         for row in step.rows:
             row.seq.flights.append(row)
@@ -110,7 +127,7 @@ class Loop:
         mask_errors = self.fill_masks(step.rows, step.mask) if step.mask is not None else {}
         step.mask_errors = mask_errors
         self.runner.sample(step)
-        if self.overlap:
+        if self.policy.overlap():
             self.prev = step
         else:
             self.finish_step(step)
@@ -124,7 +141,10 @@ class Loop:
 
     def finish_step(self, step) -> None:
         """The sync of a sampled step, then each (not voided) row's tokens to its sequence and controller."""
+        t0 = time.perf_counter()
         tokens, bad, oom, page_table = self.runner.collect(step)
+        self._waited += time.perf_counter() - t0
+        self.policy.synced(getattr(step, "dispatched_s", t0))
         elapsed = time.perf_counter() - step.launched_s
         st = self.counters
         st["iterations"] += 1
@@ -143,14 +163,29 @@ class Loop:
 
     def fill_masks(self, rows: list[Row], mask: np.ndarray) -> dict[int, str]:
         """Runs while the device computes the forward. A failing fill leaves its row unmasked; that
-        sequence ends with the error after the sync."""
+        sequence ends with the error after the sync. Controllers of a class with ``fill_mask_batch`` are
+        filled together, one call per class (TIM: llguidance's threads); one at a time if that call fails."""
+        todo = [r for r in rows if r.samples and not (r.void or r.void_sample) and r.seq.controller.wants_mask]
+        groups: dict = {}
+        single: list[Row] = []
+        for r in todo:
+            c = r.seq.controller
+            batch = getattr(type(c), "fill_mask_batch", None) if "fill_mask" not in vars(c) else None
+            (groups.setdefault(batch, []) if batch is not None else single).append(r)
         errors = {}
-        for r in rows:
-            if r.samples and not (r.void or r.void_sample) and r.seq.controller.wants_mask:
-                try:
-                    r.seq.controller.fill_mask(mask[r.seq.slot])
-                except Exception as e:  # noqa: BLE001 - one sequence's failure never takes down the others
-                    errors[id(r.seq)] = f"controller.fill_mask raised {type(e).__name__}: {e}"
+        for batch, rs in groups.items():
+            try:
+                failed = batch([r.seq.controller for r in rs], mask, [r.seq.slot for r in rs])
+            except Exception:  # noqa: BLE001 - fill them one by one: a failure stays with its own row
+                single += rs
+                continue
+            for i, msg in failed.items():
+                errors[id(rs[i].seq)] = f"controller.fill_mask failed: {msg}"
+        for r in single:
+            try:
+                r.seq.controller.fill_mask(mask[r.seq.slot])
+            except Exception as e:  # noqa: BLE001 - one sequence's failure never takes down the others
+                errors[id(r.seq)] = f"controller.fill_mask raised {type(e).__name__}: {e}"
         return errors
 
     def after_step(
@@ -196,6 +231,7 @@ class Loop:
         if s.on_token is not None:
             s.on_token(token)
         self.apply(s, action)
+        self.policy.answered(s.slot is not None and not s.parked and not action.prune and s.pending == [token])
         if nxt is not None:
             self.keep_or_void(s, nxt, token, action)
         return None

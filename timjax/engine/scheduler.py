@@ -155,8 +155,8 @@ class Scheduler:
         for s, _ in failed:
             self.remove(s)
         rows = self._budget()
-        preempted = self._fit_pages(rows)
-        self._admit(rows, failed)
+        preempted, free = self._fit_pages(rows)
+        self._admit(rows, failed, free)
         self._fill_bucket(rows)
         return Plan(rows, failed, preempted)
 
@@ -167,24 +167,29 @@ class Scheduler:
     def _budget(self) -> list[Row]:
         """Decode rows first, then extend rows oldest first, within the step's token budget."""
         running = sorted((s for s in self.resident if self._want(s) > 0), key=lambda s: s.index)
-        decode = [s for s in running if self._want(s) == 1 and not s.parked]
+        decode, extend = [], []
+        for s in running:
+            (decode if self._want(s) == 1 and not s.parked else extend).append(s)
         rows, budget = [], self.max_step_tokens
-        for s in decode + [s for s in running if s not in decode]:
+        for s in decode + extend:
             n = min(self._want(s), budget)
             if n > 0:
                 rows.append(Row(s, n, samples=n == s.unfed))
                 budget -= n
         return rows
 
-    def _fit_pages(self, rows: list[Row]) -> list[SeqState]:
+    def _fit_pages(self, rows: list[Row]) -> tuple[list[SeqState], int]:
         """Oldest first, give each row its pages; short of pages, an extend chunk shrinks to what fits, else
-        the newest resident sequence is preempted (possibly the row itself)."""
+        the newest resident sequence is preempted (possibly the row itself). Returns the preempted and the
+        pages left free once the rows have theirs."""
         preempted: list[SeqState] = []
         free = self.free_pages()  # counted once (a sum over the resident): per row only what changes
+        ps = self.page_size
         for row in sorted(rows, key=lambda r: r.seq.index):
             s = row.seq
             while s.slot is not None:
-                need = self.pages(s, row.n) - self.pages(s)
+                d = s.device_len
+                need = -(-(d + row.n) // ps) - -(-d // ps)  # its index pages cancel out
                 if need <= free:
                     free -= need
                     break
@@ -201,11 +206,11 @@ class Scheduler:
                 free += self.free_pages() - before
                 preempted.append(victim)
         rows[:] = [r for r in rows if r.seq.slot is not None and r.n > 0]
-        return preempted
+        return preempted, free
 
-    def _admit(self, rows: list[Row], failed: list) -> None:
+    def _admit(self, rows: list[Row], failed: list, free: int) -> None:
+        """Waiting sequences into free slots while the step's budget and ``free`` pages allow."""
         budget = self.max_step_tokens - sum(r.n for r in rows)
-        free = self.free_pages() - sum(self.pages(r.seq, r.n) - self.pages(r.seq) for r in rows)
         while self.waiting and budget > 0 and len(self.resident) < self.max_batch:
             s = self.waiting[0]
             if msg := self.too_big(s):

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from timjax.engine.protocol import Action, PruneOp
-from timjax.tim.grammar import GrammarError, llg_tokenizer, make_grammar, token_at
+from timjax.tim.grammar import GrammarError, fill_masks, llg_tokenizer, make_grammar, token_at
 from timjax.tim.partial_json import close_partial_json
 from timjax.tim.pruning import PruneBuffer, WorkingMemory, full_response, pruned_task_paths
 from timjax.tim.schema import KEY_SEPARATOR, TimSchema
@@ -80,6 +80,16 @@ class TimController:
         t0 = time.perf_counter()
         self.grammar.fill_mask(out)
         self.host_time += time.perf_counter() - t0
+
+    @staticmethod
+    def fill_mask_batch(controllers: Sequence["TimController"], out: np.ndarray, rows: Sequence[int]) -> dict:
+        """Every row's mask in one call on llguidance's threads (``timjax.tim.grammar.fill_masks``)."""
+        t0 = time.perf_counter()
+        errors = fill_masks([c.grammar for c in controllers], out, rows)
+        share = (time.perf_counter() - t0) / max(1, len(controllers))
+        for c in controllers:
+            c.host_time += share
+        return errors
 
     def _bytes(self, token: int) -> bytes:
         return self._llt.decode_bytes([token])

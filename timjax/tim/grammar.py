@@ -161,14 +161,17 @@ class LLGuidanceGrammar(TokenGrammar):
         self._check()
         self._m.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
         self._check()
+        self._clear_padding(out)
+
+    def _clear_padding(self, out: np.ndarray) -> None:
         # ids past the tokenizer (model padding) are never allowed, whatever the matcher wrote
         n = self._n_tok
         w = n // 32
-        if w < out.shape[0]:
+        if w < out.shape[-1]:
             if n % 32:
-                out[w] &= np.int32(np.uint32((1 << (n % 32)) - 1).view(np.int32))
+                out[..., w] &= np.int32(np.uint32((1 << (n % 32)) - 1).view(np.int32))
                 w += 1
-            out[w:] = 0
+            out[..., w:] = 0
 
     def consume(self, tokens: Sequence[int]) -> None:
         self._check()
@@ -203,6 +206,40 @@ class LLGuidanceGrammar(TokenGrammar):
 
     def is_error(self) -> bool:
         return self._m.is_error()
+
+
+_EXECUTOR: list = []  # llguidance's thread pool, made on the first batched fill
+
+
+def fill_masks(grammars: Sequence[LLGuidanceGrammar], out: np.ndarray, rows: Sequence[int]) -> dict[int, str]:
+    """Fill ``out[rows[i]]`` with ``grammars[i]``'s mask, all rows at once on llguidance's threads (the
+    Rust side computes them in parallel without the GIL). Returns {i: error} for grammars that failed: their
+    rows allow every token (the caller ends those sequences), the others are filled."""
+    import llguidance
+
+    if out.dtype != np.int32 or out.ndim != 2 or not out.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"masks must be a C-contiguous int32 [rows, words] array, got {out.dtype}{list(out.shape)}")
+    errors, jobs = {}, []
+    for i, (g, r) in enumerate(zip(grammars, rows, strict=True)):
+        if out.shape[1] != mask_words(g.vocab_size):
+            raise ValueError(f"mask rows must be int32[{mask_words(g.vocab_size)}], got [{out.shape[1]}]")
+        if g._m.is_error():
+            errors[i] = f"grammar is in an error state: {g._m.get_error()}"
+            out[r] = -1
+        else:
+            jobs.append((i, g, int(r)))
+    if not _EXECUTOR:
+        _EXECUTOR.append(llguidance.LLExecutor())
+    _EXECUTOR[0].unsafe_compute_mask_ptr(
+        [(g._m, r) for _, g, r in jobs], out.ctypes.data, out.shape[1] * 4, out.shape[0]
+    )
+    for i, g, r in jobs:
+        if g._m.is_error():
+            errors[i] = f"grammar is in an error state: {g._m.get_error()}"
+            out[r] = -1
+        else:
+            g._clear_padding(out[r])
+    return errors
 
 
 def make_grammar(

@@ -369,10 +369,10 @@ class TreeTracker:
         first_none: Optional[_Frame] = None
         actions: list = []
         m = self._m
-        for k, c in enumerate(data):
+        k, n = 0, len(data)
+        while k < n:
             actions.clear()
-            pos = base + k
-            kind, f = m.step(c, pos, actions)
+            kind, f = m.step(data[k], base + k, actions)
             if not decided:
                 if k == 0 and kind == "none":
                     first_none = f
@@ -384,6 +384,20 @@ class TreeTracker:
                     decided = True
             for a, fr, p in actions:
                 self._on_action(a, fr, p, ti, events)
+            k += 1
+            if m.in_str and not m.str_key and not m.esc and k < n:
+                # inside a string value every byte up to a quote or a backslash changes nothing and lies
+                # where the one before lies: skip the run (most of a thought's bytes)
+                j = min((i for i in (data.find(b'"', k), data.find(b"\\", k)) if i >= 0), default=n)
+                if j > k and not decided:
+                    kind, f = m._loc(data[k])
+                    if kind == "sig":
+                        self.locs[ti] = TokenLoc(f.path, f.key)
+                        decided = True
+                    elif kind == "pend":
+                        f.pending.append(ti)
+                        decided = True
+                k = j
         if not decided:
             if first_none is None and data:
                 # the first byte opened a task (or the document): use the innermost task now
