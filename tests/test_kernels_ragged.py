@@ -343,6 +343,19 @@ class TestRaggedValidation:
             K.ragged_attention(**self._args(), impl="pallas_interpret", block_m=24)
 
 
+def _packed(chunks, n):
+    """``steps.Packed`` of per-row token chunks back to back, padded to ``n`` tokens."""
+    from timjax.runtime import steps
+
+    q_len = [len(c) for c in chunks]
+    cu = np.concatenate([[0], np.cumsum(q_len)])
+    toks, rows = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for r, c in enumerate(chunks):
+        toks[cu[r] : cu[r + 1]], rows[cu[r] : cu[r + 1]] = c, r
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return steps.Packed(i32(toks), i32(rows), i32(np.arange(len(chunks))), i32(q_len), i32(cu))
+
+
 def test_ragged_step_pallas_interpret_matches_xla():
     """The engine's ragged step end to end (prefill chunks beside a padding row, then decode rows beside an
     extend row): logits and the cache agree between the Pallas kernel (interpreted) and the XLA path."""
@@ -365,19 +378,9 @@ def test_ragged_step_pallas_interpret_matches_xla():
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     no_edits = steps.Edits(lengths=i32([99] * 4), slot=i32([]), start=i32([]), end=i32([]), length=i32([]))
 
-    def packed(chunks, n):
-        q_len = [len(c) for c in chunks]
-        cu = np.concatenate([[0], np.cumsum(q_len)])
-        toks = np.zeros(n, np.int32)
-        rows = np.zeros(n, np.int32)
-        for r, c in enumerate(chunks):
-            toks[cu[r] : cu[r + 1]] = c
-            rows[cu[r] : cu[r + 1]] = r
-        return steps.Packed(i32(toks), i32(rows), i32(np.arange(len(chunks))), i32(q_len), i32(cu))
-
     iters = [
-        packed([[1, 2, 3, 4, 5], [6, 7, 8], [], [9]], 16),
-        packed([[10], [11, 12, 13, 14, 15, 16], [17, 18], [19]], 16),
+        _packed([[1, 2, 3, 4, 5], [6, 7, 8], [], [9]], 16),
+        _packed([[10], [11, 12, 13, 14, 15, 16], [17, 18], [19]], 16),
     ]
     out = {}
     for impl in ("xla", "pallas_interpret"):
@@ -452,16 +455,12 @@ def test_pure_decode_specialization_equals_the_ragged_step(impl):
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     keep = steps.Edits(lengths=i32([99] * 4), slot=i32([]), start=i32([]), end=i32([]), length=i32([]))
 
-    def packed(chunks, n):
-        q_len = [len(c) for c in chunks]
-        cu = np.concatenate([[0], np.cumsum(q_len)])
-        toks, rows = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        for r, c in enumerate(chunks):
-            toks[cu[r] : cu[r + 1]], rows[cu[r] : cu[r + 1]] = c, r
-        return steps.Packed(i32(toks), i32(rows), i32(np.arange(len(chunks))), i32(q_len), i32(cu))
-
-    prefill = packed([[1, 2, 3, 4, 5], [6, 7], [], [9, 10, 11, 12, 13, 14, 15]], 16)
-    decodes = [packed([[20], [21], [], [22]], 8), packed([[23], [], [24], [25]], 8), packed([[26], [27], [28], [29]], 4)]
+    prefill = _packed([[1, 2, 3, 4, 5], [6, 7], [], [9, 10, 11, 12, 13, 14, 15]], 16)
+    decodes = [
+        _packed([[20], [21], [], [22]], 8),
+        _packed([[23], [], [24], [25]], 8),
+        _packed([[26], [27], [28], [29]], 4),
+    ]
     out = {}
     for decode in (False, True):
         cache = create_cache(cfg, num_pages=16, page_size=4, max_seqs=4, max_seq_len=32, dtype=jnp.float32)

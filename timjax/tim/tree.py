@@ -376,12 +376,7 @@ class TreeTracker:
             if not decided:
                 if k == 0 and kind == "none":
                     first_none = f
-                if kind == "sig":
-                    self.locs[ti] = TokenLoc(f.path, f.key)
-                    decided = True
-                elif kind == "pend":
-                    f.pending.append(ti)
-                    decided = True
+                decided = self._place(ti, kind, f)
             for a, fr, p in actions:
                 self._on_action(a, fr, p, ti, events)
             k += 1
@@ -390,13 +385,7 @@ class TreeTracker:
                 # where the one before lies: skip the run (most of a thought's bytes)
                 j = min((i for i in (data.find(b'"', k), data.find(b"\\", k)) if i >= 0), default=n)
                 if j > k and not decided:
-                    kind, f = m._loc(data[k])
-                    if kind == "sig":
-                        self.locs[ti] = TokenLoc(f.path, f.key)
-                        decided = True
-                    elif kind == "pend":
-                        f.pending.append(ti)
-                        decided = True
+                    decided = self._place(ti, *m._loc(data[k]))
                 k = j
         if not decided:
             if first_none is None and data:
@@ -404,6 +393,17 @@ class TreeTracker:
                 first_none = next((fr for fr in reversed(m.stack) if fr.role in _TASKLIKE), None)
             self.locs[ti] = TokenLoc(first_none.path if first_none is not None else (), None)
         return events
+
+    def _place(self, ti: int, kind: str, f) -> bool:
+        """Token ``ti``'s location from one of its bytes: True once decided ("sig": here; "pend": at the
+        key its frame is writing, once that key is known)."""
+        if kind == "sig":
+            self.locs[ti] = TokenLoc(f.path, f.key)
+            return True
+        if kind == "pend":
+            f.pending.append(ti)
+            return True
+        return False
 
     def _on_action(self, a: str, f: _Frame, p: int, ti: int, events: list) -> None:
         if a == "key":
