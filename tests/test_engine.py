@@ -68,7 +68,8 @@ class ForcingController(PlainController):
 
 # One engine shape for every test here (a tight pool: 10 pages of 4 tokens for requests needing 3-7 pages
 # each), so the steps compile once for the module; the alone runs use the same engine, one request a run.
-ENGINE = dict(max_batch=4, page_size=4, max_seq_len=64, kv_tokens=40, check_cache=True)
+# overlap fixed on: "auto" decides from timings, which moves preemptions, and these tests count them
+ENGINE = dict(max_batch=4, page_size=4, max_seq_len=64, kv_tokens=40, check_cache=True, overlap=True)
 
 
 def _run(model, reqs, **kw):

@@ -86,7 +86,7 @@ def test_out_of_pages_preempts_and_both_finish_exactly(tiny_pair, prompts, hf_gr
         page_size=4,
         kv_tokens=52,
         stop_ids=[],
-        engine_options={"check_cache": True},
+        engine_options={"check_cache": True, "overlap": True},  # fixed: "auto" would move the preemption
     )
     assert [r.tokens for r in results] == [hf_greedy[0], hf_greedy[3]]
     assert all(r.finish_reason == "length" for r in results)

@@ -15,7 +15,10 @@ N_NEW = 8
 # A tight pool (12 pages of 4 tokens; a request needs 5-10) so that requests are preempted and cached
 # pages are evicted; a small step budget so that prompts are chunked and later requests find earlier
 # requests' pages cached.
-ENGINE = dict(max_batch=3, page_size=4, max_seq_len=64, kv_tokens=48, max_step_tokens=16, check_cache=True)
+# Overlap fixed on: "auto" decides from timings, which moves the preemptions and evictions counted here.
+ENGINE = dict(
+    max_batch=3, page_size=4, max_seq_len=64, kv_tokens=48, max_step_tokens=16, check_cache=True, overlap=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,10 @@ def test_greedy_outputs_with_the_cache_equal_those_without(model, prompts, repos
     assert on == off
     assert s_off.prefix_cache_hit_tokens_total == 0 and s_off.prefix_cache_pages == 0
     assert s_on.prefix_cache_hit_tokens_total >= 40  # at least two requests mapped the 5 shared pages
-    assert s_on.prefix_cache_evictions_total > 0 and s_on.preemptions_total > 0  # the pool was tight
+    assert s_on.prefix_cache_evictions_total > 0  # the pool was tight
+    # and a row preempted another (in shift mode here the rows short of pages are speculative ones, which
+    # wait for their sample's sync instead of preempting, and the pressure passes without a preemption)
+    assert s_on.preemptions_total > 0 or reposition == "shift"
     assert s_on.steps_total < s_off.steps_total  # fewer prompt tokens computed
     assert s_on.kv_pages_free == s_on.kv_pages_total  # idle: cached pages are reclaimable
 
@@ -198,6 +204,7 @@ def test_tim_replays_sample_the_same_with_the_cache_on(qwen3_tokenizer, repositi
             check_cache=True,
             prefix_cache=prefix_cache,
             max_step_tokens=32,
+            overlap=True,
         )
         res = eng.run(reqs)
         assert all(r.finish_reason == "stop" for r in res), [r.error for r in res]

@@ -74,9 +74,10 @@ def test_the_server_compiles_its_steps_in_the_background(server):
     while "timjax_warmup_shapes_left 0.0" not in requests.get(server.url + "/metrics").text:
         assert time.monotonic() - t0 < 600, "the background warmup did not finish"
         time.sleep(0.5)
-    # packed lengths 1, 2, 4, 8, 12, 16 (one slot, a 16-token budget), one KV window (the 256-token table)
-    assert steps.flat_generate_step._cache_size() == 6
-    assert steps.flat_logits_step._cache_size() == 6
+    # packed lengths 1, 2, 4, 8, 12, 16 (one slot, a 16-token budget) and the pure-decode 1, one KV window
+    # (the 256-token table)
+    assert steps.flat_generate_step._cache_size() == 7
+    assert steps.flat_logits_step._cache_size() == 7
 
 
 def test_malformed_bodies(server, oa, an):
@@ -89,7 +90,9 @@ def test_malformed_bodies(server, oa, an):
         oa.chat.completions.create(model=MODEL, messages=user("hi"), temperature=5)
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         an.messages.create(model=MODEL, max_tokens=0, messages=user("hi"))
-    r = requests.post(server.url + "/v1/chat/completions", data=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = requests.post(
+        server.url + "/v1/chat/completions", data=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = requests.post(server.url + "/v1/messages", data=b"[1]", headers={"x-api-key": KEY})
     assert r.status_code == 400 and r.json()["type"] == "error"

@@ -67,7 +67,8 @@ def test_preempted_tim_requests_sample_what_they_sample_alone(tim_model, llt, re
     """Three pruning replays in a pool that holds about one and a half of them: the scheduler preempts and
     resumes them; every token the device sampled (greedy under the grammar mask) matches the run alone."""
     docs = [synthetic_document(depth=3, breadth=2, roots=1, words=4, seed=20 + i) for i in range(3)]
-    kw = dict(page_size=4, max_seq_len=256, reposition=reposition, check_cache=True)
+    # overlap fixed on: "auto" decides from timings, which moves the preemptions this test needs
+    kw = dict(page_size=4, max_seq_len=256, reposition=reposition, check_cache=True, overlap=True)
     alone_raw: dict = {}
     alone = []
     for i, doc in enumerate(docs):
