@@ -74,10 +74,10 @@ def test_the_server_compiles_its_steps_in_the_background(server):
     while "timjax_warmup_shapes_left 0.0" not in requests.get(server.url + "/metrics").text:
         assert time.monotonic() - t0 < 600, "the background warmup did not finish"
         time.sleep(0.5)
-    # packed lengths 1, 2, 4, 8, 12, 16 (one slot, a 16-token budget) and the pure-decode 1, one KV window
-    # (the 256-token table)
-    assert steps.flat_generate_step._cache_size() == 7
-    assert steps.flat_logits_step._cache_size() == 7
+    # packed lengths 1, 2, 4, 8, 12, 16 (one slot, a 16-token budget: its pure decode step is the 1-token
+    # one, which has no decode variant), one KV window (the 256-token table)
+    assert steps.flat_generate_step._cache_size() == 6
+    assert steps.flat_logits_step._cache_size() == 6
 
 
 def test_malformed_bodies(server, oa, an):

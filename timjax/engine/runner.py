@@ -206,7 +206,8 @@ class Runner:
         sampling = self._sampling(rows)
         prev_tokens = prev.sampled if prev is not None else None
         # a pure decode step (no row feeds more than a token) takes the decode kernel: no price for raggedness
-        decode = bool(packed.q_len.max(initial=0) <= 1)
+        # (one token alone costs the same either way: no second compiled variant for it)
+        decode = N > 1 and bool(packed.q_len.max(initial=0) <= 1)
         out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, prev_tokens, decode)
         return Launched(rows, out, mask, int(packed.cu_q_lens[-1]), N, want, launched_s=t0)
 
@@ -257,7 +258,7 @@ class Runner:
         lengths = sorted({bucket(n) for n in range(self.min_tokens, bucket(max_step_tokens) + 1)})
         windows = sorted({min(pow2(p, lo=cdiv(MIN_KV_WINDOW, ps)), widest) for p in range(1, widest + 1)})
         most = bucket(max(self.slots, self.min_tokens))  # the longest pure decode step
-        return [(n, w, d) for n in lengths for w in windows for d in (True, False) if n <= most or not d]
+        return [(n, w, d) for n in lengths for w in windows for d in (True, False) if 1 < n <= most or not d]
 
     def warm(self, n_tokens: int, kv_pages: int, *, masked: bool, shift: bool, decode: bool = False) -> None:
         """Run the step once at this shape on an idle cache, so its compile happens now and not under a
