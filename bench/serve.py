@@ -17,14 +17,16 @@ the shipped tiny TIM; the clients are the official ``openai`` client (async) and
     inside the inference (the tree parks, the result is forced into the live KV cache, finished subtask
     lists are pruned), vs (client) client-side function calling on ``/v1/chat/completions``: every call
     ends the request; the client runs the tool and re-sends the whole conversation, which the server
-    prefills again (the engine has no prefix cache). The tiny TIM cannot write k calls itself, so both
+    prefills again: all of it on a server without a prefix cache (the paper's baseline, ``client_no_cache``),
+    only the new tail past the cached full pages with one (``client``, the server's default). The tiny TIM cannot write k calls itself, so both
     replay a scripted document (``timjax.tools.traces.calculation_trace(k)``, the same running total over
     calculator and lookup calls): the runtime replays the TIM document through the server's real
     TimController (``ReplayText``: the sampled token is replaced by the document's; the tool results are
     the real MCP servers' and must match the document byte for byte); the client loop's server replays
     each turn's call JSON (``{"tool_calls": [...]}``) and finally the answer, through the server's own
     function-calling path, the client computing each result with the same pure functions. Tokens
-    processed = prompt tokens prefilled + tokens written, over all requests of the task.
+    processed = prompt tokens computed (sent minus those read from the prefix cache, as the usage reports
+    them) + tokens written, over all requests of the task; tokens sent counts the cached ones too.
 
 Figures: median of ``--repeats`` with min-max. The machine is stated in the JSON (a shared 2-core CPU in
 the committed run: other agents ran at the same time; read the ratios, not the absolute figures).
@@ -89,6 +91,22 @@ def med(rows: list[dict], key: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ (a) concurrency
+RANDOM_SHAPES = ("20m",)
+
+
+def serving_model(shape: str):
+    """The shipped tiny TIM, or random weights at a ``bench/decode.py`` shape that speaks its tokenizer."""
+    from timjax.api import default_model_path
+
+    tim = timjax.load(default_model_path(), dtype="float32")
+    if shape == "tim":
+        return tim
+    from bench.decode import SHAPES
+
+    cfg = SHAPES[shape].model_copy(update={"vocab_size": tim.config.vocab_size})
+    return timjax.random_model(cfg, dtype="float32", seed=0, tokenizer=tim.tokenizer)
+
+
 def questions(n: int) -> list[str]:
     return [f"Calculate {3 + i % 17} * ({i % 11} - {5 + i % 7})." for i in range(n)]
 
@@ -251,7 +269,7 @@ class Scripted:
         pass
 
 
-def tools_server(model, k_max: int):
+def tools_server(model, k_max: int, prefix_cache: bool = True):
     """A TIM server whose requests replay a script: Runs requests the TIM document set in ``script["doc"]``
     (through the real TimController and tools), chat function-calling requests ``script["turn"]``."""
     from timjax.engine.controllers import default_stop_ids
@@ -260,7 +278,9 @@ def tools_server(model, k_max: int):
     from timjax.serve.config import ServeConfig
     from timjax.tim.grammar import llg_tokenizer
 
-    cfg = ServeConfig(max_seq_len=4096, max_tool_calls=k_max + 2, max_batch=1, max_tokens_default=4000)
+    cfg = ServeConfig(
+        max_seq_len=4096, max_tool_calls=k_max + 2, max_batch=1, max_tokens_default=4000, prefix_cache=prefix_cache
+    )
     srv = Server(create_app(cfg, model=model))
     backend = srv.app.state.backend
     script: dict[str, Any] = {}
@@ -305,9 +325,10 @@ def run_runtime(srv, script, doc_text: str) -> dict:
     text = job.result.text
     if json.loads(text) != json.loads(doc_text):
         raise RuntimeError("the runtime did not reproduce the document")
-    u = v["usage"]
+    u, cached = v["usage"], job.result.stats.cached_prompt_tokens
     return {"wall_s": wall, "requests": 1, "prompt_tokens": u["inputTokens"], "written_tokens": u["outputTokens"],
-            "processed_tokens": u["inputTokens"] + u["outputTokens"], "tool_calls": len(job.result.tool_calls)}
+            "sent_tokens": u["inputTokens"] + u["outputTokens"],
+            "processed_tokens": u["inputTokens"] - cached + u["outputTokens"], "tool_calls": len(job.result.tool_calls)}
 
 
 def run_client(srv, script, doc: dict) -> dict:
@@ -323,7 +344,7 @@ def run_client(srv, script, doc: dict) -> dict:
                                                "parameters": s.input_schema}} for s in listed_specs()]
     messages: list[Any] = [{"role": "user", "content": "Compute the running total."}]
     calls = list(iter_tasks_with_tools(doc))
-    prompt = written = requests_n = 0
+    prompt = cached = written = requests_n = 0
     t0 = time.perf_counter()
     for use in calls + [None]:
         if use is not None:
@@ -334,6 +355,7 @@ def run_client(srv, script, doc: dict) -> dict:
                                            max_tokens=2000)
         requests_n += 1
         prompt += r.usage.prompt_tokens
+        cached += r.usage.prompt_tokens_details.cached_tokens
         written += r.usage.completion_tokens
         msg = r.choices[0].message
         if use is None:
@@ -348,33 +370,48 @@ def run_client(srv, script, doc: dict) -> dict:
                      {"role": "tool", "tool_call_id": call.id, "content": json.dumps(value)}]
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "requests": requests_n, "prompt_tokens": prompt, "written_tokens": written,
-            "processed_tokens": prompt + written, "tool_calls": len(calls)}
+            "sent_tokens": prompt + written, "processed_tokens": prompt - cached + written, "tool_calls": len(calls)}
 
 
 def bench_tools(args, model) -> list[dict]:
     from timjax.tim.schema import dumps
     from timjax.tools.traces import calculation_trace
 
-    srv, script = tools_server(model, max(args.calls))
+    # the client loop on a server with the prefix cache (the default: each re-sent conversation computes only
+    # its new tail) and on one without (every round trip prefills the whole conversation again, as the paper's
+    # baseline does)
+    docs = {k: calculation_trace(k, words=1) for k in args.calls}
+    servers = {"on": tools_server(model, max(args.calls)), "off": tools_server(model, max(args.calls), False)}
+    modes = {
+        "runtime": lambda k: run_runtime(*servers["on"], dumps(docs[k])),
+        "client": lambda k: run_client(*servers["on"], docs[k]),
+        "client_no_cache": lambda k: run_client(*servers["off"], docs[k]),
+    }
     rows = []
     try:
-        docs = {k: calculation_trace(k, words=1) for k in args.calls}
         for k in args.calls:  # warm-up: every prompt / step shape the task compiles
-            run_runtime(srv, script, dumps(docs[k]))
-            run_client(srv, script, docs[k])
+            for run in modes.values():
+                run(k)
+        for srv, _ in servers.values():  # and the background warmup done: no compile under the measurement
+            while srv.app.state.backend.stats()["warmup_shapes_left"]:
+                time.sleep(0.5)
         for rep in range(args.repeats):
             for k in args.calls:
-                for mode in ("runtime", "client"):
-                    r = run_runtime(srv, script, dumps(docs[k])) if mode == "runtime" else run_client(srv, script, docs[k])
+                for mode, run in modes.items():
+                    r = run(k)
                     rows.append({"mode": mode, "k": k, "rep": rep, **r})
-                    log(f"rep {rep} k={k:3d} {mode:8s} wall {r['wall_s']:7.2f} s  requests {r['requests']:3d}  "
+                    log(f"rep {rep} k={k:3d} {mode:16s} wall {r['wall_s']:7.2f} s  requests {r['requests']:3d}  "
                         f"processed {r['processed_tokens']:6d} tokens  load {load_average()}")
     finally:
-        srv.stop()
+        for srv, _ in servers.values():
+            srv.stop()
     return rows
 
 
 # ------------------------------------------------------------------------------------------ report
+TOOL_MODES = ("runtime", "client", "client_no_cache")
+
+
 def summarize(conc: list[dict], tools: list[dict]) -> dict:
     out: dict[str, Any] = {"concurrency": [], "tools": []}
     for n in sorted({r["clients"] for r in conc}):
@@ -383,9 +420,9 @@ def summarize(conc: list[dict], tools: list[dict]) -> dict:
             "tok_s", "offline_tok_s", "ratio", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}})
     for k in sorted({r["k"] for r in tools}):
         row: dict[str, Any] = {"k": k}
-        for mode in ("runtime", "client"):
+        for mode in TOOL_MODES:
             rs = [r for r in tools if r["k"] == k and r["mode"] == mode]
-            row[mode] = {key: med(rs, key) for key in ("wall_s", "processed_tokens", "prompt_tokens", "requests")}
+            row[mode] = {key: med(rs, key) for key in ("wall_s", "processed_tokens", "sent_tokens", "requests")}
         out["tools"].append(row)
     return out
 
@@ -399,16 +436,21 @@ def tables(summary: dict) -> None:
                 [[r["clients"], f(r["tok_s"]), f(r["offline_tok_s"]), f(r["ratio"], 2), f(r["ttft_p50"]),
                   f(r["ttft_p99"]), f(r["itl_p50"]), f(r["itl_p99"])] for r in summary["concurrency"]],
                 title="(a) N concurrent streaming clients")
-    print_table(["k calls", "runtime wall s", "client wall s", "client/runtime", "runtime tokens", "client tokens",
-                 "client requests"],
-                [[r["k"], f(r["runtime"]["wall_s"]), f(r["client"]["wall_s"]),
-                  f"{r['client']['wall_s']['median'] / r['runtime']['wall_s']['median']:.2f}",
+    def ratio(r, mode):
+        return f"{r[mode]['wall_s']['median'] / r['runtime']['wall_s']['median']:.2f}"
+
+    print_table(["k calls", "runtime wall s", "client wall s (cache)", "client wall s (no cache)",
+                 "client/runtime (cache, no cache)", "runtime tokens computed", "client computed (cache)",
+                 "client computed (no cache)", "client requests"],
+                [[r["k"], f(r["runtime"]["wall_s"]), f(r["client"]["wall_s"]), f(r["client_no_cache"]["wall_s"]),
+                  f"{ratio(r, 'client')}, {ratio(r, 'client_no_cache')}",
                   f(r["runtime"]["processed_tokens"], 5), f(r["client"]["processed_tokens"], 5),
-                  r["client"]["requests"]["median"]] for r in summary["tools"]],
+                  f(r["client_no_cache"]["processed_tokens"], 5), r["client"]["requests"]["median"]]
+                 for r in summary["tools"]],
                 title="(b) k tool calls: /v1/runs (in-runtime) vs client-side function calling")
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,7 +473,8 @@ def plot(summary: dict, path: Path) -> None:
     t = summary["tools"]
     for ax, key, ylabel in ((axes[1], "wall_s", "wall time per task (s)"),
                             (axes[2], "processed_tokens", "tokens processed per task")):
-        for mode, label in (("runtime", "in-runtime tools (/v1/runs)"), ("client", "client-side function calling")):
+        for mode, label in zip(TOOL_MODES, ("in-runtime tools (/v1/runs)", "client-side function calling, prefix cache",
+                                            "client-side function calling, no prefix cache")):
             xs = [r["k"] for r in t]
             ys = [r[mode][key]["median"] for r in t]
             err = [[y - r[mode][key]["min"] for y, r in zip(ys, t)], [r[mode][key]["max"] - y for y, r in zip(ys, t)]]
@@ -440,7 +483,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title("(b) " + ylabel)
         ax.legend()
-    fig.suptitle("timjax serve, tiny TIM, 2-core CPU shared with other agents")
+    fig.suptitle(f"timjax serve, {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -461,13 +504,20 @@ def main(argv=None) -> dict:
                     help="(a)'s load generator: raw SSE lines over httpx (as vLLM's benchmark_serving), or the "
                     "official openai client (heavier: every chunk becomes pydantic objects)")
     ap.add_argument("--skip", choices=["concurrency", "tools"], default=None)
+    ap.add_argument(
+        "--shape",
+        choices=["tim", *RANDOM_SHAPES],
+        default="tim",
+        help="(a)'s model: the shipped tiny TIM (0.85M parameters: a step of about a millisecond, so the host "
+        "path is all there is to measure), or random weights at a bench/decode.py shape with the tiny TIM's "
+        "tokenizer (a step that takes device time, as a served model's does)",
+    )
     ap.add_argument("--json", default="bench/out/serve.json")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--plot-title", default="tiny TIM, 2-core CPU", help="the plot's machine and model, in words")
     args = ap.parse_args(argv)
     env = environment()
-    from timjax.api import default_model_path
-
-    model = timjax.load(default_model_path(), dtype="float32")
+    model = serving_model(args.shape)
     conc = bench_concurrency(args, model) if args.skip != "concurrency" else []
     tools = bench_tools(args, model) if args.skip != "tools" else []
     summary = summarize(conc, tools)
@@ -475,7 +525,7 @@ def main(argv=None) -> dict:
     payload = {"environment": env, "args": vars(args), "summary": summary, "rows": {"concurrency": conc, "tools": tools}}
     write_json(args.json, payload)
     if args.plot:
-        plot(summary, Path(args.plot))
+        plot(summary, Path(args.plot), args.plot_title)
     return payload
 
 

@@ -119,6 +119,18 @@ def test_a_request_that_prunes_and_compacts_leaves_its_sharer_unchanged(model, p
     assert res[0].tokens == a_off.tokens  # a prune into the shared pages re-encodes, in either mode
 
 
+def test_each_result_counts_the_prompt_tokens_it_read_from_the_cache(model, prompts):
+    """``stats.cached_prompt_tokens``: the full pages of the prompt found in the index at admission (the
+    usage the server reports as cached tokens); they add up to the engine's hit counter."""
+    eng = Engine(model, **{**ENGINE, "kv_tokens": 256})
+    first = eng.run([Request(prompts[0], N_NEW)])[0]  # indexes its 6 full pages (the 5 shared ones and a 6th)
+    res = eng.run([Request(p, N_NEW) for p in prompts[1:]])
+    assert first.stats.cached_prompt_tokens == 0
+    # the 5 shared pages for the base's sharers, 2 pages for the 11-token one (its 9 tokens' first 2 pages)
+    assert [r.stats.cached_prompt_tokens for r in res] == [20, 20, 20, 8, 0]
+    assert eng.stats().prefix_cache_hit_tokens_total == 68
+
+
 @pytest.fixture(scope="module")
 def alone(model, prompts):
     """Each prompt alone, cache off: what every request must produce."""

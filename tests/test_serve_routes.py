@@ -84,6 +84,8 @@ def test_openai_chat_answers_with_a_tree_and_streams_the_same(oa):
     assert text == msg.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens  # include_usage: the last chunk
+    # the same prompt again: every full page of it is read from the prefix cache (the last token computed)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (r.usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_openai_json_schema_constrains_the_answer(oa):
@@ -201,6 +203,10 @@ def test_anthropic_messages_and_stream_events(server):
         kinds = [e.type for e in s]
         final = s.get_final_message()
     assert final.content[0].text == "-15"
+    # Anthropic's split of the prompt: computed + read from the cache (the second time, every full page)
+    u = final.usage
+    assert u.input_tokens + u.cache_read_input_tokens == m.usage.input_tokens + m.usage.cache_read_input_tokens
+    assert u.cache_read_input_tokens == (u.input_tokens + u.cache_read_input_tokens - 1) // 16 * 16 > 0
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     for k in ("content_block_start", "content_block_delta", "content_block_stop", "message_delta"):
         assert k in kinds

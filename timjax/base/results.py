@@ -15,6 +15,7 @@ class GenerationStats(BaseModel):
     time_s: float
     tokens_per_s: float
     first_token_s: float | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
     # TIM runs (pruning); zero / None otherwise.
     peak_working_tokens: int | None = None
     pruned_tokens: int = 0

@@ -341,6 +341,7 @@ class Loop:
                 time_s=elapsed,
                 tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
                 first_token_s=s.first_token_s,
+                cached_prompt_tokens=s.cached_prompt,
                 reencoded_tokens=s.reencoded,
                 extend_time_s=s.extend_time_s,
                 peak_working_tokens=s.peak_cached,

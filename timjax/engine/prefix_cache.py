@@ -106,6 +106,8 @@ class PrefixCache:
         seq.shared = list(nodes)
         h = len(nodes) * self.ps
         seq.cached, seq.pending = seq.pending[:h], seq.pending[h:]
+        if not seq.generated and not seq.preemptions:  # the first admission: these are prompt tokens
+            seq.cached_prompt = h
         self.maps[seq.slot] = (seq, [n.page for n in nodes])
         self.hit_tokens_total += h
 

@@ -91,6 +91,7 @@ class SeqState:
     # (read-only: shared with other slots), and whether its next prompt page can no longer enter the index
     shared: list = dataclasses.field(default_factory=list)
     share_blocked: bool = False
+    cached_prompt: int = 0  # prompt tokens its first admission mapped from the index (usage's cached tokens)
     # the open engine's bookkeeping (timjax.engine.loop): who hears about it, and when it must end
     request_id: str = ""
     handle: Any = None  # a RequestHandle (or None): gets token deltas, tree events and the result

@@ -85,8 +85,14 @@ async def messages(request: Request, body: MessagesRequest):
         "content": [{"type": "text", "text": gen.answer_text(result, tim)}],
         "stop_reason": _stop_reason(result),
         "stop_sequence": None,
-        "usage": {"input_tokens": result.stats.prompt_tokens, "output_tokens": result.stats.generated_tokens},
+        "usage": {**_input_usage(result), "output_tokens": result.stats.generated_tokens},
     }
+
+
+def _input_usage(result) -> dict:
+    """Anthropic's split: ``input_tokens`` computed, ``cache_read_input_tokens`` read from the prefix cache."""
+    cached = result.stats.cached_prompt_tokens
+    return {"input_tokens": result.stats.prompt_tokens - cached, "cache_read_input_tokens": cached}
 
 
 async def _events(job, mid, model, tim: bool):
@@ -129,7 +135,7 @@ async def _events(job, mid, model, tim: bool):
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": _stop_reason(result), "stop_sequence": None},
-                "usage": {"output_tokens": result.stats.generated_tokens},
+                "usage": {**_input_usage(result), "output_tokens": result.stats.generated_tokens},
             }
         )
         yield ev({"type": "message_stop"})

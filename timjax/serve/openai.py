@@ -214,7 +214,12 @@ def _finish_reason(result) -> str:
 
 def _usage(result) -> dict:
     p, c = result.stats.prompt_tokens, result.stats.generated_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": result.stats.cached_prompt_tokens},
+    }
 
 
 def _failure(result) -> None:
