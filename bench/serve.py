@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import sys
@@ -177,22 +178,32 @@ async def wave_raw(url: str, qs: list[str], max_tokens: int) -> dict:
 
 
 def wave_sync(url: str, qs: list[str], max_tokens: int, client_kind: str = "raw") -> dict:
-    """``wave`` to completion: what a client process runs (its own interpreter, not the server's GIL)."""
-    return asyncio.run(wave(url, qs, max_tokens, client_kind))
+    """``wave`` to completion: what a client process runs (its own interpreter, not the server's GIL), with
+    the CPU the clients themselves took (cores busy over the wave)."""
+    cpu = time.process_time()
+    out = asyncio.run(wave(url, qs, max_tokens, client_kind))
+    return {**out, "client_cores": (time.process_time() - cpu) / out["wall_s"]}
+
+
+def pin(cpus: set[int] | None) -> None:
+    if cpus:
+        import os
+
+        os.sched_setaffinity(0, cpus)
 
 
 class Clients:
     """Where the clients run: in this process (``--clients-in-process``: they share the server's GIL, a lower
     bound), or in one separate process, as real clients are (the default)."""
 
-    def __init__(self, separate: bool):
+    def __init__(self, separate: bool, cpus: set[int] | None = None):
         self.pool = None
         if separate:
             import concurrent.futures
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds JAX and threads
-            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
+            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=pin, initargs=(cpus,))
 
     def wave(self, url: str, qs: list[str], max_tokens: int, client_kind: str = "raw") -> dict:
         if self.pool is None:
@@ -224,7 +235,7 @@ def bench_concurrency(args, model) -> list[dict]:
     srv = Server(create_app(cfg, model=model))
     backend = srv.app.state.backend
     rows = []
-    clients = Clients(separate=not args.clients_in_process)
+    clients = Clients(separate=not args.clients_in_process, cpus=set(args.client_cpus or ()))
     try:
         for n in args.clients:  # warm-up: every shape a wave of N compiles (compile time is not measured)
             clients.wave(srv.url, questions(n), args.max_tokens, args.client)
@@ -417,7 +428,7 @@ def summarize(conc: list[dict], tools: list[dict]) -> dict:
     for n in sorted({r["clients"] for r in conc}):
         rs = [r for r in conc if r["clients"] == n]
         out["concurrency"].append({"clients": n, **{k: med(rs, k) for k in (
-            "tok_s", "offline_tok_s", "ratio", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}})
+            "tok_s", "offline_tok_s", "ratio", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "client_cores")}})
     for k in sorted({r["k"] for r in tools}):
         row: dict[str, Any] = {"k": k}
         for mode in TOOL_MODES:
@@ -432,10 +443,12 @@ def tables(summary: dict) -> None:
         return f"{d['median']:.{digits}g} ({d['min']:.{digits}g}-{d['max']:.{digits}g})" if d else "-"
 
     print_table(["clients", "server tok/s", "offline tok/s", "ratio", "TTFT p50 s", "TTFT p99 s", "ITL p50 s",
-                 "ITL p99 s"],
+                 "ITL p99 s", "client cores"],
                 [[r["clients"], f(r["tok_s"]), f(r["offline_tok_s"]), f(r["ratio"], 2), f(r["ttft_p50"]),
-                  f(r["ttft_p99"]), f(r["itl_p50"]), f(r["itl_p99"])] for r in summary["concurrency"]],
+                  f(r["ttft_p99"]), f(r["itl_p50"]), f(r["itl_p99"]), f(r.get("client_cores", {}), 2)]
+                 for r in summary["concurrency"]],
                 title="(a) N concurrent streaming clients")
+
     def ratio(r, mode):
         return f"{r[mode]['wall_s']['median'] / r['runtime']['wall_s']['median']:.2f}"
 
@@ -505,6 +518,13 @@ def main(argv=None) -> dict:
                     "official openai client (heavier: every chunk becomes pydantic objects)")
     ap.add_argument("--skip", choices=["concurrency", "tools"], default=None)
     ap.add_argument(
+        "--split-cpus",
+        action="store_true",
+        help="the server (and the offline peer) on the first CPU, the client process on the others: as if the "
+        "clients ran on another machine (on a 2-core box, the client process otherwise takes cores from the "
+        "server's XLA threads, which the offline peer keeps)",
+    )
+    ap.add_argument(
         "--shape",
         choices=["tim", *RANDOM_SHAPES],
         default="tim",
@@ -516,6 +536,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--plot-title", default="tiny TIM, 2-core CPU", help="the plot's machine and model, in words")
     args = ap.parse_args(argv)
+    if args.split_cpus:  # before the model loads: XLA sizes its thread pool by the CPUs this process may use
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--split-cpus needs at least 2 CPUs")
+        pin({cpus[0]})
+        args.client_cpus = cpus[1:]
+    else:
+        args.client_cpus = None
     env = environment()
     model = serving_model(args.shape)
     conc = bench_concurrency(args, model) if args.skip != "concurrency" else []

@@ -217,9 +217,10 @@ def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, 
     import jax
 
     from timjax.runtime import steps
+    from timjax.runtime.cache import map_prefix
 
     jax.clear_caches()  # the module's earlier tests compiled these shapes: start from none
-    compiled = (steps.flat_generate_step, steps.flat_logits_step, steps.sample_step)
+    compiled = (steps.flat_generate_step, steps.flat_logits_step, steps.sample_step, map_prefix)
     eng = Engine(model, **SHAPE)
     eng.start()
     try:
@@ -230,12 +231,14 @@ def test_warmup_compiles_every_step_a_staggered_mixed_run_takes(model, prompts, 
         _wait(lambda: eng.stats().warmup_shapes_left == 0, timeout=120)
         before = [f._cache_size() for f in compiled]
         assert before[0] == 4 and before[1] == 4 and before[2] >= 1
+        assert before[3] == 4  # a prefix hit mapping 1, 2, 4 or 8 slots in one step
         handles = []
         for i, p in enumerate(prompts):
             handles.append((KINDS[i % 3], i, eng.add(_make(KINDS[i % 3], p))))
             time.sleep(0.02 * (i % 3))  # joins at staggered steps
         for kind, i, h in handles:
             assert h.result(timeout=120).tokens == alone[(kind, i)]
+        assert eng.stats().prefix_cache_hit_tokens_total > 0  # prompts[0] again: its first page was mapped
     finally:
         eng.stop()
     assert [f._cache_size() for f in compiled] == before

@@ -75,6 +75,7 @@ class Runner:
         # slot -> (sequence, start, end, length) for the next step; dropped if the slot changed hands meanwhile
         self.compactions: dict[int, tuple[SeqState, int, int, int]] = {}
         self.dispatches = 0
+        self._maps_warm = False  # map_prefix compiled for every slot count (the first warm step does it)
         self._zeros: jax.Array | None = None  # ``prev`` of a step with no step before it in flight
         # The index belongs to this pool, and the pool to these weights: the salt tells pages of other
         # weights, dtypes or page sizes apart should an index ever outlive them.
@@ -273,11 +274,30 @@ class Runner:
                 edits, borrowed=self.prefix.dev_borrowed.copy(), evict=self.prefix.take_evicted(n_evict)
             )
             self.prefix.sync([None] * self.slots)
+            if not self._maps_warm:
+                self._warm_prefix_maps()
+                self._maps_warm = True
         sampling = SamplingParams(**SamplingParams.host(self.slots))
         out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, decode=decode)
         step = Launched([], out, mask, 0, n_tokens)
         self.sample(step)
         jax.block_until_ready(step.sampled)
+
+    def _warm_prefix_maps(self) -> None:
+        """Compile ``map_prefix`` for every count of slots one step can map (powers of two up to the slots),
+        mapping nothing (every slot id is padding), so that a request's first prefix hit never waits on it."""
+        k = 1
+        while k <= pow2(self.slots):
+            args = (
+                self.prefix.dev_borrowed.copy(),
+                np.full(k, self.slots, np.int32),
+                np.zeros((k, self.prefix.max_pages), np.int32),
+                np.zeros(k, np.int32),
+            )
+            if self.host_inputs is not None:
+                args = jax.device_put(args, self.host_inputs)
+            self.cache = map_prefix(self.cache, *args)
+            k *= 2
 
     def sample(self, step: Launched) -> None:
         """The sample dispatch of a masked step (its masks filled); the step's tokens stay on the device."""
