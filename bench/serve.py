@@ -18,7 +18,8 @@ the shipped tiny TIM; the clients are the official ``openai`` client (async) and
     lists are pruned), vs (client) client-side function calling on ``/v1/chat/completions``: every call
     ends the request; the client runs the tool and re-sends the whole conversation, which the server
     prefills again: all of it on a server without a prefix cache (the paper's baseline, ``client_no_cache``),
-    only the new tail past the cached full pages with one (``client``, the server's default). The tiny TIM cannot write k calls itself, so both
+    only the new tail past the cached full pages with one (``client``, the server's default). The tiny TIM
+    cannot write k calls itself, so both
     replay a scripted document (``timjax.tools.traces.calculation_trace(k)``, the same running total over
     calculator and lookup calls): the runtime replays the TIM document through the server's real
     TimController (``ReplayText``: the sampled token is replaced by the document's; the tool results are
@@ -187,8 +188,6 @@ def wave_sync(url: str, qs: list[str], max_tokens: int, client_kind: str = "raw"
 
 def pin(cpus: set[int] | None) -> None:
     if cpus:
-        import os
-
         os.sched_setaffinity(0, cpus)
 
 

@@ -169,17 +169,21 @@ class PrefixCache:
         self.maps.clear()
         if not maps:
             return None
-        K = pow2(len(maps))
-        slot_ids = np.full(K, len(slots), np.int32)  # padding: out of range, dropped
-        pages = np.zeros((K, self.max_pages), np.int32)
-        n = np.zeros(K, np.int32)
+        args = self.map_args(maps, len(slots), pow2(len(maps)))
+        for slot, p in maps:
+            self.dev_borrowed[slot] = len(p)
+        return args
+
+    def map_args(self, maps: list[tuple[int, list[int]]], num_slots: int, k: int) -> tuple:
+        """``map_prefix``'s arguments for ``maps`` (slot, its pages), padded to ``k`` rows (padding: a slot id
+        out of range, dropped). With no maps, a call that maps nothing (what warmup compiles)."""
+        slot_ids = np.full(k, num_slots, np.int32)
+        pages = np.zeros((k, self.max_pages), np.int32)
+        n = np.zeros(k, np.int32)
         for i, (slot, p) in enumerate(maps):
             slot_ids[i], n[i] = slot, len(p)
             pages[i, : len(p)] = p
-        borrowed = self.dev_borrowed.copy()
-        for slot, p in maps:
-            self.dev_borrowed[slot] = len(p)
-        return borrowed, slot_ids, pages, n
+        return self.dev_borrowed.copy(), slot_ids, pages, n
 
     def take_evicted(self, capacity: int) -> np.ndarray:
         """The evicted pages for the next step's edits, padded with -1 to ``capacity``."""

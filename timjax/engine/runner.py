@@ -170,10 +170,13 @@ class Runner:
         """Cached prefixes of newly admitted sequences go into their slots first (one ``map_prefix``)."""
         args = self.prefix.flush(slots)
         if args is not None:
-            if self.host_inputs is not None:
-                args = jax.device_put(args, self.host_inputs)
-            self.cache = map_prefix(self.cache, *args)
+            self._map(args)
             self.dispatches += 1
+
+    def _map(self, args: tuple) -> None:
+        if self.host_inputs is not None:
+            args = jax.device_put(args, self.host_inputs)
+        self.cache = map_prefix(self.cache, *args)
 
     @property
     def min_tokens(self) -> int:
@@ -274,9 +277,7 @@ class Runner:
                 edits, borrowed=self.prefix.dev_borrowed.copy(), evict=self.prefix.take_evicted(n_evict)
             )
             self.prefix.sync([None] * self.slots)
-            if not self._maps_warm:
-                self._warm_prefix_maps()
-                self._maps_warm = True
+            self._warm_prefix_maps()
         sampling = SamplingParams(**SamplingParams.host(self.slots))
         out, mask = self._dispatch(packed, edits, sampling, kv_pages, masked, n_evict, decode=decode)
         step = Launched([], out, mask, 0, n_tokens)
@@ -286,18 +287,13 @@ class Runner:
     def _warm_prefix_maps(self) -> None:
         """Compile ``map_prefix`` for every count of slots one step can map (powers of two up to the slots),
         mapping nothing (every slot id is padding), so that a request's first prefix hit never waits on it."""
+        if self._maps_warm:
+            return
         k = 1
         while k <= pow2(self.slots):
-            args = (
-                self.prefix.dev_borrowed.copy(),
-                np.full(k, self.slots, np.int32),
-                np.zeros((k, self.prefix.max_pages), np.int32),
-                np.zeros(k, np.int32),
-            )
-            if self.host_inputs is not None:
-                args = jax.device_put(args, self.host_inputs)
-            self.cache = map_prefix(self.cache, *args)
+            self._map(self.prefix.map_args([], self.slots, k))
             k *= 2
+        self._maps_warm = True
 
     def sample(self, step: Launched) -> None:
         """The sample dispatch of a masked step (its masks filled); the step's tokens stay on the device."""
