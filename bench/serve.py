@@ -1,6 +1,7 @@
 """timjax serve under load, and in-runtime tools vs client-side function calling, over real HTTP.
 
     nice -n 10 python bench/serve.py --json bench/serve_cpu2_shared.json --plot bench/serve_cpu2_shared.png
+    python bench/serve.py --from-json bench/serve_conc_cpu_20m.json bench/serve_tools_cpu_k40.json --plot bench/serve_cpu.png
 
 The server is ``timjax.serve.create_app`` (the open engine behind FastAPI on uvicorn, on loopback), with
 the shipped tiny TIM; the clients are the official ``openai`` client (async) and plain HTTP for the Runs API.
@@ -437,6 +438,16 @@ def summarize(conc: list[dict], tools: list[dict]) -> dict:
     return out
 
 
+def joined_summary(paths: list[str]) -> dict:
+    """The (a) rows and (b) rows of earlier runs' JSON, in one summary (a file may hold either or both)."""
+    out: dict[str, list] = {"concurrency": [], "tools": []}
+    for path in paths:
+        summary = json.loads(Path(path).read_text())["summary"]
+        for key in out:
+            out[key] += summary.get(key, [])
+    return out
+
+
 def tables(summary: dict) -> None:
     def f(d, digits=3):
         return f"{d['median']:.{digits}g} ({d['min']:.{digits}g}-{d['max']:.{digits}g})" if d else "-"
@@ -534,7 +545,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default="bench/out/serve.json")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--plot-title", default="tiny TIM, 2-core CPU", help="the plot's machine and model, in words")
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: print the tables and draw --plot from earlier runs' JSON ((a) from one run "
+                    "and (b) from another: their summaries are joined)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        summary = joined_summary(args.from_json)
+        tables(summary)
+        if args.plot:
+            plot(summary, Path(args.plot), args.plot_title)
+        return {"summary": summary}
     if args.split_cpus:  # before the model loads: XLA sizes its thread pool by the CPUs this process may use
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
