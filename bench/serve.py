@@ -1,7 +1,8 @@
 """timjax serve under load, and in-runtime tools vs client-side function calling, over real HTTP.
 
     nice -n 10 python bench/serve.py --json bench/serve_cpu2_shared.json --plot bench/serve_cpu2_shared.png
-    python bench/serve.py --from-json bench/serve_conc_cpu_20m.json bench/serve_tools_cpu_k40.json --plot bench/serve_cpu.png
+    python bench/serve.py --from-json bench/serve_conc_cpu_20m.json bench/serve_tools_cpu_k40.json \
+        --plot bench/serve_cpu.png   # tables and plot from earlier runs, nothing run
 
 The server is ``timjax.serve.create_app`` (the open engine behind FastAPI on uvicorn, on loopback), with
 the shipped tiny TIM; the clients are the official ``openai`` client (async) and plain HTTP for the Runs API.
