@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import jax
 import numpy as np
+import pytest
 from _train_helpers import replayer, small_problems, tiny_random_tim
 
 from timjax.train.corpus import document_text
@@ -71,3 +73,26 @@ def test_one_grpo_step_runs_end_to_end_and_updates_the_policy(tmp_path):
     assert any(changed)
     assert json.loads(open(tmp_path / "grpo_log.jsonl").readline())["step"] == 0
     timjax.load(out["hf_dir"], dtype="float32")
+
+
+def test_grpo_draws_from_the_notation_corpus_sft_trained_on():
+    from timjax.train.corpus import question_expression
+    from timjax.train.grpo import GRPOConfig, problem_pool
+
+    data = {"mix": [["flat", 8, 1.0]], "p_tight": 1.0, "max_literal": 9999, "digits_uniform": True, "p_fraction": 0.5}
+    pool = problem_pool(GRPOConfig(model_dir="m", out_dir="o", data=data, corpus_seed=3), 30)
+    texts = [question_expression(p.question) for p in pool]
+    assert all(" " not in t for t in texts)  # every question typed tight
+    assert max(len(t.split("+")) + len(t.split("-")) for t in texts) >= 6  # flat sums of many terms
+    assert any("/" in p.answer for p in pool) and any(
+        len(n) == 4 for t in texts for n in t.replace("-", "+").split("+")
+    )
+    assert [p.key for p in pool] != [p.key for p in problem_pool(GRPOConfig(model_dir="m", out_dir="o", data=data), 30)]
+    # groups narrow the corpus's mix, flat-N included; the default corpus is the shipped one
+    narrowed = problem_pool(GRPOConfig(model_dir="m", out_dir="o", data=data, groups="arith-2"), 10)
+    tight = [not re.search(r"[\d)] [-+*/]", question_expression(p.question)) for p in narrowed]
+    assert {p.depth for p in narrowed} == {2} and all(tight)
+    plain = problem_pool(GRPOConfig(model_dir="m", out_dir="o", groups="arith-2"), 10)
+    assert not any(re.search(r"[\d)] [-+*/]", question_expression(p.question)) is None for p in plain)
+    with pytest.raises(ValueError, match="--groups: 'notation-5'"):
+        problem_pool(GRPOConfig(model_dir="m", out_dir="o", groups="notation-5"), 1)

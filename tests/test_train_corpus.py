@@ -228,6 +228,8 @@ STAGE_DIGESTS = {
     "tiny_tim_stage4": "5f9c6fe4d8c48615",
     "tiny_tim_stage5": "5f9c6fe4d8c48615",
     "tiny_tim_stage6": "17ef2aa9b7046d9d",
+    "tiny_tim_stage7": "d5d89b9de1330f69",
+    "tiny_tim_stage8": "b2403bc458fe713b",
 }
 
 
@@ -236,7 +238,9 @@ def test_shipped_stages_draw_the_corpus_they_were_trained_on(name):
     import hashlib
     from pathlib import Path
 
-    from timjax.train.sft import corpus_spec, load_config
+    from dataclasses import asdict
+
+    from timjax.train.sft import corpus_spec, doc_format, load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "timjax" / "train" / "configs" / f"{name}.json")
     h = hashlib.sha256()
@@ -244,7 +248,7 @@ def test_shipped_stages_draw_the_corpus_they_were_trained_on(name):
         h.update(p.question.encode())
         h.update(p.answer.encode())
         if i < 15:
-            h.update(document_text(p, restate=cfg.data.restate_operands).encode())
+            h.update(document_text(p, **asdict(doc_format(cfg.data))).encode())
     assert h.hexdigest()[:16] == STAGE_DIGESTS[name]
 
 

@@ -19,6 +19,10 @@ Each problem becomes one complete TIM document in the exact layout of ``tim_sche
 * a lookup question is one task whose subtasks are the hops, each a ``lookup`` call; each hop's entity is
   the previous hop's conclusion.
 
+With ``rewrite`` (``DocFormat``, ``timjax.train.rewrite``), an arithmetic problem is instead one task of
+steps that each compute one operation and write the whole expression again with that operation's span
+replaced by its value, in the question's own style, so no step needs the precedence tree in its head.
+
 A calculator call is one operation on two integers (``{"op": "sub", "a": 12, "b": 5}``), the thought before
 it states the operation as typed (``Compute 12 - 5.``).
 
@@ -38,9 +42,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Literal, Union
+from typing import Literal
 
 from timjax.base.errors import ParameterError
+from timjax.train import rewrite as rw
 from timjax.train.tools_adapter import Raw, ToolBackend, default_backend
 
 Split = Literal["train", "heldout"]
@@ -67,7 +72,7 @@ class Neg:
     child: Expr  # a compound expression (a negated literal is a Num)
 
 
-Expr = Union[Num, Chain, Neg]
+Expr = Num | Chain | Neg
 
 
 def depth(e: Expr) -> int:
@@ -115,11 +120,12 @@ def _needs_parens(child: Expr, parent: Chain) -> bool:
     return isinstance(child, Chain) and (child.kind == parent.kind or parent.kind == "mul")
 
 
-def render(e: Expr, *, spaced_parens: bool = False, tight: bool = False) -> str:
-    """The expression as typed: binary operators spaced (``tight``: not, ``3*4+-5``), parentheses only
-    where needed."""
+def render(e: Expr, *, spaced_parens: bool = False, tight: bool = False, additive: bool = False) -> str:
+    """The expression as typed: binary operators spaced (``tight``: not, ``3*4+-5``; ``additive``: only
+    ``+`` and ``-``, ``3*4 + -5``), parentheses only where needed."""
     lp, rp = ("( ", " )") if spaced_parens else ("(", ")")
     sp = "" if tight else " "
+    msp = "" if additive else sp
 
     def r(x: Expr) -> str:
         if isinstance(x, Num):
@@ -131,8 +137,8 @@ def render(e: Expr, *, spaced_parens: bool = False, tight: bool = False) -> str:
             s = r(o)
             if _needs_parens(o, x):
                 s = f"{lp}{s}{rp}"
-            parts.append(s if i == 0 else f"{x.ops[i - 1]}{sp}{s}")
-        return sp.join(parts)
+            parts.append(s if i == 0 else f"{x.ops[i - 1]}{msp if x.kind == 'mul' else sp}{s}")
+        return (msp if x.kind == "mul" else sp).join(parts)
 
     return r(e)
 
@@ -304,17 +310,27 @@ def _calc_arg(v: Fraction) -> int | str:
 
 
 def arith_problem(
-    rng: random.Random, p: ArithParams, *, p_tight: float = 0.0, flat: bool = False, sum_terms: int = 0
+    rng: random.Random,
+    p: ArithParams,
+    *,
+    p_tight: float = 0.0,
+    flat: bool = False,
+    sum_terms: int = 0,
+    p_additive: float = 0.0,
 ) -> Problem:
-    """``p_tight``: share of questions typed without spaces around operators (drawn only when > 0, so a
-    corpus without it draws exactly as before); ``flat``: a flat expression (``flat_expression``);
+    """``p_tight``: share of questions typed without spaces around operators, ``p_additive`` (of the
+    others) with spaces around ``+``/``-`` only (each drawn only when > 0, so a corpus without them
+    draws exactly as before); ``flat``: a flat expression (``flat_expression``);
     ``sum_terms``: a long sum of up to that many compound operands (``sum_expression``)."""
     if sum_terms:
         e = sum_expression(rng, p, sum_terms)
     else:
         e = flat_expression(rng, p) if flat else random_expression(rng, p)
     canonical = render(e)
-    typed = render(e, spaced_parens=rng.random() < 0.5, tight=p_tight > 0 and rng.random() < p_tight)
+    spaced = rng.random() < 0.5
+    tight = p_tight > 0 and rng.random() < p_tight
+    additive = not tight and p_additive > 0 and rng.random() < p_additive
+    typed = render(e, spaced_parens=spaced, tight=tight, additive=additive)
     q = rng.choice(ARITH_TEMPLATES).format(typed)
     return Problem("arith", q, fmt_num(value(e)), "arith:" + canonical, depth(e), {"expr": canonical})
 
@@ -398,6 +414,7 @@ class CorpusSpec:
     # share of arithmetic documents written under another calculator contract (CONTRACT_ORDERS x
     # CONTRACT_RESULTS, drawn uniformly); the problem carries it in data["contract"]
     p_tool_contract: float = 0.0
+    p_additive: float = 0.0  # share of (non-tight) questions spaced around + and - only: "2*3 + 4"
 
 
 # consecutive draws without a new problem after which the stream counts as used up: a live group of a
@@ -429,7 +446,14 @@ def iter_problems(
                 digits_uniform=spec.digits_uniform,
                 p_fraction=spec.p_fraction,
             )
-            prob = arith_problem(rng, ap, p_tight=spec.p_tight, flat=flat, sum_terms=d if kind == "sum" else 0)
+            prob = arith_problem(
+                rng,
+                ap,
+                p_tight=spec.p_tight,
+                flat=flat,
+                sum_terms=d if kind == "sum" else 0,
+                p_additive=spec.p_additive,
+            )
             if spec.p_tool_contract > 0 and rng.random() < spec.p_tool_contract:  # drawn only when on
                 order, form = rng.choice(CONTRACT_ORDERS), rng.choice(CONTRACT_RESULTS)
                 prob.data["contract"] = {"order": list(order), "result": form}
@@ -551,6 +575,45 @@ def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[d
     return {"thought": f"Compute {render(e)}.", "subtasks": subtasks, "conclusion": fmt_num(acc)}, acc
 
 
+REWRITE_THOUGHT = "Rewrite it one operation at a time."
+CALL_THOUGHT = "Use the calculator."
+
+
+def question_expression(question: str) -> str:
+    """The expression as the question typed it (``Calculate 3*(4 + 5).`` -> ``3*(4 + 5)``)."""
+    for t in ARITH_TEMPLATES:
+        head, _, tail = t.partition("{}")
+        if question.startswith(head) and question.endswith(tail):
+            return question[len(head) : len(question) - len(tail)]
+    raise ValueError(f"not an arithmetic question of the corpus: {question!r}")
+
+
+def rewrite_task(text: str, tools: ToolBackend, fallback: Expr) -> tuple[dict, Fraction]:
+    """The task solving ``text`` in the rewrite format (``timjax.train.rewrite``): one subtask per
+    operation, its conclusion the whole expression after it, in the question's own style; the last
+    subtask's conclusion is the value.
+
+    Each step holds its calculator call in a subtask list of its own (``Compute 59 * 9.`` -> [``Use the
+    calculator.`` + call] -> the rewritten expression), so pruning forgets the call and keeps the step's
+    thought and conclusion: the state stays in view whatever the buffer, while the call's result is
+    needed only to write the step's own conclusion (buffer >= 1 keeps it until then; buffer 0 prunes it
+    first). A text the rewrite reads as one number (``-(1/4)`` typed tight) or cannot write
+    (``rewrite.NoRewrite``) is solved as ``arith_task`` solves ``fallback``, its expression."""
+    try:
+        steps = rw.rewrites(text)
+    except rw.NoRewrite:
+        steps = []
+    if not steps:
+        return arith_task(fallback, tools)
+    subtasks = []
+    for s in steps:
+        call, _ = _calc_step(tools, s.a, s.op, s.b)
+        thought, call["thought"] = call["thought"], CALL_THOUGHT
+        subtasks.append({"thought": thought, "subtasks": [call], "conclusion": s.text})
+    v = Fraction(steps[-1].text)
+    return {"thought": REWRITE_THOUGHT, "subtasks": subtasks, "conclusion": fmt_num(v)}, v
+
+
 def lookup_task(prob: Problem, tools: ToolBackend) -> tuple[dict, str]:
     entity = prob.data["start"]
     rels = prob.data["relations"]
@@ -605,13 +668,26 @@ def contract_specs(specs: Sequence, order: Sequence[str]) -> list:
     return out
 
 
-def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False) -> dict:
+@dataclass(frozen=True)
+class DocFormat:
+    """How an arithmetic document is written: ``restate`` (``arith_task``) or ``rewrite``
+    (``rewrite_task``, which wins when both are set). Lookups are written one way."""
+
+    restate: bool = False
+    rewrite: bool = False
+
+
+def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False, rewrite: bool = False) -> dict:
     """The complete TIM response (a dict whose ``tool_result`` values are ``Raw`` encoded text);
-    ``restate``: see ``arith_task``; a problem with ``data["contract"]`` calls the calculator under it."""
+    ``restate``, ``rewrite``: see ``DocFormat``; a problem with ``data["contract"]`` calls the calculator
+    under it."""
     tools = tools or default_backend()
     if prob.data.get("contract"):
         tools = ContractTools(tools, prob.data["contract"])
-    if prob.kind == "arith":
+    if prob.kind == "arith" and rewrite:
+        task, v = rewrite_task(question_expression(prob.question), tools, parse_expression(prob.data["expr"]))
+        answer = fmt_num(v)
+    elif prob.kind == "arith":
         task, v = arith_task(parse_expression(prob.data["expr"]), tools, restate=restate)
         answer = fmt_num(v)
     else:
@@ -621,8 +697,10 @@ def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool =
     return {"reasoning": [task], "answer": answer}
 
 
-def document_text(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False) -> str:
-    return dumps_doc(document(prob, tools, restate=restate))
+def document_text(
+    prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False, rewrite: bool = False
+) -> str:
+    return dumps_doc(document(prob, tools, restate=restate, rewrite=rewrite))
 
 
 def check_answer(prob_answer: str, response_answer) -> bool:
@@ -639,8 +717,10 @@ def check_answer(prob_answer: str, response_answer) -> bool:
 def solved(problem: Problem, result) -> bool:
     """A generation result (``timjax.generate``'s) solved ``problem``: a complete tree whose answer the
     verifier accepts. The reward of GRPO and the accuracy of ``timjax eval``."""
-    return result.finish_reason == "stop" and result.response is not None and check_answer(
-        problem.answer, result.response.answer
+    return (
+        result.finish_reason == "stop"
+        and result.response is not None
+        and check_answer(problem.answer, result.response.answer)
     )
 
 

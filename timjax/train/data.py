@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from timjax.train.corpus import Problem, document_text
+from timjax.train.corpus import DocFormat, Problem, document_text
 from timjax.train.runtime_view import Replayer, Segment, pruned_segments
 from timjax.train.tools_adapter import ToolBackend
+
+PLAIN = DocFormat()  # the shipped stages' format
 
 
 @dataclass
@@ -107,10 +109,15 @@ def _replayer_for(p: Problem, replayer: Replayer, tools: ToolBackend) -> Replaye
 
 
 def _problem_segments(
-    p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend, restate: bool = False
+    p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend, fmt: DocFormat = PLAIN
 ) -> list[Segment]:
-    doc = _replayer_for(p, replayer, tools).replay(p.question, document_text(p, tools, restate=restate))
+    text = document_text(p, tools, restate=fmt.restate, rewrite=fmt.rewrite)
+    doc = _replayer_for(p, replayer, tools).replay(p.question, text)
     out = pruned_segments(doc, None)
+    if fmt.rewrite and p.kind == "arith" and buf in (0, False):
+        # a rewrite step writes its conclusion from the call its buffer-0 view has already forgotten (a
+        # view teaching guesses), and a long rewrite may not fit a row unpruned: buffer 1's views instead
+        buf = 1
     if buf is not False:
         segs = pruned_segments(doc, buf)
         if len(segs) > 1:  # a buffer that never prunes this document gives the same sequence again
@@ -126,10 +133,10 @@ def _init_worker(setup: ReplaySetup) -> None:
     _WORKER = setup.make()
 
 
-def _chunk_segments(job: tuple[bool, list[tuple[Problem, int | None | bool]]]) -> list[Segment]:
+def _chunk_segments(job: tuple[DocFormat, list[tuple[Problem, int | None | bool]]]) -> list[Segment]:
     replayer, tools = _WORKER
-    restate, chunk = job
-    return [s for p, buf in chunk for s in _problem_segments(p, buf, replayer, tools, restate)]
+    fmt, chunk = job
+    return [s for p, buf in chunk for s in _problem_segments(p, buf, replayer, tools, fmt)]
 
 
 def _pool_context():
@@ -157,26 +164,26 @@ def build_segments(
     progress: bool = True,
     workers: int = 1,
     setup: ReplaySetup | None = None,
-    restate: bool = False,
+    fmt: DocFormat = PLAIN,
 ) -> list[Segment]:
     """Training sequences for ``probs``: each document with pruning off, plus the pruned views of one
     buffer drawn from ``buffers`` ((buffer, probability) pairs; the rest of the mass: none).
 
     ``workers > 1`` (with ``setup``, which rebuilds ``replayer`` and ``tools`` in each process) replays
-    the documents in that many processes; the sequences are the same, in the same order. ``restate``:
-    the documents' arithmetic format (``corpus.arith_task``)."""
+    the documents in that many processes; the sequences are the same, in the same order. ``fmt``:
+    the documents' arithmetic format (``corpus.DocFormat``)."""
     choices = _buffer_choices(len(probs), buffers, seed)
     bar = tqdm(total=len(probs), desc="corpus", unit="doc", disable=not progress, mininterval=2.0)
     out: list[Segment] = []
     if workers <= 1 or setup is None or len(probs) < 2 * workers:
         for p, buf in zip(probs, choices):
-            out.extend(_problem_segments(p, buf, replayer, tools, restate))
+            out.extend(_problem_segments(p, buf, replayer, tools, fmt))
             bar.update(1)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         size = max(1, min(64, len(probs) // (4 * workers)))  # several chunks a worker: an even load
-        chunks = [(restate, list(zip(probs[i : i + size], choices[i : i + size]))) for i in range(0, len(probs), size)]
+        chunks = [(fmt, list(zip(probs[i : i + size], choices[i : i + size]))) for i in range(0, len(probs), size)]
         ctx = _pool_context()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(setup,)) as pool:
             for chunk, segs in zip(chunks, pool.map(_chunk_segments, chunks)):

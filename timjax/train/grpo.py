@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from timjax.train.sft import DataSpec
+
 
 class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -44,7 +46,28 @@ class GRPOConfig(BaseModel):
     seed: int = 0
     tokens_per_batch: int = 4096
     corpus_seed: int = 0
-    groups: str | None = None  # e.g. "arith-2,arith-3": draw problems only from these (default: the corpus mix)
+    # e.g. "arith-2,flat-8": draw problems only from these (default: the corpus mix); flat-N: flat sums of
+    # 3..N terms
+    groups: str | None = None
+    # the corpus the problems come from, as a training config's "data" (notation, fractions, calculator
+    # contracts: the options SFT trained on); None: the default corpus. Its seed is corpus_seed's.
+    data: DataSpec | None = None
+
+
+def problem_pool(cfg: GRPOConfig, n: int) -> list:
+    """The first ``n`` training problems GRPO draws: ``cfg.data``'s corpus (default: the shipped one), its
+    mix narrowed to ``cfg.groups``, from a stream SFT's corpus does not use."""
+    from dataclasses import replace
+
+    from timjax.train.corpus import GROUP_RANGES, CorpusSpec, parse_groups, problems
+    from timjax.train.sft import corpus_spec
+
+    spec = replace(corpus_spec(cfg.data), seed=cfg.corpus_seed) if cfg.data else CorpusSpec(seed=cfg.corpus_seed)
+    if cfg.groups:  # the corpus's groups: eval's own families are not drawn
+        spec = replace(
+            spec, mix=tuple((k, d, 1.0) for k, d in parse_groups(cfg.groups, {**GROUP_RANGES, "flat": (3, 8)}))
+        )
+    return problems(spec, "train", n, stream=7)
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-6) -> np.ndarray:
@@ -199,7 +222,6 @@ def run_grpo(
     import timjax
     from timjax.qwen3.model import cast_params
     from timjax.tools.runner import ToolRunner
-    from timjax.train.corpus import CorpusSpec, problems
     from timjax.train.runtime_view import Replayer
     from timjax.train.sft import export_hf
     from timjax.train.tools_adapter import default_backend, tool_servers
@@ -211,12 +233,7 @@ def run_grpo(
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.lr))
     opt_state = opt.init(params)
     replayer = Replayer(model.tokenizer, _schema(), model.config.vocab_size)
-    spec = CorpusSpec(seed=cfg.corpus_seed)
-    if cfg.groups:
-        from timjax.train.corpus import parse_groups  # the corpus's groups: eval's own families are not drawn
-
-        spec = CorpusSpec(seed=cfg.corpus_seed, mix=tuple((k, d, 1.0) for k, d in parse_groups(cfg.groups)))
-    pool = problems(spec, "train", cfg.steps * cfg.problems_per_step, stream=7)
+    pool = problem_pool(cfg, cfg.steps * cfg.problems_per_step)
     runner = ToolRunner(list(tools) if tools is not None else tool_servers(default_backend().kb_seed))
     history = []
     try:

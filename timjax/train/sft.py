@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class DataSpec(BaseModel):
     # a chain of 3+ operands with a compound one restates itself with the solved values before its
     # operator steps (corpus.arith_task); stages 1-5 of the shipped TIM were trained without it
     restate_operands: bool = False
+    # arithmetic written as rewrites, one operation per subtask (corpus.rewrite_task; wins over
+    # restate_operands); its pruned views keep at least one finished subtask (buffer 0 is drawn as 1)
+    rewrite_operations: bool = False
     # notation options (issue 23; corpus.CorpusSpec): negative literals, larger values, questions typed
     # without spaces, literal digit counts uniform up to max_literal's; a mix entry ("flat", N, w) draws
     # flat sums of 3..N terms. The defaults reproduce the shipped stages' corpus exactly.
@@ -73,6 +77,7 @@ class DataSpec(BaseModel):
     digits_uniform: bool = CorpusSpec.digits_uniform
     p_fraction: float = Field(CorpusSpec.p_fraction, ge=0.0, le=1.0)  # division giving fractions "p/q"
     p_tool_contract: float = Field(CorpusSpec.p_tool_contract, ge=0.0, le=1.0)  # other calculator contracts
+    p_additive: float = Field(CorpusSpec.p_additive, ge=0.0, le=1.0)  # "2*3 + 4": spaces around + - only
     kb_seed: int = 0
     # each document also appears as the runtime shows it with one of these prune buffers (probabilities)
     buffers: list[tuple[int | None, float]] = [(0, 0.3), (1, 0.25), (2, 0.25)]
@@ -168,7 +173,14 @@ def corpus_spec(data: DataSpec):
         digits_uniform=data.digits_uniform,
         p_fraction=data.p_fraction,
         p_tool_contract=data.p_tool_contract,
+        p_additive=data.p_additive,
     )
+
+
+def doc_format(data: DataSpec):
+    from timjax.train.corpus import DocFormat
+
+    return DocFormat(restate=data.restate_operands, rewrite=data.rewrite_operations)
 
 
 def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
@@ -189,8 +201,8 @@ def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
     if not (tok_dir / "tokenizer.json").is_file():
         from timjax.tim.prompt import tim_system_prompt
 
-        restate = cfg.data.restate_operands
-        texts = [p.question for p in probs] + [document_text(p, tools, restate=restate) for p in probs]
+        fmt = doc_format(cfg.data)
+        texts = [p.question for p in probs] + [document_text(p, tools, **asdict(fmt)) for p in probs]
         texts.append(tim_system_prompt(training_schema(tools)))
         spell = sorted(name_words(tools)) if cfg.data.spell_names else []
         say(f"training a {cfg.data.vocab_size}-token BPE on {len(texts)} texts ({len(spell)} name words spelled)")
@@ -234,7 +246,7 @@ def prepare_data(cfg: TrainConfig, say=print, progress: bool = True):
         cfg.data.seed,
         workers=cfg.data.workers,
         setup=setup,
-        restate=cfg.data.restate_operands,
+        fmt=doc_format(cfg.data),
         progress=progress,
     )
     buckets = bucketed(segs, cfg.data.seq_lens, cfg.data.seed, pad_id=tok.pad_token_id or 0)
