@@ -12,7 +12,7 @@ import pytest
 from _train_helpers import replayer, small_problems, tokenizer
 
 from timjax.tim.traces import pruned_view
-from timjax.train.corpus import document, document_text, dumps_doc
+from timjax.train.corpus import DocFormat, document, document_text, dumps_doc
 from timjax.train.runtime_view import FORCED, SAMPLED, TOOL, pruned_segments
 from timjax.train.tools_adapter import default_backend
 
@@ -206,10 +206,12 @@ def test_corpus_built_in_worker_processes_equals_the_sequential_build():
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.loss, b.loss)
     # the workers write the format they are asked for (restated chains are longer documents)
-    three = build_segments(*args, progress=False, workers=2, setup=setup, restate=True)
-    assert [s.ids.tolist() for s in three] == [
-        s.ids.tolist() for s in build_segments(*args, progress=False, restate=True)
-    ]
+    for fmt in (DocFormat(restate=True), DocFormat(rewrite=True)):
+        three = build_segments(*args, progress=False, workers=2, setup=setup, fmt=fmt)
+        assert [s.ids.tolist() for s in three] == [
+            s.ids.tolist() for s in build_segments(*args, progress=False, fmt=fmt)
+        ]
+        assert [s.ids.tolist() for s in three] != [s.ids.tolist() for s in one]
     assert sum(len(s.ids) for s in three) > sum(len(s.ids) for s in one)
 
 
