@@ -62,6 +62,8 @@ MODEL = "timjax-tiny-tim"
 
 
 class Server:
+    http = "auto"  # uvicorn's HTTP parser (--http): httptools when installed, else pure-Python h11
+
     def __init__(self, app):
         import uvicorn
 
@@ -70,7 +72,7 @@ class Server:
         self.port = s.getsockname()[1]
         s.close()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http=self.http))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -543,6 +545,10 @@ def main(argv=None) -> dict:
         "path is all there is to measure), or random weights at a bench/decode.py shape with the tiny TIM's "
         "tokenizer (a step that takes device time, as a served model's does)",
     )
+    ap.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto", help="uvicorn's HTTP parser")
+    ap.add_argument(
+        "--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process (default 5e-3)"
+    )
     ap.add_argument("--json", default="bench/out/serve.json")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--plot-title", default="tiny TIM, 2-core CPU", help="the plot's machine and model, in words")
@@ -564,6 +570,9 @@ def main(argv=None) -> dict:
         args.client_cpus = cpus[1:]
     else:
         args.client_cpus = None
+    Server.http = args.http
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     env = environment()
     model = serving_model(args.shape)
     conc = bench_concurrency(args, model) if args.skip != "concurrency" else []
