@@ -79,7 +79,7 @@ def _check_rewrites(text: str, want: Fraction) -> None:
     prev = text
     for s in steps:
         assert s.final == (s is steps[-1])
-        assert rw._apply(s.a, s.op, s.b) == s.result and s.shown in (s.result, -s.result)
+        assert rw.apply_op(s.a, s.op, s.b) == s.result and s.shown in (s.result, -s.result)
         if s.final:
             break
         # only the reduced span changed: it held one operation (and maybe its group's parentheses and

@@ -46,6 +46,7 @@ from typing import Literal
 
 from timjax.base.errors import ParameterError
 from timjax.train import rewrite as rw
+from timjax.train.rewrite import apply_op, fmt_num
 from timjax.train.tools_adapter import Raw, ToolBackend, default_backend
 
 Split = Literal["train", "heldout"]
@@ -103,18 +104,6 @@ def value(e: Expr) -> Fraction:
     return acc
 
 
-def apply_op(a: Fraction, op: str, b: Fraction) -> Fraction:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if op == "/":
-        return a / b
-    raise ValueError(f"unknown operator {op!r}")
-
-
 def _needs_parens(child: Expr, parent: Chain) -> bool:
     # an operand that is itself a chain of the same class, or a sum inside a product, needs parentheses
     return isinstance(child, Chain) and (child.kind == parent.kind or parent.kind == "mul")
@@ -132,13 +121,13 @@ def render(e: Expr, *, spaced_parens: bool = False, tight: bool = False, additiv
             return str(x.value)
         if isinstance(x, Neg):
             return f"-{lp}{r(x.child)}{rp}"
-        parts = []
+        parts, gap = [], msp if x.kind == "mul" else sp
         for i, o in enumerate(x.operands):
             s = r(o)
             if _needs_parens(o, x):
                 s = f"{lp}{s}{rp}"
-            parts.append(s if i == 0 else f"{x.ops[i - 1]}{msp if x.kind == 'mul' else sp}{s}")
-        return (msp if x.kind == "mul" else sp).join(parts)
+            parts.append(s if i == 0 else f"{x.ops[i - 1]}{gap}{s}")
+        return gap.join(parts)
 
     return r(e)
 
@@ -298,11 +287,6 @@ def fmt_int(v: Fraction) -> str:
     if v.denominator != 1:
         raise ValueError(f"{v} is not an integer")
     return str(v.numerator)
-
-
-def fmt_num(v: Fraction) -> str:
-    """An integer as digits, a fraction as ``p/q`` in lowest terms (the calculator's form)."""
-    return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
 
 
 def _calc_arg(v: Fraction) -> int | str:

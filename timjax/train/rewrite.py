@@ -1,6 +1,7 @@
 """Arithmetic solved by rewriting: one operation per step, each step writing the whole expression again.
 
-The rewrite format of the corpus (``CorpusSpec.rewrite``, issue 23). The older format makes the model
+The rewrite format of the corpus (``corpus.DocFormat.rewrite``, a training config's
+``data.rewrite_operations``; issue 23). The older format makes the model
 parse the precedence tree in its head to plan its subtasks; here every step is local. The model finds
 one operation, calls the calculator on it, and copies the expression with only that span replaced:
 
@@ -61,6 +62,23 @@ class Step:
     shown: Fraction
 
 
+def apply_op(a: Fraction, op: str, b: Fraction) -> Fraction:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a / b
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def fmt_num(v: Fraction) -> str:
+    """An integer as digits, a fraction as ``p/q`` in lowest terms (the calculator's and the answer's form)."""
+    return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+
+
 def format_number(v: Fraction) -> str:
     """A value as the rewritten expression holds it: ``-20``, ``(7/2)``, ``(-7/2)``."""
     return str(v.numerator) if v.denominator == 1 else f"({v.numerator}/{v.denominator})"
@@ -84,8 +102,7 @@ def lex(text: str) -> list[Token]:
                 out.append(Token("num", i, m.end(), v))
             i = m.end()
             continue
-        if c.isdigit() or (c == "-" and unary and (m := _INT.match(text, i))):
-            m = _INT.match(text, i)
+        if (m := _INT.match(text, i)) and (c.isdigit() or unary):
             out.append(Token("num", i, m.end(), Fraction(int(m[0]))))
             i = m.end()
             continue
@@ -106,10 +123,6 @@ def lex(text: str) -> list[Token]:
             raise ValueError(f"expression {text!r}: unexpected {c!r} at {i}")
         i += 1
     return out
-
-
-def _apply(a: Fraction, op: str, b: Fraction) -> Fraction:
-    return {"+": a + b, "-": a - b, "*": a * b}[op] if op != "/" else a / b
 
 
 def next_step(text: str) -> Step | None:
@@ -133,7 +146,7 @@ def next_step(text: str) -> Step | None:
         raise ValueError(f"expression {text!r}: cannot read {text[group[0].start : group[-1].end]!r} as operations")
     k = next((k for k in ops if group[k].op in "*/"), ops[0])
     left, tok, right = group[k - 1], group[k], group[k + 1]
-    result = _apply(left.value, tok.op, right.value)
+    result = apply_op(left.value, tok.op, right.value)
     start, end, shown = left.start, right.end, result
     if len(ops) == 1 and close is not None:  # the group's last operation: its parentheses go too,
         a, b = lo - 1, close  # and a negation in front of it, and groups that held only this one
@@ -150,8 +163,7 @@ def next_step(text: str) -> Step | None:
     final = len(after) == 1
     if final:  # the last step's conclusion is the value as the answer writes it; the value read back,
         # not ``shown``: "-((-80/8)*216/6)" becomes "-(-2160/6)", which reads as one fraction literal
-        v = after[0].value
-        new = str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+        new = fmt_num(after[0].value)
     return Step(left.value, tok.op, right.value, result, new, final, (start, end), shown)
 
 

@@ -66,7 +66,7 @@ class DataSpec(BaseModel):
     # operator steps (corpus.arith_task); stages 1-5 of the shipped TIM were trained without it
     restate_operands: bool = False
     # arithmetic written as rewrites, one operation per subtask (corpus.rewrite_task; wins over
-    # restate_operands); its pruned views keep at least one finished subtask (buffer 0 is drawn as 1)
+    # restate_operands); its pruned views keep at least one finished subtask (buffer 0, or none, is drawn as 1)
     rewrite_operations: bool = False
     # notation options (issue 23; corpus.CorpusSpec): negative literals, larger values, questions typed
     # without spaces, literal digit counts uniform up to max_literal's; a mix entry ("flat", N, w) draws
