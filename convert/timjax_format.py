@@ -171,12 +171,14 @@ def _late_loop_callback(unraisable) -> bool:
 
 
 class _DropOrbaxLateFutures(logging.Filter):
-    """asyncio's "Future exception was never retrieved" for an orbax write that failed (a full disk): the
-    garbage collector reports it, possibly after our call returned, for an error we already raised."""
+    """asyncio's "Future (or Task) exception was never retrieved" for an orbax write that failed (a full
+    disk): the garbage collector reports it, possibly after our call returned, for an error we already
+    raised. Which of the two comes depends on which object the collector reaches first."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not (text.startswith("Future exception was never retrieved") and "orbax-checkpoint-tmp" in text)
+        late = text.startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
+        return not (late and "orbax-checkpoint-tmp" in text)
 
 
 def _install_late_future_filter() -> None:

@@ -4,6 +4,7 @@ see" table is checked row by row against what these examples really print."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -416,6 +417,41 @@ def test_full_disk_is_one_line_naming_the_output(file_messages):
         f"{tmp_path / 'full-export' / 'model.safetensors'}: cannot write (File too large [errno 27]); "
         f"the output directory is left as it was"
     )
+
+
+@pytest.mark.parametrize("kind", ["task", "future"])
+def test_a_failed_orbax_write_collected_later_logs_nothing(kind, caplog):
+    """The late report behind a full disk's stray traceback: asyncio logs "Task (or Future) exception was
+    never retrieved" when the collector reaches the failed write, after our one-line error went out."""
+    import asyncio
+    import gc
+
+    from convert.timjax_format import quiet_orbax
+
+    err = ValueError('Failed writing: "/x/params/layer_00000.orbax-checkpoint-tmp/d/0": File too large')
+
+    async def write():
+        raise err
+
+    async def main_():
+        if kind == "task":
+            t = asyncio.get_running_loop().create_task(write())
+            await asyncio.sleep(0)
+            del t
+        else:
+            asyncio.get_running_loop().create_future().set_exception(err)
+
+    with quiet_orbax():
+        pass  # installs the filters, which stay: the report may come after the call returned
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(main_())
+        gc.collect()
+        other = asyncio.new_event_loop()  # an unrelated failure is still reported
+        other.create_future().set_exception(ValueError("something else"))
+        other.close()
+        gc.collect()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(msgs) == 1 and "something else" in msgs[0], msgs
 
 
 class _InterruptingCheckpointer:
