@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a new shell: no virtual environment of the test run on PATH or in PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    drop = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "JAX_COMPILATION_CACHE_DIR")  # (conftest's compile cache)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     venv = Path(sys.prefix)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(venv)))
     env.update(extra)
