@@ -230,6 +230,34 @@ def offline(backend, qs: list[str], max_tokens: int) -> dict:
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}
 
 
+def thread_cpu_s(thread: threading.Thread | None) -> float:
+    """CPU seconds one thread of this process has used (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (AttributeError, OSError, IndexError, ValueError):
+        return 0.0
+
+
+def steps_of(backend, run, http_thread: threading.Thread | None = None) -> dict:
+    """``run()``'s result with the engine steps it took (a wave whose requests arrive spread out would run
+    more, smaller steps for the same tokens), and the cores the whole server process, its HTTP thread
+    (uvicorn's event loop) and the engine's loop thread used over it."""
+    before = backend.engine.stats().steps_total
+    threads = {"http": http_thread, "engine": backend.engine._thread}
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    per0 = {k: thread_cpu_s(t) for k, t in threads.items()}
+    out = run()
+    wall = time.perf_counter() - t0
+    cores = {f"{k}_cores": (thread_cpu_s(t) - per0[k]) / wall for k, t in threads.items()}
+    return {**out, "steps": backend.engine.stats().steps_total - before,
+            "server_cores": (time.process_time() - cpu0) / wall, **cores}
+
+
+def offline_steps(backend, qs: list[str], max_tokens: int) -> dict:
+    return steps_of(backend, lambda: offline(backend, qs, max_tokens))
+
+
 def bench_concurrency(args, model) -> list[dict]:
     from timjax.serve.app import create_app
     from timjax.serve.config import ServeConfig
@@ -246,16 +274,69 @@ def bench_concurrency(args, model) -> list[dict]:
         for rep in range(args.repeats):
             for n in args.clients:
                 qs = questions(n)
-                s = clients.wave(srv.url, qs, args.max_tokens, args.client)
-                o = offline(backend, qs, args.max_tokens)
+                # odd repeats run the offline peer first: neither side always follows the other
+                o = offline_steps(backend, qs, args.max_tokens) if rep % 2 else None
+                s = steps_of(backend, lambda qs=qs: clients.wave(srv.url, qs, args.max_tokens, args.client), srv.thread)
+                if o is None:
+                    o = offline_steps(backend, qs, args.max_tokens)
                 row = {"clients": n, "rep": rep, **s, "offline_tok_s": o["tok_s"], "offline_tokens": o["tokens"],
-                       "ratio": s["tok_s"] / o["tok_s"]}
+                       "offline_steps": o["steps"], "ratio": s["tok_s"] / o["tok_s"],
+                       "offline_server_cores": o["server_cores"], "offline_engine_cores": o["engine_cores"],
+                       "tokens_per_step": s["tokens"] / max(s["steps"], 1),
+                       "offline_tokens_per_step": o["tokens"] / max(o["steps"], 1)}
                 rows.append(row)
                 log(f"rep {rep} N={n:3d} server {s['tok_s']:7.1f} tok/s  offline {o['tok_s']:7.1f} tok/s  "
-                    f"ratio {row['ratio']:.2f}  ttft p50 {s['ttft_p50']:.3f}s  load {load_average()}")
+                    f"ratio {row['ratio']:.2f}  tokens/step {row['tokens_per_step']:.2f} vs "
+                    f"{row['offline_tokens_per_step']:.2f}  cores: process {s['server_cores']:.2f} vs "
+                    f"{o['server_cores']:.2f}, http {s['http_cores']:.2f}, engine thread {s['engine_cores']:.2f} vs "
+                    f"{o['engine_cores']:.2f}, clients {s['client_cores']:.2f}  ttft p50 {s['ttft_p50']:.3f}s")
     finally:
         clients.close()
         srv.stop()
+    return rows
+
+
+def spin(duty: float, stop) -> None:
+    """Busy ``duty`` of each 10 ms on one core, until ``stop`` is set (a stand-in for a server's own CPU)."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        while time.perf_counter() - t < duty * 0.01:
+            pass
+        time.sleep(0.01 * (1 - duty))
+
+
+def bench_interference(args, model) -> list[dict]:
+    """The offline engine alone, then beside a process that only burns ``--interference`` of a core (what
+    the HTTP thread and the clients use in (a), no serving at all), alternating: how much of (a)'s gap the
+    same CPU taken by anything costs on this machine."""
+    import multiprocessing
+
+    from timjax.serve.app import create_app
+    from timjax.serve.config import ServeConfig
+
+    cfg = ServeConfig(tim=False, max_batch=args.max_batch, max_seq_len=512, max_queue=1024, warmup="eager")
+    srv = Server(create_app(cfg, model=model))
+    backend, qs, ctx, rows = srv.app.state.backend, questions(max(args.clients)), multiprocessing.get_context("spawn"), []
+    try:
+        offline(backend, qs, args.max_tokens)
+        for rep in range(args.repeats):
+            for duty in (0.0, args.interference):
+                stop = ctx.Event()
+                p = ctx.Process(target=spin, args=(duty, stop), daemon=True) if duty else None
+                if p is not None:
+                    p.start()
+                    time.sleep(0.5)
+                o = offline(backend, qs, args.max_tokens)
+                if p is not None:
+                    stop.set()
+                    p.join()
+                rows.append({"rep": rep, "duty": duty, "clients": len(qs), "offline_tok_s": o["tok_s"]})
+                log(f"rep {rep} background {duty:.2f} core: offline {o['tok_s']:7.1f} tok/s")
+    finally:
+        srv.stop()
+    alone = statistics.median(r["offline_tok_s"] for r in rows if r["duty"] == 0)
+    beside = statistics.median(r["offline_tok_s"] for r in rows if r["duty"] > 0)
+    log(f"offline beside {args.interference:.2f} of a core of other work: {beside / alone:.2f} of alone (median)")
     return rows
 
 
@@ -431,7 +512,9 @@ def summarize(conc: list[dict], tools: list[dict]) -> dict:
     for n in sorted({r["clients"] for r in conc}):
         rs = [r for r in conc if r["clients"] == n]
         out["concurrency"].append({"clients": n, **{k: med(rs, k) for k in (
-            "tok_s", "offline_tok_s", "ratio", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "client_cores")}})
+            "tok_s", "offline_tok_s", "ratio", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "client_cores",
+            "tokens_per_step", "offline_tokens_per_step", "server_cores", "offline_server_cores", "http_cores",
+            "engine_cores", "offline_engine_cores")}})
     for k in sorted({r["k"] for r in tools}):
         row: dict[str, Any] = {"k": k}
         for mode in TOOL_MODES:
@@ -549,6 +632,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--switch-interval", type=float, default=None, help="sys.setswitchinterval for this process (default 5e-3)"
     )
+    ap.add_argument("--interference", type=float, default=None, metavar="CORES",
+                    help="run only the offline engine (max --clients prompts), alone and beside a process busy "
+                    "CORES of one core, alternating --repeats times (no server traffic)")
     ap.add_argument("--json", default="bench/out/serve.json")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--plot-title", default="tiny TIM, 2-core CPU", help="the plot's machine and model, in words")
@@ -575,6 +661,10 @@ def main(argv=None) -> dict:
         sys.setswitchinterval(args.switch_interval)
     env = environment()
     model = serving_model(args.shape)
+    if args.interference:
+        rows = bench_interference(args, model)
+        write_json(args.json, {"environment": env, "args": vars(args), "rows": {"interference": rows}})
+        return {"interference": rows}
     conc = bench_concurrency(args, model) if args.skip != "concurrency" else []
     tools = bench_tools(args, model) if args.skip != "tools" else []
     summary = summarize(conc, tools)
