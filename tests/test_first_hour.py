@@ -152,12 +152,19 @@ def test_readme_main_command_in_a_fresh_environment(tmp_path):
     assert cmd.endswith("pip install -e . && timjax demo"), cmd
     checkout = tmp_path / "timjax"
     _copy_checkout(checkout)
+    cache = tmp_path / "xla"  # where the command keeps its compiled steps (not this machine's ~/.cache)
     r = subprocess.run(
-        ["bash", "-c", cmd], cwd=checkout, env=clean_env(), capture_output=True, text=True, timeout=1500
+        ["bash", "-c", cmd],
+        cwd=checkout,
+        env=clean_env(TIMJAX_COMPILE_CACHE=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "demo OK" in r.stdout and "correct" in r.stdout
+    assert any(cache.iterdir()), "the demo kept none of its compiled steps"
     assert "Traceback" not in out
     assert "PyTorch was not found" not in out
     freeze = subprocess.run(

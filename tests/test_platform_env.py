@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from timjax.base import platform_env
-from timjax.base.platform_env import cpu_when_cuda_cannot_start
+from timjax.base.platform_env import cli_compile_cache, cpu_when_cuda_cannot_start
 
 
 @pytest.fixture
@@ -39,6 +39,42 @@ def test_nothing_changes_once_jax_has_started():
 
     env: dict = {}
     assert not cpu_when_cuda_cannot_start(env, lambda: ["xla_cuda12"], lambda: False) and env == {}
+
+
+def test_the_cli_keeps_compiled_steps_in_the_user_cache(no_jax, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert cli_compile_cache(env) == str(tmp_path / "xdg" / "timjax" / "xla")
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "xdg" / "timjax" / "xla")
+    assert (tmp_path / "xdg" / "timjax" / "xla").is_dir() and env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    env = {"TIMJAX_COMPILE_CACHE": str(tmp_path / "mine"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"}
+    assert cli_compile_cache(env) == str(tmp_path / "mine")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "2"  # the user's threshold stays
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TIMJAX_COMPILE_CACHE": "off"},
+        {"TIMJAX_COMPILE_CACHE": "0"},
+        {"JAX_COMPILATION_CACHE_DIR": "/their/own"},  # the user's JAX setting wins
+    ],
+)
+def test_the_compile_cache_can_be_turned_off_or_chosen_by_jax_settings(no_jax, env):
+    given = dict(env)
+    assert cli_compile_cache(env) is None and env == given
+
+
+def test_an_unusable_compile_cache_is_skipped(no_jax, tmp_path):
+    (tmp_path / "file").write_text("")
+    env = {"TIMJAX_COMPILE_CACHE": str(tmp_path / "file" / "xla")}  # under a file: cannot be created
+    assert cli_compile_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
+
+
+def test_the_compile_cache_is_left_alone_once_jax_has_started(tmp_path):
+    import jax  # noqa: F401
+
+    env = {"TIMJAX_COMPILE_CACHE": str(tmp_path / "c")}
+    assert cli_compile_cache(env) is None and not (tmp_path / "c").exists()
 
 
 @pytest.mark.skipif(

@@ -348,10 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, already printed): a code, for in-process callers
         return e.code if isinstance(e.code, int) else 2
     try:
-        from timjax.base.platform_env import prepare_process
+        from timjax.base.platform_env import cli_compile_cache, prepare_process
         from timjax.base.validation import check_cli
 
         prepare_process()  # before JAX starts: no CUDA-plugin traceback without a GPU, no torch notice
+        cli_compile_cache()  # compiled steps kept on disk: a second run does not compile them again
         check_cli(args)  # every flag, before a model is loaded (issue 10)
         rc = args.func(args)
     except TimjaxError as e:

@@ -9,6 +9,10 @@ traceback is not printed. A user's own ``JAX_PLATFORMS`` always wins.
 ``prepare_process`` is what every entry point (the CLI, the benchmarks) calls first: that platform choice,
 plus silencing transformers' advisory notices ("PyTorch was not found..."): timjax uses transformers only
 for tokenizers and needs no torch, so the notice names nothing a user should act on.
+
+``cli_compile_cache`` is the ``timjax`` command's alone (the benchmarks time compiles, so they do not call
+it): JAX's persistent compilation cache in ``~/.cache/timjax/xla``, so a second run reads its compiled
+steps back instead of compiling them again (``timjax demo`` on the 2-core CPU: 10.9 s, then 4.7 s).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable, Iterable, MutableMapping
+from pathlib import Path
 
 DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
 
@@ -57,3 +62,28 @@ def prepare_process(environ: MutableMapping[str, str] | None = None) -> None:
     environ = os.environ if environ is None else environ
     cpu_when_cuda_cannot_start(environ)
     environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def cli_compile_cache(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at ``TIMJAX_COMPILE_CACHE`` (a directory, or ``off``), by
+    default ``$XDG_CACHE_HOME/timjax/xla`` (``~/.cache/timjax/xla``), before JAX starts. A user's own
+    ``JAX_COMPILATION_CACHE_DIR`` wins; a directory that cannot be created or written is skipped silently
+    (the run then compiles as before). Every compile is kept: on the CPU nearly all take under JAX's default
+    threshold of a second. Returns the directory used, or None."""
+    environ = os.environ if environ is None else environ
+    if "jax" in sys.modules or environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    choice = environ.get("TIMJAX_COMPILE_CACHE", "").strip()
+    if choice.lower() in ("off", "0", "false", "no", "none"):
+        return None
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(choice).expanduser() if choice else Path(base) / "timjax" / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(path, os.W_OK | os.X_OK):
+        return None
+    environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return str(path)
