@@ -258,12 +258,17 @@ def offline_steps(backend, qs: list[str], max_tokens: int) -> dict:
     return steps_of(backend, lambda: offline(backend, qs, max_tokens))
 
 
-def bench_concurrency(args, model) -> list[dict]:
+def plain_server(args, model) -> Server:
+    """(a)'s server: plain generation, every step shape compiled before the first wave."""
     from timjax.serve.app import create_app
     from timjax.serve.config import ServeConfig
 
     cfg = ServeConfig(tim=False, max_batch=args.max_batch, max_seq_len=512, max_queue=1024, warmup="eager")
-    srv = Server(create_app(cfg, model=model))
+    return Server(create_app(cfg, model=model))
+
+
+def bench_concurrency(args, model) -> list[dict]:
+    srv = plain_server(args, model)
     backend = srv.app.state.backend
     rows = []
     clients = Clients(separate=not args.clients_in_process, cpus=set(args.client_cpus or ()))
@@ -311,11 +316,7 @@ def bench_interference(args, model) -> list[dict]:
     same CPU taken by anything costs on this machine."""
     import multiprocessing
 
-    from timjax.serve.app import create_app
-    from timjax.serve.config import ServeConfig
-
-    cfg = ServeConfig(tim=False, max_batch=args.max_batch, max_seq_len=512, max_queue=1024, warmup="eager")
-    srv = Server(create_app(cfg, model=model))
+    srv = plain_server(args, model)  # the same engine as (a)'s offline peer
     backend, qs, ctx, rows = srv.app.state.backend, questions(max(args.clients)), multiprocessing.get_context("spawn"), []
     try:
         offline(backend, qs, args.max_tokens)

@@ -22,7 +22,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _jax_cache = tempfile.mkdtemp(prefix="timjax-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     atexit.register(shutil.rmtree, _jax_cache, True)
 
 import numpy as np
