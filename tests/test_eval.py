@@ -63,6 +63,11 @@ def test_eval_on_a_tiny_model_reports_every_setting(tmp_path):
         # every wrong answer is listed with its group (a random model gets at least one wrong)
         assert len(s.failures) == round(o.n * (1 - o.accuracy)) >= 1
         assert {f["group"] for f in s.failures} <= {"arith-1", "lookup-2"}
+        # a wrong arithmetic answer says where it left the rewrite trace; a lookup has no such trace
+        arith = [f for f in s.failures if f["group"] == "arith-1"]
+        assert all(f["rewrite_divergence"]["kind"] for f in arith)
+        assert sum(s.divergence.values()) == len(arith)
+        assert all("rewrite_divergence" not in f for f in s.failures if f["group"] == "lookup-2")
     assert rep.settings[0].overall.pruned_share == 0
     table = rep.table()
     assert "buf0-shift" in table and "acc arith-1" in table

@@ -144,3 +144,27 @@ def test_retokenize_carries_embedding_rows_over_by_token_string(tmp_path):
         np.testing.assert_array_equal(np.asarray(params["embed"][i]), np.asarray(old[old_tok.get_vocab()[t]]))
     assert params["embed"].shape == (448, old.shape[1])
     assert timjax.load(out["hf_dir"], dtype="float32").config.vocab_size % 64 == 0
+
+
+def test_a_fine_tune_with_more_layers_starts_from_the_checkpoints_function(tmp_path):
+    import timjax
+    from timjax.base.errors import TimjaxError
+    from timjax.qwen3.model import logits
+
+    quiet = {"progress": False, "say": lambda *a: None}
+    src = train(tiny_config(tmp_path / "a", steps=1, export=True), **quiet)
+    deeper = TINY_MODEL.model_copy(update={"num_hidden_layers": TINY_MODEL.num_hidden_layers + 1})
+    cfg = tiny_config(tmp_path / "b", steps=1, export=True, init_from=src["hf_dir"], model=deeper, lr=0.0)
+    out = train(cfg, **quiet)
+    grown = timjax.load(out["hf_dir"], dtype="float32")
+    assert grown.config.num_hidden_layers == TINY_MODEL.num_hidden_layers + 1
+    ids = np.arange(3, 40)
+    np.testing.assert_allclose(
+        logits(grown, ids),
+        logits(timjax.load(src["hf_dir"], dtype="float32"), ids),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    wider = TINY_MODEL.model_copy(update={"hidden_size": 2 * TINY_MODEL.hidden_size})
+    with pytest.raises(TimjaxError, match="model.hidden_size"):
+        train(tiny_config(tmp_path / "c", init_from=src["hf_dir"], model=wider), **quiet)

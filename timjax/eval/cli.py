@@ -61,6 +61,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if any(s.by_depth for s in report.settings):
         print("\naccuracy by expression depth (n):")
         print(report.depth_table())
+    if any(s.divergence for s in report.settings):
+        print("\nwrong arithmetic answers by where the tree first left the rewrite trace:")
+        print(report.divergence_table())
     if args.json:
         write_report(report, args.json)
         say(f"wrote {args.json}")

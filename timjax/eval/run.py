@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from timjax.eval.diagnose import first_divergence
 from timjax.train import corpus
 from timjax.train.corpus import CorpusSpec, Problem, problems, solved
 
@@ -48,6 +49,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("buf1-shift", 1, "shift"),
     Setting("buf2-shift", 2, "shift"),
 )
+
+# problem kinds whose failures are traced against the rewrite format (timjax.eval.diagnose)
+REWRITE_KINDS = ("arith", "notation", "long")
 
 GROUPS = (("arith", 1), ("arith", 2), ("arith", 3), ("lookup", 2), ("lookup", 3))
 
@@ -76,6 +80,8 @@ class SettingReport(BaseModel):
     by_depth: dict[str, GroupStats] = {}  # by expression depth (kind and depth), beside the groups
     failures: list[dict[str, Any]] = []  # every wrong answer, for inspection
     samples: list[dict[str, Any]] = []  # per problem: group, ok, finish, tokens, peak, pruned, tree_tokens
+    # wrong arithmetic answers by where the tree first left the rewrite format's trace (diagnose.KINDS)
+    divergence: dict[str, int] = {}
 
 
 class EvalReport(BaseModel):
@@ -130,6 +136,13 @@ class EvalReport(BaseModel):
             return ""
         rows = [[s.label] + [_acc_n(s.by_depth.get(k)) for k in keys] for s in self.settings]
         return _markdown(["setting"] + keys, rows)
+
+    def divergence_table(self) -> str:
+        """Wrong arithmetic answers by the kind of their first divergence from the rewrite trace."""
+        from timjax.eval.diagnose import KINDS
+
+        rows = [[s.label] + [str(s.divergence.get(k, 0)) for k in KINDS] for s in self.settings]
+        return _markdown(["setting", *KINDS], rows)
 
 
 def _acc_n(g: GroupStats | None) -> str:
@@ -337,13 +350,14 @@ def run_setting(model, probs: Sequence[Problem], s: Setting, runner, *, context:
         by_depth={g: _group_stats(v) for g, v in sorted(by_depth.items())},
         tokens_per_s=gen / wall if wall else 0.0,
         wall_s=wall,
-        failures=[_failure(p, r) for p, r, ok in items if not ok],
+        failures=(failures := [_failure(p, r) for p, r, ok in items if not ok]),
         samples=[_sample(p, r, ok) for p, r, ok in items],
+        divergence=divergence_counts(failures),
     )
 
 
 def _failure(p: Problem, r) -> dict[str, Any]:
-    return {
+    out = {
         "question": p.question,
         "group": group_name(p),
         "expected": p.answer,
@@ -352,6 +366,19 @@ def _failure(p: Problem, r) -> dict[str, Any]:
         "answer": None if r.response is None else r.response.answer,
         "tool_calls": r.stats.tool_calls,
     }
+    if p.kind in REWRITE_KINDS:  # where the tree first left the rewrite format's one right trace
+        out["rewrite_divergence"] = first_divergence(p.question, r.response)
+    return out
+
+
+def divergence_counts(failures: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Failures by the kind of their first divergence from the rewrite trace (``timjax.eval.diagnose``)."""
+    counts: dict[str, int] = defaultdict(int)
+    for f in failures:
+        d = f.get("rewrite_divergence")
+        if d is not None:
+            counts[d["kind"]] += 1
+    return dict(sorted(counts.items()))
 
 
 def _sample(p: Problem, r, ok: bool) -> dict[str, Any]:

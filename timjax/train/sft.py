@@ -98,7 +98,9 @@ class TrainConfig(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     init_from: str | None = None  # a converted (or HF) checkpoint to fine-tune; its tokenizer is kept...
     # ...unless retokenize: then the tokenizer is trained here (or data.tokenizer_dir) and every embedding
-    # row whose token string the checkpoint's vocabulary also has is carried over (transfer_embeddings)
+    # row whose token string the checkpoint's vocabulary also has is carried over (transfer_embeddings).
+    # ``model`` must then match the checkpoint's shape, except that num_hidden_layers may be larger: the
+    # new layers start as identities (timjax.train.grow)
     retokenize: bool = False
     data: DataSpec = Field(default_factory=DataSpec)
     tokens_per_batch: int = 6144  # per micro-batch: rows = tokens_per_batch // bucket length
@@ -296,11 +298,19 @@ def initial_params(cfg: TrainConfig, tok):
 
     if cfg.init_from:
         from timjax.convert import read_params
+        from timjax.train.grow import check_shape, grow_layers
 
         mcfg, params = read_params(cfg.init_from)
         params = cast_params(params, "float32")
+        add = check_shape(mcfg, cfg.model, cfg.init_from)
+        params = grow_layers(params, add, jax.random.key(cfg.seed))
         # the config's context C, not the checkpoint's (the shipped stages both say 4096)
-        mcfg = mcfg.model_copy(update={"max_position_embeddings": cfg.model.max_position_embeddings})
+        mcfg = mcfg.model_copy(
+            update={
+                "max_position_embeddings": cfg.model.max_position_embeddings,
+                "num_hidden_layers": cfg.model.num_hidden_layers,
+            }
+        )
         if cfg.retokenize:
             from timjax.api import load_tokenizer as load_ckpt_tokenizer
 
