@@ -10,6 +10,7 @@ from _train_helpers import tiny_random_tim
 
 from timjax.eval.run import (
     Setting,
+    doc_format,
     evaluate,
     heldout_problems,
     settings_from_labels,
@@ -53,7 +54,9 @@ def test_eval_on_a_tiny_model_reports_every_setting(tmp_path):
     model = timjax.load(tiny_random_tim(), dtype="float32")
     probs = heldout_problems(1, groups=(("arith", 1), ("lookup", 2)))
     settings = [Setting("off", None), Setting("buf0", 0), Setting("buf0-shift", 0, "shift")]
-    rep = evaluate(model, probs, settings, max_new_tokens=48, progress=False, say=lambda *a: None)
+    rep = evaluate(
+        model, probs, settings, max_new_tokens=48, progress=False, say=lambda *a: None, trace=doc_format("rewrite")
+    )
     assert [s.label for s in rep.settings] == ["off", "buf0", "buf0-shift"]
     for s in rep.settings:
         o = s.overall

@@ -26,6 +26,21 @@ def test_long_trees_are_twice_the_context_and_their_pruned_memory_fits(long_prob
         assert p.data["context"] == C
 
 
+def test_chunked_long_sums_are_twice_the_context_in_their_own_format():
+    from timjax.eval.long import long_problems
+    from timjax.eval.run import doc_format
+
+    fmt = doc_format("chunked-4")
+    assert fmt.rewrite and fmt.chunk_terms == 4
+    probs = long_problems(2, 2, C, str(default_model_path()), seed=1, fmt=fmt)
+    for p in probs:
+        assert p.data["tree_tokens"] >= 2 * C and max(p.data["peak_buf1"], p.data["peak_buf2"]) <= 0.95 * C
+        assert "(" not in p.question and p.data["operands"] >= 8  # a flat sum of literals and products
+    with pytest.raises(ValueError, match="--format"):
+        doc_format("chunked-1")
+    assert doc_format("rewrite").rewrite and not doc_format("restate").rewrite
+
+
 def test_long_family_refuses_what_cannot_fit():
     from timjax.base.errors import ParameterError
     from timjax.eval.long import long_problems

@@ -215,3 +215,103 @@ def test_pruned_views_with_buffer_one_keep_the_latest_rewrite_in_view():
         assert len(got) == 1 + len(segs)
         assert [s.ids.tolist() for s in got[1:]] == [s.ids.tolist() for s in segs]
     assert len(_problem_segments(p, False, replayer, tools, DocFormat())) == 1
+
+
+# ----------------------------------------------------------------------------------------- chunks
+
+
+@pytest.mark.parametrize(
+    "text, k, pieces",
+    [
+        ("1 + 2 - 3 + 4 - 5", 2, ["1 + 2", " - 3 + 4", " - 5"]),
+        ("3 * 4 - (5 + 6) + -7", 2, ["3 * 4 - (5 + 6)", " + -7"]),  # a group is one term; "-7" a literal
+        ("-(3+4)*2-5--6+7", 2, ["-(3+4)*2-5", "--6+7"]),  # a negated group starts a term
+        ("1-2*3", 2, ["1-2*3"]),
+    ],
+)
+def test_chunks_cut_at_top_level_plus_and_minus_as_typed(text, k, pieces):
+    assert rw.chunks(text, k) == pieces
+
+
+def _fold(pieces):
+    acc = rw.evaluate(pieces[0])
+    for piece in pieces[1:]:
+        acc = rw.evaluate(rw.format_number(acc) + piece)
+    return acc
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), terms=st.integers(3, 8), k=st.integers(2, 4))
+def test_chunks_of_any_typed_expression_fold_to_its_value(seed, terms, k):
+    rng = random.Random(seed)
+    tree = random_tree(rng, NotationParams(terms=terms))
+    text = render_tree(tree, random_style(rng))
+    pieces = rw.chunks(text, k)
+    assert "".join(pieces) == text.strip()
+    assert len(pieces) == -(-len(rw.top_level_terms(text)) // k)
+    try:
+        assert _fold(pieces) == evaluate_tree(tree)
+    except rw.NoRewrite:  # a piece holding only a doubly negated group typed tight: "-(-(42/7))"
+        assert re.search(r"-\(-\(", text), text
+
+
+def test_chunked_documents_solve_k_terms_at_a_time_and_short_ones_stay_plain():
+    from timjax.api import default_model_path
+    from timjax.train.data import _replayer_for
+    from timjax.train.runtime_view import Replayer
+    from timjax.train.tokenizer import load_tokenizer
+
+    tools = default_backend()
+    schema = training_schema(tools)
+    replayer = Replayer(load_tokenizer(str(default_model_path())), schema, None)
+    probs = [p for p in problems(SPEC_RW, "train", 60) if p.kind == "arith"]
+    chunked = 0
+    for p in probs:
+        text = question_expression(p.question)
+        doc = document(p, tools, rewrite=True, chunk_terms=3)
+        written = document_text(p, tools, rewrite=True, chunk_terms=3)
+        assert schema.parse(written).answer == p.answer
+        _replayer_for(p, replayer, tools).replay(p.question, written)  # the grammar takes every token
+        root = doc["reasoning"][0]
+        if len(rw.top_level_terms(text)) <= 3:
+            assert doc == document(p, tools, rewrite=True)
+            continue
+        chunked += 1
+        assert root["thought"] == "Rewrite it a few terms at a time."
+        pieces, acc = rw.chunks(text, 3), None
+        for piece, task in zip(pieces, root["subtasks"], strict=True):
+            expr = piece if acc is None else rw.format_number(acc) + piece
+            assert task["thought"] == f"Compute {expr}."
+            assert [s["conclusion"] for s in task["subtasks"]] == [s.text for s in rw.rewrites(expr)]
+            acc = Fraction(task["conclusion"])
+        assert root["conclusion"] == p.answer
+    assert chunked >= 5
+    with pytest.raises(ValueError, match="chunk_terms must be >= 2"):
+        document(probs[0], tools, rewrite=True, chunk_terms=1)
+
+
+def test_chunking_keeps_a_long_sums_working_memory_flat_where_rewriting_it_whole_grows():
+    from timjax.api import default_model_path
+    from timjax.train.corpus import ArithParams, Chain, Problem, flat_expression, fmt_num
+    from timjax.train.runtime_view import Replayer, memory_after
+    from timjax.train.tokenizer import load_tokenizer
+
+    tools = default_backend()
+    replayer = Replayer(load_tokenizer(str(default_model_path())), training_schema(tools), None)
+    rng = random.Random(3)
+    terms, ops, peaks = [], [], {0: [], 4: []}
+    for _ in range(4):  # 8, 16, 24, 32 terms
+        more = flat_expression(rng, ArithParams(depth=2, breadth=8, max_literal=99))
+        while len(more.operands) != 8:
+            more = flat_expression(rng, ArithParams(depth=2, breadth=8, max_literal=99))
+        terms, ops = terms + list(more.operands), ops + ["+"] * bool(ops) + list(more.ops)
+        e = Chain("add", tuple(terms), tuple(ops))
+        q = f"Calculate {render(e)}."
+        p = Problem("arith", q, fmt_num(value(e)), "k", 2, {"expr": render(e)})
+        for k, peak in peaks.items():
+            doc = replayer.replay(q, document_text(p, tools, rewrite=True, chunk_terms=k))
+            peak.append(memory_after(doc, 1).stats().peak_working_len)
+    # whole rewrites copy the sum at every step and keep each copy: memory grows with the square of the
+    # terms; pieces of 4 add one thought and value per piece, and the question's own length
+    assert peaks[0][-1] > 4 * peaks[0][0]
+    assert peaks[4][-1] < 2 * peaks[4][0] and all(b < a for a, b in zip(peaks[0], peaks[4]))

@@ -28,3 +28,11 @@ def test_no_stage_overwrites_another():
 def test_restated_operands_are_a_config_field_that_defaults_off():
     assert DataSpec().restate_operands is False  # stages 1-5 were trained on the plain format
     assert load_config(CONFIGS[0].parent / "tiny_tim_stage6.json").data.restate_operands is True
+
+
+def test_chunk_terms_reach_the_document_format_and_default_off():
+    from timjax.train.corpus import DocFormat
+    from timjax.train.sft import doc_format
+
+    assert doc_format(DataSpec()) == DocFormat()
+    assert doc_format(DataSpec(rewrite_operations=True, chunk_terms=4)) == DocFormat(rewrite=True, chunk_terms=4)

@@ -14,6 +14,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from timjax.api import default_model_path
     from timjax.eval.run import (
         SETTINGS,
+        doc_format,
         evaluate,
         family_problems,
         parse_groups,
@@ -25,6 +26,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     path = args.model or str(default_model_path())
     groups = None if args.problems else parse_groups(args.groups)  # a bad --groups fails before loading
+    fmt = doc_format(args.format)
     variants = [v.strip() for v in args.tool_variants.split(",")] if args.tool_variants else []
     labels = args.settings.split(",") if args.settings else [s.label for s in SETTINGS]
     settings = settings_from_labels(labels, variants)
@@ -36,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.limit:
             probs = probs[: args.limit]
     else:
-        probs = family_problems(groups, args.n, tokenizer_dir=path, context=context, seed=args.seed)
+        probs = family_problems(groups, args.n, tokenizer_dir=path, context=context, seed=args.seed, fmt=fmt)
     if args.save_problems:
         save_problems(probs, args.save_problems)
         say(f"wrote {len(probs)} problems to {args.save_problems}")
@@ -54,6 +56,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model_label=path,
         say=say,
         json_path=args.json,
+        trace=fmt,
     )
     report.command = "timjax " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report.machine = f"{platform.machine()}, {platform.system()}, python {platform.python_version()}"
@@ -96,6 +99,14 @@ def add_eval_command(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=23, help="seed of the notation and long families")
     p.add_argument(
+        "--format",
+        default="restate",
+        help="the format the model writes arithmetic in: restate (the shipped tiny TIM's), rewrite "
+        "(data.rewrite_operations) or chunked-K (and data.chunk_terms=K). It sizes the long-K problems' "
+        "reference trees; with rewrite or chunked-K every wrong arithmetic answer also says where it first "
+        "left that format's reference tree",
+    )
+    p.add_argument(
         "--context",
         type=int,
         default=None,
@@ -109,9 +120,7 @@ def add_eval_command(subparsers) -> None:
         "own, order-a-b-op, order-a-op-b, desc-terse, desc-plain, result-value, result-bare, result-pretty",
     )
     p.add_argument("--save-problems", default=None, help="also write the drawn problems here as JSON lines")
-    p.add_argument(
-        "--limit", type=int, default=None, help="use only the first N problems of --problems (default: all)"
-    )
+    p.add_argument("--limit", type=int, default=None, help="use only the first N problems of --problems (default: all)")
     p.add_argument(
         "--settings",
         default=None,

@@ -198,10 +198,31 @@ def heldout_problems(
     return out
 
 
+def doc_format(text: str) -> corpus.DocFormat:
+    """``--format``, the format the model writes arithmetic in: ``restate`` (the shipped tiny TIM's),
+    ``rewrite`` (``corpus.rewrite_task``) or ``chunked-K`` (rewrite K top-level terms at a time:
+    ``corpus.chunked_task``)."""
+    if text == "restate":
+        return corpus.DocFormat(restate=True)
+    if text == "rewrite":
+        return corpus.DocFormat(rewrite=True)
+    head, _, k = text.partition("-")
+    if head == "chunked" and k.isdigit() and int(k) >= 2:
+        return corpus.DocFormat(rewrite=True, chunk_terms=int(k))
+    raise ValueError(f"--format: {text!r} is not 'restate', 'rewrite' or 'chunked-K' with K >= 2")
+
+
 def family_problems(
-    groups: Sequence[tuple[str, int]], n: int, *, tokenizer_dir: str, context: int, seed: int = 23
+    groups: Sequence[tuple[str, int]],
+    n: int,
+    *,
+    tokenizer_dir: str,
+    context: int,
+    seed: int = 23,
+    fmt: corpus.DocFormat | None = None,
 ) -> list[Problem]:
-    """``n`` problems of each group: corpus held-out groups (arith, lookup), notation-N, long-K."""
+    """``n`` problems of each group: corpus held-out groups (arith, lookup), notation-N, long-K (its
+    reference trees written in ``fmt``, default the restated format)."""
     from timjax.eval.long import long_problems
     from timjax.eval.notation import notation_problems
 
@@ -210,7 +231,7 @@ def family_problems(
         if kind == "notation":
             out += notation_problems(n, d, seed=seed)
         elif kind == "long":
-            out += long_problems(n, d, context, tokenizer_dir, seed=seed)
+            out += long_problems(n, d, context, tokenizer_dir, seed=seed, fmt=fmt or doc_format("restate"))
         else:
             out += heldout_problems(n, groups=((kind, d),))
     return out
@@ -278,13 +299,16 @@ def evaluate(
     model_label: str = "",
     say=print,
     json_path: str | None = None,
+    trace: corpus.DocFormat | None = None,
 ) -> EvalReport:
     """Run every problem under every setting (greedy) and collect the figures (see the module docstring).
     ``tools``: MCP servers for ``timjax.generate(tools=...)``; default: the corpus's calculator and lookup
     (a setting with ``tools`` set uses that calculator variant instead, ``timjax.eval.tool_variants``).
     ``context``: the working-memory limit C (``max_seq_len``; default the model's ``max_position_embeddings``):
     a run whose working memory reaches it ends with finish ``length`` (counted as ``context_limit``).
-    ``json_path``: the report so far is written there after each setting (a long run keeps what it measured)."""
+    ``json_path``: the report so far is written there after each setting (a long run keeps what it measured).
+    ``trace``: a rewrite format the model writes; each wrong arithmetic answer then says where it first
+    left that format's reference tree (``timjax.eval.diagnose``)."""
     from timjax.tools.runner import ToolRunner
     from timjax.train.tools_adapter import tool_servers
 
@@ -303,7 +327,7 @@ def evaluate(
                     servers = variant_tools(s.tools)
                 runners[s.tools] = ToolRunner(servers)
             gen_kw = dict(max_new_tokens=max_new_tokens, max_batch=max_batch, page_size=page_size, progress=progress)
-            rep = run_setting(model, probs, s, runners[s.tools], context=context, **gen_kw)
+            rep = run_setting(model, probs, s, runners[s.tools], context=context, trace=trace, **gen_kw)
             reports.append(rep)
             say(f"{s.label}: accuracy {rep.overall.accuracy:.1%} ({len(probs)} problems, {rep.wall_s:.0f}s)")
             if json_path:
@@ -314,7 +338,9 @@ def evaluate(
     return report()
 
 
-def run_setting(model, probs: Sequence[Problem], s: Setting, runner, *, context: int, **gen_kw) -> SettingReport:
+def run_setting(
+    model, probs: Sequence[Problem], s: Setting, runner, *, context: int, trace=None, **gen_kw
+) -> SettingReport:
     """One setting over all problems: its figures by group and by depth, failures and per-problem samples."""
     import timjax
     from timjax.tim.schema import tim_schema
@@ -350,13 +376,13 @@ def run_setting(model, probs: Sequence[Problem], s: Setting, runner, *, context:
         by_depth={g: _group_stats(v) for g, v in sorted(by_depth.items())},
         tokens_per_s=gen / wall if wall else 0.0,
         wall_s=wall,
-        failures=(failures := [_failure(p, r) for p, r, ok in items if not ok]),
+        failures=(failures := [_failure(p, r, trace) for p, r, ok in items if not ok]),
         samples=[_sample(p, r, ok) for p, r, ok in items],
         divergence=divergence_counts(failures),
     )
 
 
-def _failure(p: Problem, r) -> dict[str, Any]:
+def _failure(p: Problem, r, trace: corpus.DocFormat | None = None) -> dict[str, Any]:
     out = {
         "question": p.question,
         "group": group_name(p),
@@ -366,8 +392,8 @@ def _failure(p: Problem, r) -> dict[str, Any]:
         "answer": None if r.response is None else r.response.answer,
         "tool_calls": r.stats.tool_calls,
     }
-    if p.kind in REWRITE_KINDS:  # where the tree first left the rewrite format's one right trace
-        out["rewrite_divergence"] = first_divergence(p.question, r.response)
+    if trace is not None and trace.rewrite and p.kind in REWRITE_KINDS:  # where the tree left the one right trace
+        out["rewrite_divergence"] = first_divergence(p.question, r.response, trace)
     return out
 
 

@@ -560,6 +560,7 @@ def arith_task(e: Expr, tools: ToolBackend, *, restate: bool = False) -> tuple[d
 
 
 REWRITE_THOUGHT = "Rewrite it one operation at a time."
+CHUNK_THOUGHT = "Rewrite it a few terms at a time."
 CALL_THOUGHT = "Use the calculator."
 
 
@@ -572,7 +573,7 @@ def question_expression(question: str) -> str:
     raise ValueError(f"not an arithmetic question of the corpus: {question!r}")
 
 
-def rewrite_task(text: str, tools: ToolBackend, fallback: Expr) -> tuple[dict, Fraction]:
+def rewrite_task(text: str, tools: ToolBackend, fallback: Expr | None) -> tuple[dict, Fraction]:
     """The task solving ``text`` in the rewrite format (``timjax.train.rewrite``): one subtask per
     operation, its conclusion the whole expression after it, in the question's own style; the last
     subtask's conclusion is the value.
@@ -582,12 +583,15 @@ def rewrite_task(text: str, tools: ToolBackend, fallback: Expr) -> tuple[dict, F
     thought and conclusion: the state stays in view whatever the buffer, while the call's result is
     needed only to write the step's own conclusion (buffer >= 1 keeps it until then; buffer 0 prunes it
     first). A text the rewrite reads as one number (``-(1/4)`` typed tight) or cannot write
-    (``rewrite.NoRewrite``) is solved as ``arith_task`` solves ``fallback``, its expression."""
+    (``rewrite.NoRewrite``) is solved as ``arith_task`` solves ``fallback``, its expression (None: it
+    raises ``ValueError``)."""
     try:
         steps = rw.rewrites(text)
     except rw.NoRewrite:
         steps = []
     if not steps:
+        if fallback is None:
+            raise ValueError(f"expression {text!r}: no rewrite step writes it")
         return arith_task(fallback, tools)
     subtasks = []
     for s in steps:
@@ -614,6 +618,31 @@ def lookup_task(prob: Problem, tools: ToolBackend) -> tuple[dict, str]:
 # grammar writes them in the input schema's order) and the result's form, as a server that returns
 # {"result": x}, {"value": x} or a bare number reads after the runtime's canonical encoding
 CONTRACT_ORDERS = (("op", "a", "b"), ("a", "b", "op"), ("a", "op", "b"))
+
+
+def chunked_task(text: str, tools: ToolBackend, fallback: Expr, k: int) -> tuple[dict, Fraction]:
+    """The rewrite format with the expression taken ``k`` top-level terms at a time
+    (``rewrite.chunks``) when it has more: one subtask per piece, whose thought is the piece after the
+    value so far (``Compute -17 - 5 * 2 + 8.``), whose subtasks are that expression's rewrite steps and
+    whose conclusion is its value. A long sum is then never copied whole: each step rewrites one piece, and
+    pruning forgets a solved piece's steps, so the working memory holds the question, one thought and
+    value per piece, and the piece in hand, however long the sum. Fewer terms: ``rewrite_task``."""
+    if k < 2:  # a piece of one term may be one number, which no step writes
+        raise ValueError(f"chunk_terms must be >= 2, got {k}")
+    try:
+        pieces = rw.chunks(text, k)
+        if len(pieces) >= 2:
+            subtasks, acc = [], None
+            for piece in pieces:
+                expr = piece if acc is None else rw.format_number(acc) + piece
+                steps, acc = rewrite_task(expr, tools, None)
+                subtasks.append({**steps, "thought": f"Compute {expr}."})
+            return {"thought": CHUNK_THOUGHT, "subtasks": subtasks, "conclusion": fmt_num(acc)}, acc
+    except ValueError:  # a piece no step writes (a group of one number typed tight): the whole, unchunked
+        pass
+    return rewrite_task(text, tools, fallback)
+
+
 CONTRACT_RESULTS = ("result", "value", "bare")
 
 
@@ -659,17 +688,30 @@ class DocFormat:
 
     restate: bool = False
     rewrite: bool = False
+    # with rewrite: an expression of more top-level terms is rewritten this many at a time (chunked_task)
+    chunk_terms: int = 0
 
 
-def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False, rewrite: bool = False) -> dict:
+def document(
+    prob: Problem,
+    tools: ToolBackend | None = None,
+    *,
+    restate: bool = False,
+    rewrite: bool = False,
+    chunk_terms: int = 0,
+) -> dict:
     """The complete TIM response (a dict whose ``tool_result`` values are ``Raw`` encoded text);
-    ``restate``, ``rewrite``: see ``DocFormat``; a problem with ``data["contract"]`` calls the calculator
-    under it."""
+    ``restate``, ``rewrite``, ``chunk_terms``: see ``DocFormat``; a problem with ``data["contract"]``
+    calls the calculator under it."""
     tools = tools or default_backend()
     if prob.data.get("contract"):
         tools = ContractTools(tools, prob.data["contract"])
     if prob.kind == "arith" and rewrite:
-        task, v = rewrite_task(question_expression(prob.question), tools, parse_expression(prob.data["expr"]))
+        text, fallback = question_expression(prob.question), _parsed_or_none(prob.data["expr"])
+        if chunk_terms:
+            task, v = chunked_task(text, tools, fallback, chunk_terms)
+        else:
+            task, v = rewrite_task(text, tools, fallback)
         answer = fmt_num(v)
     elif prob.kind == "arith":
         task, v = arith_task(parse_expression(prob.data["expr"]), tools, restate=restate)
@@ -681,10 +723,24 @@ def document(prob: Problem, tools: ToolBackend | None = None, *, restate: bool =
     return {"reasoning": [task], "answer": answer}
 
 
+def _parsed_or_none(text: str) -> Expr | None:
+    """The corpus's reading of ``text`` (a rewrite's fallback, rarely used), None for a text typed by
+    another printer (``5*6`` beside ``8 / 2``): the rewrite reads those itself."""
+    try:
+        return parse_expression(text)
+    except ValueError:
+        return None
+
+
 def document_text(
-    prob: Problem, tools: ToolBackend | None = None, *, restate: bool = False, rewrite: bool = False
+    prob: Problem,
+    tools: ToolBackend | None = None,
+    *,
+    restate: bool = False,
+    rewrite: bool = False,
+    chunk_terms: int = 0,
 ) -> str:
-    return dumps_doc(document(prob, tools, restate=restate, rewrite=rewrite))
+    return dumps_doc(document(prob, tools, restate=restate, rewrite=rewrite, chunk_terms=chunk_terms))
 
 
 def check_answer(prob_answer: str, response_answer) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -111,7 +111,7 @@ def _replayer_for(p: Problem, replayer: Replayer, tools: ToolBackend) -> Replaye
 def _problem_segments(
     p: Problem, buf: int | None | bool, replayer: Replayer, tools: ToolBackend, fmt: DocFormat = PLAIN
 ) -> list[Segment]:
-    text = document_text(p, tools, restate=fmt.restate, rewrite=fmt.rewrite)
+    text = document_text(p, tools, **asdict(fmt))
     doc = _replayer_for(p, replayer, tools).replay(p.question, text)
     out = pruned_segments(doc, None)
     if fmt.rewrite and p.kind == "arith" and buf in (0, False):

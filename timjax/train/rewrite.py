@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import pairwise
 
 # a number with its sign, or a fraction literal "(p/q)" / "(-p/q)" exactly as this module writes it
 _FRACTION = re.compile(r"\((-?\d+)/(\d+)\)")
@@ -176,6 +177,37 @@ def rewrites(text: str) -> list[Step]:
             break
         text = s.text
     return out
+
+
+def top_level_terms(text: str) -> list[tuple[int, int]]:
+    """The spans of the expression's top-level additive terms: the text between the ``+`` and ``-``
+    operators outside every parenthesis (``3 * 4 - (5 + 6) + -7`` -> ``3 * 4``, ``(5 + 6)``, ``-7``)."""
+    spans, start, depth, end = [], None, 0, 0
+    for t in lex(text):
+        if t.kind == "op" and t.op in "+-" and depth == 0:
+            spans.append((start, end))
+            start = None
+            continue
+        depth += (t.kind == "(") - (t.kind == ")")
+        start = t.start if start is None else start
+        end = t.end
+    if start is None:
+        raise ValueError(f"expression {text!r}: it ends with an operator")
+    spans.append((start, end))
+    return spans
+
+
+def chunks(text: str, k: int) -> list[str]:
+    """The expression cut into pieces of ``k`` top-level terms, as typed: the first piece starts at the
+    first term, each later one at the end of the term before it, so it begins with its operator
+    (``1 + 2 - 3 + 4 - 5``, k=2 -> ``1 + 2``, `` - 3 + 4``, `` - 5``). The value is the fold of the
+    pieces: each piece applied to the value of those before it (top-level ``+``/``-`` associate left)."""
+    if k < 1:
+        raise ValueError(f"chunks: k must be >= 1, got {k}")
+    spans = top_level_terms(text)
+    cuts = [spans[i - 1][1] for i in range(k, len(spans), k)]
+    edges = [spans[0][0], *cuts, spans[-1][1]]
+    return [text[a:b] for a, b in pairwise(edges)]
 
 
 def evaluate(text: str) -> Fraction:

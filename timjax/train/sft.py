@@ -68,6 +68,9 @@ class DataSpec(BaseModel):
     # arithmetic written as rewrites, one operation per subtask (corpus.rewrite_task; wins over
     # restate_operands); its pruned views keep at least one finished subtask (buffer 0, or none, is drawn as 1)
     rewrite_operations: bool = False
+    # with rewrite_operations: an expression of more top-level terms is rewritten this many terms at a time
+    # (corpus.chunked_task), so a long sum never has to be copied whole; 0: off
+    chunk_terms: int = Field(0, ge=0)
     # notation options (issue 23; corpus.CorpusSpec): negative literals, larger values, questions typed
     # without spaces, literal digit counts uniform up to max_literal's; a mix entry ("flat", N, w) draws
     # flat sums of 3..N terms. The defaults reproduce the shipped stages' corpus exactly.
@@ -182,7 +185,7 @@ def corpus_spec(data: DataSpec):
 def doc_format(data: DataSpec):
     from timjax.train.corpus import DocFormat
 
-    return DocFormat(restate=data.restate_operands, rewrite=data.rewrite_operations)
+    return DocFormat(restate=data.restate_operands, rewrite=data.rewrite_operations, chunk_terms=data.chunk_terms)
 
 
 def prepare_tokenizer(cfg: TrainConfig, probs, tools, say=print):
