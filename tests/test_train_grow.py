@@ -60,15 +60,7 @@ def test_old_layers_keep_their_weights_in_order_around_the_new_ones():
 
 
 def test_check_shape_names_the_field_a_fine_tune_may_not_change():
-    same = ModelSpec(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rope_theta=CFG.rope_theta,
-    )
+    same = ModelSpec(**{f: getattr(CFG, f) for f in ModelSpec.model_fields if f != "max_position_embeddings"})
     assert check_shape(CFG, same, "ckpt") == 0
     assert check_shape(CFG, same.model_copy(update={"num_hidden_layers": 5}), "ckpt") == 2
     with pytest.raises(TimjaxError, match=r"model.hidden_size=64: init_from ckpt has 32"):
